@@ -1,0 +1,52 @@
+"""The point-to-point surface the shared algorithms need from a backend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collectives.codec import Encoded
+    from collectives.deadline import Deadline
+
+
+class Link(Protocol):
+    """Messages of one collective operation, between this rank and any other.
+
+    ``recv`` blocks until the operation's deadline and raises ``CollectiveTimeoutError`` naming
+    the peer, or ``CollectiveMismatchError`` when the peer's next message belongs to another op.
+    ``has_message`` lets an algorithm name *every* silent rank in its timeout error.
+    """
+
+    rank: int
+    size: int
+    deadline: Deadline
+
+    def send(self, dst: int, msg: Encoded) -> None: ...
+
+    def recv(self, src: int) -> Encoded: ...
+
+    def has_message(self, src: int) -> bool: ...
+
+
+def binomial_parent_children(vrank: int, size: int) -> tuple[int | None, list[int]]:
+    """Parent and children (in send order) of ``vrank`` in a binomial tree rooted at 0.
+
+    A node's parent is itself with its lowest set bit cleared; its children are ``vrank + 2**k``
+    for each ``2**k`` below that bit.  Depth is ceil(log2(size)), and the root's biggest subtree
+    is served first so that the longest chain starts earliest.
+    """
+    parent: int | None = None
+    mask = 1
+    while mask < size:
+        if vrank & mask:
+            parent = vrank - mask
+            break
+        mask <<= 1
+    children = []
+    mask >>= 1
+    while mask > 0:
+        child = vrank + mask
+        if child < size:
+            children.append(child)
+        mask >>= 1
+    return parent, children

@@ -1,0 +1,25 @@
+"""Ring allgather: every rank sends and receives size - 1 blocks; no rank is a hot spot."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from collectives.algorithms.link import Link
+
+if TYPE_CHECKING:
+    from collectives.codec import Encoded
+
+
+def allgather(link: Link, msg: Encoded) -> list[Encoded]:
+    size, rank = link.size, link.rank
+    out: list[Encoded | None] = [None] * size
+    out[rank] = msg
+    right, left = (rank + 1) % size, (rank - 1) % size
+    block = rank
+    for _ in range(size - 1):
+        current = out[block]
+        assert current is not None
+        link.send(right, current)
+        block = (block - 1) % size
+        out[block] = link.recv(left)
+    return [m for m in out if m is not None]

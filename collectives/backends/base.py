@@ -1,0 +1,172 @@
+"""The small interface every backend implements, and the registry that names them.
+
+A backend moves *encoded* messages (:class:`collectives.codec.Encoded`: a header plus zero-copy
+buffers) for the object API, and raw tensors for the in-place buffer API.  The communicator does
+all encoding, argument checking and bookkeeping; a backend only moves bytes and maps its engine's
+failures onto the typed errors.  Backends without a native collective inherit one built from
+point-to-point messages (:class:`collectives.backends.p2p.P2PBackend`).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from collectives.deadline import Deadline
+from collectives.errors import BackendUnavailableError, ConfigurationError
+from collectives.reduce_op import ReduceOp
+
+if TYPE_CHECKING:
+    import torch
+
+    from collectives.codec import Encoded
+
+
+@dataclass(frozen=True)
+class OpContext:
+    """Identity and deadline of one operation, passed down to the engine.
+
+    ``seq`` counts the collectives a communicator has issued; ranks that call the same sequence
+    of collectives agree on it, which is how mismatched calls are told apart from late ones.
+    """
+
+    name: str
+    seq: int
+    deadline: Deadline
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """What ``collectives.init`` hands a backend.  Unset fields come from the environment."""
+
+    rank: int | None = None
+    size: int | None = None
+    init_method: str | None = None
+    world: str = "default"
+    timeout: float = 600.0
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """One engine that moves data between ``size`` ranks."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, rank: int, size: int) -> None:
+        if size < 1 or not 0 <= rank < size:
+            raise ConfigurationError(f"rank {rank} is not in a world of size {size}")
+        self.rank = rank
+        self.size = size
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether the engine can run here (its library imports)."""
+        return True
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """Why ``is_available()`` is false, with the install command that fixes it."""
+        return "unknown"
+
+    @classmethod
+    @abc.abstractmethod
+    def create(cls, config: BackendConfig) -> Backend:
+        """Join the world described by ``config`` (rendezvous happens here)."""
+
+    # -- point to point ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def send(self, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None: ...
+
+    @abc.abstractmethod
+    def recv(self, src: int, tag: int, ctx: OpContext) -> Encoded: ...
+
+    @abc.abstractmethod
+    def send_buffer(self, tensor: torch.Tensor, dst: int, tag: int, ctx: OpContext) -> None: ...
+
+    @abc.abstractmethod
+    def recv_into(self, tensor: torch.Tensor, src: int, tag: int, ctx: OpContext) -> None: ...
+
+    # -- object collectives on encoded messages --------------------------------------------------
+    @abc.abstractmethod
+    def broadcast(self, msg: Encoded | None, root: int, ctx: OpContext) -> Encoded: ...
+
+    @abc.abstractmethod
+    def gather(self, msg: Encoded, root: int, ctx: OpContext) -> list[Encoded] | None: ...
+
+    @abc.abstractmethod
+    def scatter(self, msgs: list[Encoded] | None, root: int, ctx: OpContext) -> Encoded: ...
+
+    @abc.abstractmethod
+    def allgather(self, msg: Encoded, ctx: OpContext) -> list[Encoded]: ...
+
+    @abc.abstractmethod
+    def barrier(self, ctx: OpContext) -> None: ...
+
+    # -- in-place tensor collectives -----------------------------------------------------------
+    @abc.abstractmethod
+    def allreduce(self, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext) -> None: ...
+
+    @abc.abstractmethod
+    def reduce(self, tensor: torch.Tensor, root: int, op: ReduceOp, ctx: OpContext) -> None: ...
+
+    @abc.abstractmethod
+    def broadcast_into(self, tensor: torch.Tensor, root: int, ctx: OpContext) -> None: ...
+
+    @abc.abstractmethod
+    def gather_into(
+        self, out: torch.Tensor | None, tensor: torch.Tensor, root: int, ctx: OpContext
+    ) -> None:
+        """``out`` (root only) is ``size`` blocks shaped like ``tensor``, in rank order."""
+
+    @abc.abstractmethod
+    def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: OpContext) -> None: ...
+
+    @abc.abstractmethod
+    def scatter_into(
+        self, out: torch.Tensor, tensor: torch.Tensor | None, root: int, ctx: OpContext
+    ) -> None:
+        """``tensor`` (root only) is ``size`` blocks shaped like ``out``, in rank order."""
+
+    # -- lifetime ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def abort(self, reason: str) -> None:
+        """Fail every pending and future op of this rank promptly."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the engine's resources; idempotent."""
+
+    def peers(self) -> dict[int, str]:
+        """Health of each peer as the engine sees it ("ok", "lost", "unknown")."""
+        return {r: "ok" for r in range(self.size) if r != self.rank}
+
+
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register_backend(name: str, cls: type[Backend]) -> None:
+    """Make ``collectives.init(backend=name)`` use ``cls``.  Third parties may add their own."""
+    _REGISTRY[name] = cls
+
+
+def get_backend_class(name: str) -> type[Backend]:
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigurationError(
+            f"unknown backend {name!r}: use one of {known} (argument backend= or "
+            "COMFY_CLUSTER_BACKEND)"
+        ) from None
+    if not cls.is_available():
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available here: {cls.unavailable_reason()}"
+        )
+    return cls
+
+
+def registered_backends() -> dict[str, bool]:
+    """Every registered backend name and whether it can run here."""
+    return {name: cls.is_available() for name, cls in sorted(_REGISTRY.items())}

@@ -1,0 +1,92 @@
+"""Reduction operators and how they combine tensors locally."""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+from collectives.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ReduceOp(enum.Enum):
+    SUM = "sum"
+    PROD = "prod"
+    MIN = "min"
+    MAX = "max"
+    AVG = "avg"
+    BAND = "band"
+    BOR = "bor"
+    BXOR = "bxor"
+
+    @classmethod
+    def parse(cls, op: ReduceOp | str) -> ReduceOp:
+        if isinstance(op, ReduceOp):
+            return op
+        try:
+            return cls(str(op).lower())
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise ConfigurationError(f"unknown reduce op {op!r}: use one of {names}") from None
+
+
+def check_reducible(tensor: torch.Tensor, op: ReduceOp) -> None:
+    """Refuse combinations whose result would be ill-defined before any byte is sent."""
+    if op is ReduceOp.AVG and not (tensor.is_floating_point() or tensor.is_complex()):
+        raise ConfigurationError(f"op 'avg' needs a floating tensor, got {tensor.dtype}")
+    if op in (ReduceOp.BAND, ReduceOp.BOR, ReduceOp.BXOR) and (
+        tensor.is_floating_point() or tensor.is_complex()
+    ):
+        raise ConfigurationError(f"bitwise op {op.value!r} needs an integer or bool tensor")
+    if op in (ReduceOp.MIN, ReduceOp.MAX) and tensor.is_complex():
+        raise ConfigurationError(f"op {op.value!r} is undefined for complex tensors")
+
+
+def combine_(acc: torch.Tensor, other: torch.Tensor, op: ReduceOp) -> None:
+    """acc <- acc (op) other, in place.  AVG accumulates a sum; the caller divides once at the end."""
+    import torch
+
+    if acc.dtype == torch.bool:
+        # Sum and prod of booleans are "any" and "all", as in torch.distributed.
+        if op in (ReduceOp.SUM, ReduceOp.MAX, ReduceOp.BOR):
+            acc.logical_or_(other)
+        elif op in (ReduceOp.PROD, ReduceOp.MIN, ReduceOp.BAND):
+            acc.logical_and_(other)
+        elif op is ReduceOp.BXOR:
+            acc.logical_xor_(other)
+        return
+    if _needs_upcast(acc):
+        # float8 has no arithmetic kernels: compute in float32 and round once per step.
+        wide = acc.float()
+        combine_(wide, other.float(), op)
+        acc.copy_(wide.to(acc.dtype))
+        return
+    if op in (ReduceOp.SUM, ReduceOp.AVG):
+        acc.add_(other)
+    elif op is ReduceOp.PROD:
+        acc.mul_(other)
+    elif op is ReduceOp.MIN:
+        torch.minimum(acc, other, out=acc)
+    elif op is ReduceOp.MAX:
+        torch.maximum(acc, other, out=acc)
+    elif op is ReduceOp.BAND:
+        acc.bitwise_and_(other)
+    elif op is ReduceOp.BOR:
+        acc.bitwise_or_(other)
+    else:
+        acc.bitwise_xor_(other)
+
+
+def finish_(acc: torch.Tensor, op: ReduceOp, world_size: int) -> None:
+    """Apply the once-per-reduction step (AVG's division) on the final accumulator."""
+    if op is ReduceOp.AVG:
+        if _needs_upcast(acc):
+            acc.copy_((acc.float() / world_size).to(acc.dtype))
+        else:
+            acc.div_(world_size)
+
+
+def _needs_upcast(t: torch.Tensor) -> bool:
+    return t.dtype.is_floating_point and t.element_size() == 1

@@ -1,0 +1,71 @@
+"""Run the conformance suite in this process as one rank of a real multi-process world.
+
+    mpiexec -n 3 python -m collectives.testing.runner --backend mpi --out DIR
+    comfycluster-launch --nproc 3 --backend gloo -- python -m collectives.testing.runner --out DIR
+
+Each rank writes ``DIR/rank<N>.json``: ``{"checks": {name: {"ok": bool, "error": str|null,
+"seconds": float}}, "scenario": {...}}``.  Checks run in a fixed order on every rank; after the
+first failure the rest are recorded as not run, because a failed collective can desynchronise
+ranks.  ``--scenario NAME`` runs one destructive scenario instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from collectives.testing.conformance import CHECKS, SCENARIOS
+from collectives.world import init
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m collectives.testing.runner")
+    parser.add_argument("--backend", default=None, help="default: detected from the environment")
+    parser.add_argument("--out", required=True, type=Path, help="folder for rank<N>.json")
+    parser.add_argument("--only", nargs="*", default=None, help="check names to run")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default=None)
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-op timeout, seconds")
+    args = parser.parse_args(argv)
+
+    comm = init(args.backend, timeout=args.timeout)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"rank": comm.rank, "size": comm.size, "backend": comm.backend}
+    path = args.out / f"rank{comm.rank}.json"
+    ok = True
+    if args.scenario:
+        # Written before the run too, so a rank that exits on purpose still leaves a record.
+        report["scenario"] = {"name": args.scenario, "started": True}
+        path.write_text(json.dumps(report))
+        report["scenario"] = {"name": args.scenario, **SCENARIOS[args.scenario](comm, args.timeout)}
+    else:
+        report["checks"] = {}
+        names = args.only or list(CHECKS)
+        for name in names:
+            if not ok:
+                report["checks"][name] = {"ok": False, "error": "not run: an earlier check failed"}
+                continue
+            start = time.monotonic()
+            try:
+                CHECKS[name](comm)
+                report["checks"][name] = {"ok": True, "error": None}
+            except BaseException:
+                ok = False
+                report["checks"][name] = {"ok": False, "error": traceback.format_exc()}
+            report["checks"][name]["seconds"] = round(time.monotonic() - start, 3)
+    path.write_text(json.dumps(report, indent=1))
+    sys.stdout.flush()
+    if args.scenario:
+        # A scenario leaves the world broken on purpose; a clean shutdown could block on it.
+        os._exit(0)
+    comm.close()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""The conformance suite on the in-process backend, world sizes 1-4."""
+
+from __future__ import annotations
+
+import pytest
+
+from collectives.testing import CHECKS, SCENARIOS, run_local
+from tests.conformance.scenario_asserts import assert_mismatch, assert_silent_rank
+
+SIZES = [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_check(name: str, size: int) -> None:
+    run_local(size, CHECKS[name], op_timeout=60.0)
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_mismatch(size: int) -> None:
+    results = run_local(size, lambda comm: SCENARIOS["mismatch"](comm, 2.0), close=False)
+    assert_mismatch(dict(enumerate(results)), 2.0)
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_silent_rank(size: int) -> None:
+    results = run_local(size, lambda comm: SCENARIOS["rank_silent"](comm, 2.0), close=False)
+    assert_silent_rank(dict(enumerate(results)), size, 2.0)
