@@ -11,7 +11,7 @@ from collectives.errors import CollectiveTimeoutError, ConfigurationError
 TIMEOUT_ENV = "COMFY_CLUSTER_TIMEOUT"
 
 
-def check_timeout(timeout: float, what: str = "timeout") -> float:
+def check_timeout(timeout: float | str, what: str = "timeout") -> float:
     """Validate a timeout in seconds.  Infinite waits are refused: nothing may hang forever."""
     try:
         value = float(timeout)

@@ -92,7 +92,7 @@ class CollectiveTimeoutError(CollectivesError, TimeoutError):
 
 
 class CommunicatorAbortedError(LocalProtocolError):
-    """The communicator was aborted (``abort()``, or an earlier fatal error); no op can run on it."""
+    """The communicator was aborted (``abort()`` or an earlier fatal error); no op can run."""
 
 
 class AuthenticationError(CollectivesError):

@@ -45,7 +45,7 @@ def check_reducible(tensor: torch.Tensor, op: ReduceOp) -> None:
 
 
 def combine_(acc: torch.Tensor, other: torch.Tensor, op: ReduceOp) -> None:
-    """acc <- acc (op) other, in place.  AVG accumulates a sum; the caller divides once at the end."""
+    """acc <- acc (op) other, in place.  AVG accumulates a sum; the caller divides at the end."""
     import torch
 
     if acc.dtype == torch.bool:

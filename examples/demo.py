@@ -12,6 +12,7 @@ single-process run and writes a PNG contact sheet.  Stage timings are printed by
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def job(comm: collectives.Communicator, batch: int, size: int, out: Path) -> Non
         _save_sheet(combined[:8], out)
         mark("verify + save")
         print(f"backend={comm.backend} ranks={comm.size} batch={batch}x{size}x{size}x3")
-        for (_, t0), (stage, t1) in zip(marks, marks[1:]):
+        for (_, t0), (stage, t1) in itertools.pairwise(marks):
             print(f"  {stage:<24} {1e3 * (t1 - t0):8.1f} ms")
         print(f"  total                    {1e3 * (marks[-1][1] - marks[0][1]):8.1f} ms")
         print(f"  mean pixel value {mean[0] / mean[1]:.6f}; matches the 1-process run")

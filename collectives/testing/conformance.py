@@ -107,7 +107,14 @@ def check_barrier(comm: Communicator) -> None:
 
 
 # -- in-place buffer API ---------------------------------------------------------------------------
-_REDUCE_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.bfloat16, torch.float16)
+_REDUCE_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.bfloat16,
+    torch.float16,
+)
 
 
 def _ints(rank: int, dtype: torch.dtype, n: int = 10) -> torch.Tensor:
@@ -218,7 +225,11 @@ def check_allgather_into(comm: Communicator) -> None:
 def check_scatter_into(comm: Communicator) -> None:
     for root in range(comm.size):
         for dtype in _BUFFER_DTYPES:
-            src = torch.stack([_block(r, dtype) for r in range(comm.size)]) if comm.rank == root else None
+            src = (
+                torch.stack([_block(r, dtype) for r in range(comm.size)])
+                if comm.rank == root
+                else None
+            )
             out = torch.zeros((3, 5), dtype=dtype)
             assert comm.scatter_into(out, src, root=root) is out
             assert_same(out, _block(comm.rank, dtype), f"scatter_into({dtype}, root={root})")
@@ -287,7 +298,9 @@ def check_short_timeout_ok(comm: Communicator) -> None:
 
 
 # -- destructive scenarios (fresh communicator each) -----------------------------------------------
-def scenario(fn: Callable[[Communicator, float], dict[str, Any]]) -> Callable[[Communicator, float], dict[str, Any]]:
+def scenario(
+    fn: Callable[[Communicator, float], dict[str, Any]],
+) -> Callable[[Communicator, float], dict[str, Any]]:
     SCENARIOS[fn.__name__.removeprefix("scenario_")] = fn
     return fn
 

@@ -8,7 +8,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from collectives.communicator import Communicator
-from collectives.errors import CollectiveTimeoutError
+from collectives.errors import (
+    CollectiveTimeoutError,
+    CommunicatorAbortedError,
+    ConnectionLostError,
+)
 from collectives.world import init
 
 T = TypeVar("T")
@@ -54,9 +58,14 @@ def run_local(
         t.join(timeout)
     stuck = [r for r, t in enumerate(threads) if t.is_alive()]
     if stuck:
-        raise CollectiveTimeoutError(f"run_local: rank(s) {stuck} still running after {timeout} s", ranks=stuck)
-    for rank, err in enumerate(errors):
-        if err is not None:
-            err.add_note(f"(raised on local rank {rank} of {size})")
-            raise err
+        raise CollectiveTimeoutError(
+            f"run_local: rank(s) {stuck} still running after {timeout} s", ranks=stuck
+        )
+    # Report the root cause: a rank's own failure, not the "peer left" errors it caused elsewhere.
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    failed.sort(key=lambda item: isinstance(item[1], (ConnectionLostError, CommunicatorAbortedError)))
+    if failed:
+        rank, err = failed[0]
+        err.add_note(f"(raised on local rank {rank} of {size})")
+        raise err
     return results

@@ -24,7 +24,10 @@ def assert_silent_rank(results: dict[int, dict[str, Any]], size: int, timeout: f
     assert len(others) == size - 1, f"missing reports: {sorted(results)}"
     for rank, res in others.items():
         err = res["error"]
-        assert err and err.startswith(("CollectiveTimeoutError", "ConnectionLostError")), (rank, err)
+        assert err and err.startswith(("CollectiveTimeoutError", "ConnectionLostError")), (
+            rank,
+            err,
+        )
         assert res["elapsed"] < timeout + SLACK_S, f"rank {rank} took {res['elapsed']:.1f} s"
     named = " ".join(res["error"] for res in others.values())
     assert f"rank(s) {silent}" in named or f"rank {silent}" in named or "unknown" in named, named

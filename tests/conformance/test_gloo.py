@@ -39,5 +39,8 @@ def test_rank_exit(size: int) -> None:
     for rank in range(size - 1):
         res = world["reports"][rank]["scenario"]
         err = res.get("error")
-        assert err and err.startswith(("CollectiveTimeoutError", "ConnectionLostError")), (rank, res)
+        assert err and err.startswith(("CollectiveTimeoutError", "ConnectionLostError")), (
+            rank,
+            res,
+        )
         assert res["elapsed"] < 5.0 + SLACK_S

@@ -33,7 +33,9 @@ def _command(kind: str, n: int, out: Path, extra: list[str]) -> list[str]:
 
 
 @functools.cache
-def run_world(kind: str, n: int, scenario: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
+def run_world(
+    kind: str, n: int, scenario: str | None = None, timeout: float = 60.0
+) -> dict[str, Any]:
     """Run the runner on ``n`` ranks of backend ``kind``; return the reports and the exit code."""
     out = Path(tempfile.mkdtemp(prefix=f"conf-{kind}-{n}-"))
     extra = ["--timeout", str(timeout)]
@@ -45,6 +47,7 @@ def run_world(kind: str, n: int, scenario: str | None = None, timeout: float = 6
         cwd=ROOT,
         env=env,
         capture_output=True,
+        check=False,
         text=True,
         timeout=600,
     )

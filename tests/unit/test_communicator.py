@@ -1,0 +1,186 @@
+"""Communicator behaviour beyond the conformance suite: abort, poisoning, Work, init, options."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import collectives
+from collectives.algorithms.link import binomial_parent_children
+from collectives.errors import (
+    BackendUnavailableError,
+    CollectiveTimeoutError,
+    CommunicatorAbortedError,
+    ConfigurationError,
+    ConnectionLostError,
+    InvalidArgumentError,
+)
+from collectives.options import CommOptions
+from collectives.reduce_op import ReduceOp
+from collectives.testing import run_local
+from collectives.work import Work
+
+
+def test_single_rank_world_is_identity() -> None:
+    with collectives.init("local") as comm:
+        assert (comm.rank, comm.size, comm.backend) == (0, 1, "local")
+        assert comm.broadcast({"a": 1}) == {"a": 1}
+        assert comm.gather(5) == [5]
+        assert comm.allgather("x") == ["x"]
+        assert comm.scatter([7]) == 7
+        t = torch.arange(4.0)
+        assert torch.equal(comm.allreduce(t), torch.arange(4.0))
+        comm.barrier()
+
+
+def test_timeout_names_the_silent_rank_and_poisons() -> None:
+    def fn(comm: collectives.Communicator) -> str:
+        if comm.rank == 1:
+            time.sleep(1.2)
+            return "slept"
+        start = time.monotonic()
+        with pytest.raises(CollectiveTimeoutError) as info:
+            comm.gather(0, root=0, timeout=0.3)
+        assert 0.25 < time.monotonic() - start < 2.0
+        assert info.value.ranks == (1,)
+        assert "rank(s) 1" in str(info.value) and "COMFY_CLUSTER_TIMEOUT" in str(info.value)
+        with pytest.raises(CommunicatorAbortedError, match="earlier failure"):
+            comm.barrier()
+        return "timed out"
+
+    assert run_local(2, fn, close=False) == ["timed out", "slept"]
+
+
+def test_p2p_recv_timeout_does_not_poison() -> None:
+    def fn(comm: collectives.Communicator) -> object:
+        if comm.rank == 0:
+            with pytest.raises(CollectiveTimeoutError):
+                comm.recv(1, tag=5, timeout=0.2)
+            comm.barrier()
+            return comm.recv(1, tag=5, timeout=5)
+        comm.barrier()
+        comm.send("late", 0, tag=5)
+        return None
+
+    assert run_local(2, fn)[0] == "late"
+
+
+def test_abort_unblocks_a_waiting_rank_promptly() -> None:
+    def fn(comm: collectives.Communicator) -> float:
+        if comm.rank == 1:
+            time.sleep(0.3)
+            return 0.0
+        timer = threading.Timer(0.2, comm.abort, args=("user pressed interrupt",))
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(CommunicatorAbortedError, match="interrupt"):
+            comm.recv(1, timeout=30)
+        timer.join()
+        with pytest.raises(CommunicatorAbortedError):
+            comm.barrier()
+        return time.monotonic() - start
+
+    elapsed = run_local(2, fn, close=False)[0]
+    assert elapsed < 2.0
+
+
+def test_peer_that_closes_is_reported_as_lost() -> None:
+    def fn(comm: collectives.Communicator) -> object:
+        if comm.rank == 1:
+            return None  # run_local closes this rank's communicator
+        with pytest.raises(ConnectionLostError) as info:
+            comm.recv(1, timeout=30)
+        assert info.value.ranks == (1,)
+        return comm.peers()
+
+    assert run_local(2, fn)[0] == {1: "lost"}
+
+
+def test_context_manager_aborts_on_error() -> None:
+    comm = collectives.init("local")
+    with pytest.raises(RuntimeError), comm:
+        raise RuntimeError("boom")
+    with pytest.raises(CommunicatorAbortedError):
+        comm.barrier()
+
+
+def test_scatter_wrong_length_is_a_local_error() -> None:
+    with collectives.init("local") as comm, pytest.raises(InvalidArgumentError, match="exactly 1"):
+        comm.scatter([1, 2])
+
+
+def test_work_handle() -> None:
+    work: Work[int] = Work("op", 0)
+    assert not work.is_completed()
+    with pytest.raises(CollectiveTimeoutError):
+        work.wait(timeout=0.01)
+    seen: list[bool] = []
+    work.add_done_callback(lambda w: seen.append(w.is_success()))
+    work.set_result(3)
+    assert work.wait(timeout=1) == 3 and seen == [True] and work.exception() is None
+    failed: Work[int] = Work("op", 0)
+    failed.set_exception(ValueError("x"))
+    assert isinstance(failed.exception(), ValueError)
+    with pytest.raises(ValueError):
+        failed.wait()
+
+
+def test_init_errors_and_detection() -> None:
+    with pytest.raises(ConfigurationError, match="unknown backend 'nope'"):
+        collectives.init("nope")
+    with pytest.raises(ConfigurationError, match="needs rank="):
+        collectives.init("local", size=2)
+    assert collectives.detect_backend({}) == "local"
+    assert collectives.detect_backend({"PMI_RANK": "0", "PMI_SIZE": "2"}) == "mpi"
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}
+    assert collectives.detect_backend(env) == "gloo"
+    assert issubclass(BackendUnavailableError, ConfigurationError)
+
+
+def test_options_from_env() -> None:
+    opts = CommOptions.from_env({"COMFY_CLUSTER_TIMEOUT": "2.5", "COMFY_CLUSTER_SAFE_CODEC": "1"})
+    assert opts.timeout == 2.5 and opts.codec.safe
+    with pytest.raises(ConfigurationError, match="COMFY_CLUSTER_TIMEOUT"):
+        CommOptions.from_env({"COMFY_CLUSTER_TIMEOUT": "soon"})
+    with pytest.raises(ConfigurationError, match="COMFY_CLUSTER_COMPRESSION"):
+        CommOptions.from_env({"COMFY_CLUSTER_COMPRESSION": "gzip"})
+
+
+def test_reduce_op_parse() -> None:
+    assert ReduceOp.parse("SUM") is ReduceOp.SUM
+    with pytest.raises(ConfigurationError, match="unknown reduce op"):
+        ReduceOp.parse("median")
+
+
+@pytest.mark.parametrize("size", range(1, 17))
+def test_binomial_tree_spans_every_rank_once(size: int) -> None:
+    parents = {}
+    for v in range(size):
+        parent, children = binomial_parent_children(v, size)
+        assert (parent is None) == (v == 0)
+        for child in children:
+            assert child not in parents
+            parents[child] = v
+            assert binomial_parent_children(child, size)[0] == v
+    assert sorted(parents) == list(range(1, size))
+
+
+def test_safe_codec_refuses_pickled_objects_from_peers() -> None:
+    def fn(comm: collectives.Communicator) -> object:
+        if comm.rank == 0:
+            comm.send([1, "two"], 1)  # pickled: the sender is not in safe mode
+            comm.options = CommOptions(codec=collectives.CodecOptions(safe=True))
+            with pytest.raises(collectives.CodecError):
+                comm.send({1, 2}, 1)  # a set cannot travel in safe mode
+            comm.send([1, "two", torch.ones(2)], 1)
+            return None
+        comm.options = CommOptions(codec=collectives.CodecOptions(safe=True))
+        with pytest.raises(collectives.CodecError):
+            comm.recv(0)
+        return comm.recv(0)
+
+    got = run_local(2, fn)[1]
+    assert got[:2] == [1, "two"] and torch.equal(got[2], torch.ones(2))
