@@ -63,7 +63,8 @@ def run_local(
         )
     # Report the root cause: a rank's own failure, not the "peer left" errors it caused elsewhere.
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    failed.sort(key=lambda item: isinstance(item[1], (ConnectionLostError, CommunicatorAbortedError)))
+    secondary = (ConnectionLostError, CommunicatorAbortedError)
+    failed.sort(key=lambda item: isinstance(item[1], secondary))
     if failed:
         rank, err = failed[0]
         err.add_note(f"(raised on local rank {rank} of {size})")
