@@ -1,0 +1,151 @@
+"""``comfycluster-launch``: a thin command line over :func:`launchers.launch.launch`.
+
+Subcommands (a ``comfyui`` mode is planned) register in ``SUBCOMMANDS`` under their first word;
+anything else is the plain launcher, so ``comfycluster-launch --nproc 2 -- python x.py`` keeps
+working when they arrive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from collectives.errors import ConfigurationError
+from launchers.config import LaunchConfig
+from launchers.launch import launch
+
+PROG = "comfycluster-launch"
+USAGE_EXIT = 2
+
+# name -> handler(remaining argv) -> exit code
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
+
+
+class UsageError(Exception):
+    """A command-line mistake; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage block before its message; one line is easier to act on.
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        description="Start N ranks of a program with the torchrun and COMFY_CLUSTER_* rank "
+        "variables set; stop them all when one fails.",
+        usage=f"{prog} --nproc N [options] -- COMMAND [ARG ...]",
+    )
+    parser.add_argument(
+        "--nproc",
+        "--nproc-per-node",
+        type=int,
+        required=True,
+        metavar="N",
+        help="processes to start on this node",
+    )
+    parser.add_argument("--backend", help="exported to the ranks as COMFY_CLUSTER_BACKEND")
+    parser.add_argument(
+        "--master-addr",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="host that runs rank 0 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--master-port",
+        type=int,
+        metavar="PORT",
+        help="rendezvous port (default: a free one, single node only)",
+    )
+    parser.add_argument(
+        "--node-rank-offset",
+        type=int,
+        default=0,
+        metavar="K",
+        help="global rank of this node's first process (multi-node)",
+    )
+    parser.add_argument(
+        "--world-size", type=int, metavar="W", help="ranks over all nodes (default: --nproc)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop everything after this long and exit 124",
+    )
+    parser.add_argument(
+        "--kill-grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="between SIGTERM and SIGKILL when stopping ranks (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment variable for every rank (repeatable)",
+    )
+    parser.add_argument(
+        "--no-prefix",
+        action="store_true",
+        help="let ranks write to the terminal directly, without '[rank N] '",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> LaunchConfig:
+    """The launch configuration for ``argv`` (without the program name); raises UsageError."""
+    args = list(argv)
+    parser = build_parser()
+    if "--" in args:
+        cut = args.index("--")
+        ns = parser.parse_args(args[:cut])
+        # A "--" after the command started belongs to the command (python x.py -- --flag).
+        command = [*ns.command, *args[cut:]] if ns.command else args[cut + 1 :]
+    else:
+        ns = parser.parse_args(args)
+        command = list(ns.command)
+    env: dict[str, str] = {}
+    for item in ns.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"argument --env: expected NAME=VALUE, got {item!r}")
+        env[name] = value
+    return LaunchConfig(
+        nproc=ns.nproc,
+        command=command,
+        backend=ns.backend,
+        master_addr=ns.master_addr,
+        master_port=ns.master_port,
+        rank_offset=ns.node_rank_offset,
+        world_size=ns.world_size,
+        env=env,
+        prefix_output=not ns.no_prefix,
+        kill_grace_s=ns.kill_grace,
+        timeout_s=ns.timeout,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``comfycluster-launch`` and ``python -m launchers``; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[args[0]](args[1:])
+    try:
+        return launch(parse_args(args))
+    except (UsageError, ConfigurationError) as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return USAGE_EXIT
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+__all__ = ["PROG", "SUBCOMMANDS", "UsageError", "build_parser", "main", "parse_args"]

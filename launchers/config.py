@@ -1,0 +1,197 @@
+"""What to launch: one dataclass, checked up front so a mistake costs one line, not N crashes."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from collectives.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class RankSlot:
+    """One process this node starts: its global and node-local place in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+
+@dataclass
+class LaunchConfig:
+    """Start ``nproc`` copies of ``command`` as ranks ``rank_offset .. rank_offset+nproc-1``.
+
+    ``world_size`` defaults to ``nproc`` (one node).  For several nodes, run the launcher once per
+    node with the same ``world_size``, ``master_addr`` and ``master_port`` and disjoint offsets.
+
+    ``per_rank_env`` and ``per_rank_command`` customise single ranks (a port or GPU per rank, say);
+    they run in the launcher, once per rank, before anything starts.
+
+    ``timeout_s`` is enforced by :func:`launchers.launch.launch`; code that uses ``start`` directly
+    passes its own timeout to ``LaunchedGroup.wait``.
+    """
+
+    nproc: int
+    command: list[str]
+    backend: str | None = None
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: pick a free port on master_addr
+    rank_offset: int = 0
+    world_size: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    prefix_output: bool = True
+    kill_grace_s: float = 5.0
+    timeout_s: float | None = None
+    cwd: str | None = None
+    per_rank_env: Callable[[RankSlot], Mapping[str, str]] | None = None
+    per_rank_command: Callable[[RankSlot], Sequence[str]] | None = None
+
+    @property
+    def total_world_size(self) -> int:
+        return self.world_size if self.world_size is not None else self.rank_offset + self.nproc
+
+    @property
+    def runs_rank0(self) -> bool:
+        return self.rank_offset == 0
+
+    def slots(self) -> list[RankSlot]:
+        world = self.total_world_size
+        return [RankSlot(self.rank_offset + i, i, world, self.nproc) for i in range(self.nproc)]
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigurationError` (one line, with the fix) for the first problem."""
+        self._validate_counts()
+        self._validate_times()
+        if isinstance(self.command, str):
+            raise ConfigurationError(
+                f"command {self.command!r} is a string: pass a list of arguments, "
+                f"e.g. {self.command.split()!r}"
+            )
+        if not self.command or not self.command[0]:
+            raise ConfigurationError(
+                "no command given: put the program after '--', "
+                "e.g. comfycluster-launch --nproc 2 -- python train.py"
+            )
+        if self.backend is not None and not self.backend.strip():
+            raise ConfigurationError("--backend is empty: name a backend or leave it unset")
+        for key in self.env:
+            if not key or "=" in key or "\0" in key:
+                raise ConfigurationError(f"environment name {key!r} is invalid: use NAME=VALUE")
+        if self.cwd is not None and not os.path.isdir(self.cwd):
+            raise ConfigurationError(f"cwd {self.cwd!r} is not a directory: fix the path")
+        self._validate_master()
+
+    def _validate_counts(self) -> None:
+        if self.nproc < 1:
+            raise ConfigurationError(
+                f"--nproc {self.nproc} must be at least 1: pass the number of processes to start"
+            )
+        if self.rank_offset < 0:
+            raise ConfigurationError(
+                f"--node-rank-offset {self.rank_offset} is negative: "
+                f"pass the global rank of this node's first process"
+            )
+        if self.world_size is None:
+            if self.rank_offset > 0:
+                raise ConfigurationError(
+                    f"--node-rank-offset {self.rank_offset} needs --world-size: "
+                    f"pass the total number of ranks over all nodes"
+                )
+            return
+        last = self.rank_offset + self.nproc - 1
+        if last >= self.world_size:
+            raise ConfigurationError(
+                f"--node-rank-offset {self.rank_offset} + --nproc {self.nproc} exceeds "
+                f"--world-size {self.world_size}: this node would run ranks "
+                f"{self.rank_offset}..{last} of 0..{self.world_size - 1}; fix one of them"
+            )
+
+    def _validate_times(self) -> None:
+        if not math.isfinite(self.kill_grace_s) or self.kill_grace_s < 0:
+            raise ConfigurationError(
+                f"--kill-grace {self.kill_grace_s} must be a finite number of seconds >= 0"
+            )
+        if self.timeout_s is not None and not (
+            math.isfinite(self.timeout_s) and self.timeout_s > 0
+        ):
+            raise ConfigurationError(
+                f"--timeout {self.timeout_s} must be a positive number of seconds, "
+                f"or unset for no limit"
+            )
+
+    def _validate_master(self) -> None:
+        if not self.master_addr:
+            raise ConfigurationError("--master-addr is empty: pass the host that runs rank 0")
+        if self.master_port is None:
+            if not self.runs_rank0:
+                # A free port here says nothing about the master node: all nodes must agree.
+                raise ConfigurationError(
+                    "--master-port is required when this node does not run rank 0: "
+                    "pass the port used on the node with --node-rank-offset 0"
+                )
+            return
+        if not 1 <= self.master_port <= 65535:
+            raise ConfigurationError(
+                f"--master-port {self.master_port} is out of range: pass a TCP port in 1..65535"
+            )
+        # Only the node running rank 0 listens on the port; elsewhere it is meant to be in use.
+        if self.runs_rank0 and port_in_use(self.master_addr, self.master_port):
+            raise ConfigurationError(
+                f"MASTER_PORT {self.master_port} is in use on {self.master_addr}: pick another "
+                f"with --master-port or leave it unset to choose a free one"
+            )
+
+
+def _address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[object, ...]]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigurationError(
+            f"--master-addr {host!r} does not resolve ({exc.strerror}): pass a host name or IP "
+            f"that every node can reach"
+        ) from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (as far as binding it here can tell).
+
+    An address that is not local to this machine cannot be probed and counts as free.
+    """
+    family, sockaddr = _address(host, port)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR like the real listener will use, so TIME_WAIT leftovers do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return False
+
+
+def pick_free_port(host: str) -> int:
+    """A TCP port that is free on ``host`` now (another process may still take it before use)."""
+    family, sockaddr = _address(host, 0)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL:
+                raise
+            # master_addr is not ours (NAT, a DNS name for a public IP): any local port will do.
+            probe.bind(("::", 0) if family == socket.AF_INET6 else ("", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+__all__ = ["LaunchConfig", "RankSlot", "pick_free_port", "port_in_use"]
