@@ -1,0 +1,133 @@
+"""The process-wide Communicator the nodes use, created lazily on first use.
+
+Importing this module does nothing: no thread, no socket, no environment read.  The first node
+that needs the cluster calls :func:`get_comm`, which runs ``collectives.init()``: with no cluster
+variables in the environment that is a one-rank ``local`` world, so every cluster node is an
+identity and existing workflows run unchanged.
+
+Two ways to supply a communicator instead:
+
+* :func:`set_comm` installs one for the whole process (the ComfyUI server integration does this
+  once it has joined the cluster);
+* :func:`comm_override` binds one to the current thread/context only, on top of the process-wide
+  one.  Tests use it to run several ranks as threads of one process (``run_local``), each thread
+  with its own communicator.
+
+``queue_prompt_hook`` is the seam for the server integration: the nodes that queue workflows
+(ClusterExecuteWorkflow, ClusterExecuteCurrentWorkflow, ClusterUseSubgraph) call it with an API
+format prompt.  Until the integration sets it, those nodes raise a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collectives import Communicator
+
+LEADER = 0
+"""The rank that owns user inputs and outputs (the ComfyUI instance the user talks to)."""
+
+QueuePromptHook = Callable[[dict[str, Any]], str]
+"""Queue an API-format prompt on the cluster; returns the prompt id."""
+
+queue_prompt_hook: QueuePromptHook | None = None
+"""Set by the server integration; called on the leader only (it distributes to every rank)."""
+
+_lock = threading.Lock()
+_process_comm: Communicator | None = None
+_override: contextvars.ContextVar[Communicator | None] = contextvars.ContextVar(
+    "comfy_cluster_comm", default=None
+)
+
+
+def get_comm() -> Communicator:
+    """This thread's override, else the process-wide communicator (created on first use)."""
+    comm = _override.get()
+    if comm is not None:
+        return comm
+    global _process_comm
+    with _lock:
+        if _process_comm is None:
+            import collectives
+
+            _process_comm = collectives.init()
+        return _process_comm
+
+
+def peek_comm() -> Communicator | None:
+    """The communicator :func:`get_comm` would return, without creating one."""
+    return _override.get() or _process_comm
+
+
+def set_comm(comm: Communicator | None, *, thread_local: bool = False) -> None:
+    """Install ``comm`` for the whole process (or, with ``thread_local``, this context only).
+
+    ``None`` removes it; the process-wide one is then created again on next use.  The previous
+    process-wide communicator is not closed: whoever created it owns it.
+    """
+    global _process_comm
+    if thread_local:
+        _override.set(comm)
+        return
+    with _lock:
+        _process_comm = comm
+
+
+@contextlib.contextmanager
+def comm_override(comm: Communicator) -> Iterator[Communicator]:
+    """Use ``comm`` in the current thread/context for the duration of the block."""
+    token = _override.set(comm)
+    try:
+        yield comm
+    finally:
+        _override.reset(token)
+
+
+def is_leader() -> bool:
+    return get_comm().rank == LEADER
+
+
+def call_queue_prompt_hook(prompt: dict[str, Any], what: str) -> str:
+    """Queue ``prompt`` through the server integration, or explain why that is impossible."""
+    hook = queue_prompt_hook
+    if hook is None:
+        raise RuntimeError(
+            f"{what}: queuing workflows needs the ComfyUI Cluster server integration, which is "
+            "not active in this process (comfy_nodes.cluster.queue_prompt_hook is unset)"
+        )
+    return hook(prompt)
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """What ClusterInfo shows: this rank, the world, and each peer's health."""
+
+    rank: int
+    size: int
+    backend: str
+    peers: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def connected(self) -> int:
+        """Ranks known to be reachable, this one included."""
+        return 1 + sum(1 for health in self.peers.values() if health == "ok")
+
+    def text(self) -> str:
+        role = "leader" if self.rank == LEADER else "follower"
+        lines = [
+            f"rank {self.rank} of {self.size} ({role}), backend {self.backend}",
+            f"connected: {self.connected}/{self.size}",
+        ]
+        lines += [f"  rank {peer}: {health}" for peer, health in sorted(self.peers.items())]
+        return "\n".join(lines)
+
+
+def cluster_status(comm: Communicator | None = None) -> ClusterStatus:
+    comm = get_comm() if comm is None else comm
+    return ClusterStatus(comm.rank, comm.size, comm.backend, dict(comm.peers()))

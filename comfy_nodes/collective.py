@@ -1,0 +1,82 @@
+"""Collectives labelled with the node that issued them.
+
+Every rank runs the same workflow, so the n-th collective of one rank must meet the n-th of every
+other.  The communicator already refuses two different ops (a scatter meeting a gather); these
+wrappers also catch the same op issued by two different nodes (two fan-outs run in a different
+order on two ranks), which would otherwise silently swap data.  The label travels with the
+payload and is checked by every rank that receives one; on a mismatch the communicator is aborted,
+since the ranks no longer agree on what comes next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .cluster import LEADER
+
+if TYPE_CHECKING:
+    from collectives import Communicator
+
+
+class PeerNodeError(RuntimeError):
+    """Another rank's part of this cluster node failed; ``rank`` says which."""
+
+    def __init__(self, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+def node_tag(node: str, unique_id: str | None = None) -> str:
+    """The label of one node of the workflow: its class and, in ComfyUI, its id in the prompt."""
+    return node if unique_id is None else f"{node}#{unique_id}"
+
+
+def _check(comm: Communicator, tag: str, got: Any, src: int, op: str) -> Any:
+    if not (isinstance(got, tuple | list) and len(got) == 2 and isinstance(got[0], str)):
+        raise _mismatch(
+            comm, f"{op} on rank {comm.rank}: rank {src} sent an unlabelled payload", src
+        )
+    if got[0] != tag:
+        raise _mismatch(
+            comm,
+            f"{op} on rank {comm.rank}: this rank runs node {tag!r} but rank {src} ran {got[0]!r}; "
+            "the ranks executed the workflow's cluster nodes in a different order (is the same "
+            "workflow queued on every rank?)",
+            src,
+        )
+    return got[1]
+
+
+def _mismatch(comm: Communicator, message: str, src: int) -> Exception:
+    from collectives import CollectiveMismatchError
+
+    comm.abort(message)
+    return CollectiveMismatchError(message, ranks=(comm.rank, src))
+
+
+def broadcast(comm: Communicator, value: Any, tag: str, root: int = LEADER) -> Any:
+    """``value`` of ``root`` on every rank (root's own object is returned, not a copy)."""
+    got = comm.broadcast((tag, value) if comm.rank == root else None, root=root)
+    return _check(comm, tag, got, root, "broadcast")
+
+
+def scatter(comm: Communicator, items: Sequence[Any] | None, tag: str, root: int = LEADER) -> Any:
+    """Rank i gets ``items[i]`` of ``root``."""
+    labelled = [(tag, item) for item in items] if comm.rank == root and items is not None else None
+    got = comm.scatter(labelled, root=root)
+    return _check(comm, tag, got, root, "scatter")
+
+
+def gather(comm: Communicator, value: Any, tag: str, root: int = LEADER) -> list[Any] | None:
+    """Every rank's ``value`` in rank order on ``root``; None elsewhere."""
+    got = comm.gather((tag, value), root=root)
+    if got is None:
+        return None
+    return [_check(comm, tag, item, src, "gather") for src, item in enumerate(got)]
+
+
+def allgather(comm: Communicator, value: Any, tag: str) -> list[Any]:
+    """Every rank's ``value`` in rank order, on every rank."""
+    got = comm.allgather((tag, value))
+    return [_check(comm, tag, item, src, "allgather") for src, item in enumerate(got)]
