@@ -95,12 +95,19 @@ class Communicator:
         return self.ibroadcast(obj, root, timeout=timeout, _blocking=True).wait()
 
     def ibroadcast(
-        self, obj: Any = None, root: int = 0, *, timeout: float | None = None, _blocking: bool = False
+        self,
+        obj: Any = None,
+        root: int = 0,
+        *,
+        timeout: float | None = None,
+        _blocking: bool = False,
     ) -> Work[Any]:
         self._check_root(root, "broadcast")
 
         def body(ctx: OpContext) -> Any:
-            msg = self._backend.broadcast(self._encode(obj) if self.rank == root else None, root, ctx)
+            msg = self._backend.broadcast(
+                self._encode(obj) if self.rank == root else None, root, ctx
+            )
             return obj if self.rank == root else self._decode(msg)
 
         return self._collective("broadcast", timeout, body, _blocking)
@@ -132,7 +139,11 @@ class Communicator:
             items = list(items)
 
         def body(ctx: OpContext) -> Any:
-            msgs = [self._encode(x) for x in items] if items is not None and self.rank == root else None
+            msgs = (
+                [self._encode(x) for x in items]
+                if items is not None and self.rank == root
+                else None
+            )
             msg = self._backend.scatter(msgs, root, ctx)
             return items[root] if items is not None and self.rank == root else self._decode(msg)
 
@@ -178,11 +189,20 @@ class Communicator:
         self.isend(obj, dst, tag, timeout=timeout, _blocking=True).wait()
 
     def isend(
-        self, obj: Any, dst: int, tag: int = 0, *, timeout: float | None = None, _blocking: bool = False
+        self,
+        obj: Any,
+        dst: int,
+        tag: int = 0,
+        *,
+        timeout: float | None = None,
+        _blocking: bool = False,
     ) -> Work[None]:
         self._check_peer(dst, "send", "dst")
         return self._p2p(
-            "send", timeout, lambda ctx: self._backend.send(self._encode(obj), dst, tag, ctx), _blocking
+            "send",
+            timeout,
+            lambda ctx: self._backend.send(self._encode(obj), dst, tag, ctx),
+            _blocking,
         )
 
     def recv(self, src: int, tag: int = 0, *, timeout: float | None = None) -> Any:
@@ -271,7 +291,12 @@ class Communicator:
         return self._collective("broadcast_into", timeout, body, _blocking)
 
     def gather_into(
-        self, recvbuf: Buffer | None, sendbuf: Buffer, root: int = 0, *, timeout: float | None = None
+        self,
+        recvbuf: Buffer | None,
+        sendbuf: Buffer,
+        root: int = 0,
+        *,
+        timeout: float | None = None,
     ) -> Buffer | None:
         """Root's ``recvbuf`` (``size`` blocks shaped like ``sendbuf``) receives every block."""
         return self.igather_into(recvbuf, sendbuf, root, timeout=timeout, _blocking=True).wait()
@@ -305,7 +330,12 @@ class Communicator:
         return self.iallgather_into(recvbuf, sendbuf, timeout=timeout, _blocking=True).wait()
 
     def iallgather_into(
-        self, recvbuf: Buffer, sendbuf: Buffer, *, timeout: float | None = None, _blocking: bool = False
+        self,
+        recvbuf: Buffer,
+        sendbuf: Buffer,
+        *,
+        timeout: float | None = None,
+        _blocking: bool = False,
     ) -> Work[Buffer]:
         src = _as_tensor(sendbuf, "allgather_into")
         out = _as_tensor(recvbuf, "allgather_into", "recvbuf")
@@ -318,7 +348,12 @@ class Communicator:
         return self._collective("allgather_into", timeout, body, _blocking)
 
     def scatter_into(
-        self, recvbuf: Buffer, sendbuf: Buffer | None = None, root: int = 0, *, timeout: float | None = None
+        self,
+        recvbuf: Buffer,
+        sendbuf: Buffer | None = None,
+        root: int = 0,
+        *,
+        timeout: float | None = None,
     ) -> Buffer:
         """Rank i's ``recvbuf`` receives block i of root's ``sendbuf`` (``size`` blocks)."""
         return self.iscatter_into(recvbuf, sendbuf, root, timeout=timeout, _blocking=True).wait()
@@ -345,24 +380,43 @@ class Communicator:
 
         return self._collective("scatter_into", timeout, body, _blocking)
 
-    def send_buffer(self, buf: Buffer, dst: int, tag: int = 0, *, timeout: float | None = None) -> None:
+    def send_buffer(
+        self, buf: Buffer, dst: int, tag: int = 0, *, timeout: float | None = None
+    ) -> None:
         """Send a tensor's bytes; the receiver passes a buffer of the same shape and dtype."""
         self.isend_buffer(buf, dst, tag, timeout=timeout, _blocking=True).wait()
 
     def isend_buffer(
-        self, buf: Buffer, dst: int, tag: int = 0, *, timeout: float | None = None, _blocking: bool = False
+        self,
+        buf: Buffer,
+        dst: int,
+        tag: int = 0,
+        *,
+        timeout: float | None = None,
+        _blocking: bool = False,
     ) -> Work[None]:
         self._check_peer(dst, "send_buffer", "dst")
         t = _as_tensor(buf, "send_buffer")
         return self._p2p(
-            "send_buffer", timeout, lambda ctx: self._backend.send_buffer(t, dst, tag, ctx), _blocking
+            "send_buffer",
+            timeout,
+            lambda ctx: self._backend.send_buffer(t, dst, tag, ctx),
+            _blocking,
         )
 
-    def recv_into(self, buf: Buffer, src: int, tag: int = 0, *, timeout: float | None = None) -> Buffer:
+    def recv_into(
+        self, buf: Buffer, src: int, tag: int = 0, *, timeout: float | None = None
+    ) -> Buffer:
         return self.irecv_into(buf, src, tag, timeout=timeout, _blocking=True).wait()
 
     def irecv_into(
-        self, buf: Buffer, src: int, tag: int = 0, *, timeout: float | None = None, _blocking: bool = False
+        self,
+        buf: Buffer,
+        src: int,
+        tag: int = 0,
+        *,
+        timeout: float | None = None,
+        _blocking: bool = False,
     ) -> Work[Buffer]:
         self._check_peer(src, "recv_into", "src")
         t = _as_tensor(buf, "recv_into")
@@ -426,7 +480,11 @@ class Communicator:
             raise InvalidArgumentError(f"{op}: {name}={peer} is this rank; use a local copy")
 
     def _context(self, name: str, timeout: float | None, seq: int) -> OpContext:
-        return OpContext(name, seq, Deadline(self.options.timeout if timeout is None else timeout, name, self.rank))
+        return OpContext(
+            name,
+            seq,
+            Deadline(self.options.timeout if timeout is None else timeout, name, self.rank),
+        )
 
     def _collective(
         self, name: str, timeout: float | None, body: Callable[[OpContext], T], blocking: bool
@@ -446,7 +504,9 @@ class Communicator:
         self._queue.put(lambda: self._execute_queued(work, ctx, body))
         return work
 
-    def _execute_queued(self, work: Work[T], ctx: OpContext, body: Callable[[OpContext], T]) -> None:
+    def _execute_queued(
+        self, work: Work[T], ctx: OpContext, body: Callable[[OpContext], T]
+    ) -> None:
         try:
             with self._run_lock:
                 self._execute(work, ctx, body)
@@ -531,5 +591,3 @@ def _check_blocks(big: torch.Tensor, block: torch.Tensor, size: int, op: str) ->
             f"{op}: the {size}-block buffer is {big.dtype} with {big.numel()} elements; it must be "
             f"{block.dtype} with {size} x {block.numel()} elements"
         )
-
-

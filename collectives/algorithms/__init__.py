@@ -8,9 +8,9 @@ a ring for allgather, direct sends for gather and scatter, dissemination for the
 """
 
 from collectives.algorithms.link import Link
-from collectives.algorithms.rooted import broadcast, gather, scatter
-from collectives.algorithms.ring import allgather
 from collectives.algorithms.reduction import allreduce_tensor, reduce_tensor
+from collectives.algorithms.ring import allgather
+from collectives.algorithms.rooted import broadcast, gather, scatter
 from collectives.algorithms.sync import barrier
 
 __all__ = [
