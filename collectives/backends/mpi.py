@@ -1,0 +1,346 @@
+"""The ``mpi`` backend: thin wrappers over mpi4py's non-blocking buffer calls.
+
+The in-place tensor API maps one call to one MPI collective on a numpy view of the tensor's own
+memory (no pickling, no copy): ``broadcast_into`` -> ``Ibcast``, ``allreduce`` -> ``Iallreduce``,
+``reduce`` -> ``Ireduce``, ``gather_into`` -> ``Igather``, ``allgather_into`` -> ``Iallgather``,
+``scatter_into`` -> ``Iscatter`` (blocks >= 64 KiB: one ``Isend``/``Irecv`` per rank, see
+:meth:`MPIBackend._direct_rooted`), ``send_buffer``/``recv_into`` -> ``Isend``/``Irecv``.  Data
+moves as ``MPI.BYTE`` (so bfloat16, float8, complex32 travel like any other type); reductions use
+MPI's typed ops where MPI has the type and :mod:`collectives.backends.mpi_reduce` where it does
+not.
+The object API is in :mod:`collectives.backends.mpi_objects`; request polling, deadlines and
+abort in :mod:`collectives.backends.mpi_core`.  Design notes and limits: docs/backend-mpi.md.
+
+Importing this module neither imports mpi4py nor initialises MPI; :meth:`MPIBackend.create` does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from collectives.backends import mpi_objects, mpi_reduce
+from collectives.backends.base import Backend, BackendConfig, OpContext, register_backend
+from collectives.backends.mpi_core import Engine, flat_bytes, host_bytes, import_mpi
+from collectives.backends.mpi_objects import PAYLOAD_TAGS
+from collectives.errors import (
+    BackendUnavailableError,
+    CollectiveMismatchError,
+    ConfigurationError,
+)
+from collectives.reduce_op import ReduceOp, finish_
+
+if TYPE_CHECKING:
+    import torch
+
+    from collectives.codec import Encoded
+
+# gather_into/scatter_into blocks of at least this many bytes go as one Isend/Irecv per rank
+# instead of MPI's Igather/Iscatter (see MPIBackend._direct_rooted).
+DIRECT_MIN_BYTES = 64 << 10
+INSTALL_HINT = "pip install mpi4py mpich (or mpi4py built against your cluster's MPI)"
+
+
+class MPIBackend(Backend):
+    """One rank of ``MPI_COMM_WORLD``, talking over private duplicates of it."""
+
+    name: ClassVar[str] = "mpi"
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine.rank, engine.size)
+        self._engine = engine
+        self._mpi = engine.MPI
+        self._byte = engine.MPI.BYTE
+
+    @property
+    def mpi_comm(self) -> Any:
+        """The private ``MPI.Comm`` the collectives run on (an escape hatch; do not Free it)."""
+        return self._engine.coll
+
+    # -- availability and creation -------------------------------------------------------------
+    @classmethod
+    def is_available(cls) -> bool:
+        try:
+            return importlib.util.find_spec("mpi4py") is not None
+        except (ImportError, ValueError):
+            return False
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        return f"mpi4py is not installed: {INSTALL_HINT}"
+
+    @classmethod
+    def create(cls, config: BackendConfig) -> MPIBackend:
+        try:
+            mpi = import_mpi()
+        except ImportError as err:
+            raise BackendUnavailableError(
+                f"backend 'mpi' cannot load mpi4py.MPI ({err}): {INSTALL_HINT}"
+            ) from err
+        if mpi.Is_finalized():
+            raise ConfigurationError("backend 'mpi': MPI is already finalized in this process")
+        if not mpi.Is_initialized():  # mpi4py.rc.initialize = False: initialise it ourselves
+            mpi.Init_thread(mpi.THREAD_MULTIPLE)
+        level = mpi.Query_thread()
+        if level < mpi.THREAD_MULTIPLE:
+            raise ConfigurationError(
+                f"backend 'mpi' needs MPI_THREAD_MULTIPLE (async ops and point-to-point run on "
+                f"other threads) but MPI was initialised with thread level {level}: leave "
+                "mpi4py.rc.thread_level at its default 'multiple'"
+            )
+        world = mpi.COMM_WORLD
+        rank, size = world.Get_rank(), world.Get_size()
+        if config.size is not None and config.size != size:
+            raise ConfigurationError(
+                f"backend 'mpi': size={config.size} was requested but MPI_COMM_WORLD has {size} "
+                f"processes: launch with `mpiexec -n {config.size}` or drop size="
+            )
+        if config.rank is not None and config.rank != rank:
+            raise ConfigurationError(
+                f"backend 'mpi': rank={config.rank} was requested but MPI says this process is "
+                f"rank {rank}: under mpiexec the rank comes from MPI; drop rank="
+            )
+        return cls(Engine(mpi, world))
+
+    # -- point to point ------------------------------------------------------------------------
+    def send(self, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:
+        with self._engine.op(ctx, [dst], collective=False) as engine:
+            mpi_objects.send(engine, msg, dst, engine.check_tag(tag, ctx), ctx)
+
+    def recv(self, src: int, tag: int, ctx: OpContext) -> Encoded:
+        with self._engine.op(ctx, [src], collective=False) as engine:
+            return mpi_objects.recv(engine, src, engine.check_tag(tag, ctx), ctx)
+
+    def send_buffer(self, tensor: torch.Tensor, dst: int, tag: int, ctx: OpContext) -> None:
+        with self._engine.op(ctx, [dst], collective=False) as engine:
+            buf = host_bytes(_cpu(tensor))
+            req = engine.p2p.Isend([buf, self._byte], dst, engine.check_tag(tag, ctx))
+            engine.wait([req], ctx, [dst], keep=buf, collective=False)
+
+    def recv_into(self, tensor: torch.Tensor, src: int, tag: int, ctx: OpContext) -> None:
+        mpi = self._mpi
+        with self._engine.op(ctx, [src], collective=False) as engine:
+            host = _cpu(tensor)
+            buf = host_bytes(host)
+            status = mpi.Status()
+            req = engine.p2p.Irecv([buf, mpi.BYTE], src, engine.check_tag(tag, ctx))
+            engine.wait(
+                [req], ctx, [src], statuses=[status], keep=buf, collective=False, cancel=True
+            )
+            got = status.Get_count(mpi.BYTE)
+            if got != buf.nbytes:
+                raise CollectiveMismatchError(
+                    f"recv_into on rank {self.rank}: rank {src} sent {got} bytes on tag {tag} but "
+                    f"this buffer is {tensor.dtype} {tuple(tensor.shape)} ({buf.nbytes} bytes): "
+                    "buffers must match (and send_buffer pairs with recv_into, send with recv)",
+                    ranks=(self.rank, src),
+                )
+            _back(tensor, host)
+
+    # -- object collectives --------------------------------------------------------------------
+    def broadcast(self, msg: Encoded | None, root: int, ctx: OpContext) -> Encoded:
+        with self._engine.op(ctx, _root_peer(self.rank, root)) as engine:
+            return mpi_objects.broadcast(engine, msg, root, ctx)
+
+    def gather(self, msg: Encoded, root: int, ctx: OpContext) -> list[Encoded] | None:
+        with self._engine.op(ctx, _root_peer(self.rank, root)) as engine:
+            return mpi_objects.gather(engine, msg, root, ctx)
+
+    def scatter(self, msgs: list[Encoded] | None, root: int, ctx: OpContext) -> Encoded:
+        with self._engine.op(ctx, _root_peer(self.rank, root)) as engine:
+            return mpi_objects.scatter(engine, msgs, root, ctx)
+
+    def allgather(self, msg: Encoded, ctx: OpContext) -> list[Encoded]:
+        with self._engine.op(ctx) as engine:
+            return mpi_objects.allgather(engine, msg, ctx)
+
+    def barrier(self, ctx: OpContext) -> None:
+        with self._engine.op(ctx) as engine:
+            mpi_objects.barrier(engine, ctx)
+
+    # -- in-place tensor collectives -----------------------------------------------------------
+    def allreduce(self, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext) -> None:
+        mpi = self._mpi
+        with self._engine.op(ctx) as engine:
+            host = _cpu(tensor)
+            native = mpi_reduce.native_reduction(mpi, host.dtype, op)
+            if native is None:
+                mpi_reduce.allreduce(engine, host, op, ctx)
+            else:
+                buf = host_bytes(host)
+                req = engine.coll.Iallreduce(mpi.IN_PLACE, [buf, native[0]], native[1])
+                engine.wait([req], ctx, keep=buf)
+                finish_(host, op, self.size)
+            _back(tensor, host)
+
+    def reduce(self, tensor: torch.Tensor, root: int, op: ReduceOp, ctx: OpContext) -> None:
+        mpi = self._mpi
+        is_root = self.rank == root
+        peers = _root_peer(self.rank, root)
+        with self._engine.op(ctx, peers) as engine:
+            host = _cpu(tensor)
+            native = mpi_reduce.native_reduction(mpi, host.dtype, op)
+            if native is None:
+                mpi_reduce.reduce(engine, host, root, op, ctx)
+            else:
+                buf = host_bytes(host)
+                spec = [buf, native[0]]
+                if is_root:
+                    req = engine.coll.Ireduce(mpi.IN_PLACE, spec, native[1], root)
+                else:
+                    req = engine.coll.Ireduce(spec, None, native[1], root)
+                engine.wait([req], ctx, peers, keep=buf)
+                if is_root:
+                    finish_(host, op, self.size)
+            if is_root:
+                _back(tensor, host)
+
+    def broadcast_into(self, tensor: torch.Tensor, root: int, ctx: OpContext) -> None:
+        peers = _root_peer(self.rank, root)
+        with self._engine.op(ctx, peers) as engine:
+            host = _cpu(tensor)
+            buf = host_bytes(host)
+            req = engine.coll.Ibcast([buf, self._byte], root)
+            engine.wait([req], ctx, peers, keep=buf)
+            _back(tensor, host)
+
+    def gather_into(
+        self, out: torch.Tensor | None, tensor: torch.Tensor, root: int, ctx: OpContext
+    ) -> None:
+        byte = self._byte
+        peers = _root_peer(self.rank, root)
+        with self._engine.op(ctx, peers) as engine:
+            src = host_bytes(_cpu(tensor))
+            direct = src.nbytes >= DIRECT_MIN_BYTES
+            if self.rank != root:
+                if direct:
+                    req = engine.coll.Isend([src, byte], root, _payload_tag(ctx))
+                else:
+                    req = engine.coll.Igather([src, byte], None, root)
+                engine.wait([req], ctx, peers, keep=src)
+                return
+            assert out is not None
+            host = _cpu(out)
+            dst = host_bytes(host)
+            if direct:
+                self._direct_rooted(engine, flat_bytes(dst), src, root, ctx, gather=True)
+            else:
+                req = engine.coll.Igather([src, byte], [dst, byte], root)
+                engine.wait([req], ctx, keep=(src, dst))
+            _back(out, host)
+
+    def _direct_rooted(
+        self, engine: Engine, blocks: Any, mine: Any, root: int, ctx: OpContext, *, gather: bool
+    ) -> None:
+        """Root's side of a gather (receive) or scatter (send) as one message per rank.
+
+        For large blocks this beats MPICH's ``Igather``/``Iscatter`` (and even the blocking
+        calls) several-fold with more ranks than cores: a large point-to-point message moves in
+        one copy without needing the receiver to drive progress, where the tree collectives
+        forward data in small pieces through intermediate ranks.
+        """
+        byte, tag, nbytes = self._byte, _payload_tag(ctx), mine.nbytes
+        reqs, sources, statuses = [], [], []
+        for r in range(self.size):
+            block = blocks[r * nbytes : (r + 1) * nbytes]
+            if r == root:
+                if gather:
+                    block[...] = flat_bytes(mine)
+                else:
+                    flat_bytes(mine)[...] = block
+            elif gather:
+                reqs.append(engine.coll.Irecv([block, byte], r, tag))
+                sources.append(r)
+                statuses.append(self._mpi.Status())
+            else:
+                reqs.append(engine.coll.Isend([block, byte], r, tag))
+                sources.append(r)
+        engine.wait(
+            reqs, ctx, sources=sources, statuses=statuses if gather else None, keep=(blocks, mine)
+        )
+        for r, status in zip(sources, statuses, strict=False):
+            _check_count(self.rank, r, status.Get_count(byte), nbytes, ctx)
+
+    def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: OpContext) -> None:
+        byte = self._byte
+        with self._engine.op(ctx) as engine:
+            host = _cpu(out)
+            src, dst = host_bytes(_cpu(tensor)), host_bytes(host)
+            req = engine.coll.Iallgather([src, byte], [dst, byte])
+            engine.wait([req], ctx, keep=(src, dst))
+            _back(out, host)
+
+    def scatter_into(
+        self, out: torch.Tensor, tensor: torch.Tensor | None, root: int, ctx: OpContext
+    ) -> None:
+        byte = self._byte
+        peers = _root_peer(self.rank, root)
+        with self._engine.op(ctx, peers) as engine:
+            host = _cpu(out)
+            dst = host_bytes(host)
+            direct = dst.nbytes >= DIRECT_MIN_BYTES
+            if self.rank == root:
+                assert tensor is not None
+                src = host_bytes(_cpu(tensor))
+                if direct:
+                    self._direct_rooted(engine, flat_bytes(src), dst, root, ctx, gather=False)
+                else:
+                    req = engine.coll.Iscatter([src, byte], [dst, byte], root)
+                    engine.wait([req], ctx, keep=(src, dst))
+            elif direct:
+                status = self._mpi.Status()
+                req = engine.coll.Irecv([dst, byte], root, _payload_tag(ctx))
+                engine.wait([req], ctx, peers, statuses=[status], keep=dst)
+                _check_count(self.rank, root, status.Get_count(byte), dst.nbytes, ctx)
+            else:
+                req = engine.coll.Iscatter(None, [dst, byte], root)
+                engine.wait([req], ctx, peers, keep=dst)
+            _back(out, host)
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def abort(self, reason: str) -> None:
+        """Fail every pending op promptly (their polling loops see the flag) and every later one.
+
+        MPI cannot cancel a collective in flight: its requests are abandoned (their buffers kept
+        alive) and this rank's communicators are never used again.
+        """
+        self._engine.abort(reason)
+
+    def close(self) -> None:
+        """Free the private communicators if nothing is pending.  Never finalizes MPI."""
+        self._engine.close()
+
+    def peers(self) -> dict[int, str]:
+        """MPI reports no liveness: every other rank is "ok" (a dead process ends the job)."""
+        return {r: "ok" for r in range(self.size) if r != self.rank}
+
+
+def _root_peer(rank: int, root: int) -> list[int]:
+    """Whom a rank of a rooted op can name when it times out: non-roots wait for the root."""
+    return [] if rank == root else [root]
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself on the CPU; a staging copy for device tensors (MPI here is not GPU-aware)."""
+    return t if t.is_cpu else t.detach().cpu()
+
+
+def _payload_tag(ctx: OpContext) -> int:
+    return ctx.seq % PAYLOAD_TAGS
+
+
+def _check_count(rank: int, src: int, got: int, want: int, ctx: OpContext) -> None:
+    if got != want:
+        raise CollectiveMismatchError(
+            f"{ctx.name} on rank {rank}: rank {src} sent {got} bytes where {want} were expected: "
+            "buffers must have the same size and dtype on every rank",
+            ranks=(rank, src),
+        )
+
+
+def _back(t: torch.Tensor, host: torch.Tensor) -> None:
+    if host is not t:
+        t.copy_(host)
+
+
+register_backend("mpi", MPIBackend)
