@@ -19,14 +19,20 @@ T = TypeVar("T")
 class Work(Generic[T]):
     """A pending operation.  ``wait()`` returns its result or raises its error."""
 
+    __slots__ = ("_callbacks", "_done", "_error", "_event", "_result", "op", "rank")
+
+    # One lock for all handles: creating a lock (and an Event) per op cost more than the
+    # engine's own call for small messages; contention is negligible.
+    _lock = threading.Lock()
+
     def __init__(self, op: str, rank: int) -> None:
         self.op = op
         self.rank = rank
-        self._done = threading.Event()
+        self._done = False
+        self._event: threading.Event | None = None  # created only if somebody must block
         self._result: T | None = None
         self._error: BaseException | None = None
-        self._callbacks: list[Callable[[Work[T]], None]] = []
-        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Work[T]], None]] | None = None
 
     @classmethod
     def completed(cls, op: str, rank: int, result: T) -> Work[T]:
@@ -45,17 +51,20 @@ class Work(Generic[T]):
 
     def _finish(self) -> None:
         with self._lock:
-            self._done.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
+            self._done = True
+            event, callbacks = self._event, self._callbacks
+            self._callbacks = None
+        if event is not None:
+            event.set()
+        for callback in callbacks or ():
             callback(self)
 
     # -- consumer side ---------------------------------------------------------------------
     def is_completed(self) -> bool:
-        return self._done.is_set()
+        return self._done
 
     def is_success(self) -> bool:
-        return self._done.is_set() and self._error is None
+        return self._done and self._error is None
 
     def exception(self) -> BaseException | None:
         """The error the op ended with, or None (also None while it is still running)."""
@@ -66,10 +75,9 @@ class Work(Generic[T]):
 
         ``timeout`` bounds this wait only; the op keeps its own deadline and may still finish.
         """
-        if timeout is None:
-            # The op carries its own deadline, so an unbounded wait here still ends.
-            self._done.wait()
-        elif not self._done.wait(check_timeout(timeout)):
+        if not self._done:
+            self._block(None if timeout is None else check_timeout(timeout))
+        if not self._done:
             raise CollectiveTimeoutError(
                 f"{self.op} on rank {self.rank} still running after wait(timeout={timeout:g})",
                 op=self.op,
@@ -80,9 +88,21 @@ class Work(Generic[T]):
 
     result = wait
 
+    def _block(self, timeout: float | None) -> None:
+        with self._lock:
+            if self._done:
+                return
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        # timeout=None is safe: the op carries its own deadline, so this wait still ends.
+        event.wait(timeout)
+
     def add_done_callback(self, callback: Callable[[Work[T]], None]) -> None:
         with self._lock:
-            if not self._done.is_set():
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
                 self._callbacks.append(callback)
                 return
         callback(self)
