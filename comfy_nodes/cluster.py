@@ -39,6 +39,9 @@ QueuePromptHook = Callable[[dict[str, Any]], str]
 queue_prompt_hook: QueuePromptHook | None = None
 """Set by the server integration; called on the leader only (it distributes to every rank)."""
 
+delivery_check_hook: Callable[[str], None] | None = None
+"""Set by the server integration on the leader: raises if a follower refused prompt ``id``."""
+
 _lock = threading.Lock()
 _process_comm: Communicator | None = None
 _override: contextvars.ContextVar[Communicator | None] = contextvars.ContextVar(

@@ -10,72 +10,28 @@ See docs/nodes.md for what each node does on each rank.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
-from . import cluster, distribute, lists, memory, workflow
+from . import cluster, distribute, memory
 from . import images as image_files
-from .collective import node_tag
-from .distribute import CODECS, LOSSLESS
+from .distribute import LOSSLESS
+from .nodes_base import _CODEC, _HIDDEN_ID, _WEIGHTS, ANY, _ClusterNode, _leader_input, _Node
+from .nodes_lists import (
+    ClusterFlattenBatchedImageList,
+    ClusterGetInstanceWorkItemFromBatch,
+    ClusterInsertAtIndex,
+    ClusterSplitBatchToList,
+    ClusterStridedReorder,
+)
+from .nodes_sync import ClusterSync
+from .nodes_workflow import (
+    ClusterEndSubgraph,
+    ClusterExecuteCurrentWorkflow,
+    ClusterExecuteWorkflow,
+    ClusterStartSubgraph,
+    ClusterUseSubgraph,
+)
 from .tensors import as_mask_batch
-
-CATEGORY = "cluster"
-
-
-class AnyType(str):
-    """A type name that matches every other in ComfyUI's input validation (``"*"``)."""
-
-    __slots__ = ()
-
-    def __ne__(self, other: object) -> bool:
-        return False
-
-
-ANY = AnyType("*")
-
-_WEIGHTS = (
-    "STRING",
-    {
-        "default": "",
-        "tooltip": "Share of the batch per rank, e.g. '3,1' (read on the leader). Empty: the "
-        "COMFY_CLUSTER_WEIGHTS variable, else equal shares.",
-    },
-)
-_CODEC = (
-    list(CODECS),
-    {
-        "default": LOSSLESS,
-        "tooltip": "lossless keeps every value and the dtype; png is smaller on slow links but "
-        "rounds every pixel to 8 bits.",
-    },
-)
-_HIDDEN_ID = {"unique_id": "UNIQUE_ID"}
-
-
-def _leader_input(type_name: str, what: str) -> tuple[str, dict[str, Any]]:
-    # Not lazy, on purpose: a follower skipping what feeds this input would execute a different
-    # set of nodes than the leader, and ComfyUI's execution order (hence the order of the
-    # collectives) depends on that set.  Followers compute the value and it is ignored.
-    return (type_name, {"tooltip": f"{what} Only the leader's value is used."})
-
-
-class _Node:
-    CATEGORY: ClassVar[str] = CATEGORY
-    FUNCTION: ClassVar[str] = "run"
-    DESCRIPTION: ClassVar[str] = ""
-
-
-class _ClusterNode(_Node):
-    """Communicates or has side effects: runs every time, on every rank."""
-
-    NOT_IDEMPOTENT: ClassVar[bool] = True
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs: Any) -> float:
-        return float("nan")  # never equal to the previous value: never cached
-
-    @classmethod
-    def tag(cls, unique_id: Any) -> str:
-        return node_tag(cls.__name__, None if unique_id is None else str(unique_id))
 
 
 # -- cluster management ---------------------------------------------------------------------------
@@ -132,146 +88,6 @@ class ClusterFinallyFree(_ClusterNode):
     def run(self, trigger: Any = None) -> tuple[Any]:
         memory.free_when_finished()
         return (trigger,)
-
-
-# -- workflows ------------------------------------------------------------------------------------
-class ClusterExecuteWorkflow(_ClusterNode):
-    DESCRIPTION = (
-        "The leader queues an API-format workflow file on the whole cluster (followers do "
-        "nothing). Outputs the new prompt id."
-    )
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("prompt_id",)
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {"workflow_path": ("STRING", {"default": "workflow_api.json"})},
-            "optional": {
-                "input_overrides": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "multiline": True,
-                        "tooltip": 'JSON {"node_id": {"input_name": value}} written into the '
-                        "workflow before it is queued.",
-                    },
-                ),
-                "trigger": (ANY,),
-            },
-        }
-
-    def run(self, workflow_path: str, input_overrides: str = "", trigger: Any = None) -> tuple[str]:
-        if not cluster.is_leader():
-            return ("",)
-        prompt = workflow.apply_overrides(
-            workflow.load_api_workflow(workflow_path), input_overrides
-        )
-        return (cluster.call_queue_prompt_hook(prompt, type(self).__name__),)
-
-
-class ClusterExecuteCurrentWorkflow(_ClusterNode):
-    DESCRIPTION = (
-        "Run this workflow `iterations` times: the leader queues the next run on the cluster "
-        "(seeds incremented unless turned off) until the count is used up."
-    )
-    RETURN_TYPES = ("STRING", "INT")
-    RETURN_NAMES = ("prompt_id", "remaining")
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {
-                "iterations": ("INT", {"default": 2, "min": 1, "max": 100000}),
-                "vary_seed": ("BOOLEAN", {"default": True}),
-            },
-            "optional": {"trigger": (ANY,)},
-            "hidden": {"prompt": "PROMPT", **_HIDDEN_ID},
-        }
-
-    def run(
-        self,
-        iterations: int,
-        vary_seed: bool = True,
-        trigger: Any = None,
-        prompt: dict[str, Any] | None = None,
-        unique_id: Any = None,
-    ) -> tuple[str, int]:
-        remaining = max(0, int(iterations) - 1)
-        if not cluster.is_leader() or remaining == 0:
-            return ("", remaining)
-        if prompt is None or unique_id is None:
-            raise RuntimeError(f"{type(self).__name__}: ComfyUI passed no current prompt")
-        nxt = workflow.next_iteration(prompt, str(unique_id), vary_seed)
-        assert nxt is not None
-        return (cluster.call_queue_prompt_hook(nxt, type(self).__name__), remaining)
-
-
-class ClusterStartSubgraph(_Node):
-    DESCRIPTION = "Marks where subgraph `name` starts; passes its value through."
-    RETURN_TYPES = (ANY,)
-    RETURN_NAMES = ("value",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {"name": ("STRING", {"default": "subgraph"})},
-            "optional": {"value": (ANY,)},
-        }
-
-    def run(self, name: str, value: Any = None) -> tuple[Any]:
-        return (value,)
-
-
-class ClusterEndSubgraph(_Node):
-    DESCRIPTION = "Marks where subgraph `name` ends; passes its value through."
-    RETURN_TYPES = (ANY,)
-    RETURN_NAMES = ("value",)
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {"name": ("STRING", {"default": "subgraph"})},
-            "optional": {"value": (ANY,)},
-        }
-
-    def run(self, name: str, value: Any = None) -> tuple[Any]:
-        return (value,)
-
-
-class ClusterUseSubgraph(_ClusterNode):
-    DESCRIPTION = (
-        "The leader queues subgraph `name` of this workflow (from its Start to its End node, with "
-        "what it depends on) as a prompt of its own on the cluster."
-    )
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("prompt_id",)
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {"name": ("STRING", {"default": "subgraph"})},
-            "optional": {"trigger": (ANY,)},
-            "hidden": {"prompt": "PROMPT", **_HIDDEN_ID},
-        }
-
-    def run(
-        self,
-        name: str,
-        trigger: Any = None,
-        prompt: dict[str, Any] | None = None,
-        unique_id: Any = None,
-    ) -> tuple[str]:
-        if not cluster.is_leader():
-            return ("",)
-        if prompt is None:
-            raise RuntimeError(f"{type(self).__name__}: ComfyUI passed no current prompt")
-        sub = workflow.subgraph_prompt(prompt, name)
-        return (cluster.call_queue_prompt_hook(sub, type(self).__name__),)
 
 
 # -- broadcast ------------------------------------------------------------------------------------
@@ -518,121 +334,6 @@ class ClusterGatherMasks(_ClusterNode):
         return (distribute.gather_batch(comm, as_mask_batch(mask, tag), tag),)
 
 
-# -- lists and batches (no communication) ---------------------------------------------------------
-class ClusterGetInstanceWorkItemFromBatch(_Node):
-    DESCRIPTION = (
-        "This rank's share of a list, or of a batch every rank has, without any transfer. "
-        "With as many items as ranks, rank r gets item (r + index_offset) mod world size."
-    )
-    RETURN_TYPES = (ANY,)
-    RETURN_NAMES = ("items",)
-    INPUT_IS_LIST = True
-    OUTPUT_IS_LIST = (True,)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {
-                "batch": (ANY,),
-                "index_offset": ("INT", {"default": 0, "min": -(2**31), "max": 2**31 - 1}),
-            },
-            "optional": {"weights": _WEIGHTS},
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs: Any) -> str:
-        comm = cluster.get_comm()  # cached per (rank, size): recomputed if the world changes
-        return f"{comm.rank}/{comm.size}"
-
-    def run(
-        self, batch: list[Any], index_offset: list[int], weights: list[str] | None = None
-    ) -> tuple[list[Any]]:
-        comm = cluster.get_comm()
-        return (
-            lists.instance_share(batch, comm.rank, comm.size, index_offset[0], _first(weights)),
-        )
-
-
-class ClusterSplitBatchToList(_Node):
-    DESCRIPTION = "An IMAGE/MASK/LATENT batch as a list of one-item batches."
-    RETURN_TYPES = (ANY,)
-    RETURN_NAMES = ("list",)
-    OUTPUT_IS_LIST = (True,)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"batch": (ANY,)}}
-
-    def run(self, batch: Any) -> tuple[list[Any]]:
-        return (lists.split_batch_to_list(batch),)
-
-
-class ClusterFlattenBatchedImageList(_Node):
-    DESCRIPTION = "A list of IMAGE batches (or nested lists) as a flat list of single images."
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
-    INPUT_IS_LIST = True
-    OUTPUT_IS_LIST = (True,)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"images": ("IMAGE",)}}
-
-    def run(self, images: list[Any]) -> tuple[list[Any]]:
-        return (lists.flatten(images),)
-
-
-class ClusterInsertAtIndex(_Node):
-    DESCRIPTION = (
-        "Insert items before position `index` of a list (negative counts from the end); a single "
-        "batch gets the other batch's items inserted."
-    )
-    RETURN_TYPES = (ANY,)
-    RETURN_NAMES = ("list",)
-    INPUT_IS_LIST = True
-    OUTPUT_IS_LIST = (True,)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {
-                "list": (ANY,),
-                "item": (ANY,),
-                "index": ("INT", {"default": 0, "min": -(2**31), "max": 2**31 - 1}),
-            }
-        }
-
-    def run(self, list: list[Any], item: list[Any], index: list[int]) -> tuple[list[Any]]:
-        return (lists.insert_at_index(list, item, index[0]),)
-
-
-class ClusterStridedReorder(_Node):
-    DESCRIPTION = (
-        "Reorder a list (or a batch) taking every stride-th item: rank-major results become "
-        "item-major with stride = items per rank."
-    )
-    RETURN_TYPES = (ANY,)
-    RETURN_NAMES = ("list",)
-    INPUT_IS_LIST = True
-    OUTPUT_IS_LIST = (True,)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {
-            "required": {
-                "list": (ANY,),
-                "stride": ("INT", {"default": 2, "min": 1, "max": 2**31 - 1}),
-            }
-        }
-
-    def run(self, list: list[Any], stride: list[int]) -> tuple[list[Any]]:
-        return (lists.strided_reorder(list, stride[0]),)
-
-
-def _first(values: list[str] | None) -> str | None:
-    return values[0] if values else None
-
-
 _NODES: list[tuple[type[_Node], str]] = [
     (ClusterInfo, "Cluster Info"),
     (ClusterFreeNow, "Cluster Free Memory Now"),
@@ -659,6 +360,7 @@ _NODES: list[tuple[type[_Node], str]] = [
     (ClusterFlattenBatchedImageList, "Cluster Flatten Batched Image List"),
     (ClusterInsertAtIndex, "Cluster Insert At Index"),
     (ClusterStridedReorder, "Cluster Strided Reorder"),
+    (ClusterSync, "Cluster Sync (internal)"),
 ]
 
 NODE_CLASS_MAPPINGS: dict[str, type[Any]] = {cls.__name__: cls for cls, _ in _NODES}

@@ -1,0 +1,51 @@
+"""ClusterSync: the head and tail the cluster prompt rewrite adds (see server/prompts.py).
+
+Not meant to be placed by hand.  The head runs first on every rank: the leader waits until every
+follower has accepted the prompt (their validation errors surface here, naming the rank), then all
+ranks check they are running the same prompt.  The tail is the output node followers execute, so
+they run exactly the cluster nodes and what those need.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import cluster
+from .collective import PeerNodeError
+from .nodes_base import _ClusterNode
+
+
+class ClusterSync(_ClusterNode):
+    DESCRIPTION = "Internal: added to cluster prompts automatically; do not place it by hand."
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("prompt_id",)
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "mode": (["start", "end"],),
+                "prompt_id": ("STRING", {"default": ""}),
+                "collectives": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            }
+        }
+
+    def run(self, mode: str, prompt_id: str, collectives: int = 0) -> tuple[str]:
+        if mode != "start":
+            return (prompt_id,)
+        comm = cluster.get_comm()
+        if comm.size == 1:
+            return (prompt_id,)
+        if comm.rank == cluster.LEADER and cluster.delivery_check_hook is not None:
+            cluster.delivery_check_hook(prompt_id)
+        ids = comm.allgather(prompt_id)
+        strays = [rank for rank, other in enumerate(ids) if other != prompt_id]
+        if strays:
+            raise PeerNodeError(
+                f"ClusterSync: rank(s) {strays} are running another prompt "
+                f"({[ids[r] for r in strays]}) than rank {comm.rank} ({prompt_id}); "
+                "the ranks' queues are out of step",
+                strays[0],
+            )
+        return (prompt_id,)
