@@ -18,6 +18,23 @@ if _HERE not in sys.path:
 
 from comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
+
+def _install_into_running_comfyui() -> None:
+    # Inside ComfyUI, PromptServer.instance exists by the time custom nodes load.  install()
+    # only registers handlers and routes; the cluster is joined when the server starts.
+    try:
+        import server as comfy_server  # ComfyUI's own module
+    except ImportError:
+        return
+    instance = getattr(getattr(comfy_server, "PromptServer", None), "instance", None)
+    if instance is not None:
+        from comfy_nodes.server.integration import install
+
+        install(instance)
+
+
+_install_into_running_comfyui()
+
 WEB_DIRECTORY = "./js"
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -39,8 +39,32 @@ QueuePromptHook = Callable[[dict[str, Any]], str]
 queue_prompt_hook: QueuePromptHook | None = None
 """Set by the server integration; called on the leader only (it distributes to every rank)."""
 
-delivery_check_hook: Callable[[str], None] | None = None
-"""Set by the server integration on the leader: raises if a follower refused prompt ``id``."""
+deliver_hook: Callable[[str, dict[str, Any]], None] | None = None
+"""Set by the server integration on the leader: hand prompt ``id`` to every follower (raises
+naming the followers that refused it).  Called by the ClusterSync head node."""
+
+interrupt_check: Callable[[], bool] | None = None
+"""Set by the server integration: whether ComfyUI's interrupt was pressed on this rank."""
+
+abort_hook: Callable[[str], None] | None = None
+"""Set by the server integration: abort the collective on every rank, with this reason."""
+
+failure_hook: Callable[[BaseException], None] | None = None
+"""Set by the server integration: a collective failed fatally; re-form the cluster."""
+
+
+class ClusterInterrupted(Exception):
+    """The user interrupted a collective (raised when ComfyUI's own exception is unavailable)."""
+
+
+def raise_interrupted() -> None:
+    """Raise ComfyUI's own interrupt exception, so the UI shows "interrupted", not an error."""
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise ClusterInterrupted("interrupted") from None
+    raise mm.InterruptProcessingException()
+
 
 _lock = threading.Lock()
 _process_comm: Communicator | None = None

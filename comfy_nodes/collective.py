@@ -10,13 +10,47 @@ since the ranks no longer agree on what comes next.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from . import cluster
 from .cluster import LEADER
 
 if TYPE_CHECKING:
-    from collectives import Communicator
+    from collectives import Communicator, Work
+
+POLL_S = 0.05
+
+
+def run(comm: Communicator, start: Callable[[], Work[Any]]) -> Any:
+    """Run one collective, watching ComfyUI's interrupt flag while it waits.
+
+    An interrupt on this rank aborts the collective here and, through the server integration,
+    on every rank (their nodes fail with an error naming this rank).  A fatal failure (timeout,
+    lost peer, mismatch) is reported to the integration, which re-forms the cluster.
+    """
+    from collectives import CollectivesError, CollectiveTimeoutError, InvalidArgumentError
+
+    try:
+        work = start()
+        while True:
+            try:
+                return work.wait(timeout=POLL_S)
+            except CollectiveTimeoutError:
+                if work.is_completed():
+                    raise  # the collective's own deadline, not this poll
+            check = cluster.interrupt_check
+            if check is not None and check():
+                reason = f"interrupted on rank {comm.rank}"
+                if cluster.abort_hook is not None:
+                    cluster.abort_hook(reason)
+                else:
+                    comm.abort(reason)
+                cluster.raise_interrupted()
+    except CollectivesError as err:
+        if not isinstance(err, InvalidArgumentError) and cluster.failure_hook is not None:
+            cluster.failure_hook(err)
+        raise
 
 
 class PeerNodeError(RuntimeError):
@@ -52,25 +86,28 @@ def _mismatch(comm: Communicator, message: str, src: int) -> Exception:
     from collectives import CollectiveMismatchError
 
     comm.abort(message)
-    return CollectiveMismatchError(message, ranks=(comm.rank, src))
+    err = CollectiveMismatchError(message, ranks=(comm.rank, src))
+    if cluster.failure_hook is not None:
+        cluster.failure_hook(err)
+    return err
 
 
 def broadcast(comm: Communicator, value: Any, tag: str, root: int = LEADER) -> Any:
     """``value`` of ``root`` on every rank (root's own object is returned, not a copy)."""
-    got = comm.broadcast((tag, value) if comm.rank == root else None, root=root)
+    got = run(comm, lambda: comm.ibroadcast((tag, value) if comm.rank == root else None, root))
     return _check(comm, tag, got, root, "broadcast")
 
 
 def scatter(comm: Communicator, items: Sequence[Any] | None, tag: str, root: int = LEADER) -> Any:
     """Rank i gets ``items[i]`` of ``root``."""
     labelled = [(tag, item) for item in items] if comm.rank == root and items is not None else None
-    got = comm.scatter(labelled, root=root)
+    got = run(comm, lambda: comm.iscatter(labelled, root))
     return _check(comm, tag, got, root, "scatter")
 
 
 def gather(comm: Communicator, value: Any, tag: str, root: int = LEADER) -> list[Any] | None:
     """Every rank's ``value`` in rank order on ``root``; None elsewhere."""
-    got = comm.gather((tag, value), root=root)
+    got = run(comm, lambda: comm.igather((tag, value), root))
     if got is None:
         return None
     return [_check(comm, tag, item, src, "gather") for src, item in enumerate(got)]
@@ -78,5 +115,5 @@ def gather(comm: Communicator, value: Any, tag: str, root: int = LEADER) -> list
 
 def allgather(comm: Communicator, value: Any, tag: str) -> list[Any]:
     """Every rank's ``value`` in rank order, on every rank."""
-    got = comm.allgather((tag, value))
+    got = run(comm, lambda: comm.iallgather((tag, value)))
     return [_check(comm, tag, item, src, "allgather") for src, item in enumerate(got)]

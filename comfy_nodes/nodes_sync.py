@@ -12,6 +12,7 @@ from typing import Any
 
 from . import cluster
 from .collective import PeerNodeError
+from .collective import run as run_collective
 from .nodes_base import _ClusterNode
 
 
@@ -28,18 +29,25 @@ class ClusterSync(_ClusterNode):
                 "mode": (["start", "end"],),
                 "prompt_id": ("STRING", {"default": ""}),
                 "collectives": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-            }
+            },
+            "hidden": {"prompt": "PROMPT"},
         }
 
-    def run(self, mode: str, prompt_id: str, collectives: int = 0) -> tuple[str]:
+    def run(
+        self,
+        mode: str,
+        prompt_id: str,
+        collectives: int = 0,
+        prompt: dict[str, Any] | None = None,
+    ) -> tuple[str]:
         if mode != "start":
             return (prompt_id,)
+        if cluster.deliver_hook is not None and prompt is not None:
+            cluster.deliver_hook(prompt_id, prompt)  # leader only; followers have no hook
         comm = cluster.get_comm()
         if comm.size == 1:
             return (prompt_id,)
-        if comm.rank == cluster.LEADER and cluster.delivery_check_hook is not None:
-            cluster.delivery_check_hook(prompt_id)
-        ids = comm.allgather(prompt_id)
+        ids = run_collective(comm, lambda: comm.iallgather(prompt_id))
         strays = [rank for rank, other in enumerate(ids) if other != prompt_id]
         if strays:
             raise PeerNodeError(

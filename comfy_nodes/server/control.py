@@ -1,0 +1,122 @@
+"""Handing a cluster prompt from the leader to every follower, through the communicator.
+
+The hand-over is three collectives that the leader runs as the first step of the prompt (the
+ClusterSync head node) and each follower's control thread runs while its executor is idle:
+
+1. ``broadcast`` of the prompt (any size: the communicator has no message limit);
+2. ``gather`` of every follower's verdict (ComfyUI's own validation of the prompt, restricted to
+   what the follower will execute);
+3. ``broadcast`` of the leader's decision: go only if every follower accepted.
+
+A follower queues the prompt only on "go", under the leader's prompt id, so a prompt is never
+queued on some ranks only, and never twice.  Because these are collectives in the same sequence as
+the prompt's own, every rank sees one order: [hand-over P1][P1's collectives][hand-over P2]...;
+the control thread waits for P1 to finish on its rank before it joins the next hand-over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from comfy_nodes.collective import PeerNodeError
+
+if TYPE_CHECKING:
+    from collectives import Communicator
+
+LEADER = 0
+
+
+@dataclass(frozen=True)
+class Delivery:
+    prompt_id: str
+    prompt: dict[str, Any]
+    tail_id: str
+    extra: dict[str, Any]
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "kind": "prompt",
+            "prompt_id": self.prompt_id,
+            "prompt": self.prompt,
+            "tail": self.tail_id,
+            "extra": self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    error: str = ""
+    node_errors: dict[str, Any] | None = None
+
+    def message(self) -> dict[str, Any]:
+        return {"ok": self.ok, "error": self.error, "node_errors": self.node_errors or {}}
+
+
+def hand_over(comm: Communicator, delivery: Delivery, *, timeout: float) -> None:
+    """Leader side: deliver the prompt; raise naming every follower that refused it."""
+    comm.broadcast(delivery.message(), root=LEADER, timeout=timeout)
+    verdicts = comm.gather(None, root=LEADER, timeout=timeout) or []
+    refused = [
+        (rank, v)
+        for rank, v in enumerate(verdicts)
+        if rank != LEADER and not (isinstance(v, dict) and v.get("ok"))
+    ]
+    comm.broadcast(not refused, root=LEADER, timeout=timeout)
+    if refused:
+        lines = [f"rank {rank}: {_describe(v)}" for rank, v in refused]
+        raise PeerNodeError(
+            "the prompt was refused by follower(s), so it runs nowhere: " + "; ".join(lines),
+            refused[0][0],
+        )
+
+
+Validate = Callable[[Delivery], tuple[Verdict, Any]]
+Enqueue = Callable[[Delivery, Any], None]
+
+
+def take_over(
+    comm: Communicator,
+    validate: Validate,
+    enqueue: Enqueue,
+    *,
+    idle_timeout: float,
+    timeout: float,
+) -> Delivery | None:
+    """Follower side: wait for the next hand-over; queue the prompt if the leader says go.
+
+    Returns the queued delivery, or None when the leader cancelled it.  ``idle_timeout`` bounds
+    the wait for the next prompt (the cluster may sit idle for a long time).
+    """
+    msg = comm.broadcast(None, root=LEADER, timeout=idle_timeout)
+    delivery: Delivery | None = None
+    try:
+        delivery = Delivery(
+            prompt_id=str(msg["prompt_id"]),
+            prompt=dict(msg["prompt"]),
+            tail_id=str(msg["tail"]),
+            extra=dict(msg.get("extra") or {}),
+        )
+        verdict, ticket = validate(delivery)
+    except Exception as err:  # a malformed message or a crash in validation: refuse, loudly
+        verdict, ticket = Verdict(False, f"{type(err).__name__}: {err}"), None
+    comm.gather(verdict.message(), root=LEADER, timeout=timeout)
+    go = comm.broadcast(None, root=LEADER, timeout=timeout)
+    if go is True and verdict.ok and delivery is not None:
+        enqueue(delivery, ticket)
+        return delivery
+    return None
+
+
+def _describe(verdict: Any) -> str:
+    if not isinstance(verdict, dict):
+        return f"no verdict ({verdict!r})"
+    text = str(verdict.get("error") or "refused")
+    details = []
+    for node_id, err in (verdict.get("node_errors") or {}).items():
+        for e in err.get("errors", []) if isinstance(err, dict) else []:
+            what = e.get("details") or e.get("message")
+            details.append(f"node {node_id} ({err.get('class_type', '?')}): {what}")
+    return text + (" — " + "; ".join(details) if details else "")

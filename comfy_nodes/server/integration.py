@@ -1,0 +1,255 @@
+"""Glue between ComfyUI's PromptServer and the cluster (the only module that imports ComfyUI).
+
+``install()`` runs when ComfyUI loads the node pack.  It starts nothing by itself: it registers
+
+* an on-prompt handler (leader): a prompt using cluster nodes is rewritten for SPMD execution
+  (comfy_nodes.server.prompts) — users queue as always, with the Queue button or ``POST /prompt``;
+* ``POST /cluster/queue`` (leader): the same, forced, returning the prompt id;
+* ``GET /cluster/status``, ``GET /cluster/epoch``, ``POST /cluster/rejoin``,
+  ``POST /cluster/failed``, ``POST /cluster/abort``: membership and interrupt propagation;
+* an aiohttp start-up hook that joins the cluster in a background thread, and on followers runs
+  the control thread that takes over each prompt the leader hands out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from comfy_nodes import cluster
+from comfy_nodes.nodes import NODE_CLASS_MAPPINGS
+from comfy_nodes.nodes_base import _ClusterNode
+from comfy_nodes.server import prompts
+from comfy_nodes.server.control import Delivery, Verdict, hand_over, take_over
+from comfy_nodes.server.membership import Membership, _post_async
+from comfy_nodes.server.settings import Settings
+
+log = logging.getLogger("comfy_cluster")
+
+COLLECTIVE_CLASSES = frozenset(
+    name
+    for name, cls in NODE_CLASS_MAPPINGS.items()
+    if issubclass(cls, _ClusterNode) and name != prompts.SYNC_CLASS
+)
+_installed: Membership | None = None
+
+
+def install(server: Any) -> Membership | None:
+    """Wire the cluster into a running ComfyUI ``PromptServer``; idempotent."""
+    global _installed
+    if _installed is not None:
+        return _installed
+    settings = Settings.from_env()
+    _register_routes(server, settings)
+    if settings is None:
+        return None  # a single instance: cluster nodes are identities, nothing to wire
+    from comfy.cli_args import args  # type: ignore[import-not-found,unused-ignore]
+
+    membership = Membership(settings, f"http://{settings.advertise_host}:{args.port}")
+    _installed = membership
+    cluster.interrupt_check = _interrupt_pressed
+    cluster.abort_hook = lambda reason: abort_everywhere(membership, reason)
+    cluster.failure_hook = lambda err: membership.fail(f"{type(err).__name__}: {err}")
+    if settings.is_leader:
+        cluster.deliver_hook = lambda pid, prompt: _deliver(membership, pid, prompt)
+        cluster.queue_prompt_hook = lambda prompt: _queue_on_leader(server, prompt)
+        server.add_on_prompt_handler(_on_prompt)
+    else:
+        membership.on_ready(lambda comm, epoch: _start_follower(server, membership, comm, epoch))
+
+    async def join_on_startup(app: Any) -> None:
+        membership.start()
+
+    server.app.on_startup.append(join_on_startup)
+    return membership
+
+
+# -- leader ---------------------------------------------------------------------------------------
+def _on_prompt(json_data: dict[str, Any]) -> dict[str, Any]:
+    prompt = json_data.get("prompt")
+    if not prompts.is_cluster_prompt(prompt, NODE_CLASS_MAPPINGS):
+        return json_data
+    return _prepared(json_data)
+
+
+def _prepared(json_data: dict[str, Any]) -> dict[str, Any]:
+    prompt_id = str(json_data.get("prompt_id") or uuid.uuid4())
+    cp = prompts.prepare(json_data["prompt"], COLLECTIVE_CLASSES, prompt_id)
+    return {**json_data, "prompt": cp.prompt, "prompt_id": prompt_id}
+
+
+def _deliver(membership: Membership, prompt_id: str, prompt: dict[str, Any]) -> None:
+    comm = membership.wait_ready()
+    extra = {"leader_prompt_id": prompt_id}
+    hand_over(
+        comm,
+        Delivery(prompt_id, prompt, prompts.TAIL_ID, extra),
+        timeout=membership.settings.op_timeout,
+    )
+
+
+def _queue_on_leader(server: Any, prompt: dict[str, Any]) -> str:
+    """Queue a prompt on the leader as POST /prompt would (nodes that queue workflows use it)."""
+    data = _prepared({"prompt": prompts.strip(prompt)})
+    future = asyncio.run_coroutine_threadsafe(_validate_and_queue(server, data), server.loop)
+    result = future.result(timeout=60)
+    if "error" in result:
+        raise RuntimeError(f"the cluster refused the workflow: {result['error']}")
+    return str(result["prompt_id"])
+
+
+async def _validate_and_queue(server: Any, data: dict[str, Any]) -> dict[str, Any]:
+    import execution  # type: ignore[import-not-found,unused-ignore]
+
+    prompt_id = data["prompt_id"]
+    valid = await execution.validate_prompt(prompt_id, data["prompt"], None)
+    if not valid[0]:
+        return {"error": valid[1], "node_errors": valid[3]}
+    number = server.number
+    server.number += 1
+    extra = dict(data.get("extra_data") or {})
+    if "client_id" in data:
+        extra["client_id"] = data["client_id"]
+    extra["create_time"] = int(time.time() * 1000)
+    server.prompt_queue.put((number, prompt_id, data["prompt"], extra, valid[2], {}))
+    return {"prompt_id": prompt_id, "number": number, "node_errors": valid[3]}
+
+
+# -- follower -------------------------------------------------------------------------------------
+def _start_follower(server: Any, membership: Membership, comm: Any, epoch: int) -> None:
+    thread = threading.Thread(
+        target=_follower_loop,
+        args=(server, membership, comm, epoch),
+        name=f"cluster-control-e{epoch}",
+        daemon=True,
+    )
+    thread.start()
+
+
+def _follower_loop(server: Any, membership: Membership, comm: Any, epoch: int) -> None:
+    last: str | None = None
+    while membership.epoch == epoch:
+        if last is not None:
+            _wait_finished(server, last, membership, epoch)
+        try:
+            got = take_over(
+                comm,
+                lambda d: _validate(server, d),
+                lambda d, ticket: _enqueue(server, d, ticket),
+                idle_timeout=membership.settings.idle_timeout,
+                timeout=membership.settings.op_timeout,
+            )
+        except Exception as err:
+            if membership.epoch == epoch:
+                membership.fail(f"control channel: {type(err).__name__}: {err}")
+            return
+        if got is not None:
+            last = got.prompt_id
+
+
+def _validate(server: Any, delivery: Delivery) -> tuple[Verdict, Any]:
+    import execution  # type: ignore[import-not-found,unused-ignore]
+
+    coro = execution.validate_prompt(delivery.prompt_id, delivery.prompt, [delivery.tail_id])
+    valid = asyncio.run_coroutine_threadsafe(coro, server.loop).result(timeout=120)
+    if not valid[0]:
+        error = valid[1]
+        text = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+        return Verdict(False, text, valid[3]), None
+    return Verdict(True), valid[2]
+
+
+def _enqueue(server: Any, delivery: Delivery, outputs: Any) -> None:
+    number = server.number
+    server.number += 1
+    extra = {"create_time": int(time.time() * 1000), **delivery.extra}
+    server.prompt_queue.put((number, delivery.prompt_id, delivery.prompt, extra, outputs, {}))
+
+
+def _wait_finished(server: Any, prompt_id: str, membership: Membership, epoch: int) -> None:
+    # The next hand-over is a collective: this rank may only join it once its executor is done
+    # with the previous cluster prompt, or the two prompts' collectives would interleave.
+    while membership.epoch == epoch:
+        if server.prompt_queue.get_history(prompt_id=prompt_id):
+            return
+        time.sleep(0.05)
+
+
+# -- interrupts -----------------------------------------------------------------------------------
+def _interrupt_pressed() -> bool:
+    import comfy.model_management as mm  # type: ignore[import-not-found,unused-ignore]
+
+    return bool(mm.processing_interrupted())
+
+
+def abort_everywhere(membership: Membership, reason: str) -> None:
+    """Abort this world on every rank: the leader tells each follower, a follower the leader."""
+    s = membership.settings
+    if s.is_leader:
+        for rank, url in sorted(membership.urls.items()):
+            if rank != 0:
+                _post_async(f"{url}/cluster/abort", {"epoch": membership.epoch, "reason": reason})
+    elif s.leader_url:
+        _post_async(f"{s.leader_url}/cluster/abort", {"epoch": membership.epoch, "reason": reason})
+    membership.fail(reason)
+
+
+# -- routes ---------------------------------------------------------------------------------------
+def _register_routes(server: Any, settings: Settings | None) -> None:
+    from aiohttp import web
+
+    routes: Any = server.routes  # aiohttp's RouteTableDef: its decorators are untyped
+
+    async def status(request: Any) -> Any:
+        if _installed is None:
+            return web.json_response({"rank": 0, "size": 1, "state": "single", "epoch": 0})
+        return web.json_response(_installed.status())
+
+    async def epoch(request: Any) -> Any:
+        return web.json_response({"epoch": max(_installed.epoch, 0) if _installed else 0})
+
+    async def queue(request: Any) -> Any:
+        data = await request.json()
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), dict):
+            return web.json_response({"error": "body must be ComfyUI's /prompt body"}, status=400)
+        if settings is not None and not settings.is_leader:
+            return web.json_response(
+                {"error": f"rank {settings.rank} is a follower: queue on the leader"}, status=400
+            )
+        prepared = _prepared(data) if prompts.HEAD_ID not in data["prompt"] else data
+        result = await _validate_and_queue(server, prepared)
+        return web.json_response(result, status=400 if "error" in result else 200)
+
+    async def rejoin(request: Any) -> Any:
+        body = await request.json()
+        if _installed is not None:
+            _installed.rejoin(int(body["epoch"]), str(body.get("reason", "")))
+        return web.json_response({"ok": True})
+
+    async def failed(request: Any) -> Any:
+        body = await request.json()
+        if _installed is not None and int(body.get("epoch", -1)) == _installed.epoch:
+            _installed.fail(str(body.get("reason", "a follower reported a failure")))
+        return web.json_response({"ok": True})
+
+    async def abort(request: Any) -> Any:
+        body = await request.json()
+        m = _installed
+        if m is not None and int(body.get("epoch", -1)) == m.epoch:
+            reason = str(body.get("reason", "aborted"))
+            if m.settings.is_leader:
+                abort_everywhere(m, reason)
+            else:
+                m.fail(reason)
+        return web.json_response({"ok": True})
+
+    routes.get("/cluster/status")(status)
+    routes.get("/cluster/epoch")(epoch)
+    routes.post("/cluster/queue")(queue)
+    routes.post("/cluster/rejoin")(rejoin)
+    routes.post("/cluster/failed")(failed)
+    routes.post("/cluster/abort")(abort)

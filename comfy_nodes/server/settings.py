@@ -1,0 +1,60 @@
+"""Cluster settings of one ComfyUI instance, read from the environment once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from collectives.deadline import check_timeout
+from collectives.errors import ConfigurationError
+from collectives.rendezvous.env import read_rank_env
+
+JOIN_TIMEOUT_ENV = "COMFY_CLUSTER_JOIN_TIMEOUT"
+IDLE_TIMEOUT_ENV = "COMFY_CLUSTER_IDLE_TIMEOUT"
+LEADER_URL_ENV = "COMFY_CLUSTER_LEADER_URL"
+ADVERTISE_ENV = "COMFY_CLUSTER_ADVERTISE_HOST"
+
+
+@dataclass(frozen=True)
+class Settings:
+    rank: int
+    size: int
+    backend: str | None  # None: collectives.init() decides (COMFY_CLUSTER_BACKEND, detection)
+    op_timeout: float  # every collective (COMFY_CLUSTER_TIMEOUT)
+    join_timeout: float  # how long a prompt waits for missing ranks to join
+    idle_timeout: float  # how long a follower waits for the next prompt before re-arming
+    leader_url: str | None  # the leader's ComfyUI, for membership messages (rejoin, abort)
+    advertise_host: str  # how other ranks reach this instance's HTTP server
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings | None:
+        """None when this ComfyUI is not part of a cluster (no rank variables, or one rank)."""
+        env = os.environ if environ is None else environ
+        rank_env = read_rank_env(env)
+        if rank_env is None or rank_env.world_size < 2:
+            return None
+
+        def seconds(name: str, default: float) -> float:
+            raw = env.get(name, "").strip()
+            return check_timeout(raw, name) if raw else default
+
+        leader_url = env.get(LEADER_URL_ENV, "").strip().rstrip("/") or None
+        if leader_url is not None and not leader_url.startswith(("http://", "https://")):
+            raise ConfigurationError(
+                f"{LEADER_URL_ENV}={leader_url!r} must be an http(s) URL of the leader's ComfyUI"
+            )
+        return cls(
+            rank=rank_env.rank,
+            size=rank_env.world_size,
+            backend=env.get("COMFY_CLUSTER_BACKEND", "").strip() or None,
+            op_timeout=seconds("COMFY_CLUSTER_TIMEOUT", 600.0),
+            join_timeout=seconds(JOIN_TIMEOUT_ENV, 300.0),
+            idle_timeout=seconds(IDLE_TIMEOUT_ENV, 86400.0),
+            leader_url=leader_url,
+            advertise_host=env.get(ADVERTISE_ENV, "").strip() or "127.0.0.1",
+        )
