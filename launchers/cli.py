@@ -149,3 +149,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["PROG", "SUBCOMMANDS", "UsageError", "build_parser", "main", "parse_args"]
+import launchers.comfyui  # noqa: E402, F401  (registers the "comfyui" subcommand in SUBCOMMANDS)

@@ -1,10 +1,6 @@
-"""Built-in backends.  Importing this package registers them; engines import lazily."""
+"""Built-in backends.  Importing this package registers them; engines (mpi4py, torch.distributed)
+are imported lazily, only when a backend is created."""
 
-import importlib
+from collectives.backends import local, mpi, torch_dist
 
-for _name in ("local", "mpi", "torch_dist"):
-    try:  # DEVTEMP: remove guard once all backends exist
-        importlib.import_module(f"collectives.backends.{_name}")
-    except ModuleNotFoundError as _err:
-        if _err.name != f"collectives.backends.{_name}":
-            raise
+__all__ = ["local", "mpi", "torch_dist"]

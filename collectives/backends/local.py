@@ -79,6 +79,12 @@ class LocalBackend(P2PBackend):
             )
         if size < 1 or not 0 <= rank < size:
             raise ConfigurationError(f"rank={rank} is not in 0..{size - 1} (size={size})")
+        if size == 1:
+            # A world of one has nobody to meet: keep it private, so any number of independent
+            # single-rank communicators (the default when no cluster is configured) can coexist.
+            world = _World(config.world, 1)
+            world.joined.add(0)
+            return cls(world, 0)
         return cls(_join(config.world, rank, size), rank)
 
     # -- transport -----------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""End-to-end tests on real ComfyUI servers (marker: comfy)."""
