@@ -43,6 +43,9 @@ deliver_hook: Callable[[str, dict[str, Any]], None] | None = None
 """Set by the server integration on the leader: hand prompt ``id`` to every follower (raises
 naming the followers that refused it).  Called by the ClusterSync head node."""
 
+current_prompt: str | None = None
+"""The cluster prompt this rank is running (set by ClusterSync's head, cleared by its tail)."""
+
 interrupt_check: Callable[[], bool] | None = None
 """Set by the server integration: whether ComfyUI's interrupt was pressed on this rank."""
 

@@ -41,9 +41,13 @@ class ClusterSync(_ClusterNode):
         prompt: dict[str, Any] | None = None,
     ) -> tuple[str]:
         if mode != "start":
+            cluster.current_prompt = None
             return (prompt_id,)
         if cluster.deliver_hook is not None and prompt is not None:
-            cluster.deliver_hook(prompt_id, prompt)  # leader only; followers have no hook
+            # Leader only (followers have no hook).  A refusal cancels the prompt on every rank
+            # cleanly, so it is not yet "running": no abort is needed if this raises.
+            cluster.deliver_hook(prompt_id, prompt)
+        cluster.current_prompt = prompt_id
         comm = cluster.get_comm()
         if comm.size == 1:
             return (prompt_id,)

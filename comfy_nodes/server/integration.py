@@ -54,6 +54,7 @@ def install(server: Any) -> Membership | None:
     cluster.interrupt_check = _interrupt_pressed
     cluster.abort_hook = lambda reason: abort_everywhere(membership, reason)
     cluster.failure_hook = lambda err: membership.fail(f"{type(err).__name__}: {err}")
+    _propagate_interrupts(membership)
     if settings.is_leader:
         cluster.deliver_hook = lambda pid, prompt: _deliver(membership, pid, prompt)
         cluster.queue_prompt_hook = lambda prompt: _queue_on_leader(server, prompt)
@@ -186,8 +187,49 @@ def _interrupt_pressed() -> bool:
     return bool(mm.processing_interrupted())
 
 
+def _propagate_interrupts(membership: Membership) -> None:
+    # ComfyUI's interrupt (the UI button, POST /interrupt) only sets a flag that this rank's
+    # executor checks between nodes; the other ranks would sit in their collective until the
+    # timeout.  So while a cluster prompt runs, an interrupt here aborts the world everywhere.
+    import nodes as comfy_nodes_module  # type: ignore[import-not-found,unused-ignore]
+
+    original = comfy_nodes_module.interrupt_processing
+
+    def interrupt_processing(value: bool = True) -> None:
+        original(value)
+        if value and cluster.current_prompt is not None:
+            abort_everywhere(membership, f"interrupted on rank {membership.settings.rank}")
+
+    comfy_nodes_module.interrupt_processing = interrupt_processing
+
+    # A node failing on one rank (a sampler error, a missing file) leaves the others waiting in
+    # their next collective; tell them now, naming the rank and the node.
+    import execution  # type: ignore[import-not-found,unused-ignore]
+
+    executor_class = execution.PromptExecutor
+    original_error = executor_class.handle_execution_error
+
+    def handle_execution_error(  # noqa: PLR0917  (ComfyUI's signature)
+        self: Any, prompt_id: Any, prompt: Any, current: Any, executed: Any, error: Any, ex: Any
+    ) -> Any:
+        if cluster.current_prompt is not None and cluster.current_prompt == prompt_id:
+            cluster.current_prompt = None
+            node = error.get("node_id") if isinstance(error, dict) else None
+            kind = prompt.get(node, {}).get("class_type", "?") if isinstance(prompt, dict) else "?"
+            why = error.get("exception_message", "") if isinstance(error, dict) else str(error)
+            abort_everywhere(
+                membership,
+                f"rank {membership.settings.rank} failed at node {node} ({kind}): {why.strip()}",
+            )
+        return original_error(self, prompt_id, prompt, current, executed, error, ex)
+
+    executor_class.handle_execution_error = handle_execution_error
+
+
 def abort_everywhere(membership: Membership, reason: str) -> None:
     """Abort this world on every rank: the leader tells each follower, a follower the leader."""
+    if membership.state != "ready":
+        return  # already failed and re-forming: the others know
     s = membership.settings
     if s.is_leader:
         for rank, url in sorted(membership.urls.items()):
