@@ -1,8 +1,9 @@
 """``comfycluster-launch``: a thin command line over :func:`launchers.launch.launch`.
 
-Subcommands (a ``comfyui`` mode is planned) register in ``SUBCOMMANDS`` under their first word;
-anything else is the plain launcher, so ``comfycluster-launch --nproc 2 -- python x.py`` keeps
-working when they arrive.
+Subcommands register in ``SUBCOMMANDS`` under their first word (``comfyui``: see
+:mod:`launchers.comfyui`); the word may follow the launcher options it shares, so
+``--nproc 2 comfyui ...`` and ``comfyui --nproc 2 ...`` are the same.  Anything else is the plain
+launcher, so ``comfycluster-launch --nproc 2 -- python x.py`` keeps working.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from launchers.launch import launch
 PROG = "comfycluster-launch"
 USAGE_EXIT = 2
 
-# name -> handler(remaining argv) -> exit code
+# name -> handler(remaining argv) -> exit code; a subcommand module adds itself when imported
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
 
 
@@ -136,6 +137,11 @@ def parse_args(argv: Sequence[str]) -> LaunchConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``comfycluster-launch`` and ``python -m launchers``; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # Imported on first use, not at the top: launchers.comfyui imports this module (UsageError,
+    # PROG) and registers its subcommand in SUBCOMMANDS as it is imported.
+    from launchers.comfyui import hoist_subcommand
+
+    args = hoist_subcommand(args, SUBCOMMANDS)
     if args and args[0] in SUBCOMMANDS:
         return SUBCOMMANDS[args[0]](args[1:])
     try:
@@ -149,4 +155,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["PROG", "SUBCOMMANDS", "UsageError", "build_parser", "main", "parse_args"]
-import launchers.comfyui  # noqa: E402, F401  (registers the "comfyui" subcommand in SUBCOMMANDS)
