@@ -1,0 +1,124 @@
+"""The object API and user point-to-point messages of the torch backends.
+
+Everything travels as envelope-led messages (:mod:`collectives.backends.torch_messages`) on one
+tag per op: binomial-tree broadcast and dissemination barrier from :mod:`collectives.algorithms`,
+direct gather and scatter, and an all-to-all allgather (one round; gloo's own allgather is
+several times slower here).  User ``send``/``recv`` use the user's tag (shifted into its own tag
+space); a receive that times out can be resumed by the next receive on the same channel.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from collectives import algorithms
+from collectives.backends.torch_messages import Incoming, link, outgoing
+from collectives.errors import CollectiveTimeoutError, TransportError
+
+if TYPE_CHECKING:
+    import torch
+
+    from collectives.backends.base import OpContext
+    from collectives.backends.torch_engine import Engine
+    from collectives.codec import Encoded
+
+
+def broadcast(engine: Engine, msg: Encoded | None, root: int, ctx: OpContext, tag: int) -> Encoded:
+    with link(engine, ctx, tag) as lk:
+        return algorithms.broadcast(lk, msg, root)
+
+
+def gather(
+    engine: Engine, msg: Encoded, root: int, ctx: OpContext, tag: int
+) -> list[Encoded] | None:
+    with link(engine, ctx, tag) as lk:
+        if engine.rank != root:
+            lk.send(root, msg)
+            return None
+        got = lk.recv_many([r for r in range(engine.size) if r != root])
+        return [msg if r == root else got[r] for r in range(engine.size)]
+
+
+def scatter(
+    engine: Engine, msgs: list[Encoded] | None, root: int, ctx: OpContext, tag: int
+) -> Encoded:
+    with link(engine, ctx, tag) as lk:
+        if engine.rank != root:
+            return lk.recv(root)
+        assert msgs is not None and len(msgs) == engine.size
+        for k in range(1, engine.size):
+            dst = (root + k) % engine.size
+            lk.send(dst, msgs[dst])
+        return msgs[root]
+
+
+def allgather(engine: Engine, msg: Encoded, ctx: OpContext, tag: int) -> list[Encoded]:
+    rank, size = engine.rank, engine.size
+    with link(engine, ctx, tag) as lk:
+        for k in range(1, size):
+            lk.send((rank + k) % size, msg)
+        got = lk.recv_many([(rank - k) % size for k in range(1, size)])
+        return [msg if r == rank else got[r] for r in range(size)]
+
+
+def barrier(engine: Engine, ctx: OpContext, tag: int) -> None:
+    with link(engine, ctx, tag) as lk:
+        algorithms.barrier(lk)
+
+
+# -- user point-to-point ---------------------------------------------------------------------------
+def send(engine: Engine, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:
+    parts = outgoing(msg, ctx.name, 0)
+    works: list[tuple[Any, int]] = []
+    try:
+        with engine.channel_lock("send", dst, tag):
+            for part in parts:
+                works.append((engine.post_send(part, dst, tag, ctx), dst))
+        engine.wait_all(works, ctx)
+    except BaseException:
+        engine.bury(parts, works)
+        raise
+
+
+def recv(
+    engine: Engine, src: int, tag: int, ctx: OpContext, *, direct: torch.Tensor | None = None
+) -> tuple[Encoded, bool]:
+    """The next message on (src, tag) and whether it landed in ``direct`` itself.
+
+    A receive that times out leaves its posted receives in place, still waited for until
+    ``GRACE_S`` past its deadline; a receive on the same channel in that window resumes it, so
+    a late message is delivered rather than misread.  After that window gloo has given up on
+    those receives but may still fill them, so the channel is refused from then on.
+    """
+    key = (src, tag)
+    with engine.channel_lock("recv", src, tag):
+        if key in engine.poisoned:
+            raise _poisoned(engine, src, tag, ctx)
+        inc = engine.resumable.pop(key, None)
+        if inc is not None and inc.expired():
+            engine.poisoned.add(key)
+            inc.abandon()
+            raise _poisoned(engine, src, tag, ctx)
+        if inc is None:
+            inc = Incoming(engine, src, tag, ctx, expect=None, direct=direct)
+        try:
+            inc.advance(ctx)
+            msg = inc.finish(ctx)
+        except CollectiveTimeoutError:
+            engine.resumable[key] = inc
+            raise
+        except BaseException:
+            inc.abandon()
+            raise
+        return msg, inc.used_direct and inc.direct is direct
+
+
+def _poisoned(engine: Engine, src: int, tag: int, ctx: OpContext) -> TransportError:
+    return TransportError(
+        f"{ctx.name} on rank {engine.rank}: the channel from rank {src} with tag {tag >> 2} is "
+        "unusable: an earlier receive on it timed out and gloo may still deliver that message "
+        "into the abandoned buffer; use another tag (or a new communicator)"
+    )
+
+
+__all__ = ["allgather", "barrier", "broadcast", "gather", "recv", "scatter", "send"]

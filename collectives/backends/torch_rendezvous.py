@@ -1,0 +1,397 @@
+"""How the torch backends join a world: env:// or tcp:// rendezvous, or the user's process group.
+
+torch's own rendezvous waits inside C++ and, on failure, cannot say which rank is missing.  So
+the store is set up here first: rank 0 opens a ``TCPStore`` on MASTER_ADDR:MASTER_PORT, the
+others wait (in Python, against the deadline) until that port answers, every rank checks in
+under its own key, and only when all ``size`` keys exist is ``init_process_group`` called on the
+finished store.  A rendezvous that does not complete in ``config.timeout`` therefore raises
+:class:`RendezvousTimeoutError` naming the ranks that never arrived (or rank 0's address).
+
+When torch.distributed is already initialised by the user, the backend builds a private group
+over all ranks (``new_group``) so that its traffic never interleaves with the user's, and never
+tears down the user's default group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from collectives.errors import (
+    ConfigurationError,
+    RendezvousConnectionError,
+    RendezvousTimeoutError,
+)
+from collectives.rendezvous.env import read_rank_env
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from collectives.backends.base import BackendConfig
+
+LAUNCH_HINT = "or launch with comfycluster-launch"
+_KEY_PREFIX = "collectives/checkin/"
+_PROGRESS_EVERY_S = 0.25
+
+# Ranks that a rendezvous in progress in this process is still waiting for, by world name
+# (BackendConfig.world), for status pages: see waiting_for().
+_WAITING: dict[str, list[int]] = {}
+_WAITING_LOCK = threading.Lock()
+
+
+def waiting_for(world: str) -> list[int]:
+    """The ranks a rendezvous of ``world`` running in this process still waits for.
+
+    Empty when no such rendezvous is in progress (not started, finished or failed).  While a
+    rank other than 0 cannot reach rank 0's store, that is ``[0]``.
+    """
+    with _WAITING_LOCK:
+        return list(_WAITING.get(world, ()))
+
+
+def _set_waiting(world: str, ranks: list[int] | None) -> None:
+    with _WAITING_LOCK:
+        if ranks is None:
+            _WAITING.pop(world, None)
+        else:
+            _WAITING[world] = list(ranks)
+
+
+@dataclass
+class Joined:
+    pg: ProcessGroup
+    rank: int
+    size: int
+    owns_default: bool  # we called init_process_group: close() destroys it
+    own_group: bool  # we called new_group on the user's default group: close() destroys it
+    hosts: dict[int, str] = field(default_factory=dict)
+    local_rank: int = 0
+
+
+def join(
+    config: BackendConfig, *, name: str, torch_backend: str, want_cuda: bool = False
+) -> Joined:
+    """Join (or build on) a torch.distributed world for backend ``name``."""
+    import torch.distributed as dist
+
+    environ: Mapping[str, str] = config.environ or os.environ
+    rank, size, local_rank = _rank_and_size(config, environ)
+    timeout = timedelta(seconds=max(config.timeout, 60.0))
+    if dist.is_initialized():
+        return _on_existing_group(
+            name=name,
+            torch_backend=torch_backend,
+            rank=rank,
+            size=size,
+            local_rank=local_rank,
+            timeout=timeout,
+        )
+    if size is None:
+        raise ConfigurationError(
+            f"backend {name!r}: WORLD_SIZE is not set: set it to the number of ranks, {LAUNCH_HINT}"
+        )
+    if rank is None:
+        raise ConfigurationError(
+            f"backend {name!r}: RANK is not set: set it to this process's 0-based rank, "
+            f"{LAUNCH_HINT}"
+        )
+    if size < 1 or not 0 <= rank < size:
+        raise ConfigurationError(f"backend {name!r}: rank {rank} is not in a world of size {size}")
+    extra: dict[str, Any] = {}
+    if want_cuda:
+        import torch
+
+        torch.cuda.set_device(local_rank)
+        extra["device_id"] = torch.device("cuda", local_rank)
+    deadline = time.monotonic() + config.timeout
+    method = config.init_method or "env://"
+    scheme = urllib.parse.urlsplit(method).scheme
+    if scheme not in ("env", "tcp"):
+        if scheme == "":
+            raise ConfigurationError(
+                f"backend {name!r}: init_method={method!r} has no scheme: use env://, "
+                "tcp://HOST:PORT or a torch init_method such as file:///path"
+            )
+        short = timedelta(seconds=config.timeout)
+        _init(
+            dist,
+            name=name,
+            torch_backend=torch_backend,
+            timeout=short,
+            rank=rank,
+            size=size,
+            extra=extra,
+            init_method=method,
+        )
+        world = dist.group.WORLD
+        assert world is not None
+        return Joined(world, rank, size, True, False, {}, local_rank)
+    if size == 1 and scheme == "env" and not environ.get("MASTER_ADDR"):
+        from torch._C._distributed_c10d import HashStore
+
+        store: Any = HashStore()  # a world of one needs no network
+        hosts = {0: _my_host()}
+    else:
+        addr, port = _address(method, scheme, environ, name)
+        _set_waiting(config.world, [0] if rank != 0 else [r for r in range(size) if r != 0])
+        try:
+            store = _open_store(
+                dist, addr, port, rank=rank, size=size, deadline=deadline, timeout=config.timeout
+            )
+            hosts = _check_in(
+                store,
+                rank=rank,
+                size=size,
+                deadline=deadline,
+                timeout=config.timeout,
+                addr=addr,
+                port=port,
+                world=config.world,
+            )
+        finally:
+            _set_waiting(config.world, None)
+    _init(
+        dist,
+        name=name,
+        torch_backend=torch_backend,
+        timeout=timeout,
+        rank=rank,
+        size=size,
+        extra=extra,
+        store=store,
+    )
+    pg = dist.group.WORLD
+    assert pg is not None
+    return Joined(pg, rank, size, True, False, hosts, local_rank)
+
+
+def _rank_and_size(
+    config: BackendConfig, environ: Mapping[str, str]
+) -> tuple[int | None, int | None, int]:
+    rank, size = config.rank, config.size
+    env = read_rank_env(environ)
+    if env is not None:
+        rank = env.rank if rank is None else rank
+        size = env.world_size if size is None else size
+    if env is not None and env.rank == rank:
+        local_rank = env.local_rank
+    else:
+        raw = environ.get("LOCAL_RANK", "").strip()
+        local_rank = int(raw) if raw.isdigit() else (rank or 0)
+    return rank, size, local_rank
+
+
+def _on_existing_group(
+    *,
+    name: str,
+    torch_backend: str,
+    rank: int | None,
+    size: int | None,
+    local_rank: int,
+    timeout: timedelta,
+) -> Joined:
+    import torch.distributed as dist
+
+    drank, dsize = dist.get_rank(), dist.get_world_size()
+    if (rank is not None and rank != drank) or (size is not None and size != dsize):
+        raise ConfigurationError(
+            f"backend {name!r}: torch.distributed is already initialised as rank {drank} of "
+            f"{dsize}, but rank={rank} size={size} was asked for: leave rank/size unset (or "
+            "RANK/WORLD_SIZE consistent) when building on an existing process group"
+        )
+    try:
+        pg = dist.new_group(list(range(dsize)), timeout=timeout, backend=torch_backend)
+    except (RuntimeError, ValueError) as err:
+        raise RendezvousConnectionError(
+            f"backend {name!r}: could not create a private {torch_backend} group on the existing "
+            f"torch.distributed world ({err})"
+        ) from err
+    assert pg is not None
+    return Joined(pg, drank, dsize, False, True, {}, local_rank)
+
+
+def _address(method: str, scheme: str, environ: Mapping[str, str], name: str) -> tuple[str, int]:
+    if scheme == "tcp":
+        parts = urllib.parse.urlsplit(method)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            raise ConfigurationError(
+                f"backend {name!r}: init_method={method!r} must look like tcp://HOST:PORT "
+                "(rank 0's address and a free port)"
+            )
+        return parts.hostname, port
+    addr = environ.get("MASTER_ADDR", "").strip()
+    if not addr:
+        raise ConfigurationError(
+            f"MASTER_ADDR is not set: set it to rank 0's address, {LAUNCH_HINT} "
+            f"(backend {name!r}, env:// rendezvous)"
+        )
+    raw = environ.get("MASTER_PORT", "").strip()
+    if not raw:
+        raise ConfigurationError(
+            f"MASTER_PORT is not set: set it to a free TCP port on rank 0, {LAUNCH_HINT} "
+            f"(backend {name!r}, env:// rendezvous)"
+        )
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise ConfigurationError(f"MASTER_PORT={raw!r} is not a TCP port number (1..65535)")
+    return addr, port
+
+
+def _open_store(
+    dist: Any, addr: str, port: int, *, rank: int, size: int, deadline: float, timeout: float
+) -> Any:
+    where = f"MASTER_ADDR:MASTER_PORT={addr}:{port}"
+    if rank == 0:
+        try:
+            return dist.TCPStore(
+                addr,
+                port,
+                size,
+                True,
+                timeout=timedelta(seconds=timeout),
+                wait_for_workers=False,
+            )
+        except RuntimeError as err:
+            text = str(err)
+            if "EADDRINUSE" in text or "already in use" in text:
+                raise ConfigurationError(
+                    f"MASTER_PORT={port} is already in use on rank 0's host: pick a free port "
+                    f"({LAUNCH_HINT}, which picks one)"
+                ) from None
+            raise RendezvousConnectionError(
+                f"rank 0 could not open the rendezvous store on {where}: {text.splitlines()[0]}"
+            ) from None
+    _wait_reachable(addr, port, deadline, timeout)
+    try:
+        return dist.TCPStore(
+            addr,
+            port,
+            size,
+            False,
+            timeout=timedelta(seconds=max(deadline - time.monotonic(), 1.0)),
+        )
+    except RuntimeError as err:
+        raise RendezvousConnectionError(
+            f"rank {rank} could not join the rendezvous store on {where}: "
+            f"{str(err).splitlines()[0]}"
+        ) from None
+
+
+def _wait_reachable(addr: str, port: int, deadline: float, timeout: float) -> None:
+    pause = 0.02
+    last: OSError | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            why = f" (last error: {last})" if last else ""
+            raise RendezvousTimeoutError(
+                f"rendezvous timed out after {timeout:g} s: rank 0 never opened "
+                f"MASTER_ADDR:MASTER_PORT={addr}:{port}{why}; is rank 0 running, and do all "
+                "ranks use the same MASTER_ADDR/MASTER_PORT?"
+            )
+        try:
+            with socket.create_connection((addr, port), timeout=min(remaining, 1.0)):
+                return
+        except OSError as err:
+            last = err
+        time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+        pause = min(pause * 2, 0.25)
+
+
+def _my_host() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _check_in(
+    store: Any,
+    *,
+    rank: int,
+    size: int,
+    deadline: float,
+    timeout: float,
+    addr: str,
+    port: int,
+    world: str,
+) -> dict[int, str]:
+    """Every rank announces itself; wait until all ``size`` have, naming any that never do."""
+    prefix = f"{_KEY_PREFIX}{world}/"
+    keys = [f"{prefix}{r}" for r in range(size)]
+    try:
+        claims = store.add(f"{prefix}claims/{rank}", 1)
+        if claims > 1:
+            raise ConfigurationError(
+                f"two processes claim rank {rank} at {addr}:{port}: give each one its own RANK"
+            )
+        store.set(keys[rank], _my_host())
+        pause = 0.005
+        next_progress = time.monotonic() + _PROGRESS_EVERY_S
+        while not store.check(keys):
+            now = time.monotonic()
+            if now >= next_progress or now >= deadline:
+                missing = [r for r in range(size) if not store.check([keys[r]])]
+                _set_waiting(world, missing)
+                next_progress = now + _PROGRESS_EVERY_S
+            if now >= deadline:
+                raise RendezvousTimeoutError(
+                    f"rendezvous at {addr}:{port} timed out after {timeout:g} s on rank {rank}: "
+                    f"rank(s) {', '.join(map(str, missing))} of {size} never arrived; start them "
+                    "with the same MASTER_ADDR/MASTER_PORT/WORLD_SIZE, or raise the timeout "
+                    "(COMFY_CLUSTER_TIMEOUT)"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        hosts = {}
+        for r in range(size):
+            hosts[r] = bytes(store.get(keys[r])).decode("utf-8", "replace")
+        return hosts
+    except RuntimeError as err:
+        raise RendezvousConnectionError(
+            f"rank {rank} lost the rendezvous store at {addr}:{port} (did rank 0 exit?): "
+            f"{str(err).splitlines()[0]}"
+        ) from None
+
+
+def _init(
+    dist: Any,
+    *,
+    name: str,
+    torch_backend: str,
+    timeout: timedelta,
+    rank: int,
+    size: int,
+    extra: dict[str, Any],
+    **where: Any,
+) -> None:
+    try:
+        dist.init_process_group(
+            backend=torch_backend, rank=rank, world_size=size, timeout=timeout, **where, **extra
+        )
+    except RuntimeError as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            raise RendezvousTimeoutError(
+                f"backend {name!r}: torch.distributed rendezvous timed out on rank {rank}: {text}"
+            ) from None
+        raise RendezvousConnectionError(
+            f"backend {name!r}: torch.distributed could not connect rank {rank}: {text}"
+        ) from None
+
+
+__all__ = ["Joined", "join", "waiting_for"]
