@@ -63,6 +63,25 @@ def combine_(acc: torch.Tensor, other: torch.Tensor, op: ReduceOp) -> None:
         combine_(wide, other.float(), op)
         acc.copy_(wide.to(acc.dtype))
         return
+    if acc.dtype in (torch.uint16, torch.uint32):
+        # No CPU kernels for these: int64 holds every value; the cast back wraps modulo 2**n,
+        # exactly as native unsigned arithmetic would.
+        wide = acc.to(torch.int64)
+        combine_(wide, other.to(torch.int64), op)
+        acc.copy_(wide.to(acc.dtype))
+        return
+    if acc.dtype == torch.uint64:
+        # Two's complement: sum, product and bitwise ops are the same bits on an int64 view;
+        # flipping the top bit maps unsigned order onto signed order for min and max.
+        flip = op in (ReduceOp.MIN, ReduceOp.MAX)
+        a, b = acc.view(torch.int64), other.to(acc.dtype).view(torch.int64)
+        if flip:
+            a.bitwise_xor_(_SIGN)
+            b = b ^ _SIGN
+        combine_(a, b, op)
+        if flip:
+            a.bitwise_xor_(_SIGN)
+        return
     if op in (ReduceOp.SUM, ReduceOp.AVG):
         acc.add_(other)
     elif op is ReduceOp.PROD:
@@ -86,6 +105,9 @@ def finish_(acc: torch.Tensor, op: ReduceOp, world_size: int) -> None:
             acc.copy_((acc.float() / world_size).to(acc.dtype))
         else:
             acc.div_(world_size)
+
+
+_SIGN = -(2**63)  # int64 with only the top bit set
 
 
 def _needs_upcast(t: torch.Tensor) -> bool:

@@ -359,6 +359,19 @@ class TorchBackend(Backend):
         with contextlib.suppress(RuntimeError, AttributeError, NotImplementedError):
             if self._group is not None:
                 self._group.abort()
+        # Also take the group out of torch's registry now (torch's own abort does not wait for
+        # pending gloo work, unlike destroy_process_group): otherwise the next init() in this
+        # process would build on the broken default group instead of forming a new world.
+        import torch.distributed as dist
+
+        abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort_group is not None and self._group is not None and not self._closed:
+            mine = (
+                self._owns_default and dist.is_initialized() and dist.group.WORLD is self._group
+            ) or self._own_group
+            if mine:
+                with contextlib.suppress(RuntimeError, ValueError, AssertionError):
+                    abort_group(self._group)
 
     def close(self) -> None:
         if self._closed:

@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 LAUNCH_HINT = "or launch with comfycluster-launch"
 _KEY_PREFIX = "collectives/checkin/"
+# One store per (address, port, hosting it) for the life of the process: rank 0 keeps serving
+# MASTER_PORT across re-formed worlds (its old store may still be held by an aborted group, so
+# opening a new one would find the port in use), and every world gets its own key space.
+_STORES: dict[tuple[str, int, bool], Any] = {}
 _PROGRESS_EVERY_S = 0.25
 
 # Ranks that a rendezvous in progress in this process is still waiting for, by world name
@@ -142,11 +146,20 @@ def join(
         addr, port = _address(method, scheme, environ, name)
         _set_waiting(config.world, [0] if rank != 0 else [r for r in range(size) if r != 0])
         try:
-            store = _open_store(
-                dist, addr, port, rank=rank, size=size, deadline=deadline, timeout=config.timeout
-            )
+            base = _STORES.get((addr, port, rank == 0))
+            if base is None:
+                base = _open_store(
+                    dist,
+                    addr,
+                    port,
+                    rank=rank,
+                    size=size,
+                    deadline=deadline,
+                    timeout=config.timeout,
+                )
+                _STORES[(addr, port, rank == 0)] = base
             hosts = _check_in(
-                store,
+                base,
                 rank=rank,
                 size=size,
                 deadline=deadline,
@@ -157,6 +170,9 @@ def join(
             )
         finally:
             _set_waiting(config.world, None)
+        # torch's own keys too are per world: a world re-formed in this process (a rank died and
+        # came back) must not read the previous world's addresses.
+        store = dist.PrefixStore(f"collectives/world/{config.world}/", base)
     _init(
         dist,
         name=name,

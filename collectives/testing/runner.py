@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"rank{comm.rank}.json"
     ok = True
     if args.scenario:
+        # A launcher stops the other ranks (SIGTERM) as soon as one exits; the scenario is about
+        # what the survivors see, so let them finish and write their report (the launcher still
+        # SIGKILLs them after its grace period if they hang).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # Written before the run too, so a rank that exits on purpose still leaves a record.
         report["scenario"] = {"name": args.scenario, "started": True}
         path.write_text(json.dumps(report))

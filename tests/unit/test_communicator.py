@@ -184,3 +184,25 @@ def test_safe_codec_refuses_pickled_objects_from_peers() -> None:
 
     got = run_local(2, fn)[1]
     assert got[:2] == [1, "two"] and torch.equal(got[2], torch.ones(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_reductions_wrap_and_order_like_native_unsigned(dtype: torch.dtype) -> None:
+    from collectives.reduce_op import combine_
+
+    bits = {torch.uint16: 16, torch.uint32: 32, torch.uint64: 64}[dtype]
+    top = 2 ** (bits - 1)
+    a = torch.tensor([top + 5, 1, 2**bits - 1], dtype=dtype)
+    b = torch.tensor([3, top + 7, 2], dtype=dtype)
+    expect = {
+        ReduceOp.SUM: [
+            (x + y) % 2**bits
+            for x, y in zip([top + 5, 1, 2**bits - 1], [3, top + 7, 2], strict=True)
+        ],
+        ReduceOp.MAX: [top + 5, top + 7, 2**bits - 1],
+        ReduceOp.MIN: [3, 1, 2],
+    }
+    for op, want in expect.items():
+        x = a.clone()
+        combine_(x, b, op)
+        assert x.dtype == dtype and [int(v) % 2**bits for v in x.tolist()] == want, op
