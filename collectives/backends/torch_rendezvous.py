@@ -172,7 +172,7 @@ def join(
             _set_waiting(config.world, None)
         # torch's own keys too are per world: a world re-formed in this process (a rank died and
         # came back) must not read the previous world's addresses.
-        store = dist.PrefixStore(f"collectives/world/{config.world}/", base)
+        store = dist.PrefixStore(f"collectives/world/{config.world}/", base)  # type: ignore[attr-defined]
     _init(
         dist,
         name=name,
