@@ -38,8 +38,7 @@ def _mpiexec() -> str | None:
 def _world(n: int, scenarios: str) -> tuple[int, str]:
     """Run ``scenarios`` (comma-separated, in order) in one ``mpiexec -n n`` job."""
     mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("mpiexec not found: pip install mpi4py mpich")
+    assert mpiexec is not None, "mpiexec not found: pip install mpi4py mpich (scripts/setup.sh does)"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [mpiexec, "-n", str(n), sys.executable, __file__, scenarios],
