@@ -12,6 +12,7 @@ direct gather/scatter path, deadlines, cancellation, abort and mismatched calls.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import shutil
 import subprocess
@@ -38,7 +39,7 @@ def _mpiexec() -> str | None:
 def _world(n: int, scenarios: str) -> tuple[int, str]:
     """Run ``scenarios`` (comma-separated, in order) in one ``mpiexec -n n`` job."""
     mpiexec = _mpiexec()
-    assert mpiexec is not None, "mpiexec not found: pip install mpi4py mpich (scripts/setup.sh does)"
+    assert mpiexec is not None, "mpiexec not found: pip install mpi4py mpich (setup.sh does)"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [mpiexec, "-n", str(n), sys.executable, __file__, scenarios],
@@ -53,7 +54,7 @@ def _world(n: int, scenarios: str) -> tuple[int, str]:
 
 
 def _check(n: int, scenario: str) -> None:
-    pytest.importorskip("mpi4py")
+    importlib.import_module("mpi4py")  # installed by setup.sh: fail if absent
     code, log = _world(n, WORLDS[n])
     for rank in range(n):
         assert f"rank {rank} {scenario} ok" in log, f"exit code {code}\n{log[-6000:]}"

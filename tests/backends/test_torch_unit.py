@@ -14,6 +14,7 @@ mid-op, the rendezvous errors and building on a process group the user already c
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
 import socket
@@ -43,7 +44,7 @@ def _free_port() -> int:
 @functools.cache
 def _world(n: int, plan: str) -> tuple[list[int], str]:
     """Run this file as ``n`` ranks with ``plan``; every rank's exit code and all output."""
-    pytest.importorskip("torch.distributed")
+    importlib.import_module("torch.distributed")  # installed by setup.sh: fail if absent
     port = _free_port()
     procs = []
     for rank in range(n):
@@ -122,7 +123,7 @@ def _config(**kw: Any) -> Any:
 
 @pytest.mark.gloo
 def test_registered_and_available() -> None:
-    pytest.importorskip("torch.distributed")
+    importlib.import_module("torch.distributed")  # installed by setup.sh: fail if absent
     from collectives.backends.base import get_backend_class, registered_backends
     from collectives.backends.torch_dist import NcclBackend, TorchBackend
 
@@ -146,7 +147,7 @@ def test_registered_and_available() -> None:
     ],
 )
 def test_missing_rendezvous_variables(environ: dict[str, str], missing: str) -> None:
-    pytest.importorskip("torch.distributed")
+    importlib.import_module("torch.distributed")  # installed by setup.sh: fail if absent
     from collectives.backends.torch_dist import TorchBackend
     from collectives.errors import ConfigurationError
 
@@ -156,7 +157,7 @@ def test_missing_rendezvous_variables(environ: dict[str, str], missing: str) -> 
 
 @pytest.mark.gloo
 def test_rendezvous_names_missing_master() -> None:
-    pytest.importorskip("torch.distributed")
+    importlib.import_module("torch.distributed")  # installed by setup.sh: fail if absent
     from collectives.backends.torch_dist import TorchBackend
     from collectives.errors import RendezvousTimeoutError
 
@@ -219,7 +220,7 @@ def test_world_of_one_needs_no_address() -> None:
 
 @pytest.mark.gloo
 def test_envelope_inlines_small_messages_only() -> None:
-    pytest.importorskip("torch")
+    importlib.import_module("torch")  # installed by setup.sh: fail if absent
     import torch
 
     from collectives.backends.torch_messages import ENVELOPE_BYTES, outgoing
