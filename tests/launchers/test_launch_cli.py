@@ -70,7 +70,11 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_main_runs_and_returns_the_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
-    code = "import os, sys; print('hi'); sys.exit(int(os.environ['RANK']) and 7)"
+    # Rank 1 fails only after rank 0 has surely printed (the launcher stops the others at once).
+    code = (
+        "import os, sys, time; print('hi', flush=True); r = int(os.environ['RANK']); "
+        "time.sleep(1.5 * r); sys.exit(r and 7)"
+    )
     assert main(["--nproc", "2", "--", PY, "-c", code]) == 7
     out = capsys.readouterr().out
     assert "[rank 0] hi" in out and "[rank 1] hi" in out
