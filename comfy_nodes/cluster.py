@@ -76,11 +76,28 @@ _override: contextvars.ContextVar[Communicator | None] = contextvars.ContextVar(
 )
 
 
-def get_comm() -> Communicator:
-    """This thread's override, else the process-wide communicator (created on first use)."""
+comm_provider: Callable[[], Communicator] | None = None
+"""Set by the server integration: the current world's communicator, waiting for it to form
+(instead of creating a one-rank world when none is installed yet)."""
+
+_prompt_comm: Communicator | None = None
+
+
+def get_comm(*, fresh: bool = False) -> Communicator:
+    """This thread's override, else the running cluster prompt's communicator, else the
+    process-wide one (created on first use).
+
+    A prompt keeps the world it started on: if that world fails mid-prompt, its remaining cluster
+    nodes fail with the original reason instead of meeting a newer world's ranks.  ``fresh``
+    skips that (the ClusterSync head starting a new prompt).
+    """
     comm = _override.get()
     if comm is not None:
         return comm
+    if not fresh and _prompt_comm is not None:
+        return _prompt_comm
+    if comm_provider is not None:
+        return comm_provider()
     global _process_comm
     with _lock:
         if _process_comm is None:
@@ -90,9 +107,20 @@ def get_comm() -> Communicator:
         return _process_comm
 
 
+def begin_prompt(prompt_id: str, comm: Communicator) -> None:
+    """The ClusterSync head: every cluster node of ``prompt_id`` uses ``comm``."""
+    global _prompt_comm, current_prompt
+    _prompt_comm, current_prompt = comm, prompt_id
+
+
+def end_prompt() -> None:
+    global _prompt_comm, current_prompt
+    _prompt_comm, current_prompt = None, None
+
+
 def peek_comm() -> Communicator | None:
-    """The communicator :func:`get_comm` would return, without creating one."""
-    return _override.get() or _process_comm
+    """The communicator :func:`get_comm` would return, without creating or waiting for one."""
+    return _override.get() or _prompt_comm or _process_comm
 
 
 def set_comm(comm: Communicator | None, *, thread_local: bool = False) -> None:

@@ -41,14 +41,13 @@ class ClusterSync(_ClusterNode):
         prompt: dict[str, Any] | None = None,
     ) -> tuple[str]:
         if mode != "start":
-            cluster.current_prompt = None
+            cluster.end_prompt()
             return (prompt_id,)
         if cluster.deliver_hook is not None and prompt is not None:
             # Leader only (followers have no hook).  A refusal cancels the prompt on every rank
             # cleanly, so it is not yet "running": no abort is needed if this raises.
             cluster.deliver_hook(prompt_id, prompt)
-        cluster.current_prompt = prompt_id
-        comm = cluster.get_comm()
+        comm = cluster.get_comm(fresh=True)
         if comm.size == 1:
             return (prompt_id,)
         ids = run_collective(comm, lambda: comm.iallgather(prompt_id))
@@ -60,4 +59,5 @@ class ClusterSync(_ClusterNode):
                 "the ranks' queues are out of step",
                 strays[0],
             )
+        cluster.begin_prompt(prompt_id, comm)
         return (prompt_id,)

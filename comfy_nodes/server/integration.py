@@ -51,6 +51,7 @@ def install(server: Any) -> Membership | None:
 
     membership = Membership(settings, f"http://{settings.advertise_host}:{args.port}")
     _installed = membership
+    cluster.comm_provider = membership.wait_ready
     cluster.interrupt_check = _interrupt_pressed
     cluster.abort_hook = lambda reason: abort_everywhere(membership, reason)
     cluster.failure_hook = lambda err: membership.fail(f"{type(err).__name__}: {err}")

@@ -85,6 +85,9 @@ class Membership:
             self.state = "failed"
             self.last_error = reason
             cluster.set_comm(None)
+            # The running prompt (if any) fails on its own world; its failure must not be
+            # reported again as a failure of the next world.
+            cluster.current_prompt = None
         log.warning("cluster world %d failed: %s", epoch, reason)
         if comm is not None:
             comm.abort(reason)

@@ -222,3 +222,26 @@ def test_killed_follower_fails_the_prompt_then_rejoins(cluster: Cluster) -> None
     _wait_cluster_state(leader, epoch=epoch + 1)
     outputs = leader.run(workflow_a(cluster=True, batch=4), timeout=300)
     assert len(outputs["7"]["images"]) == 4, tail(log)
+
+
+def test_interrupt_on_a_follower_aborts_the_prompt_everywhere(cluster: Cluster) -> None:
+    comfy, leader = cluster.comfy, cluster.leader
+    epoch = _wait_cluster_state(leader, epoch=0)["epoch"]
+    wf = {
+        "1": _node("IndexedImages", batch=8, size=8, dtype="float32"),
+        "2": _node("ClusterFanOutImage", image=["1", 0]),
+        "3": _node("SleepPerImage", images=["2", 0], seconds_per_image=2.0),
+        "4": _node("ClusterFanInImages", images=["3", 0]),
+        "5": _node("SaveTensor", value=["4", 0], name="interrupted"),
+    }
+    prompt_id = leader.queue_prompt(wf)
+    time.sleep(2.0)  # every rank is inside SleepPerImage now
+    ComfyClient(comfy.urls[1]).request("/interrupt", {})
+    t0 = time.monotonic()
+    with pytest.raises(ComfyError) as info:
+        leader.wait(prompt_id, timeout=OP_TIMEOUT_S + 60)
+    assert time.monotonic() - t0 < OP_TIMEOUT_S, "the interrupt must not wait for a timeout"
+    assert "interrupted on rank 1" in str(info.value), str(info.value)
+    _wait_cluster_state(leader, epoch=epoch + 1)
+    outputs = leader.run({"1": _node("ClusterInfo")}, timeout=120)
+    assert f"connected: {RANKS}/{RANKS}" in outputs["1"]["text"][0]
