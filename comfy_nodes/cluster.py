@@ -43,6 +43,10 @@ deliver_hook: Callable[[str, dict[str, Any]], None] | None = None
 """Set by the server integration on the leader: hand prompt ``id`` to every follower (raises
 naming the followers that refused it).  Called by the ClusterSync head node."""
 
+progress_bar: Callable[[int], Any] | None = None
+"""Set by the server integration to ComfyUI's ``comfy.utils.ProgressBar``: a collective node's
+bar fills as its transfer completes (one step per collective)."""
+
 current_prompt: str | None = None
 """The cluster prompt this rank is running (set by ClusterSync's head, cleared by its tail)."""
 

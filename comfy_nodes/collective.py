@@ -31,11 +31,15 @@ def run(comm: Communicator, start: Callable[[], Work[Any]]) -> Any:
     """
     from collectives import CollectivesError, CollectiveTimeoutError, InvalidArgumentError
 
+    bar = cluster.progress_bar(1) if cluster.progress_bar is not None else None
     try:
         work = start()
         while True:
             try:
-                return work.wait(timeout=POLL_S)
+                result = work.wait(timeout=POLL_S)
+                if bar is not None:
+                    bar.update_absolute(1)
+                return result
             except CollectiveTimeoutError:
                 if work.is_completed():
                     raise  # the collective's own deadline, not this poll

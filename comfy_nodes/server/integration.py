@@ -52,6 +52,9 @@ def install(server: Any) -> Membership | None:
     membership = Membership(settings, f"http://{settings.advertise_host}:{args.port}")
     _installed = membership
     cluster.comm_provider = membership.wait_ready
+    import comfy.utils  # type: ignore[import-not-found,unused-ignore]
+
+    cluster.progress_bar = comfy.utils.ProgressBar
     cluster.interrupt_check = _interrupt_pressed
     cluster.abort_hook = lambda reason: abort_everywhere(membership, reason)
     cluster.failure_hook = lambda err: membership.fail(f"{type(err).__name__}: {err}")
