@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -13,7 +13,7 @@ from comfy_nodes.collective import gather
 
 
 class _Bar:
-    made: list[_Bar] = []
+    made: ClassVar[list[_Bar]] = []
 
     def __init__(self, total: int) -> None:
         self.total, self.done = total, 0
