@@ -88,13 +88,19 @@ def _prepared(json_data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _deliver(membership: Membership, prompt_id: str, prompt: dict[str, Any]) -> None:
+    from collectives import CollectivesError
+
     comm = membership.wait_ready()
     extra = {"leader_prompt_id": prompt_id}
-    hand_over(
-        comm,
-        Delivery(prompt_id, prompt, prompts.TAIL_ID, extra),
-        timeout=membership.settings.op_timeout,
-    )
+    try:
+        hand_over(
+            comm,
+            Delivery(prompt_id, prompt, prompts.TAIL_ID, extra),
+            timeout=membership.settings.op_timeout,
+        )
+    except CollectivesError as err:  # a follower is gone: this world is over (a refusal is not)
+        membership.fail(f"handing prompt {prompt_id} over: {type(err).__name__}: {err}")
+        raise
 
 
 def _queue_on_leader(server: Any, prompt: dict[str, Any]) -> str:
