@@ -158,8 +158,8 @@ class _CollectiveLink:
         return self._backend._has_message(src, COLLECTIVE_CHANNEL)
 
 
-def _copy_block(out: torch.Tensor, msg: Encoded, src: int, ctx: OpContext) -> None:
-    """Copy a received tensor into ``out``, refusing a block of another dtype or size."""
+def received_block(msg: Encoded, out: torch.Tensor, src: int, ctx: OpContext) -> torch.Tensor:
+    """Decode a block received for ``out``, refusing one of another dtype or element count."""
     import torch
 
     value = decode(msg.header, msg.buffers)
@@ -175,10 +175,14 @@ def _copy_block(out: torch.Tensor, msg: Encoded, src: int, ctx: OpContext) -> No
         )
         raise CollectiveMismatchError(
             f"{ctx.name}: rank {src} sent {got} but this rank's buffer is {out.dtype} "
-            f"{tuple(out.shape)}: buffers must match on every rank",
+            f"{tuple(out.shape)}: the buffers of every rank taking part must match",
             ranks=(src,),
         )
-    out.copy_(value.view(out.shape))
+    return value
 
 
-__all__ = ["COLLECTIVE_CHANNEL", "Envelope", "P2PBackend", "p2p_channel"]
+def _copy_block(out: torch.Tensor, msg: Encoded, src: int, ctx: OpContext) -> None:
+    out.copy_(received_block(msg, out, src, ctx).view(out.shape))
+
+
+__all__ = ["COLLECTIVE_CHANNEL", "Envelope", "P2PBackend", "p2p_channel", "received_block"]

@@ -37,6 +37,7 @@ from collectives.backends import torch_messages as messages
 from collectives.backends import torch_objects as objects
 from collectives.backends import torch_tensors as tt
 from collectives.backends.base import Backend, BackendConfig, OpContext, register_backend
+from collectives.backends.p2p import received_block
 from collectives.backends.torch_engine import (
     OBJECT_SPACE,
     Engine,
@@ -44,8 +45,8 @@ from collectives.backends.torch_engine import (
     user_tag,
 )
 from collectives.backends.torch_rendezvous import Joined, join
-from collectives.codec import decode, encode
-from collectives.errors import CollectiveMismatchError, CommunicatorAbortedError
+from collectives.codec import encode
+from collectives.errors import CommunicatorAbortedError
 from collectives.reduce_op import ReduceOp, finish_
 
 if TYPE_CHECKING:
@@ -170,27 +171,11 @@ class TorchBackend(Backend):
         self.send(encode(tensor), dst, tag, ctx)
 
     def recv_into(self, tensor: torch.Tensor, src: int, tag: int, ctx: OpContext) -> None:
-        import torch
 
         self._check(ctx)
         target = tt.flat_bytes(tensor) if tensor.is_cpu else None
         msg, landed = objects.recv(self._engine, src, user_tag(tag, ctx.name), ctx, direct=target)
-        value = decode(msg.header, msg.buffers)
-        if (
-            not isinstance(value, torch.Tensor)
-            or value.dtype != tensor.dtype
-            or value.numel() != tensor.numel()
-        ):
-            got = (
-                f"{value.dtype} {tuple(value.shape)}"
-                if isinstance(value, torch.Tensor)
-                else type(value).__name__
-            )
-            raise CollectiveMismatchError(
-                f"{ctx.name}: rank {src} sent {got} but this rank's buffer is {tensor.dtype} "
-                f"{tuple(tensor.shape)}: buffers must match on both sides",
-                ranks=(src,),
-            )
+        value = received_block(msg, tensor, src, ctx)
         if not landed:
             tensor.copy_(value.reshape(tensor.shape))
 
