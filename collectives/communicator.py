@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 Buffer = Any  # torch.Tensor or numpy.ndarray; kept loose so numpy-first callers type-check
 
+# ``torch.Tensor`` once torch is imported (by whoever passes the first tensor); the module itself
+# does not import torch, so that importing collectives stays light.
+_TENSOR_TYPE: Any = None
+
 # Failures after which messages of the failed op may still be in flight: the communicator can no
 # longer tell them from the next op's, so it refuses further ops (as NCCL does after an error).
 _FATAL = (CollectiveTimeoutError, CollectiveMismatchError, ConnectionLostError)
@@ -480,11 +484,11 @@ class Communicator:
             raise InvalidArgumentError(f"{op}: {name}={peer} is this rank; use a local copy")
 
     def _context(self, name: str, timeout: float | None, seq: int) -> OpContext:
-        return OpContext(
-            name,
-            seq,
-            Deadline(self.options.timeout if timeout is None else timeout, name, self.rank),
-        )
+        if timeout is None:
+            return OpContext(
+                name, seq, Deadline(self.options.timeout, name, self.rank, checked=True)
+            )
+        return OpContext(name, seq, Deadline(timeout, name, self.rank))
 
     def _collective(
         self, name: str, timeout: float | None, body: Callable[[OpContext], T], blocking: bool
@@ -496,8 +500,8 @@ class Communicator:
             work: Work[T] = Work(name, self.rank)
             if blocking and self._pending == 0:
                 # Nothing queued ahead of us: run on the caller's thread (no hop, no latency).
-                with self._run_lock:
-                    self._execute(work, ctx, body)
+                # The issue lock is held, so no queued op can start: the run lock is not needed.
+                self._execute(work, ctx, body)
                 return work
             self._pending += 1
             self._ensure_worker()
@@ -566,6 +570,9 @@ class Communicator:
 
 def _as_tensor(buf: Buffer, op: str, name: str = "tensor") -> torch.Tensor:
     """View a torch tensor or numpy array as a contiguous tensor sharing its memory."""
+    global _TENSOR_TYPE
+    if type(buf) is _TENSOR_TYPE and buf.is_contiguous():  # the common case, first and cheap
+        return buf  # type: ignore[no-any-return]
     import numpy as np
     import torch
 
@@ -582,6 +589,7 @@ def _as_tensor(buf: Buffer, op: str, name: str = "tensor") -> torch.Tensor:
         )
     if not buf.is_contiguous():
         raise InvalidArgumentError(f"{op}: {name} must be contiguous (call .contiguous() first)")
+    _TENSOR_TYPE = torch.Tensor
     return buf
 
 

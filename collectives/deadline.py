@@ -30,8 +30,10 @@ class Deadline:
 
     __slots__ = ("at", "op", "rank", "timeout")
 
-    def __init__(self, timeout: float, op: str, rank: int) -> None:
-        self.timeout = check_timeout(timeout)
+    def __init__(self, timeout: float, op: str, rank: int, *, checked: bool = False) -> None:
+        # ``checked``: the caller validated ``timeout`` already (a communicator's default),
+        # which spares every op a float() and an isfinite().
+        self.timeout = timeout if checked else check_timeout(timeout)
         self.at = time.monotonic() + self.timeout
         self.op = op
         self.rank = rank

@@ -27,7 +27,8 @@ class CommOptions:
     codec: CodecOptions = field(default_factory=CodecOptions)
 
     def __post_init__(self) -> None:
-        check_timeout(self.timeout, "timeout")
+        # Stored as the validated float: ops trust it without checking it again.
+        object.__setattr__(self, "timeout", check_timeout(self.timeout, "timeout"))
 
     @classmethod
     def from_env(

@@ -25,6 +25,10 @@ class ReduceOp(enum.Enum):
     def parse(cls, op: ReduceOp | str) -> ReduceOp:
         if isinstance(op, ReduceOp):
             return op
+        # A dict lookup: ``cls(value)`` goes through EnumMeta.__call__, a microsecond per op.
+        found = _BY_NAME.get(op) if isinstance(op, str) else None
+        if found is not None:
+            return found
         try:
             return cls(str(op).lower())
         except ValueError:
@@ -32,15 +36,22 @@ class ReduceOp(enum.Enum):
             raise ConfigurationError(f"unknown reduce op {op!r}: use one of {names}") from None
 
 
+_BY_NAME: dict[str, ReduceOp] = {m.value: m for m in ReduceOp}
+# Module constants: ``ReduceOp.X`` is an EnumMeta attribute lookup, slow enough to show per op.
+_SUM, _AVG = ReduceOp.SUM, ReduceOp.AVG
+_BITWISE = frozenset((ReduceOp.BAND, ReduceOp.BOR, ReduceOp.BXOR))
+_ORDERED = frozenset((ReduceOp.MIN, ReduceOp.MAX))
+
+
 def check_reducible(tensor: torch.Tensor, op: ReduceOp) -> None:
     """Refuse combinations whose result would be ill-defined before any byte is sent."""
-    if op is ReduceOp.AVG and not (tensor.is_floating_point() or tensor.is_complex()):
+    if op is _SUM:  # the common case: defined for every dtype
+        return
+    if op is _AVG and not (tensor.is_floating_point() or tensor.is_complex()):
         raise ConfigurationError(f"op 'avg' needs a floating tensor, got {tensor.dtype}")
-    if op in (ReduceOp.BAND, ReduceOp.BOR, ReduceOp.BXOR) and (
-        tensor.is_floating_point() or tensor.is_complex()
-    ):
+    if op in _BITWISE and (tensor.is_floating_point() or tensor.is_complex()):
         raise ConfigurationError(f"bitwise op {op.value!r} needs an integer or bool tensor")
-    if op in (ReduceOp.MIN, ReduceOp.MAX) and tensor.is_complex():
+    if op in _ORDERED and tensor.is_complex():
         raise ConfigurationError(f"op {op.value!r} is undefined for complex tensors")
 
 

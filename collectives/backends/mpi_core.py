@@ -341,6 +341,21 @@ def host_bytes(t: torch.Tensor) -> npt.NDArray[Any]:
         return t.reshape(-1).view(torch.uint8).numpy()
 
 
+def host_buffer(mpi: Any, t: torch.Tensor) -> Any:
+    """An ``MPI.buffer`` over a contiguous CPU tensor's memory (any dtype, no copy).
+
+    A third of the cost of :func:`host_bytes` (no numpy array is built), which shows on every
+    op at 1 MiB.  The buffer does not own the memory: callers keep ``t`` alive (``keep=``) until
+    MPI is done with it.
+    """
+    if t.is_conj() or t.is_neg():
+        raise InvalidArgumentError(
+            "a lazily conjugated or negated tensor view has no memory of its own to send or "
+            "receive into: call .resolve_conj() / .resolve_neg() first"
+        )
+    return mpi.buffer.fromaddress(t.data_ptr(), t.nbytes)
+
+
 def flat_bytes(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """A C-contiguous array as a flat uint8 view (for slicing it into per-rank blocks)."""
     import numpy as np
