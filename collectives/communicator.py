@@ -57,6 +57,8 @@ class Communicator:
 
     def __init__(self, backend: Backend, options: CommOptions | None = None) -> None:
         self._backend = backend
+        # Read on every op: plain attributes cost less than the properties.
+        self._rank, self._size = backend.rank, backend.size
         self.options = options or CommOptions()
         self._seq = 0
         self._issue_lock = threading.Lock()
@@ -71,11 +73,11 @@ class Communicator:
     # -- identity ------------------------------------------------------------------------------
     @property
     def rank(self) -> int:
-        return self._backend.rank
+        return self._rank
 
     @property
     def size(self) -> int:
-        return self._backend.size
+        return self._size
 
     @property
     def backend(self) -> str:
@@ -474,11 +476,11 @@ class Communicator:
             )
 
     def _check_root(self, root: int, op: str) -> None:
-        if not isinstance(root, int) or not 0 <= root < self.size:
+        if not isinstance(root, int) or not 0 <= root < self._size:
             raise InvalidArgumentError(f"{op}: root={root!r} is not a rank in 0..{self.size - 1}")
 
     def _check_peer(self, peer: int, op: str, name: str) -> None:
-        if not isinstance(peer, int) or not 0 <= peer < self.size:
+        if not isinstance(peer, int) or not 0 <= peer < self._size:
             raise InvalidArgumentError(f"{op}: {name}={peer!r} is not a rank in 0..{self.size - 1}")
         if peer == self.rank:
             raise InvalidArgumentError(f"{op}: {name}={peer} is this rank; use a local copy")
@@ -486,22 +488,27 @@ class Communicator:
     def _context(self, name: str, timeout: float | None, seq: int) -> OpContext:
         if timeout is None:
             return OpContext(
-                name, seq, Deadline(self.options.timeout, name, self.rank, checked=True)
+                name, seq, Deadline(self.options.timeout, name, self._rank, checked=True)
             )
-        return OpContext(name, seq, Deadline(timeout, name, self.rank))
+        return OpContext(name, seq, Deadline(timeout, name, self._rank))
 
     def _collective(
         self, name: str, timeout: float | None, body: Callable[[OpContext], T], blocking: bool
     ) -> Work[T]:
-        self._check_usable(name)
+        if self._closed or self._failed is not None:
+            self._check_usable(name)
         with self._issue_lock:
-            ctx = self._context(name, timeout, self._seq)
-            self._seq += 1
-            work: Work[T] = Work(name, self.rank)
-            if blocking and self._pending == 0:
+            seq = self._seq
+            self._seq = seq + 1
+            ctx = self._context(name, timeout, seq)
+            work: Work[T] = Work(name, self._rank)
+            if blocking and not self._pending:
                 # Nothing queued ahead of us: run on the caller's thread (no hop, no latency).
-                # The issue lock is held, so no queued op can start: the run lock is not needed.
-                self._execute(work, ctx, body)
+                # The issue lock is held, so no queued op can start meanwhile.
+                try:
+                    work.resolve_unshared(body(ctx))
+                except BaseException as err:
+                    self._failure(work, err)
                 return work
             self._pending += 1
             self._ensure_worker()
@@ -522,11 +529,14 @@ class Communicator:
         try:
             self._check_usable(ctx.name)
             work.set_result(body(ctx))
-        except _FATAL as err:
+        except BaseException as err:
+            self._failure(work, err)
+
+    def _failure(self, work: Work[T], err: BaseException) -> None:
+        """Hand ``err`` to the waiter (who re-raises it); a fatal one poisons the communicator."""
+        if isinstance(err, _FATAL):
             self._failed = self._failed or f"{type(err).__name__}: {err}"
-            work.set_exception(err)
-        except BaseException as err:  # handed to the waiter, who re-raises it
-            work.set_exception(err)
+        work.set_exception(err)
 
     def _p2p(
         self, name: str, timeout: float | None, body: Callable[[OpContext], T], blocking: bool

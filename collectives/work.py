@@ -45,6 +45,11 @@ class Work(Generic[T]):
         self._result = result
         self._finish()
 
+    def resolve_unshared(self, result: T) -> None:
+        """:meth:`set_result` for a handle nobody else holds yet: no lock, no event, no callback."""
+        self._result = result
+        self._done = True
+
     def set_exception(self, error: BaseException) -> None:
         self._error = error
         self._finish()

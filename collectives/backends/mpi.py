@@ -254,19 +254,21 @@ class MPIBackend(Backend):
         byte, tag, nbytes = self._byte, _payload_tag(ctx), mine.nbytes
         reqs, sources, statuses = [], [], []
         for r in range(self.size):
-            block = blocks[r * nbytes : (r + 1) * nbytes]
             if r == root:
-                if gather:
-                    block[...] = flat_bytes(mine)
-                else:
-                    flat_bytes(mine)[...] = block
-            elif gather:
+                continue
+            block = blocks[r * nbytes : (r + 1) * nbytes]
+            if gather:
                 reqs.append(engine.coll.Irecv([block, byte], r, tag))
-                sources.append(r)
                 statuses.append(self._mpi.Status())
             else:
                 reqs.append(engine.coll.Isend([block, byte], r, tag))
-                sources.append(r)
+            sources.append(r)
+        # Root's own block is copied once every message is posted, so the copy overlaps them.
+        own = blocks[root * nbytes : (root + 1) * nbytes]
+        if gather:
+            own[...] = flat_bytes(mine)
+        else:
+            flat_bytes(mine)[...] = own
         engine.wait(
             reqs, ctx, sources=sources, statuses=statuses if gather else None, keep=(blocks, mine)
         )
