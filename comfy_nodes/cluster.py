@@ -39,9 +39,19 @@ QueuePromptHook = Callable[[dict[str, Any]], str]
 queue_prompt_hook: QueuePromptHook | None = None
 """Set by the server integration; called on the leader only (it distributes to every rank)."""
 
-deliver_hook: Callable[[str, dict[str, Any]], None] | None = None
+deliver_hook: Callable[[str, dict[str, Any]], Communicator] | None = None
 """Set by the server integration on the leader: hand prompt ``id`` to every follower (raises
-naming the followers that refused it).  Called by the ClusterSync head node."""
+naming the followers that refused it) and return the world it was handed over on.  Called by the
+ClusterSync head node."""
+
+admit_hook: Callable[[str], Communicator] | None = None
+"""Set by the server integration on followers: the world the leader handed prompt ``id`` over on;
+raises if this rank was not handed that prompt (one queued here directly, or left over from an
+earlier world).  Called by the ClusterSync head node."""
+
+prompt_end_hook: Callable[[str], None] | None = None
+"""Set by the server integration on followers: prompt ``id`` is past its last collective here
+(the ClusterSync tail ran), so the next hand-over may start."""
 
 progress_bar: Callable[[int], Any] | None = None
 """Set by the server integration to ComfyUI's ``comfy.utils.ProgressBar``: a collective node's

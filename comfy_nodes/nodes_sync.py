@@ -1,9 +1,14 @@
 """ClusterSync: the head and tail the cluster prompt rewrite adds (see server/prompts.py).
 
 Not meant to be placed by hand.  The head runs first on every rank: the leader waits until every
-follower has accepted the prompt (their validation errors surface here, naming the rank), then all
-ranks check they are running the same prompt.  The tail is the output node followers execute, so
-they run exactly the cluster nodes and what those need.
+follower has accepted the prompt (their validation errors surface here, naming the rank); a
+follower checks, locally, that the leader handed it this very prompt, and binds the world it was
+handed over on.  No collective is needed for that check: a follower only ever runs the prompts its
+control thread queued, one at a time, in the leader's order (server/control.py), so a prompt id
+that differs from the last one handed over can only be a stray prompt, which fails here alone
+without touching the cluster.  The tail is the output node followers execute, so they run exactly
+the cluster nodes and what those need; it also tells the control thread that this rank is done
+with the prompt's collectives.
 """
 
 from __future__ import annotations
@@ -11,8 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 from . import cluster
-from .collective import PeerNodeError
-from .collective import run as run_collective
 from .nodes_base import _ClusterNode
 
 
@@ -42,22 +45,17 @@ class ClusterSync(_ClusterNode):
     ) -> tuple[str]:
         if mode != "start":
             cluster.end_prompt()
+            if cluster.prompt_end_hook is not None:
+                cluster.prompt_end_hook(prompt_id)
             return (prompt_id,)
         if cluster.deliver_hook is not None and prompt is not None:
-            # Leader only (followers have no hook).  A refusal cancels the prompt on every rank
-            # cleanly, so it is not yet "running": no abort is needed if this raises.
-            cluster.deliver_hook(prompt_id, prompt)
-        comm = cluster.get_comm(fresh=True)
-        if comm.size == 1:
-            return (prompt_id,)
-        ids = run_collective(comm, lambda: comm.iallgather(prompt_id))
-        strays = [rank for rank, other in enumerate(ids) if other != prompt_id]
-        if strays:
-            raise PeerNodeError(
-                f"ClusterSync: rank(s) {strays} are running another prompt "
-                f"({[ids[r] for r in strays]}) than rank {comm.rank} ({prompt_id}); "
-                "the ranks' queues are out of step",
-                strays[0],
-            )
-        cluster.begin_prompt(prompt_id, comm)
+            # Leader only.  A refusal cancels the prompt on every rank cleanly, so it is not yet
+            # "running": no abort is needed if this raises.
+            comm = cluster.deliver_hook(prompt_id, prompt)
+        elif cluster.admit_hook is not None:
+            comm = cluster.admit_hook(prompt_id)  # follower: raises for a stray prompt
+        else:
+            comm = cluster.get_comm(fresh=True)  # no server integration (in-process ranks)
+        if comm.size > 1:
+            cluster.begin_prompt(prompt_id, comm)
         return (prompt_id,)

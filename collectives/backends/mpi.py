@@ -276,12 +276,11 @@ class MPIBackend(Backend):
             _check_count(self.rank, r, status.Get_count(byte), nbytes, ctx)
 
     def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: OpContext) -> None:
-        byte = self._byte
+        mpi = self._mpi
         with self._engine.op(ctx) as engine:
-            host = _cpu(out)
-            src, dst = host_bytes(_cpu(tensor)), host_bytes(host)
-            req = engine.coll.Iallgather([src, byte], [dst, byte])
-            engine.wait([req], ctx, keep=(src, dst))
+            host, mine = _cpu(out), _cpu(tensor)
+            req = engine.coll.Iallgather(host_buffer(mpi, mine), host_buffer(mpi, host))
+            engine.wait([req], ctx, keep=(mine, host))
             _back(out, host)
 
     def scatter_into(

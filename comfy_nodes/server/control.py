@@ -3,10 +3,14 @@
 The hand-over is three collectives that the leader runs as the first step of the prompt (the
 ClusterSync head node) and each follower's control thread runs while its executor is idle:
 
-1. ``broadcast`` of the prompt (any size: the communicator has no message limit);
+1. the prompt, from the leader to every follower (any size: the communicator has no limit);
 2. ``gather`` of every follower's verdict (ComfyUI's own validation of the prompt, restricted to
    what the follower will execute);
-3. ``broadcast`` of the leader's decision: go only if every follower accepted.
+3. the leader's decision, to every follower: go only if every follower accepted.
+
+Steps 1 and 3 are a ``scatter`` of the same value to every rank rather than a ``broadcast``: the
+leader sends to each follower directly, where a tree broadcast relays through followers, and each
+relay waits for a follower process to be scheduled (the ranks often share a few CPU cores).
 
 A follower queues the prompt only on "go", under the leader's prompt id, so a prompt is never
 queued on some ranks only, and never twice.  Because these are collectives in the same sequence as
@@ -55,16 +59,25 @@ class Verdict:
         return {"ok": self.ok, "error": self.error, "node_errors": self.node_errors or {}}
 
 
+def _to_every_rank(comm: Communicator, value: Any, *, timeout: float) -> None:
+    comm.scatter([value] * comm.size, root=LEADER, timeout=timeout)
+
+
+def from_leader(comm: Communicator, *, timeout: float) -> Any:
+    """Follower side of a value the leader sends to every rank (hand-over steps 1 and 3)."""
+    return comm.scatter(None, root=LEADER, timeout=timeout)
+
+
 def hand_over(comm: Communicator, delivery: Delivery, *, timeout: float) -> None:
     """Leader side: deliver the prompt; raise naming every follower that refused it."""
-    comm.broadcast(delivery.message(), root=LEADER, timeout=timeout)
+    _to_every_rank(comm, delivery.message(), timeout=timeout)
     verdicts = comm.gather(None, root=LEADER, timeout=timeout) or []
     refused = [
         (rank, v)
         for rank, v in enumerate(verdicts)
         if rank != LEADER and not (isinstance(v, dict) and v.get("ok"))
     ]
-    comm.broadcast(not refused, root=LEADER, timeout=timeout)
+    _to_every_rank(comm, not refused, timeout=timeout)
     if refused:
         lines = [f"rank {rank}: {_describe(v)}" for rank, v in refused]
         raise PeerNodeError(
@@ -90,7 +103,7 @@ def take_over(
     Returns the queued delivery, or None when the leader cancelled it.  ``idle_timeout`` bounds
     the wait for the next prompt (the cluster may sit idle for a long time).
     """
-    msg = comm.broadcast(None, root=LEADER, timeout=idle_timeout)
+    msg = from_leader(comm, timeout=idle_timeout)
     delivery: Delivery | None = None
     try:
         delivery = Delivery(
@@ -103,7 +116,7 @@ def take_over(
     except Exception as err:  # a malformed message or a crash in validation: refuse, loudly
         verdict, ticket = Verdict(False, f"{type(err).__name__}: {err}"), None
     comm.gather(verdict.message(), root=LEADER, timeout=timeout)
-    go = comm.broadcast(None, root=LEADER, timeout=timeout)
+    go = from_leader(comm, timeout=timeout)
     if go is True and verdict.ok and delivery is not None:
         enqueue(delivery, ticket)
         return delivery

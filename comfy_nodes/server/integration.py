@@ -14,19 +14,24 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from comfy_nodes import cluster
 from comfy_nodes.nodes import NODE_CLASS_MAPPINGS
 from comfy_nodes.nodes_base import _ClusterNode
 from comfy_nodes.server import prompts
 from comfy_nodes.server.control import Delivery, Verdict, hand_over, take_over
+from comfy_nodes.server.handoffs import Handoffs
 from comfy_nodes.server.membership import Membership, _post_async
 from comfy_nodes.server.settings import Settings
+
+if TYPE_CHECKING:
+    from collectives import Communicator
 
 log = logging.getLogger("comfy_cluster")
 
@@ -64,7 +69,12 @@ def install(server: Any) -> Membership | None:
         cluster.queue_prompt_hook = lambda prompt: _queue_on_leader(server, prompt)
         server.add_on_prompt_handler(_on_prompt)
     else:
-        membership.on_ready(lambda comm, epoch: _start_follower(server, membership, comm, epoch))
+        handoffs = Handoffs(settings.rank)
+        cluster.admit_hook = handoffs.admit
+        cluster.prompt_end_hook = handoffs.finished
+        membership.on_ready(
+            lambda comm, epoch: _start_follower(server, membership, handoffs, comm, epoch)
+        )
 
     async def join_on_startup(app: Any) -> None:
         membership.start()
@@ -87,7 +97,7 @@ def _prepared(json_data: dict[str, Any]) -> dict[str, Any]:
     return {**json_data, "prompt": cp.prompt, "prompt_id": prompt_id}
 
 
-def _deliver(membership: Membership, prompt_id: str, prompt: dict[str, Any]) -> None:
+def _deliver(membership: Membership, prompt_id: str, prompt: dict[str, Any]) -> Communicator:
     from collectives import CollectivesError
 
     comm = membership.wait_ready()
@@ -101,6 +111,7 @@ def _deliver(membership: Membership, prompt_id: str, prompt: dict[str, Any]) -> 
     except CollectivesError as err:  # a follower is gone: this world is over (a refusal is not)
         membership.fail(f"handing prompt {prompt_id} over: {type(err).__name__}: {err}")
         raise
+    return comm
 
 
 def _queue_on_leader(server: Any, prompt: dict[str, Any]) -> str:
@@ -131,26 +142,32 @@ async def _validate_and_queue(server: Any, data: dict[str, Any]) -> dict[str, An
 
 
 # -- follower -------------------------------------------------------------------------------------
-def _start_follower(server: Any, membership: Membership, comm: Any, epoch: int) -> None:
+def _start_follower(
+    server: Any, membership: Membership, handoffs: Handoffs, comm: Communicator, epoch: int
+) -> None:
     thread = threading.Thread(
         target=_follower_loop,
-        args=(server, membership, comm, epoch),
+        args=(server, membership, handoffs, comm, epoch),
         name=f"cluster-control-e{epoch}",
         daemon=True,
     )
     thread.start()
 
 
-def _follower_loop(server: Any, membership: Membership, comm: Any, epoch: int) -> None:
+def _follower_loop(
+    server: Any, membership: Membership, handoffs: Handoffs, comm: Communicator, epoch: int
+) -> None:
     last: str | None = None
     while membership.epoch == epoch:
         if last is not None:
-            _wait_finished(server, last, membership, epoch)
+            # The next hand-over is a collective: this rank may only join it once its executor
+            # is past the previous prompt's collectives, or the two would interleave.
+            handoffs.wait_finished(last, functools.partial(_ended, server, membership, epoch, last))
         try:
             got = take_over(
                 comm,
                 lambda d: _validate(server, d),
-                lambda d, ticket: _enqueue(server, d, ticket),
+                lambda d, ticket: _enqueue(server, handoffs, comm, d, ticket),
                 idle_timeout=membership.settings.idle_timeout,
                 timeout=membership.settings.op_timeout,
             )
@@ -160,6 +177,11 @@ def _follower_loop(server: Any, membership: Membership, comm: Any, epoch: int) -
             return
         if got is not None:
             last = got.prompt_id
+
+
+def _ended(server: Any, membership: Membership, epoch: int, prompt_id: str) -> bool:
+    """The prompt's history is written (it failed before its tail), or the world is gone."""
+    return membership.epoch != epoch or bool(server.prompt_queue.get_history(prompt_id=prompt_id))
 
 
 def _validate(server: Any, delivery: Delivery) -> tuple[Verdict, Any]:
@@ -174,20 +196,14 @@ def _validate(server: Any, delivery: Delivery) -> tuple[Verdict, Any]:
     return Verdict(True), valid[2]
 
 
-def _enqueue(server: Any, delivery: Delivery, outputs: Any) -> None:
+def _enqueue(
+    server: Any, handoffs: Handoffs, comm: Communicator, delivery: Delivery, outputs: Any
+) -> None:
+    handoffs.handed(delivery.prompt_id, comm)  # before the executor can reach its head
     number = server.number
     server.number += 1
     extra = {"create_time": int(time.time() * 1000), **delivery.extra}
     server.prompt_queue.put((number, delivery.prompt_id, delivery.prompt, extra, outputs, {}))
-
-
-def _wait_finished(server: Any, prompt_id: str, membership: Membership, epoch: int) -> None:
-    # The next hand-over is a collective: this rank may only join it once its executor is done
-    # with the previous cluster prompt, or the two prompts' collectives would interleave.
-    while membership.epoch == epoch:
-        if server.prompt_queue.get_history(prompt_id=prompt_id):
-            return
-        time.sleep(0.05)
 
 
 # -- interrupts -----------------------------------------------------------------------------------

@@ -63,9 +63,9 @@ def test_one_refusal_cancels_the_prompt_everywhere_and_names_the_rank() -> None:
 def test_a_malformed_message_is_refused_not_crashed_on() -> None:
     def fn(comm: Communicator) -> Any:
         if comm.rank == 0:
-            comm.broadcast({"kind": "prompt"})  # no prompt id: a broken leader
+            comm.scatter([{"kind": "prompt"}] * comm.size)  # no prompt id: a broken leader
             verdicts = comm.gather(None)
-            comm.broadcast(False)
+            comm.scatter([False] * comm.size)
             return verdicts[1]
         return _follower(comm, refuse=False)
 
