@@ -50,7 +50,8 @@ class Communicator:
     :meth:`scatter`, :meth:`gather`, :meth:`allgather`, :meth:`send`, :meth:`recv`.
     In-place buffer API (torch tensors or numpy arrays, no pickling, no extra copies on native
     engines): :meth:`allreduce`, :meth:`reduce`, :meth:`broadcast_into`, :meth:`gather_into`,
-    :meth:`allgather_into`, :meth:`scatter_into`, :meth:`send_buffer`, :meth:`recv_into`.
+    :meth:`allgather_into`, :meth:`scatter_into`, :meth:`gatherv_into`, :meth:`send_buffer`,
+    :meth:`recv_into`.
     Every method takes ``timeout=`` (seconds; default ``options.timeout``) and has an ``i``
     variant returning a :class:`Work`.
     """
@@ -328,6 +329,58 @@ class Communicator:
             return recvbuf if self.rank == root else None
 
         return self._collective("gather_into", timeout, body, _blocking)
+
+    def gatherv_into(
+        self,
+        recvbufs: Sequence[Buffer] | None,
+        sendbuf: Buffer,
+        root: int = 0,
+        *,
+        timeout: float | None = None,
+    ) -> Sequence[Buffer] | None:
+        """Root's ``recvbufs[r]`` receives rank ``r``'s ``sendbuf``; sizes may differ by rank.
+
+        MPI's ``Gatherv``: each rank sends what it has, and the root provides one contiguous
+        buffer per rank with that rank's dtype and element count (typically views into one
+        output, such as slices of a batch, so nothing is concatenated afterwards).  Other ranks
+        pass None.  A buffer that does not match what its rank sends raises
+        :class:`CollectiveMismatchError` on the root.  Returns ``recvbufs`` on the root.
+        """
+        return self.igatherv_into(recvbufs, sendbuf, root, timeout=timeout, _blocking=True).wait()
+
+    def igatherv_into(
+        self,
+        recvbufs: Sequence[Buffer] | None,
+        sendbuf: Buffer,
+        root: int = 0,
+        *,
+        timeout: float | None = None,
+        _blocking: bool = False,
+    ) -> Work[Sequence[Buffer] | None]:
+        self._check_root(root, "gatherv_into")
+        src = _as_tensor(sendbuf, "gatherv_into")
+        blocks = None
+        if self._rank == root:
+            if recvbufs is None or isinstance(recvbufs, (str, bytes)) or len(recvbufs) != self.size:
+                raise InvalidArgumentError(
+                    f"gatherv_into on root {root} needs a sequence of exactly {self.size} "
+                    "buffers (one per rank, in rank order)"
+                )
+            blocks = [
+                _as_tensor(b, "gatherv_into", f"recvbufs[{r}]") for r, b in enumerate(recvbufs)
+            ]
+            own = blocks[root]
+            if own.dtype != src.dtype or own.numel() != src.numel():
+                raise InvalidArgumentError(
+                    f"gatherv_into: recvbufs[{root}] (the root's own block) is {own.dtype} with "
+                    f"{own.numel()} elements but sendbuf is {src.dtype} with {src.numel()}"
+                )
+
+        def body(ctx: OpContext) -> Sequence[Buffer] | None:
+            self._backend.gatherv_into(blocks, src, root, ctx)
+            return recvbufs if self._rank == root else None
+
+        return self._collective("gatherv_into", timeout, body, _blocking)
 
     def allgather_into(
         self, recvbuf: Buffer, sendbuf: Buffer, *, timeout: float | None = None

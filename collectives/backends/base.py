@@ -120,6 +120,29 @@ class Backend(abc.ABC):
     ) -> None:
         """``out`` (root only) is ``size`` blocks shaped like ``tensor``, in rank order."""
 
+    def gatherv_into(
+        self, blocks: list[torch.Tensor] | None, tensor: torch.Tensor, root: int, ctx: OpContext
+    ) -> None:
+        """Root's ``blocks[r]`` (contiguous, of any size) receives rank ``r``'s ``tensor``.
+
+        Each block must have the dtype and element count of the tensor its rank sends; a block
+        that does not raises :class:`~collectives.errors.CollectiveMismatchError` on the root.
+        This default moves each tensor through :meth:`gather` and copies it into its block;
+        engines that can receive straight into the blocks override it.
+        """
+        from collectives.backends.p2p import place_block
+        from collectives.codec import encode
+
+        msgs = self.gather(encode(tensor), root, ctx)
+        if msgs is None:
+            return
+        assert blocks is not None
+        for src, msg in enumerate(msgs):
+            if src == root:
+                copy_own_block(blocks[src], tensor)
+            else:
+                place_block(blocks[src], msg, src, ctx)
+
     @abc.abstractmethod
     def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: OpContext) -> None: ...
 
@@ -170,3 +193,9 @@ def get_backend_class(name: str) -> type[Backend]:
 def registered_backends() -> dict[str, bool]:
     """Every registered backend name and whether it can run here."""
     return {name: cls.is_available() for name, cls in sorted(_REGISTRY.items())}
+
+
+def copy_own_block(out: torch.Tensor, tensor: torch.Tensor) -> None:
+    """The root's own part of a gather: skipped when the caller passed the same memory."""
+    if out.data_ptr() != tensor.data_ptr() or out.device != tensor.device:
+        out.view(-1).copy_(tensor.reshape(-1))

@@ -182,7 +182,19 @@ def received_block(msg: Encoded, out: torch.Tensor, src: int, ctx: OpContext) ->
 
 
 def _copy_block(out: torch.Tensor, msg: Encoded, src: int, ctx: OpContext) -> None:
-    out.copy_(received_block(msg, out, src, ctx).view(out.shape))
+    """Put a received block into ``out``; no copy when it was received straight into it."""
+    got = received_block(msg, out, src, ctx)
+    if got.data_ptr() != out.data_ptr() or got.device != out.device:
+        out.copy_(got.view(out.shape))
 
 
-__all__ = ["COLLECTIVE_CHANNEL", "Envelope", "P2PBackend", "p2p_channel", "received_block"]
+place_block = _copy_block
+
+__all__ = [
+    "COLLECTIVE_CHANNEL",
+    "Envelope",
+    "P2PBackend",
+    "p2p_channel",
+    "place_block",
+    "received_block",
+]

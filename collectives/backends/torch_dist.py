@@ -36,8 +36,14 @@ from collectives import algorithms
 from collectives.backends import torch_messages as messages
 from collectives.backends import torch_objects as objects
 from collectives.backends import torch_tensors as tt
-from collectives.backends.base import Backend, BackendConfig, OpContext, register_backend
-from collectives.backends.p2p import received_block
+from collectives.backends.base import (
+    Backend,
+    BackendConfig,
+    OpContext,
+    copy_own_block,
+    register_backend,
+)
+from collectives.backends.p2p import place_block, received_block
 from collectives.backends.torch_engine import (
     OBJECT_SPACE,
     Engine,
@@ -266,6 +272,28 @@ class TorchBackend(Backend):
         view = self._hold = tt.wire(tensor)
         self._run(ctx, lambda: self._pg.broadcast([view], opts), self._root_ranks(root))
         return None
+
+    def gatherv_into(
+        self, blocks: list[torch.Tensor] | None, tensor: torch.Tensor, root: int, ctx: OpContext
+    ) -> None:
+        # Enveloped messages, as the object gather: a block that does not match what its rank
+        # sends is an error here, where a raw gloo receive of the wrong size aborts the process.
+        self._check(ctx)
+        if not tensor.is_cpu or (blocks is not None and not all(b.is_cpu for b in blocks)):
+            super().gatherv_into(blocks, tensor, root, ctx)
+            return
+        direct = None
+        if blocks is not None:
+            direct = {r: tt.flat_bytes(b) for r, b in enumerate(blocks) if r != root}
+        got = objects.gather_direct(
+            self._engine, encode(tensor), root, ctx, self._link_tag(ctx), direct=direct
+        )
+        if got is None:
+            return
+        assert blocks is not None
+        for src, msg in got.items():
+            place_block(blocks[src], msg, src, ctx)
+        copy_own_block(blocks[root], tensor)
 
     def gather_into(
         self, out: torch.Tensor | None, tensor: torch.Tensor, root: int, ctx: OpContext

@@ -32,7 +32,7 @@ both ranks instead of crossing wires.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -284,11 +284,24 @@ class Link:
     def recv(self, src: int) -> Encoded:
         return self.recv_many([src])[src]
 
-    def recv_many(self, srcs: Sequence[int]) -> dict[int, Encoded]:
-        """One message from each of ``srcs``; all envelopes are posted at once."""
+    def recv_many(
+        self, srcs: Sequence[int], direct: Mapping[int, torch.Tensor] | None = None
+    ) -> dict[int, Encoded]:
+        """One message from each of ``srcs``; all envelopes are posted at once.
+
+        ``direct[src]`` (a uint8 tensor) receives a single-buffer message of exactly its size
+        in place of fresh memory (see :class:`Incoming`).
+        """
         incoming = []
         for src in srcs:
-            inc = Incoming(self.engine, src, self.tag, self.ctx, expect=self._expect)
+            inc = Incoming(
+                self.engine,
+                src,
+                self.tag,
+                self.ctx,
+                expect=self._expect,
+                direct=direct.get(src) if direct is not None else None,
+            )
             incoming.append(inc)
             self._incoming.append(inc)
 

@@ -9,6 +9,7 @@ space); a receive that times out can be resumed by the next receive on the same 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from collectives import algorithms
@@ -37,6 +38,24 @@ def gather(
             return None
         got = lk.recv_many([r for r in range(engine.size) if r != root])
         return [msg if r == root else got[r] for r in range(engine.size)]
+
+
+def gather_direct(
+    engine: Engine,
+    msg: Encoded,
+    root: int,
+    ctx: OpContext,
+    tag: int,
+    *,
+    direct: Mapping[int, torch.Tensor] | None,
+) -> dict[int, Encoded] | None:
+    """:func:`gather` whose message from ``src`` lands in ``direct[src]`` (uint8) if it fits;
+    the root gets the other ranks' messages by rank, the others None."""
+    with link(engine, ctx, tag) as lk:
+        if engine.rank != root:
+            lk.send(root, msg)
+            return None
+        return lk.recv_many([r for r in range(engine.size) if r != root], direct)
 
 
 def scatter(

@@ -209,6 +209,32 @@ def check_gather_into(comm: Communicator) -> None:
                 assert got is None
 
 
+def _rows(rank: int) -> int:
+    """Rows rank ``rank`` sends to ``gatherv_into``: uneven, rank 1 none at all."""
+    return 0 if rank == 1 else rank + 2
+
+
+@check
+def check_gatherv_into(comm: Communicator) -> None:
+    for root in range(comm.size):
+        # Rows of 5 elements, and rows of 40 KiB (big enough for the engines' direct paths).
+        for dtype, width in ((torch.bfloat16, 5), (torch.float32, 10240), (torch.uint8, 7)):
+            total = sum(_rows(r) for r in range(comm.size))
+            mine = _block(comm.rank, dtype, (_rows(comm.rank), width))
+            out = blocks = None
+            if comm.rank == root:
+                out = torch.full((total, width), 7, dtype=dtype)
+                offsets = [sum(_rows(q) for q in range(r)) for r in range(comm.size + 1)]
+                blocks = [out[offsets[r] : offsets[r + 1]] for r in range(comm.size)]
+            got = comm.gatherv_into(blocks, mine, root=root)
+            if comm.rank != root:
+                assert got is None
+                continue
+            assert got is blocks and out is not None
+            want = torch.cat([_block(r, dtype, (_rows(r), width)) for r in range(comm.size)])
+            assert_same(out, want, f"gatherv_into({dtype}, width {width}, root={root})")
+
+
 @check
 def check_allgather_into(comm: Communicator) -> None:
     for dtype in _BUFFER_DTYPES:
@@ -323,6 +349,18 @@ def scenario_mismatch(comm: Communicator, timeout: float) -> dict[str, Any]:
         first = _attempt(lambda: comm.allgather("y", timeout=timeout))
     second = None if first else _attempt(lambda: comm.barrier(timeout=timeout))
     return {"error": first or second, "elapsed": time.monotonic() - start}
+
+
+@scenario
+def scenario_gatherv_mismatch(comm: Communicator, timeout: float) -> dict[str, Any]:
+    """The root's block for rank 1 is one row short: the root names rank 1, nobody aborts."""
+    start = time.monotonic()
+    mine = torch.full((3, 4096), float(comm.rank))
+    blocks = None
+    if comm.rank == 0:
+        blocks = [torch.empty(2 if r == 1 else 3, 4096) for r in range(comm.size)]
+    error = _attempt(lambda: comm.gatherv_into(blocks, mine, root=0, timeout=timeout))
+    return {"error": error, "elapsed": time.monotonic() - start}
 
 
 @scenario

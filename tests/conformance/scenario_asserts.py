@@ -18,6 +18,15 @@ def assert_mismatch(results: dict[int, dict[str, Any]], timeout: float) -> None:
         assert res["elapsed"] < 2 * timeout + SLACK_S, f"rank {rank} took {res['elapsed']:.1f} s"
 
 
+def assert_gatherv_mismatch(results: dict[int, dict[str, Any]], timeout: float) -> None:
+    root = results[0]["error"]
+    assert root and root.startswith("CollectiveMismatchError") and "rank 1" in root, root
+    for rank, res in results.items():
+        if rank != 0:
+            assert res["error"] is None, (rank, res)  # a sender's part went through
+        assert res["elapsed"] < timeout + SLACK_S, f"rank {rank} took {res['elapsed']:.1f} s"
+
+
 def assert_silent_rank(results: dict[int, dict[str, Any]], size: int, timeout: float) -> None:
     silent = size - 1
     others = {r: res for r, res in results.items() if r != silent}

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from collectives.testing import CHECKS
-from tests.conformance.scenario_asserts import SLACK_S, assert_mismatch, assert_silent_rank
+from tests.conformance.scenario_asserts import (
+    SLACK_S,
+    assert_gatherv_mismatch,
+    assert_mismatch,
+    assert_silent_rank,
+)
 from tests.conformance.worlds import check_result, run_world
 
 pytestmark = pytest.mark.gloo
@@ -44,3 +49,11 @@ def test_rank_exit(size: int) -> None:
             res,
         )
         assert res["elapsed"] < 5.0 + SLACK_S
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_gatherv_mismatch(size: int) -> None:
+    world = run_world("gloo", size, "gatherv_mismatch", 5.0)
+    results = {r: rep["scenario"] for r, rep in world["reports"].items()}
+    assert len(results) == size, world["log"][-3000:]
+    assert_gatherv_mismatch(results, 5.0)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 from collectives.testing import CHECKS, SCENARIOS, run_local
-from tests.conformance.scenario_asserts import assert_mismatch, assert_silent_rank
+from tests.conformance.scenario_asserts import (
+    assert_gatherv_mismatch,
+    assert_mismatch,
+    assert_silent_rank,
+)
 
 SIZES = [1, 2, 3, 4]
 
@@ -26,3 +30,9 @@ def test_mismatch(size: int) -> None:
 def test_silent_rank(size: int) -> None:
     results = run_local(size, lambda comm: SCENARIOS["rank_silent"](comm, 2.0), close=False)
     assert_silent_rank(dict(enumerate(results)), size, 2.0)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_gatherv_mismatch(size: int) -> None:
+    results = run_local(size, lambda comm: SCENARIOS["gatherv_mismatch"](comm, 2.0), close=False)
+    assert_gatherv_mismatch(dict(enumerate(results)), 2.0)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 from collectives.testing import CHECKS
-from tests.conformance.scenario_asserts import assert_mismatch, assert_silent_rank
+from tests.conformance.scenario_asserts import (
+    assert_gatherv_mismatch,
+    assert_mismatch,
+    assert_silent_rank,
+)
 from tests.conformance.worlds import check_result, run_world
 
 pytestmark = pytest.mark.mpi
@@ -32,3 +36,11 @@ def test_silent_rank(size: int) -> None:
     world = run_world("mpi", size, "rank_silent", 3.0)
     results = {r: rep["scenario"] for r, rep in world["reports"].items()}
     assert_silent_rank(results, size, 3.0)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_gatherv_mismatch(size: int) -> None:
+    world = run_world("mpi", size, "gatherv_mismatch", 5.0)
+    results = {r: rep["scenario"] for r, rep in world["reports"].items()}
+    assert len(results) == size, world["log"][-3000:]
+    assert_gatherv_mismatch(results, 5.0)
