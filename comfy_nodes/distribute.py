@@ -28,6 +28,7 @@ import torch
 
 from . import collective
 from .cluster import LEADER
+from .fan_in import gather_batch_to_leader
 from .partition import resolve_weights, split_ranges
 from .tensors import (
     Latent,
@@ -166,6 +167,8 @@ def fan_in_batch(
     lossy = _lossy(codec)
     if comm.size == 1:
         return as_batch(x, tag)
+    if not lossy:
+        return gather_batch_to_leader(comm, x, tag)
     parts = _collect(comm, lambda: _to_wire(as_batch(x, tag), lossy), tag, everywhere=False)
     if parts is None:
         return x

@@ -134,6 +134,41 @@ def test_fan_in_refuses_items_of_different_sizes() -> None:
         spmd(2, rank)
 
 
+def test_fan_in_of_mixed_dtypes_promotes_as_torch_cat() -> None:
+    parts = [images(2, torch.float32), images(1, torch.float16), images(3, torch.bfloat16)]
+
+    def rank(comm: Communicator) -> torch.Tensor:
+        return run_node("ClusterFanInImages", parts[comm.rank])[0]
+
+    got = spmd(3, rank)[0]
+    want = torch.cat(parts)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_fan_in_of_a_follower_with_a_malformed_description_names_it() -> None:
+    from comfy_nodes import fan_in
+
+    real = fan_in._describe
+
+    def lying(mine: torch.Tensor | None, failure: BaseException | None) -> tuple[object, ...]:
+        desc = real(mine, failure)
+        return ("batch", (-1, 2), "float32") if mine is not None and mine[0, 0, 0, 0] == 1 else desc
+
+    def rank(comm: Communicator) -> str:
+        try:
+            run_node("ClusterFanInImages", torch.full((1, 2, 2, 3), float(comm.rank)))
+        except (PeerNodeError, CollectiveMismatchError) as err:
+            return type(err).__name__
+        return "ok"
+
+    fan_in._describe = lying  # type: ignore[assignment]
+    try:
+        got = spmd(2, rank, op_timeout=5.0)
+    finally:
+        fan_in._describe = real  # type: ignore[assignment]
+    assert got[1] == "ok" and got[0] in ("PeerNodeError", "CollectiveMismatchError")
+
+
 def test_missing_leader_input_fails_every_rank_at_once() -> None:
     def rank(comm: Communicator) -> str:
         try:

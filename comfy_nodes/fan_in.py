@@ -1,0 +1,116 @@
+"""Lossless fan-in of a batch: every slice lands straight in its place in the leader's output.
+
+A plain gather would receive each rank's slice into fresh memory and ``torch.cat`` would then
+copy every byte again into the output (a fresh allocation too: for large batches both the copy
+and the page faults show, about 3-4 ms per 8 images of 512x512 here, much more at 32).  Instead:
+
+1. a labelled gather of each rank's slice *description* (shape and dtype, or the error that kept
+   the rank from producing one), a few hundred bytes per rank;
+2. the leader allocates the output batch and hands one view per rank to
+   :meth:`collectives.Communicator.gatherv_into`, which receives each slice into its view.
+
+Ranks whose slices do not fit one batch (mixed dtypes, or trailing shapes that differ) are
+received into their own tensors and reassembled by :func:`~comfy_nodes.tensors.concat_batches`,
+with its promotion rules and errors.  A rank that failed sends an empty slice, so every rank
+always takes part in both steps and the ranks stay in step; the leader then raises naming it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from . import collective
+from .cluster import LEADER
+from .tensors import as_batch, concat_batches
+
+if TYPE_CHECKING:
+    from collectives import Communicator
+
+_NOTHING = torch.empty(0, dtype=torch.uint8)  # what a rank without a slice sends
+
+
+def gather_batch_to_leader(comm: Communicator, x: Any, tag: str) -> torch.Tensor:
+    """The leader returns every rank's slice of ``x`` in rank order; the others ``x`` itself."""
+    try:
+        mine: torch.Tensor | None = as_batch(x, tag).contiguous()
+        failure: BaseException | None = None
+    except Exception as err:
+        mine, failure = None, err
+    infos = collective.gather(comm, _describe(mine, failure), tag)
+    landing = _Landing(infos, mine, tag) if infos is not None else None
+    blocks = landing.blocks if landing is not None else None
+    send = mine if mine is not None else _NOTHING
+    collective.run(comm, lambda: comm.igatherv_into(blocks, send, LEADER))
+    if failure is not None:
+        raise failure
+    if landing is None:
+        return x  # type: ignore[no-any-return]
+    if landing.peer_error is not None:
+        raise landing.peer_error
+    if landing.batch is not None:
+        return landing.batch
+    return concat_batches(landing.blocks, comm.rank, tag)
+
+
+def _describe(mine: torch.Tensor | None, failure: BaseException | None) -> tuple[Any, ...]:
+    if mine is None:
+        return ("error", f"{type(failure).__name__}: {failure}")
+    return ("batch", tuple(mine.shape), str(mine.dtype).removeprefix("torch."))
+
+
+class _Slice(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _Landing:
+    """The leader's receive buffer for each rank: views into one output batch when the slices
+    fit one (``batch``), else a tensor of its own per rank."""
+
+    def __init__(self, infos: list[Any], mine: torch.Tensor | None, tag: str) -> None:
+        device = mine.device if mine is not None else torch.device("cpu")
+        self.peer_error: collective.PeerNodeError | None = None
+        self.batch: torch.Tensor | None = None
+        slices: list[_Slice | None] = []
+        for src, item in enumerate(infos):
+            described = _parse(item)
+            if described is None and self.peer_error is None:
+                what = f"failed: {item[1]}" if _is_error(item) else f"sent {item!r}"
+                self.peer_error = collective.PeerNodeError(f"{tag}: rank {src} {what}", rank=src)
+            slices.append(described)
+        self.blocks: list[torch.Tensor] = [
+            torch.empty(s.shape, dtype=s.dtype, device=device) if s is not None else _NOTHING
+            for s in slices
+        ]
+        filled = [(r, s) for r, s in enumerate(slices) if s is not None and s.shape[0] > 0]
+        if not filled:
+            return
+        first = filled[0][1]
+        if any(s.shape[1:] != first.shape[1:] or s.dtype != first.dtype for _, s in filled):
+            return  # slices that concat_batches must promote, or refuse naming the rank
+        rows = sum(s.shape[0] for _, s in filled)
+        batch = torch.empty((rows, *first.shape[1:]), dtype=first.dtype, device=device)
+        start = 0
+        for r, s in filled:
+            self.blocks[r] = batch[start : start + s.shape[0]]
+            start += s.shape[0]
+        self.batch = batch
+
+
+def _is_error(item: Any) -> bool:
+    return isinstance(item, tuple | list) and len(item) == 2 and item[0] == "error"
+
+
+def _parse(item: Any) -> _Slice | None:
+    """A peer's slice description, checked before the leader allocates anything for it."""
+    try:
+        kind, shape, dtype_name = item
+        dims = tuple(int(n) for n in shape)
+        dtype = getattr(torch, str(dtype_name))
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if kind != "batch" or not isinstance(dtype, torch.dtype) or not dims or min(dims) < 0:
+        return None
+    return _Slice(dims, dtype)
