@@ -9,6 +9,7 @@ thread hop to the engine's own time.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -565,6 +566,7 @@ class Communicator:
                 return work
             self._pending += 1
             self._ensure_worker()
+        body = _in_callers_mode(body)
         self._queue.put(lambda: self._execute_queued(work, ctx, body))
         return work
 
@@ -606,7 +608,7 @@ class Communicator:
         with self._issue_lock:
             if self._p2p_pool is None:
                 self._p2p_pool = ThreadPoolExecutor(32, thread_name_prefix=f"cc-p2p-r{self.rank}")
-        self._p2p_pool.submit(self._execute_p2p, work, ctx, body)
+        self._p2p_pool.submit(self._execute_p2p, work, ctx, _in_callers_mode(body))
         return work
 
     def _execute_p2p(self, work: Work[T], ctx: OpContext, body: Callable[[OpContext], T]) -> None:
@@ -629,6 +631,23 @@ class Communicator:
             if job is None:
                 return
             job()
+
+
+def _in_callers_mode(body: Callable[[OpContext], T]) -> Callable[[OpContext], T]:
+    """``body`` as it must run on another thread for a caller in ``torch.inference_mode()``.
+
+    The mode is per thread, and tensors made under it (ComfyUI runs every node so) may only be
+    written in place under it: without this, an async op could not fill the caller's buffers.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.is_inference_mode_enabled():
+        return body
+
+    def in_inference_mode(ctx: OpContext) -> T:
+        with torch.inference_mode():
+            return body(ctx)
+
+    return in_inference_mode
 
 
 def _as_tensor(buf: Buffer, op: str, name: str = "tensor") -> torch.Tensor:

@@ -206,3 +206,24 @@ def test_unsigned_reductions_wrap_and_order_like_native_unsigned(dtype: torch.dt
         x = a.clone()
         combine_(x, b, op)
         assert x.dtype == dtype and [int(v) % 2**bits for v in x.tolist()] == want, op
+
+
+def test_async_ops_fill_buffers_made_in_inference_mode() -> None:
+    # ComfyUI runs nodes under torch.inference_mode(); async ops run on other threads, where
+    # writing into inference tensors is refused unless the op runs in that mode too.
+    def rank(comm: collectives.Communicator) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            mine = torch.full((comm.rank + 1, 2), float(comm.rank))
+            out = torch.empty(3, 2) if comm.rank == 0 else None
+            blocks = [out[:1], out[1:]] if out is not None else None
+            comm.igatherv_into(blocks, mine).wait()
+            got = torch.empty(2)
+            if comm.rank == 0:
+                comm.isend_buffer(torch.ones(2), 1).wait()
+            else:
+                comm.irecv_into(got, 0).wait()
+        return (out if out is not None else mine), got
+
+    (gathered, _), (_, received) = run_local(2, rank)
+    assert gathered.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    assert received.tolist() == [1.0, 1.0]
