@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collectives import Communicator
+    from collectives import Communicator, Work
 
 LEADER = 0
 """The rank that owns user inputs and outputs (the ComfyUI instance the user talks to)."""
@@ -121,14 +121,25 @@ def get_comm(*, fresh: bool = False) -> Communicator:
         return _process_comm
 
 
+background: dict[Communicator, list[tuple[Work[Any], str]]] = {}
+"""Collectives a rank left running for each communicator that allows it (its result was local:
+the root of a scatter or broadcast), with the node that issued each; the ClusterSync tail waits
+for them (:func:`comfy_nodes.collective.settle`).  Keyed by communicator, not per process, so
+that in-process ranks (threads) keep theirs apart."""
+
+
 def begin_prompt(prompt_id: str, comm: Communicator) -> None:
-    """The ClusterSync head: every cluster node of ``prompt_id`` uses ``comm``."""
+    """The ClusterSync head: every cluster node of ``prompt_id`` uses ``comm``, and may leave
+    collectives running in the background until the tail."""
     global _prompt_comm, current_prompt
     _prompt_comm, current_prompt = comm, prompt_id
+    background[comm] = []  # what an earlier, failed prompt left is its own business
 
 
 def end_prompt() -> None:
     global _prompt_comm, current_prompt
+    if _prompt_comm is not None:
+        background.pop(_prompt_comm, None)
     _prompt_comm, current_prompt = None, None
 
 

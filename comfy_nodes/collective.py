@@ -96,16 +96,55 @@ def _mismatch(comm: Communicator, message: str, src: int) -> Exception:
     return err
 
 
+def in_background(comm: Communicator, work: Work[Any], tag: str) -> bool:
+    """Leave ``work`` running if this rank's prompt allows it (its tail will wait for it)."""
+    pending = cluster.background.get(comm)
+    if pending is None:
+        return False
+    pending.append((work, tag))
+    if cluster.progress_bar is not None:
+        cluster.progress_bar(1).update_absolute(1)  # handed over; the tail reports failures
+    return True
+
+
+def settle(comm: Communicator) -> None:
+    """Wait for the collectives this rank left running (see :func:`in_background`); the first
+    failure is raised, naming the node that issued it."""
+    pending = cluster.background.get(comm) or []
+    while pending:
+        work, tag = pending.pop(0)
+        try:
+            run(comm, lambda work=work: work)  # type: ignore[misc]
+        except Exception as err:
+            pending.clear()
+            err.add_note(f"(left running in the background by node {tag})")
+            raise
+
+
 def broadcast(comm: Communicator, value: Any, tag: str, root: int = LEADER) -> Any:
-    """``value`` of ``root`` on every rank (root's own object is returned, not a copy)."""
-    got = run(comm, lambda: comm.ibroadcast((tag, value) if comm.rank == root else None, root))
+    """``value`` of ``root`` on every rank (root's own object is returned, not a copy).
+
+    The root needs nothing back, so inside a cluster prompt it does not wait for the transfer:
+    its next nodes run while the data goes out (the next collective queues behind it).
+    """
+    if comm.rank == root and comm.size > 1:
+        work = comm.ibroadcast((tag, value), root)
+        if in_background(comm, work, tag):
+            return value
+        return _check(comm, tag, run(comm, lambda: work), root, "broadcast")
+    got = run(comm, lambda: comm.ibroadcast(None, root))
     return _check(comm, tag, got, root, "broadcast")
 
 
 def scatter(comm: Communicator, items: Sequence[Any] | None, tag: str, root: int = LEADER) -> Any:
-    """Rank i gets ``items[i]`` of ``root``."""
-    labelled = [(tag, item) for item in items] if comm.rank == root and items is not None else None
-    got = run(comm, lambda: comm.iscatter(labelled, root))
+    """Rank i gets ``items[i]`` of ``root`` (which, as in :func:`broadcast`, does not wait)."""
+    if comm.rank == root and items is not None and comm.size > 1:
+        labelled = [(tag, item) for item in items]
+        work = comm.iscatter(labelled, root)
+        if in_background(comm, work, tag):
+            return items[root]
+        return _check(comm, tag, run(comm, lambda: work), root, "scatter")
+    got = run(comm, lambda: comm.iscatter(None, root))
     return _check(comm, tag, got, root, "scatter")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import cluster
+from . import cluster, collective
 from .nodes_base import _ClusterNode
 
 
@@ -44,7 +44,13 @@ class ClusterSync(_ClusterNode):
         prompt: dict[str, Any] | None = None,
     ) -> tuple[str]:
         if mode != "start":
-            cluster.end_prompt()
+            comm = cluster.peek_comm()
+            try:
+                if comm is not None:
+                    # The prompt is not over on this rank until what it sent has arrived.
+                    collective.settle(comm)
+            finally:
+                cluster.end_prompt()
             if cluster.prompt_end_hook is not None:
                 cluster.prompt_end_hook(prompt_id)
             return (prompt_id,)

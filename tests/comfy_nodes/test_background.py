@@ -1,0 +1,67 @@
+"""The root of a scatter or broadcast leaves it running inside a cluster prompt; the tail waits."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from collectives import CollectivesError, Communicator
+from comfy_nodes import cluster, collective
+
+from .helpers import images, run_node, spmd
+
+
+def _in_prompt(comm: Communicator) -> None:
+    cluster.background[comm] = []  # what ClusterSync's head does for the running prompt
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_leader_does_not_wait_for_its_fan_out_and_results_stay_exact(size: int) -> None:
+    full = images(7)
+    gate = threading.Event()  # followers receive only once the leader's fan-out has returned
+
+    def rank(comm: Communicator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        _in_prompt(comm)
+        try:
+            if comm.rank != 0:
+                assert gate.wait(30)
+            mine = run_node("ClusterFanOutImage", full if comm.rank == 0 else None)[0]
+            if comm.rank == 0:
+                left = len(cluster.background[comm])
+                gate.set()
+            else:
+                left = 0
+            value = run_node("ClusterBroadcastTensor", mine if comm.rank == 0 else None)[0]
+            back = run_node("ClusterFanInImages", mine * 2)[0]
+            collective.settle(comm)
+            return back, value, left
+        finally:
+            cluster.background.pop(comm, None)
+
+    results = spmd(size, rank)
+    leader_back, _, left = results[0]
+    assert left == 1  # the fan-out was still in flight when the leader moved on
+    assert torch.equal(leader_back, full * 2)
+    for _, value, _ in results:
+        assert torch.equal(value, results[0][1])
+
+
+def test_a_background_failure_surfaces_at_settle_naming_the_node() -> None:
+    def rank(comm: Communicator) -> str:
+        _in_prompt(comm)
+        try:
+            # The leader's value cannot be encoded: its broadcast fails in the background.
+            value = (lambda: None) if comm.rank == 0 else None
+            run_node("ClusterBroadcastTensor", value, unique_id="12")
+            collective.settle(comm)
+        except CollectivesError as err:
+            return "\n".join([type(err).__name__, str(err), *getattr(err, "__notes__", [])])
+        finally:
+            cluster.background.pop(comm, None)
+        return "no error"
+
+    leader, follower = spmd(2, rank, op_timeout=2.0)
+    assert "ClusterBroadcastTensor#12" in leader and "CodecError" in leader, leader
+    assert follower.startswith(("CollectiveTimeoutError", "ConnectionLostError")), follower
