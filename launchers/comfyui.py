@@ -137,6 +137,9 @@ def build_parser(prog: str = f"{cli.PROG} {SUBCOMMAND}") -> argparse.ArgumentPar
     add("--world-size", type=int, metavar="W", help="ranks over all nodes (default: --nproc)")
     add("--env", action="append", default=[], metavar="NAME=VALUE",
         help="extra environment variable for every rank (repeatable)")  # fmt: skip
+    add("--no-malloc-tuning", action="store_true",
+        help="do not set MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ for the ranks (set by "
+        "default so that received batches reuse warm heap memory)")  # fmt: skip
     add("--kill-grace", type=float, default=5.0, metavar="S",
         help="between SIGTERM and SIGKILL when stopping (default: %(default)s)")  # fmt: skip
     add("--no-prefix", action="store_true", help="do not prefix output lines with '[rank N] '")
@@ -173,6 +176,7 @@ def parse_args(argv: Sequence[str]) -> ComfyClusterConfig:
         rank_offset=ns.node_rank_offset,
         world_size=ns.world_size,
         env=env,
+        malloc_tuning=not ns.no_malloc_tuning,
         prefix_output=not ns.no_prefix,
         kill_grace_s=ns.kill_grace,
         ready_timeout_s=ns.ready_timeout,

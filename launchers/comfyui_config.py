@@ -33,6 +33,17 @@ def default_python() -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
+MALLOC_TUNING = {
+    # glibc hands allocations above its (adaptive) mmap threshold fresh pages from the kernel,
+    # and trims freed memory back: a rank then page-faults through every batch it receives
+    # (~10 ms per 25 MB here, on a third of the prompts).  Keeping allocations up to the largest
+    # fixed threshold on the heap, and the heap untrimmed, lets them reuse warm memory.  Only
+    # for the servers this launcher starts; variables already set win.
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+}
+
+
 @dataclass
 class ComfyClusterConfig:
     """What :func:`start_comfy_cluster` starts; defaults match the command line's."""
@@ -55,6 +66,7 @@ class ComfyClusterConfig:
     rank_offset: int = 0
     world_size: int | None = None
     env: dict[str, str] = field(default_factory=dict)
+    malloc_tuning: bool = True  # MALLOC_TUNING below, unless the environment sets them
     prefix_output: bool = True
     kill_grace_s: float = 5.0
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
@@ -101,6 +113,7 @@ class ComfyClusterConfig:
 
 
 __all__ = [
+    "MALLOC_TUNING",
     "DEFAULT_DATABASE_URL",
     "DEFAULT_PORT",
     "DEFAULT_READY_TIMEOUT_S",

@@ -20,7 +20,7 @@ from typing import TextIO
 from collectives.errors import ConfigurationError
 from launchers.comfyui_base import check_writable, default_node_pack, is_node_pack, prepare_base
 from launchers.comfyui_cluster import ComfyCluster, _Rank
-from launchers.comfyui_config import ComfyClusterConfig, default_python
+from launchers.comfyui_config import MALLOC_TUNING, ComfyClusterConfig, default_python
 from launchers.comfyui_run import (
     INSTALL_HINT,
     LEADER_URL_ENV,
@@ -222,6 +222,10 @@ def _start(
         gpu = gpu_of(slot)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
+        if config.malloc_tuning:
+            for name, value in MALLOC_TUNING.items():
+                if name not in os.environ and name not in config.env:
+                    env[name] = value
         return env
 
     commands: dict[int, list[str]] = {}

@@ -32,6 +32,7 @@ from launchers.comfyui import (
     start_comfy_cluster,
 )
 from launchers.comfyui import main as comfyui_main
+from launchers.comfyui_config import MALLOC_TUNING
 from launchers.comfyui_run import RunError, RunOptions, parse_run_args, plan_comfy_args
 from tests.comfy_e2e.comfy_client import ComfyClient
 from tests.comfy_e2e.conftest import (
@@ -168,6 +169,14 @@ def test_ranks_have_their_own_state_directories(clusters: Clusters) -> None:
             assert (base / f"rank{rank}" / name).is_dir()
     linked = base / "custom_nodes" / "ComfyUI_Cluster"
     assert linked.resolve() == Path(comfy_nodes.__file__).resolve().parents[1]
+
+
+def test_ranks_get_the_malloc_tuning(clusters: Clusters) -> None:
+    for url in clusters.two.urls:
+        raw = Path(f"/proc/{_server_pid(url)}/environ").read_bytes().split(b"\0")
+        env = dict(item.decode().partition("=")[::2] for item in raw if b"=" in item)
+        for name, value in MALLOC_TUNING.items():
+            assert env.get(name) == value, (url, name, env.get(name))
 
 
 # --- (b) a real workflow on one rank: the cluster nodes are identities ---------------------------

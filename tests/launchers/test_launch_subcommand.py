@@ -123,3 +123,8 @@ def test_python_dash_m_hoists_the_subcommand(tmp_path: Path) -> None:
     done = _python(["-m", "launchers", "--nproc", "2", "comfyui", "--help"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(COMFY_USAGE)
+
+
+def test_comfyui_malloc_tuning_is_on_unless_turned_off() -> None:
+    assert launchers.comfyui.parse_args(["--nproc", "2"]).malloc_tuning
+    assert not launchers.comfyui.parse_args(["--nproc", "2", "--no-malloc-tuning"]).malloc_tuning
