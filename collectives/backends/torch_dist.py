@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from collectives import algorithms
+from collectives.backends import cma
 from collectives.backends import torch_messages as messages
 from collectives.backends import torch_objects as objects
 from collectives.backends import torch_tensors as tt
@@ -52,6 +53,7 @@ from collectives.backends.torch_engine import (
 )
 from collectives.backends.torch_rendezvous import Joined, join
 from collectives.codec import encode
+from collectives.deadline import Deadline
 from collectives.errors import CommunicatorAbortedError
 from collectives.reduce_op import ReduceOp, finish_
 
@@ -135,9 +137,40 @@ class TorchBackend(Backend):
 
     @classmethod
     def create(cls, config: BackendConfig) -> TorchBackend:
-        return cls(
+        backend = cls(
             join(config, name=cls.name, torch_backend=cls.torch_backend, want_cuda=cls.uses_cuda)
         )
+        if not cls.uses_cuda:
+            backend._engine.cma_readers = backend._find_cma_readers(config.timeout)
+        return backend
+
+    def _find_cma_readers(self, timeout: float) -> frozenset[int]:
+        """The peers that can read this process's memory: every rank tries every other once.
+
+        Two small allgathers when the world forms: probe descriptors, then who could read whom.
+        A rank with cross-memory attach off or unavailable takes part with an empty descriptor.
+        """
+        if self.size == 1:
+            return frozenset()
+        import torch
+
+        ctx = OpContext("cma probe", 0, Deadline(timeout, "cma probe", self.rank))
+        use = cma.enabled()
+        probe = cma.Probe() if use else None
+        desc = probe.descriptor() if probe is not None else cma.no_descriptor()
+        every = torch.empty((self.size, cma.DESCRIPTOR_BYTES), dtype=torch.uint8)
+        self.allgather_into(every, torch.frombuffer(bytearray(desc), dtype=torch.uint8), ctx)
+        mine = torch.tensor(
+            [
+                use and r != self.rank and cma.can_read(every[r].numpy().tobytes())
+                for r in range(self.size)
+            ],
+            dtype=torch.uint8,
+        )
+        verdicts = torch.empty((self.size, self.size), dtype=torch.uint8)
+        self.allgather_into(verdicts, mine, ctx)
+        del probe  # every peer has tried it
+        return frozenset(r for r in range(self.size) if r != self.rank and verdicts[r, self.rank])
 
     # -- helpers -------------------------------------------------------------------------------
     def _check(self, ctx: OpContext) -> None:

@@ -54,7 +54,7 @@ _POLL_MAX_SLEEP_S = 1e-3
 
 # Tags: gloo matches point-to-point messages by (peer, tag), tags are non-negative int32.  The two
 # low bits keep user channels apart from the backend's own traffic.
-USER_SPACE, OBJECT_SPACE, RAW_SPACE = 0, 1, 2
+USER_SPACE, OBJECT_SPACE, RAW_SPACE, ACK_SPACE = 0, 1, 2, 3
 MAX_USER_TAG = (1 << 29) - 1
 
 _WAIT_SLICE_MSG = "Operation timed out!"
@@ -157,6 +157,9 @@ class Engine:
             max(64, 4 * size), thread_name_prefix=f"cc-{engine_name}-r{rank}-wait"
         )
         self.poisoned: set[tuple[int, int]] = set()
+        # Peers that can read this process's memory (see collectives.backends.cma): the large
+        # buffers of collective messages to them are read by them, not sent.
+        self.cma_readers: frozenset[int] = frozenset()
 
     # -- state ---------------------------------------------------------------------------------
     def check_usable(self, op: str) -> None:

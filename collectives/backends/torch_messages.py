@@ -7,21 +7,28 @@ belongs to and how long everything after it is::
 
     offset size field
     0      4    magic b"CCTD"
-    4      1    version (1)
+    4      1    version (2)
     5      1    length of the op name
     6      2    reserved, 0
     8      4    codec header length
-    12     4    reserved, 0
+    12     4    k: buffers the receiver reads from the sender's memory (0: none)
     16     8    op sequence number
     24     32   op name (ASCII, zero padded)
-    56     8    reserved, 0
+    56     8    sender's pid (when k > 0)
     64     ...  the codec header, when it fits, then every buffer that still fits (in order)
+    -8k    8k   the address of each of those k buffers in the sender (when k > 0)
 
 The rest travels as separate sends on the same (peer, tag), in order: the header when it did not
 fit, then each buffer not inlined (empty buffers are never sent).  gloo delivers one (peer, tag)
 in order, and the receiver posts receives of exactly the announced sizes (into
 :func:`~collectives.codec.alloc_buffer` memory, zero-copy for ``decode``).  Small objects
 therefore cost one message; tensors travel as their own bytes.
+
+Between processes of one host that can read each other (:mod:`collectives.backends.cma`, probed
+when the world forms), a collective's buffers of ``cma.MIN_BYTES`` or more do not travel at all:
+the envelope gives their addresses, the receiver copies them straight out of the sender's memory
+and acknowledges (8 bytes, 0 or an errno, on the op's acknowledgement tag); the sender keeps the
+buffers alive until then.
 
 A :class:`Link` binds this to one collective (one tag per op, from its sequence number) for
 :mod:`collectives.algorithms` and :mod:`collectives.backends.torch_objects`.  A peer in another
@@ -31,14 +38,17 @@ both ranks instead of crossing wires.
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from collectives.backends.torch_engine import GRACE_S, P2PJob
+from collectives.backends import cma
+from collectives.backends.torch_engine import ACK_SPACE, GRACE_S, P2PJob
 from collectives.codec import (
     MAX_HEADER_BYTES,
     Encoded,
@@ -48,7 +58,9 @@ from collectives.codec import (
 )
 from collectives.errors import (
     CollectiveMismatchError,
+    ConnectionLostError,
     RemoteProtocolError,
+    TransportError,
 )
 
 if TYPE_CHECKING:
@@ -60,21 +72,34 @@ if TYPE_CHECKING:
 
 ENVELOPE_BYTES = 1024
 MAGIC = b"CCTD"
-VERSION = 1
+VERSION = 2
 _PREFIX = struct.Struct("<4sBBHIIQ")
 _OP_AT, _OP_FIELD = 24, 32
+_PID = struct.Struct("<Q")
+_PID_AT = 56
 INLINE_AT = 64
 INLINE_ROOM = ENVELOPE_BYTES - INLINE_AT
+MAX_REMOTE = 32  # buffers read from the sender per message; more: all travel through the engine
+_ADDRESS = struct.Struct("<Q")
 
 
-def _plan(header_len: int, sizes: Sequence[int]) -> tuple[bool, list[bool]]:
+def _remote(sizes: Sequence[int], allowed: bool) -> list[bool]:
+    """Which buffers the receiver reads from the sender's memory (both sides compute this)."""
+    if not allowed:
+        return [False] * len(sizes)
+    flags = [n >= cma.MIN_BYTES for n in sizes]
+    return flags if 0 < sum(flags) <= MAX_REMOTE else [False] * len(sizes)
+
+
+def _plan(header_len: int, sizes: Sequence[int], remote: Sequence[bool]) -> tuple[bool, list[bool]]:
     """Whether the header and each buffer ride inside the envelope (both sides compute this)."""
-    if header_len > INLINE_ROOM:
+    room = INLINE_ROOM - _ADDRESS.size * sum(remote)
+    if header_len > room:
         return False, [n == 0 for n in sizes]
-    room = INLINE_ROOM - header_len
+    room -= header_len
     flags = []
-    for n in sizes:
-        inline = n <= room
+    for n, far in zip(sizes, remote, strict=True):
+        inline = not far and n <= room
         if inline:
             room -= n
         flags.append(inline)
@@ -102,32 +127,57 @@ def _sendable(buf: memoryview) -> torch.Tensor:
     return _u8(array)
 
 
-def outgoing(msg: Encoded, op: str, seq: int) -> list[torch.Tensor]:
-    """The tensors to send for ``msg``, envelope first, in order."""
+class Outgoing(NamedTuple):
+    parts: list[torch.Tensor]  # to send, envelope first, in order
+    remote: list[memoryview]  # read by the receiver from this process: alive until it says so
+
+
+def outgoing(msg: Encoded, op: str, seq: int, *, readable: bool = False) -> Outgoing:
+    """What to send for ``msg``; with ``readable`` (the receiver can read this process), large
+    buffers are left for the receiver to copy out of this process's memory."""
     header = bytes(msg.header)
     views = [_bytes_of(b) for b in msg.buffers]
-    header_inline, flags = _plan(len(header), [v.nbytes for v in views])
+    sizes = [v.nbytes for v in views]
+    remote = _remote(sizes, readable)
+    header_inline, flags = _plan(len(header), sizes, remote)
     env = np.zeros(ENVELOPE_BYTES, dtype=np.uint8)
     name = op.encode("ascii", "replace")[:_OP_FIELD]
-    _PREFIX.pack_into(env.data, 0, MAGIC, VERSION, len(name), 0, len(header), 0, seq)
+    k = sum(remote)
+    _PREFIX.pack_into(env.data, 0, MAGIC, VERSION, len(name), 0, len(header), k, seq)
     env[_OP_AT : _OP_AT + len(name)] = np.frombuffer(name, dtype=np.uint8)
     parts: list[torch.Tensor] = [_u8(env)]
+    far: list[memoryview] = []
     pos = INLINE_AT
     if header_inline:
         env[pos : pos + len(header)] = np.frombuffer(header, dtype=np.uint8)
         pos += len(header)
     else:
         parts.append(_u8(np.frombuffer(bytearray(header), dtype=np.uint8)))
-    for view, inline in zip(views, flags, strict=True):
+    if k:
+        _PID.pack_into(env.data, _PID_AT, os.getpid())
+    for view, inline, is_far in zip(views, flags, remote, strict=True):
         n = view.nbytes
-        if n == 0:
+        if is_far:
+            at = ENVELOPE_BYTES - _ADDRESS.size * (k - len(far))
+            _ADDRESS.pack_into(env.data, at, _address(view))
+            far.append(view)
+        elif n == 0:
             continue
-        if inline:
+        elif inline:
             env[pos : pos + n] = np.frombuffer(view, dtype=np.uint8)
             pos += n
         else:
             parts.append(_sendable(view))
-    return parts
+    return Outgoing(parts, far)
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+def ack_tag(tag: int) -> int:
+    """The tag on which receivers acknowledge buffers they read from a message sent on ``tag``."""
+    return (tag & ~3) | ACK_SPACE
 
 
 class Incoming:
@@ -161,6 +211,9 @@ class Incoming:
         self._parts_job: P2PJob | None = None
         self.header: bytes | None = None
         self.buffers: list[memoryview] = []
+        self._far = 0  # buffers to read from the sender's memory (envelope field k)
+        self._pid = 0
+        self._keep_ack: np.ndarray[Any, np.dtype[np.int64]] | None = None
 
     def env_arrived(self) -> bool:
         return self._env_job.done.is_set() and self._env_job.error is None
@@ -190,8 +243,8 @@ class Incoming:
 
     def _open_envelope(self) -> int:
         env = self._env
-        magic, version, name_len, _, header_len, _, seq = _PREFIX.unpack_from(env.data, 0)
-        if magic != MAGIC or version != VERSION or name_len > _OP_FIELD:
+        magic, version, name_len, _, header_len, far, seq = _PREFIX.unpack_from(env.data, 0)
+        if magic != MAGIC or version != VERSION or name_len > _OP_FIELD or far > MAX_REMOTE:
             raise RemoteProtocolError(
                 f"rank {self.engine.rank} received a malformed message envelope from rank "
                 f"{self.src} (magic {bytes(magic)!r}, version {version})"
@@ -210,7 +263,9 @@ class Incoming:
                 f"rank {self.src} announced a {header_len}-byte codec header (limit "
                 f"{MAX_HEADER_BYTES})"
             )
-        if header_len <= INLINE_ROOM:
+        self._far = int(far)
+        self._pid = int(_PID.unpack_from(env.data, _PID_AT)[0]) if far else 0
+        if header_len <= INLINE_ROOM - _ADDRESS.size * self._far:
             header = env[INLINE_AT : INLINE_AT + header_len].tobytes()
             header_length(header[:16])  # validates the prefix before trusting any size
             self.header = header
@@ -220,13 +275,20 @@ class Incoming:
         header = self.header
         assert header is not None
         sizes = buffer_sizes(header)
-        header_inline, flags = _plan(len(header), sizes)
+        remote = _remote(sizes, self._far > 0)
+        if sum(remote) != self._far:
+            raise RemoteProtocolError(
+                f"rank {self.src} announced {self._far} buffers to read from its memory, but its "
+                f"header describes {sum(remote)}"
+            )
+        header_inline, flags = _plan(len(header), sizes, remote)
         pos = INLINE_AT + (len(header) if header_inline else 0)
+        far_at = ENVELOPE_BYTES - _ADDRESS.size * self._far
         direct = self.direct
         use_direct = (
             direct is not None and len(sizes) == 1 and not flags[0] and sizes[0] == direct.numel()
         )
-        for n, inline in zip(sizes, flags, strict=True):
+        for n, inline, is_far in zip(sizes, flags, remote, strict=True):
             if inline:
                 buf = alloc_buffer(n)
                 if n:
@@ -243,8 +305,38 @@ class Incoming:
                 buf = alloc_buffer(n)
                 target = _u8(np.frombuffer(buf, dtype=np.uint8))
                 self.buffers.append(buf)
+            if is_far:
+                address = _ADDRESS.unpack_from(self._env.data, far_at)[0]
+                far_at += _ADDRESS.size
+                self._read_far(address, target, n, ctx)
+                continue
             self._parts.append((self.engine.post_recv(target, self.src, self.tag, ctx), self.src))
+        if self._far:
+            self._acknowledge(0, ctx)
         self._parts_job = self.engine.start(self._parts, ctx, extra_s=self._linger)
+
+    def _read_far(self, address: int, target: torch.Tensor, n: int, ctx: OpContext) -> None:
+        try:
+            cma.read(self._pid, address, target.data_ptr(), n)
+        except OSError as err:
+            self._acknowledge(err.errno or errno.EIO, ctx)  # so the sender fails too, not waits
+            if err.errno == errno.ESRCH:
+                raise ConnectionLostError(
+                    f"rank {self.engine.rank}: rank {self.src} (pid {self._pid}) exited before "
+                    f"its message could be read",
+                    ranks=(self.src,),
+                ) from None
+            raise TransportError(
+                f"rank {self.engine.rank} could not read rank {self.src}'s message from its "
+                f"memory: {err}"
+            ) from None
+
+    def _acknowledge(self, code: int, ctx: OpContext) -> None:
+        """Tell the sender its buffers were read (0) or not (an errno): it may reuse them."""
+        ack = np.array([code], dtype=np.int64)
+        self._keep_ack = ack
+        work = self.engine.post_send(_u8(ack.view(np.uint8)), self.src, ack_tag(self.tag), ctx)
+        self._parts.append((work, self.src))
 
     def finish(self, ctx: OpContext) -> Encoded:
         assert self._parts_job is not None and self.header is not None
@@ -254,7 +346,7 @@ class Incoming:
     def abandon(self) -> None:
         """Keep whatever is still posted alive (gloo may write into it later)."""
         self.engine.bury(self._env, self._env_job, self._header_buf, self._header_job)
-        self.engine.bury(self._parts, self._parts_job, self.buffers, self.direct)
+        self.engine.bury(self._parts, self._parts_job, self.buffers, self.direct, self._keep_ack)
 
 
 class Link:
@@ -275,11 +367,20 @@ class Link:
         self._sends: list[tuple[Any, int]] = []
         self._keep: list[object] = []
         self._incoming: list[Incoming] = []
+        self._acks: list[tuple[np.ndarray[Any, np.dtype[np.int64]], int]] = []
 
     def send(self, dst: int, msg: Encoded) -> None:
-        for part in outgoing(msg, self.ctx.name, self.ctx.seq):
+        out = outgoing(msg, self.ctx.name, self.ctx.seq, readable=dst in self.engine.cma_readers)
+        for part in out.parts:
             self._keep.append(part)
             self._sends.append((self.engine.post_send(part, dst, self.tag, self.ctx), dst))
+        if out.remote:
+            # dst reads these from this process: they must outlive its acknowledgement.
+            ack = np.full(1, -1, dtype=np.int64)
+            self._keep.append(out.remote)
+            self._acks.append((ack, dst))
+            work = self.engine.post_recv(_u8(ack.view(np.uint8)), dst, ack_tag(self.tag), self.ctx)
+            self._sends.append((work, dst))
 
     def recv(self, src: int) -> Encoded:
         return self.recv_many([src])[src]
@@ -319,11 +420,20 @@ class Link:
 
     def close(self) -> None:
         self.engine.wait_all(self._sends, self.ctx)
+        failed = [(dst, int(ack[0])) for ack, dst in self._acks if ack[0] != 0]
         self._sends.clear()
         self._keep.clear()
+        self._acks.clear()
+        if failed:
+            dst, code = failed[0]
+            raise TransportError(
+                f"{self.ctx.name} on rank {self.rank}: rank {dst} could not read this rank's "
+                f"message from its memory ({os.strerror(code) if code > 0 else code}); set "
+                f"{cma.ENV}=0 if that keeps happening"
+            )
 
     def abandon(self) -> None:
-        self.engine.bury(*self._sends, *self._keep)
+        self.engine.bury(*self._sends, *self._keep, *self._acks)
         for inc in self._incoming:
             inc.abandon()
 
@@ -341,6 +451,8 @@ def link(engine: Engine, ctx: OpContext, tag: int) -> Iterator[Link]:
 
 __all__ = [
     "ENVELOPE_BYTES",
+    "Outgoing",
+    "ack_tag",
     "Incoming",
     "Link",
     "link",

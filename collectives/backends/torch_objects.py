@@ -87,7 +87,7 @@ def barrier(engine: Engine, ctx: OpContext, tag: int) -> None:
 
 # -- user point-to-point ---------------------------------------------------------------------------
 def send(engine: Engine, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:
-    parts = outgoing(msg, ctx.name, 0)
+    parts = outgoing(msg, ctx.name, 0).parts
     works: list[tuple[Any, int]] = []
     try:
         with engine.channel_lock("send", dst, tag):

@@ -217,8 +217,8 @@ def _rows(rank: int) -> int:
 @check
 def check_gatherv_into(comm: Communicator) -> None:
     for root in range(comm.size):
-        # Rows of 5 elements, and rows of 40 KiB (big enough for the engines' direct paths).
-        for dtype, width in ((torch.bfloat16, 5), (torch.float32, 10240), (torch.uint8, 7)):
+        # Rows of 5 elements, and rows of 80 KiB (big enough for the engines' direct paths).
+        for dtype, width in ((torch.bfloat16, 5), (torch.float32, 20480), (torch.uint8, 7)):
             total = sum(_rows(r) for r in range(comm.size))
             mine = _block(comm.rank, dtype, (_rows(comm.rank), width))
             out = blocks = None

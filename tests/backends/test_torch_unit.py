@@ -108,6 +108,12 @@ def test_abort_unblocks_collective_and_point_to_point() -> None:
 
 
 @pytest.mark.gloo
+@pytest.mark.parametrize("plan", ["cma", "cma_off_1"])
+def test_large_buffers_are_read_across_processes_unless_a_rank_opts_out(plan: str) -> None:
+    _check(3, plan, "cma")
+
+
+@pytest.mark.gloo
 def test_rank_exiting_mid_op() -> None:
     codes, log = _world(3, "exit")
     _check(3, "exit", "exit", ranks=[0, 1])
@@ -226,12 +232,34 @@ def test_envelope_inlines_small_messages_only() -> None:
     from collectives.backends.torch_messages import ENVELOPE_BYTES, outgoing
     from collectives.codec import encode
 
-    small = outgoing(encode({"a": 1}), "broadcast", 7)
+    small = outgoing(encode({"a": 1}), "broadcast", 7).parts
     assert len(small) == 1 and small[0].numel() == ENVELOPE_BYTES
-    big = outgoing(encode(torch.zeros(1000)), "broadcast", 7)
+    big = outgoing(encode(torch.zeros(1000)), "broadcast", 7).parts
     assert [t.numel() for t in big] == [ENVELOPE_BYTES, 4000]
-    many = outgoing(encode([torch.zeros(1) for _ in range(80)]), "gather", 1)
+    many = outgoing(encode([torch.zeros(1) for _ in range(80)]), "gather", 1).parts
     assert many[1].numel() > ENVELOPE_BYTES - 64  # the header itself travels separately
+
+
+def test_envelope_leaves_large_buffers_to_a_reader_that_can_read_this_process() -> None:
+    import struct
+
+    import torch
+
+    from collectives.backends import cma
+    from collectives.backends.torch_messages import ENVELOPE_BYTES, outgoing
+    from collectives.codec import encode
+
+    tensors = [torch.zeros(10), torch.ones(cma.MIN_BYTES // 4), torch.zeros(cma.MIN_BYTES)]
+    msg = encode(tensors)
+    sent = outgoing(msg, "gather", 3).parts
+    assert [t.numel() for t in sent] == [ENVELOPE_BYTES, cma.MIN_BYTES, 4 * cma.MIN_BYTES]
+    read = outgoing(msg, "gather", 3, readable=True)
+    assert [t.numel() for t in read.parts] == [ENVELOPE_BYTES]  # the small one rides inline
+    assert [v.nbytes for v in read.remote] == [cma.MIN_BYTES, 4 * cma.MIN_BYTES]
+    env = read.parts[0].numpy()
+    assert struct.unpack_from("<I", env, 12)[0] == 2  # k
+    tail = struct.unpack_from("<2Q", env, ENVELOPE_BYTES - 16)
+    assert list(tail) == [tensors[1].data_ptr(), tensors[2].data_ptr()]
 
 
 # -- rank side -------------------------------------------------------------------------------------
@@ -541,7 +569,34 @@ def s_exit(comm: Any, ctx: Any) -> None:
     assert time.monotonic() - start < TIMEOUT_S + SLACK_S + 2.0
 
 
+@scenario
+def s_cma(comm: Any, ctx: Any) -> None:
+    """Same host: peers read large buffers out of each other's memory (unless one opted out)."""
+    import torch
+
+    from collectives.backends import cma
+
+    off = os.environ.get(cma.ENV) == "0"
+    readers = comm.engine._engine.cma_readers
+    if off:
+        assert readers == frozenset(), readers  # nobody may read a rank that did not probe
+    else:
+        others = {r for r in range(comm.size) if r != comm.rank}
+        want = others - ({1} if os.environ.get("CMA_OFF_RANK") == "1" else set())
+        assert readers == want, (readers, want)
+    big = [torch.full((300_000,), float(comm.rank)), torch.arange(5), b"x" * 400_000]
+    got = comm.allgather(big)
+    for r, (t, small, raw) in enumerate(got):
+        assert bool((t == r).all()) and small.tolist() == list(range(5)) and raw == b"x" * 400_000
+    for root in range(comm.size):
+        value = comm.broadcast(torch.full((1 << 20,), float(root)) if comm.rank == root else None,
+                               root=root)  # fmt: skip
+        assert bool((value == root).all())
+
+
 PLANS = {
+    "cma": ["cma"],
+    "cma_off_1": ["cma"],
     "main": [
         "dtypes",
         "random_identical",
@@ -570,6 +625,11 @@ class _Ctx:
 
 def main(plan: str) -> int:
     import collectives
+
+    if plan == "cma_off_1":
+        os.environ["CMA_OFF_RANK"] = "1"
+        if os.environ["RANK"] == "1":
+            os.environ["COMFY_CLUSTER_CMA"] = "0"
 
     comm = collectives.init("gloo", timeout=30)
     ctx = _Ctx()

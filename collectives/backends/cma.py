@@ -1,0 +1,153 @@
+"""Single-copy transfers between processes of one host (Linux cross-memory attach).
+
+Over TCP loopback every byte is copied twice (into the kernel and out again) and moves through
+one socket at 1.5-2.5 GB/s; with ``process_vm_readv`` the receiver copies straight out of the
+sender's memory once, at memcpy speed (9-10 GB/s measured here).  MPI libraries do the same
+for large messages (MPICH and Open MPI call it CMA).  The sender announces where the bytes are;
+the receiver reads them and acknowledges, after which the sender may reuse its memory.
+
+Whether a peer may read this process is decided per pair by trying it once, when a world forms
+(:func:`probe_descriptor`, :func:`can_read`): the kernel refuses when ptrace rules forbid it
+(another user, Yama's ``ptrace_scope``, a container without ``CAP_SYS_PTRACE``), and processes
+on different hosts or in different PID namespaces are told apart by :func:`host_identity`
+before anything is tried.  ``COMFY_CLUSTER_CMA=0`` turns it off.
+
+Nothing is imported or allocated at module import beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+import secrets
+import struct
+import sys
+from typing import Any
+
+ENV = "COMFY_CLUSTER_CMA"
+MIN_BYTES = 256 << 10  # smaller parts go through the engine: the acknowledgement costs a round trip
+
+_DESCRIPTOR = struct.Struct("<16sIQ16s")  # host identity, pid, token address, token
+DESCRIPTOR_BYTES = _DESCRIPTOR.size
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_readv: Any = None
+
+
+def _load() -> Any:
+    global _readv
+    if _readv is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.process_vm_readv
+        fn.restype = ctypes.c_ssize_t
+        fn.argtypes = [
+            ctypes.c_int,
+            ctypes.POINTER(_IoVec),
+            ctypes.c_ulong,
+            ctypes.POINTER(_IoVec),
+            ctypes.c_ulong,
+            ctypes.c_ulong,
+        ]
+        _readv = fn
+    return _readv
+
+
+def enabled() -> bool:
+    """Linux, a libc with ``process_vm_readv``, and not turned off by ``COMFY_CLUSTER_CMA``."""
+    if not sys.platform.startswith("linux") or os.environ.get(ENV, "1").strip() in ("0", "off"):
+        return False
+    try:
+        _load()
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def host_identity() -> bytes:
+    """16 bytes equal for two processes exactly when one can name the other by its pid."""
+    parts = [os.uname().nodename.encode()]
+    for path in ("/proc/sys/kernel/random/boot_id",):
+        try:
+            with open(path, "rb") as f:
+                parts.append(f.read().strip())
+        except OSError:
+            parts.append(b"?")
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino).encode())
+    except OSError:
+        parts.append(b"?")
+    return hashlib.sha256(b"\0".join(parts)).digest()[:16]
+
+
+def read(pid: int, address: int, into: int, nbytes: int) -> None:
+    """Copy ``nbytes`` at ``address`` in process ``pid`` to ``into`` in this one.
+
+    Raises ``OSError`` with the kernel's errno: ``ESRCH`` when the process is gone, ``EPERM``
+    when reading it is not allowed, ``EFAULT`` when the range is not mapped there.
+    """
+    fn = _load()
+    done = 0
+    while done < nbytes:
+        local = _IoVec(into + done, nbytes - done)
+        remote = _IoVec(address + done, nbytes - done)
+        got = fn(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"process_vm_readv from pid {pid}: {os.strerror(code)}")
+        if got == 0:
+            raise OSError(errno.EFAULT, f"process_vm_readv from pid {pid} read nothing")
+        done += got
+
+
+class Probe:
+    """A token in this process's memory that peers try to read, and its description."""
+
+    def __init__(self) -> None:
+        self.token = secrets.token_bytes(16)
+        self._buf = ctypes.create_string_buffer(self.token, 16)
+
+    def descriptor(self) -> bytes:
+        return _DESCRIPTOR.pack(
+            host_identity(), os.getpid(), ctypes.addressof(self._buf), self.token
+        )
+
+
+def no_descriptor() -> bytes:
+    """What a process that cannot take part sends in place of a probe descriptor."""
+    return bytes(DESCRIPTOR_BYTES)
+
+
+def can_read(descriptor: bytes) -> bool:
+    """Whether this process can read the peer that sent ``descriptor`` (tries it)."""
+    try:
+        identity, pid, address, token = _DESCRIPTOR.unpack(bytes(descriptor))
+    except struct.error:
+        return False
+    if pid == 0 or identity != host_identity() or pid == os.getpid():
+        return False
+    got = ctypes.create_string_buffer(16)
+    try:
+        read(pid, address, ctypes.addressof(got), 16)
+    except OSError:
+        return False
+    return bool(got.raw == token)
+
+
+__all__ = [
+    "DESCRIPTOR_BYTES",
+    "ENV",
+    "MIN_BYTES",
+    "Probe",
+    "can_read",
+    "enabled",
+    "host_identity",
+    "no_descriptor",
+    "read",
+]
