@@ -101,6 +101,7 @@ class P2PJob:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.failed_peer: int | None = None
+        self.keep: object = None  # memory the works use, alive until they end
 
     def run(self) -> None:
         try:

@@ -213,7 +213,6 @@ class Incoming:
         self.buffers: list[memoryview] = []
         self._far = 0  # buffers to read from the sender's memory (envelope field k)
         self._pid = 0
-        self._keep_ack: np.ndarray[Any, np.dtype[np.int64]] | None = None
 
     def env_arrived(self) -> bool:
         return self._env_job.done.is_set() and self._env_job.error is None
@@ -332,11 +331,14 @@ class Incoming:
             ) from None
 
     def _acknowledge(self, code: int, ctx: OpContext) -> None:
-        """Tell the sender its buffers were read (0) or not (an errno): it may reuse them."""
+        """Tell the sender its buffers were read (0) or not (an errno): it may reuse them.
+
+        Not waited for here: this rank has its data, and the sender's own op ends with the
+        acknowledgement; a helper thread waits for the send and keeps the 8 bytes alive.
+        """
         ack = np.array([code], dtype=np.int64)
-        self._keep_ack = ack
         work = self.engine.post_send(_u8(ack.view(np.uint8)), self.src, ack_tag(self.tag), ctx)
-        self._parts.append((work, self.src))
+        self.engine.start([(work, self.src)], ctx, extra_s=self._linger).keep = ack
 
     def finish(self, ctx: OpContext) -> Encoded:
         assert self._parts_job is not None and self.header is not None
@@ -346,7 +348,7 @@ class Incoming:
     def abandon(self) -> None:
         """Keep whatever is still posted alive (gloo may write into it later)."""
         self.engine.bury(self._env, self._env_job, self._header_buf, self._header_job)
-        self.engine.bury(self._parts, self._parts_job, self.buffers, self.direct, self._keep_ack)
+        self.engine.bury(self._parts, self._parts_job, self.buffers, self.direct)
 
 
 class Link:
