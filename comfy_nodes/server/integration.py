@@ -54,6 +54,7 @@ def install(server: Any) -> Membership | None:
         return None  # a single instance: cluster nodes are identities, nothing to wire
     from comfy.cli_args import args  # type: ignore[import-not-found,unused-ignore]
 
+    _init_mpi_early(settings.backend)
     membership = Membership(settings, f"http://{settings.advertise_host}:{args.port}")
     _installed = membership
     cluster.comm_provider = membership.wait_ready
@@ -89,6 +90,25 @@ def _on_prompt(json_data: dict[str, Any]) -> dict[str, Any]:
     if not prompts.is_cluster_prompt(prompt, NODE_CLASS_MAPPINGS):
         return json_data
     return _prepared(json_data)
+
+
+def _init_mpi_early(backend: str | None) -> None:
+    """Under mpirun, initialise MPI now, on the main thread, before the server runs.
+
+    ``MPI_Init`` waits for every rank of the job and mpi4py holds the GIL meanwhile: done later,
+    on the join thread, it would freeze this server's event loop while a follower that asks the
+    leader's HTTP server for the current epoch before joining never gets an answer (deadlock).
+    Every rank loads this node pack at start-up, so here they all meet at once.
+    """
+    from collectives.rendezvous.env import detect_mpi_launcher
+
+    if backend not in (None, "mpi") or not detect_mpi_launcher():
+        return
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return  # no mpi4py: the backend chosen later says so
+    log.info("MPI initialised (thread level %s) before the server starts", MPI.Query_thread())
 
 
 def _prepared(json_data: dict[str, Any]) -> dict[str, Any]:
