@@ -17,6 +17,7 @@ Importing this module neither imports mpi4py nor initialises MPI; :meth:`MPIBack
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -24,9 +25,8 @@ from collectives.backends import mpi_objects, mpi_reduce
 from collectives.backends.base import Backend, BackendConfig, OpContext, register_backend
 from collectives.backends.mpi_core import (
     Engine,
-    flat_bytes,
+    check_plain,
     host_buffer,
-    host_bytes,
     import_mpi,
 )
 from collectives.backends.mpi_objects import PAYLOAD_TAGS
@@ -219,61 +219,70 @@ class MPIBackend(Backend):
     def gather_into(
         self, out: torch.Tensor | None, tensor: torch.Tensor, root: int, ctx: OpContext
     ) -> None:
-        byte = self._byte
+        mpi = self._mpi
         peers = _root_peer(self.rank, root)
         with self._engine.op(ctx, peers) as engine:
-            src = host_bytes(_cpu(tensor))
-            direct = src.nbytes >= DIRECT_MIN_BYTES
+            mine = _cpu(tensor)
+            direct = mine.nbytes >= DIRECT_MIN_BYTES
             if self.rank != root:
+                buf = host_buffer(mpi, mine)
                 if direct:
-                    req = engine.coll.Isend([src, byte], root, _payload_tag(ctx))
+                    req = engine.coll.Isend(buf, root, _payload_tag(ctx))
                 else:
-                    req = engine.coll.Igather([src, byte], None, root)
-                engine.wait([req], ctx, peers, keep=src)
+                    req = engine.coll.Igather(buf, None, root)
+                engine.wait([req], ctx, peers, keep=mine)
                 return
             assert out is not None
             host = _cpu(out)
-            dst = host_bytes(host)
             if direct:
-                self._direct_rooted(engine, flat_bytes(dst), src, root, ctx, gather=True)
+                self._direct_rooted(engine, host, mine, root, ctx, gather=True)
             else:
-                req = engine.coll.Igather([src, byte], [dst, byte], root)
-                engine.wait([req], ctx, keep=(src, dst))
+                req = engine.coll.Igather(host_buffer(mpi, mine), host_buffer(mpi, host), root)
+                engine.wait([req], ctx, keep=(mine, host))
             _back(out, host)
 
     def _direct_rooted(
-        self, engine: Engine, blocks: Any, mine: Any, root: int, ctx: OpContext, *, gather: bool
+        self,
+        engine: Engine,
+        blocks: torch.Tensor,
+        mine: torch.Tensor,
+        root: int,
+        ctx: OpContext,
+        *,
+        gather: bool,
     ) -> None:
         """Root's side of a gather (receive) or scatter (send) as one message per rank.
 
         For large blocks this beats MPICH's ``Igather``/``Iscatter`` (and even the blocking
         calls) several-fold with more ranks than cores: a large point-to-point message moves in
         one copy without needing the receiver to drive progress, where the tree collectives
-        forward data in small pieces through intermediate ranks.
+        forward data in small pieces through intermediate ranks.  ``blocks`` holds ``size``
+        blocks of ``mine``'s byte size, addressed directly (no array per block).
         """
-        byte, tag, nbytes = self._byte, _payload_tag(ctx), mine.nbytes
-        reqs, sources, statuses = [], [], []
-        for r in range(self.size):
-            if r == root:
-                continue
-            block = blocks[r * nbytes : (r + 1) * nbytes]
+        mpi = self._mpi
+        at, coll = mpi.buffer.fromaddress, engine.coll
+        check_plain(blocks)
+        check_plain(mine)
+        tag, nbytes, base = _payload_tag(ctx), mine.nbytes, blocks.data_ptr()
+        reqs, statuses = [], []
+        sources = [r for r in range(self.size) if r != root]
+        for r in sources:
             if gather:
-                reqs.append(engine.coll.Irecv([block, byte], r, tag))
-                statuses.append(self._mpi.Status())
+                reqs.append(coll.Irecv(at(base + r * nbytes, nbytes), r, tag))
+                statuses.append(mpi.Status())
             else:
-                reqs.append(engine.coll.Isend([block, byte], r, tag))
-            sources.append(r)
+                reqs.append(coll.Isend(at(base + r * nbytes, nbytes), r, tag))
         # Root's own block is copied once every message is posted, so the copy overlaps them.
-        own = blocks[root * nbytes : (root + 1) * nbytes]
+        own = base + root * nbytes
         if gather:
-            own[...] = flat_bytes(mine)
+            ctypes.memmove(own, mine.data_ptr(), nbytes)
         else:
-            flat_bytes(mine)[...] = own
+            ctypes.memmove(mine.data_ptr(), own, nbytes)
         engine.wait(
             reqs, ctx, sources=sources, statuses=statuses if gather else None, keep=(blocks, mine)
         )
         for r, status in zip(sources, statuses, strict=False):
-            _check_count(self.rank, r, status.Get_count(byte), nbytes, ctx)
+            _check_count(self.rank, r, status.Get_count(self._byte), nbytes, ctx)
 
     def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: OpContext) -> None:
         mpi = self._mpi
@@ -286,28 +295,27 @@ class MPIBackend(Backend):
     def scatter_into(
         self, out: torch.Tensor, tensor: torch.Tensor | None, root: int, ctx: OpContext
     ) -> None:
-        byte = self._byte
+        mpi = self._mpi
         peers = _root_peer(self.rank, root)
         with self._engine.op(ctx, peers) as engine:
             host = _cpu(out)
-            dst = host_bytes(host)
-            direct = dst.nbytes >= DIRECT_MIN_BYTES
+            direct = host.nbytes >= DIRECT_MIN_BYTES
             if self.rank == root:
                 assert tensor is not None
-                src = host_bytes(_cpu(tensor))
+                src = _cpu(tensor)
                 if direct:
-                    self._direct_rooted(engine, flat_bytes(src), dst, root, ctx, gather=False)
+                    self._direct_rooted(engine, src, host, root, ctx, gather=False)
                 else:
-                    req = engine.coll.Iscatter([src, byte], [dst, byte], root)
-                    engine.wait([req], ctx, keep=(src, dst))
+                    req = engine.coll.Iscatter(host_buffer(mpi, src), host_buffer(mpi, host), root)
+                    engine.wait([req], ctx, keep=(src, host))
             elif direct:
-                status = self._mpi.Status()
-                req = engine.coll.Irecv([dst, byte], root, _payload_tag(ctx))
-                engine.wait([req], ctx, peers, statuses=[status], keep=dst)
-                _check_count(self.rank, root, status.Get_count(byte), dst.nbytes, ctx)
+                status = mpi.Status()
+                req = engine.coll.Irecv(host_buffer(mpi, host), root, _payload_tag(ctx))
+                engine.wait([req], ctx, peers, statuses=[status], keep=host)
+                _check_count(self.rank, root, status.Get_count(self._byte), host.nbytes, ctx)
             else:
-                req = engine.coll.Iscatter(None, [dst, byte], root)
-                engine.wait([req], ctx, peers, keep=dst)
+                req = engine.coll.Iscatter(None, host_buffer(mpi, host), root)
+                engine.wait([req], ctx, peers, keep=host)
             _back(out, host)
 
     # -- lifetime ------------------------------------------------------------------------------

@@ -348,12 +348,17 @@ def host_buffer(mpi: Any, t: torch.Tensor) -> Any:
     op at 1 MiB.  The buffer does not own the memory: callers keep ``t`` alive (``keep=``) until
     MPI is done with it.
     """
+    check_plain(t)
+    return mpi.buffer.fromaddress(t.data_ptr(), t.nbytes)
+
+
+def check_plain(t: torch.Tensor) -> None:
+    """Refuse views whose memory does not hold their values (MPI would move the wrong bytes)."""
     if t.is_conj() or t.is_neg():
         raise InvalidArgumentError(
             "a lazily conjugated or negated tensor view has no memory of its own to send or "
             "receive into: call .resolve_conj() / .resolve_neg() first"
         )
-    return mpi.buffer.fromaddress(t.data_ptr(), t.nbytes)
 
 
 def flat_bytes(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
