@@ -1,16 +1,17 @@
 """Handing a cluster prompt from the leader to every follower, through the communicator.
 
-The hand-over is three collectives that the leader runs as the first step of the prompt (the
+The hand-over is two collectives that the leader runs as the first step of the prompt (the
 ClusterSync head node) and each follower's control thread runs while its executor is idle:
 
 1. the prompt, from the leader to every follower (any size: the communicator has no limit);
-2. ``gather`` of every follower's verdict (ComfyUI's own validation of the prompt, restricted to
-   what the follower will execute);
-3. the leader's decision, to every follower: go only if every follower accepted.
+2. ``allgather`` of every rank's verdict (a follower's is ComfyUI's own validation of the prompt,
+   restricted to what it will execute; the leader's is always "ok").  Every rank then applies
+   the same rule to the same list: go only if every verdict is "ok".
 
-Steps 1 and 3 are a ``scatter`` of the same value to every rank rather than a ``broadcast``: the
-leader sends to each follower directly, where a tree broadcast relays through followers, and each
-relay waits for a follower process to be scheduled (the ranks often share a few CPU cores).
+Step 1 is a ``scatter`` of the same value to every rank rather than a ``broadcast``: the leader
+sends to each follower directly, where a tree broadcast relays through followers, and each relay
+waits for a follower process to be scheduled (the ranks often share a few CPU cores).  Step 2 is
+one round where a gather of verdicts followed by the leader's decision would be two.
 
 A follower queues the prompt only on "go", under the leader's prompt id, so a prompt is never
 queued on some ranks only, and never twice.  Because these are collectives in the same sequence as
@@ -64,20 +65,19 @@ def _to_every_rank(comm: Communicator, value: Any, *, timeout: float) -> None:
 
 
 def from_leader(comm: Communicator, *, timeout: float) -> Any:
-    """Follower side of a value the leader sends to every rank (hand-over steps 1 and 3)."""
+    """Follower side of a value the leader sends to every rank (hand-over step 1)."""
     return comm.scatter(None, root=LEADER, timeout=timeout)
+
+
+def _refusals(verdicts: list[Any]) -> list[tuple[int, Any]]:
+    """The ranks whose verdict is not "ok" (every rank computes this from the same list)."""
+    return [(r, v) for r, v in enumerate(verdicts) if not (isinstance(v, dict) and v.get("ok"))]
 
 
 def hand_over(comm: Communicator, delivery: Delivery, *, timeout: float) -> None:
     """Leader side: deliver the prompt; raise naming every follower that refused it."""
     _to_every_rank(comm, delivery.message(), timeout=timeout)
-    verdicts = comm.gather(None, root=LEADER, timeout=timeout) or []
-    refused = [
-        (rank, v)
-        for rank, v in enumerate(verdicts)
-        if rank != LEADER and not (isinstance(v, dict) and v.get("ok"))
-    ]
-    _to_every_rank(comm, not refused, timeout=timeout)
+    refused = _refusals(comm.allgather(Verdict(True).message(), timeout=timeout))
     if refused:
         lines = [f"rank {rank}: {_describe(v)}" for rank, v in refused]
         raise PeerNodeError(
@@ -115,9 +115,8 @@ def take_over(
         verdict, ticket = validate(delivery)
     except Exception as err:  # a malformed message or a crash in validation: refuse, loudly
         verdict, ticket = Verdict(False, f"{type(err).__name__}: {err}"), None
-    comm.gather(verdict.message(), root=LEADER, timeout=timeout)
-    go = from_leader(comm, timeout=timeout)
-    if go is True and verdict.ok and delivery is not None:
+    go = not _refusals(comm.allgather(verdict.message(), timeout=timeout))
+    if go and verdict.ok and delivery is not None:
         enqueue(delivery, ticket)
         return delivery
     return None

@@ -64,8 +64,7 @@ def test_a_malformed_message_is_refused_not_crashed_on() -> None:
     def fn(comm: Communicator) -> Any:
         if comm.rank == 0:
             comm.scatter([{"kind": "prompt"}] * comm.size)  # no prompt id: a broken leader
-            verdicts = comm.gather(None)
-            comm.scatter([False] * comm.size)
+            verdicts = comm.allgather({"ok": True})
             return verdicts[1]
         return _follower(comm, refuse=False)
 
