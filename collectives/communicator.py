@@ -147,11 +147,9 @@ class Communicator:
             items = list(items)
 
         def body(ctx: OpContext) -> Any:
-            msgs = (
-                [self._encode(x) for x in items]
-                if items is not None and self.rank == root
-                else None
-            )
+            msgs = None
+            if items is not None and self.rank == root:
+                msgs = _encode_each(items, self._encode)
             msg = self._backend.scatter(msgs, root, ctx)
             return items[root] if items is not None and self.rank == root else self._decode(msg)
 
@@ -631,6 +629,19 @@ class Communicator:
             if job is None:
                 return
             job()
+
+
+def _encode_each(items: Sequence[Any], encode: Callable[[Any], Encoded]) -> list[Encoded]:
+    """Encode every item once per distinct object: scattering one value to every rank (a
+    broadcast without a relay tree) pickles it once, not once per rank."""
+    seen: dict[int, Encoded] = {}
+    out = []
+    for item in items:
+        msg = seen.get(id(item))
+        if msg is None:
+            msg = seen[id(item)] = encode(item)
+        out.append(msg)
+    return out
 
 
 def _in_callers_mode(body: Callable[[OpContext], T]) -> Callable[[OpContext], T]:
