@@ -124,6 +124,14 @@ def no_descriptor() -> bytes:
     return bytes(DESCRIPTOR_BYTES)
 
 
+def descriptor_pid(descriptor: bytes) -> int:
+    """The pid a probe descriptor names (0 for an empty or malformed one)."""
+    try:
+        return int(_DESCRIPTOR.unpack(bytes(descriptor))[1])
+    except struct.error:
+        return 0
+
+
 def can_read(descriptor: bytes) -> bool:
     """Whether this process can read the peer that sent ``descriptor`` (tries it)."""
     try:
@@ -146,6 +154,7 @@ __all__ = [
     "MIN_BYTES",
     "Probe",
     "can_read",
+    "descriptor_pid",
     "enabled",
     "host_identity",
     "no_descriptor",

@@ -140,18 +140,18 @@ class TorchBackend(Backend):
         backend = cls(
             join(config, name=cls.name, torch_backend=cls.torch_backend, want_cuda=cls.uses_cuda)
         )
-        if not cls.uses_cuda:
-            backend._engine.cma_readers = backend._find_cma_readers(config.timeout)
+        if not cls.uses_cuda and backend.size > 1:
+            backend._probe_cma(config.timeout)
         return backend
 
-    def _find_cma_readers(self, timeout: float) -> frozenset[int]:
-        """The peers that can read this process's memory: every rank tries every other once.
+    def _probe_cma(self, timeout: float) -> None:
+        """Find who can read whose memory: every rank tries every other once.
 
         Two small allgathers when the world forms: probe descriptors, then who could read whom.
         A rank with cross-memory attach off or unavailable takes part with an empty descriptor.
+        Sets the engine's ``cma_readers`` (peers that may read this process) and ``cma_sources``
+        (peer -> pid this process may read: an envelope naming any other pid is refused).
         """
-        if self.size == 1:
-            return frozenset()
         import torch
 
         ctx = OpContext("cma probe", 0, Deadline(timeout, "cma probe", self.rank))
@@ -160,17 +160,20 @@ class TorchBackend(Backend):
         desc = probe.descriptor() if probe is not None else cma.no_descriptor()
         every = torch.empty((self.size, cma.DESCRIPTOR_BYTES), dtype=torch.uint8)
         self.allgather_into(every, torch.frombuffer(bytearray(desc), dtype=torch.uint8), ctx)
-        mine = torch.tensor(
-            [
-                use and r != self.rank and cma.can_read(every[r].numpy().tobytes())
-                for r in range(self.size)
-            ],
-            dtype=torch.uint8,
-        )
+        readable = {
+            r: cma.descriptor_pid(every[r].numpy().tobytes())
+            for r in range(self.size)
+            if use and r != self.rank and cma.can_read(every[r].numpy().tobytes())
+        }
+        mine = torch.tensor([r in readable for r in range(self.size)], dtype=torch.uint8)
         verdicts = torch.empty((self.size, self.size), dtype=torch.uint8)
         self.allgather_into(verdicts, mine, ctx)
         del probe  # every peer has tried it
-        return frozenset(r for r in range(self.size) if r != self.rank and verdicts[r, self.rank])
+        engine = self._engine
+        engine.cma_sources = readable
+        engine.cma_readers = frozenset(
+            r for r in range(self.size) if r != self.rank and verdicts[r, self.rank]
+        )
 
     # -- helpers -------------------------------------------------------------------------------
     def _check(self, ctx: OpContext) -> None:

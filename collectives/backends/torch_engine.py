@@ -161,6 +161,9 @@ class Engine:
         # Peers that can read this process's memory (see collectives.backends.cma): the large
         # buffers of collective messages to them are read by them, not sent.
         self.cma_readers: frozenset[int] = frozenset()
+        # Peers this process may read, with the pid each showed at the probe: an envelope that
+        # asks for a read from anyone else (another rank, another pid) is refused.
+        self.cma_sources: dict[int, int] = {}
 
     # -- state ---------------------------------------------------------------------------------
     def check_usable(self, op: str) -> None:

@@ -264,6 +264,11 @@ class Incoming:
             )
         self._far = int(far)
         self._pid = int(_PID.unpack_from(env.data, _PID_AT)[0]) if far else 0
+        if far and self.engine.cma_sources.get(self.src) != self._pid:
+            raise RemoteProtocolError(
+                f"rank {self.src} asked rank {self.engine.rank} to read {far} buffers from pid "
+                f"{self._pid}, which is not the process it showed when the world formed"
+            )
         if header_len <= INLINE_ROOM - _ADDRESS.size * self._far:
             header = env[INLINE_AT : INLINE_AT + header_len].tobytes()
             header_length(header[:16])  # validates the prefix before trusting any size

@@ -158,3 +158,27 @@ def test_envelope_leaves_large_buffers_to_a_reader_that_can_read_this_process() 
     assert struct.unpack_from("<I", env, 12)[0] == 2  # k
     tail = struct.unpack_from("<2Q", env, ENVELOPE_BYTES - 16)
     assert list(tail) == [tensors[1].data_ptr(), tensors[2].data_ptr()]
+
+
+def test_an_envelope_asking_to_read_an_unprobed_process_is_refused() -> None:
+    import os
+    from types import SimpleNamespace
+
+    import torch
+
+    from collectives.backends import cma
+    from collectives.backends.torch_messages import Incoming, outgoing
+    from collectives.codec import encode
+    from collectives.errors import RemoteProtocolError
+
+    env = outgoing(encode(torch.zeros(cma.MIN_BYTES)), "gather", 3, readable=True).parts[0]
+    inc = Incoming.__new__(Incoming)  # only the envelope check: no engine, no world
+    inc.engine = SimpleNamespace(rank=0, cma_sources={1: os.getpid() + 1})  # type: ignore[assignment]
+    inc.src, inc.expect, inc._env = 1, None, env.numpy().copy()
+    with pytest.raises(RemoteProtocolError, match="not the process it showed"):
+        inc._open_envelope()
+    inc.engine.cma_sources = {1: os.getpid()}  # the pid this rank showed at the probe
+    inc._open_envelope()
+    inc.engine.cma_sources = {}  # a rank this process never probed
+    with pytest.raises(RemoteProtocolError):
+        inc._open_envelope()

@@ -437,12 +437,16 @@ def s_cma(comm: Any, ctx: Any) -> None:
 
     off = os.environ.get(cma.ENV) == "0"
     readers = comm.engine._engine.cma_readers
+    sources = comm.engine._engine.cma_sources
+    pids = comm.allgather(os.getpid())
     if off:
         assert readers == frozenset(), readers  # nobody may read a rank that did not probe
+        assert sources == {}, sources
     else:
         others = {r for r in range(comm.size) if r != comm.rank}
         want = others - ({1} if os.environ.get("CMA_OFF_RANK") == "1" else set())
         assert readers == want, (readers, want)
+        assert sources == {r: pids[r] for r in want}, (sources, pids)  # only the probed pids
     big = [torch.full((300_000,), float(comm.rank)), torch.arange(5), b"x" * 400_000]
     got = comm.allgather(big)
     for r, (t, small, raw) in enumerate(got):
