@@ -78,7 +78,10 @@ def _link(custom_nodes: Path, name: str, target: Path) -> None:
         raise ConfigurationError(
             f"{link} exists and is not {target}: remove it, or use another --base-directory"
         )
-    link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+    try:
+        link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+    except FileExistsError:  # another process (an MPI rank) linked it just now: check theirs
+        _link(custom_nodes, name, target)
 
 
 def prepare_base(base: Path, node_pack: Path, extra_custom_nodes: list[Path]) -> None:

@@ -390,8 +390,6 @@ def _link_node_pack(base: str) -> None:
     pack = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     try:
         prepare_base(Path(base), Path(pack), [])
-    except FileExistsError:  # another rank linked it between our check and our link
-        prepare_base(Path(base), Path(pack), [])
     except Exception as exc:  # ConfigurationError: something else is there
         raise RunError(str(exc)) from None
 

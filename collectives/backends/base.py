@@ -130,18 +130,13 @@ class Backend(abc.ABC):
         This default moves each tensor through :meth:`gather` and copies it into its block;
         engines that can receive straight into the blocks override it.
         """
-        from collectives.backends.p2p import place_block
         from collectives.codec import encode
 
         msgs = self.gather(encode(tensor), root, ctx)
         if msgs is None:
             return
         assert blocks is not None
-        for src, msg in enumerate(msgs):
-            if src == root:
-                copy_own_block(blocks[src], tensor)
-            else:
-                place_block(blocks[src], msg, src, ctx)
+        land_gathered(blocks, {r: m for r, m in enumerate(msgs) if r != root}, tensor, root, ctx)
 
     @abc.abstractmethod
     def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: OpContext) -> None: ...
@@ -193,6 +188,22 @@ def get_backend_class(name: str) -> type[Backend]:
 def registered_backends() -> dict[str, bool]:
     """Every registered backend name and whether it can run here."""
     return {name: cls.is_available() for name, cls in sorted(_REGISTRY.items())}
+
+
+def land_gathered(
+    blocks: list[torch.Tensor],
+    received: Mapping[int, Encoded],
+    tensor: torch.Tensor,
+    root: int,
+    ctx: OpContext,
+) -> None:
+    """The root's end of ``gatherv_into``: each received message into its rank's block (checked;
+    no copy when it arrived there already), then the root's own ``tensor`` into its block."""
+    from collectives.backends.p2p import place_block
+
+    for src, msg in received.items():
+        place_block(blocks[src], msg, src, ctx)
+    copy_own_block(blocks[root], tensor)
 
 
 def copy_own_block(out: torch.Tensor, tensor: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import hashlib
 import os
 import secrets
@@ -70,15 +71,15 @@ def enabled() -> bool:
     return True
 
 
+@functools.cache
 def host_identity() -> bytes:
     """16 bytes equal for two processes exactly when one can name the other by its pid."""
     parts = [os.uname().nodename.encode()]
-    for path in ("/proc/sys/kernel/random/boot_id",):
-        try:
-            with open(path, "rb") as f:
-                parts.append(f.read().strip())
-        except OSError:
-            parts.append(b"?")
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        parts.append(b"?")
     try:
         parts.append(str(os.stat("/proc/self/ns/pid").st_ino).encode())
     except OSError:

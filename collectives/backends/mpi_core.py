@@ -361,13 +361,6 @@ def check_plain(t: torch.Tensor) -> None:
         )
 
 
-def flat_bytes(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """A C-contiguous array as a flat uint8 view (for slicing it into per-rank blocks)."""
-    import numpy as np
-
-    return arr.reshape(-1).view(np.uint8)
-
-
 def byte_view(buf: memoryview) -> memoryview:
     """A flat byte view of a contiguous buffer (pickle's out-of-band views may be typed)."""
     if buf.ndim == 1 and buf.format == "B":

@@ -58,7 +58,7 @@ class P2PBackend(Backend):
         self.send(encode(tensor), dst, tag, ctx)
 
     def recv_into(self, tensor: torch.Tensor, src: int, tag: int, ctx: OpContext) -> None:
-        _copy_block(tensor, self.recv(src, tag, ctx), src, ctx)
+        place_block(tensor, self.recv(src, tag, ctx), src, ctx)
 
     # -- collectives ---------------------------------------------------------------------------
     def _link(self, ctx: OpContext) -> _CollectiveLink:
@@ -90,7 +90,7 @@ class P2PBackend(Backend):
             self._link(ctx), encode(tensor) if self.rank == root else None, root
         )
         if self.rank != root:
-            _copy_block(tensor, msg, root, ctx)
+            place_block(tensor, msg, root, ctx)
 
     def gather_into(
         self, out: torch.Tensor | None, tensor: torch.Tensor, root: int, ctx: OpContext
@@ -101,7 +101,7 @@ class P2PBackend(Backend):
             blocks = out.view(self.size, *tensor.shape)
             for src, msg in enumerate(msgs):
                 if src != self.rank:
-                    _copy_block(blocks[src], msg, src, ctx)
+                    place_block(blocks[src], msg, src, ctx)
                 else:
                     blocks[src].copy_(tensor)
 
@@ -110,7 +110,7 @@ class P2PBackend(Backend):
         blocks = out.view(self.size, *tensor.shape)
         for src, msg in enumerate(msgs):
             if src != self.rank:
-                _copy_block(blocks[src], msg, src, ctx)
+                place_block(blocks[src], msg, src, ctx)
             else:
                 blocks[src].copy_(tensor)
 
@@ -126,7 +126,7 @@ class P2PBackend(Backend):
             assert tensor is not None
             out.copy_(tensor.view(self.size, *out.shape)[root])
         else:
-            _copy_block(out, msg, root, ctx)
+            place_block(out, msg, root, ctx)
 
 
 class _CollectiveLink:
@@ -181,14 +181,12 @@ def received_block(msg: Encoded, out: torch.Tensor, src: int, ctx: OpContext) ->
     return value
 
 
-def _copy_block(out: torch.Tensor, msg: Encoded, src: int, ctx: OpContext) -> None:
+def place_block(out: torch.Tensor, msg: Encoded, src: int, ctx: OpContext) -> None:
     """Put a received block into ``out``; no copy when it was received straight into it."""
     got = received_block(msg, out, src, ctx)
     if got.data_ptr() != out.data_ptr() or got.device != out.device:
         out.copy_(got.view(out.shape))
 
-
-place_block = _copy_block
 
 __all__ = [
     "COLLECTIVE_CHANNEL",

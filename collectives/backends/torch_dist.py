@@ -41,10 +41,10 @@ from collectives.backends.base import (
     Backend,
     BackendConfig,
     OpContext,
-    copy_own_block,
+    land_gathered,
     register_backend,
 )
-from collectives.backends.p2p import place_block, received_block
+from collectives.backends.p2p import received_block
 from collectives.backends.torch_engine import (
     OBJECT_SPACE,
     Engine,
@@ -327,9 +327,7 @@ class TorchBackend(Backend):
         if got is None:
             return
         assert blocks is not None
-        for src, msg in got.items():
-            place_block(blocks[src], msg, src, ctx)
-        copy_own_block(blocks[root], tensor)
+        land_gathered(blocks, got, tensor, root, ctx)
 
     def gather_into(
         self, out: torch.Tensor | None, tensor: torch.Tensor, root: int, ctx: OpContext
