@@ -2,8 +2,8 @@
 
 Torch tensors or numpy arrays, viewed as contiguous tensors over the caller's own memory: no
 pickling, and on native engines no copies.  Each method checks its arguments here, once, then
-hands the engine a body to run in the communicator's order (``_collective``) or on its own
-(``_p2p``, point to point).
+runs the backend's method in the communicator's order: blocking ones inline (``_now``), the
+``i`` variants queued behind a :class:`Work` (``_later``); point to point on its own (``_p2p``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from collectives.errors import InvalidArgumentError
-from collectives.reduce_op import ReduceOp, check_reducible
+from collectives.reduce_op import PARSED, ReduceOp, check_reducible
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +26,7 @@ Buffer = Any  # torch.Tensor or numpy.ndarray; kept loose so numpy-first callers
 # ``torch.Tensor`` once torch is imported (by whoever passes the first tensor); the module itself
 # does not import torch, so that importing collectives stays light.
 _TENSOR_TYPE: Any = None
+_SUM = ReduceOp.SUM
 
 
 class BufferOps:
@@ -36,6 +37,7 @@ class BufferOps:
     if TYPE_CHECKING:  # provided by Communicator
         _backend: Backend
         _rank: int
+        _size: int
 
         @property
         def rank(self) -> int: ...
@@ -47,36 +49,38 @@ class BufferOps:
 
         def _check_peer(self, peer: int, op: str, name: str) -> None: ...
 
-        def _collective(
-            self, name: str, timeout: float | None, body: Callable[[OpContext], T], blocking: bool
-        ) -> Work[T]: ...
-
         def _p2p(
             self, name: str, timeout: float | None, body: Callable[[OpContext], T], blocking: bool
         ) -> Work[T]: ...
 
+        def _now(
+            self, name: str, timeout: float | None, run: Callable[..., object], *args: Any
+        ) -> None: ...
+
+        def _later(
+            self,
+            name: str,
+            timeout: float | None,
+            run: Callable[..., object],
+            args: tuple[Any, ...],
+            result: T,
+        ) -> Work[T]: ...
+
+    # Each op checks its arguments once (``_*_args``), then runs now (blocking: ``_now``, no
+    # Work handle) or queued (``_later``).
     def allreduce(
         self, tensor: Buffer, op: ReduceOp | str = "sum", *, timeout: float | None = None
     ) -> Buffer:
         """Reduce ``tensor`` over all ranks, in place; every rank ends with the same values."""
-        return self.iallreduce(tensor, op, timeout=timeout, _blocking=True).wait()
+        t, rop = _reducible(tensor, op, "allreduce")
+        self._now("allreduce", timeout, self._backend.allreduce, t, rop)
+        return tensor
 
     def iallreduce(
-        self,
-        tensor: Buffer,
-        op: ReduceOp | str = "sum",
-        *,
-        timeout: float | None = None,
-        _blocking: bool = False,
+        self, tensor: Buffer, op: ReduceOp | str = "sum", *, timeout: float | None = None
     ) -> Work[Buffer]:
-        t, rop = _as_tensor(tensor, "allreduce"), ReduceOp.parse(op)
-        check_reducible(t, rop)
-
-        def body(ctx: OpContext) -> Buffer:
-            self._backend.allreduce(t, rop, ctx)
-            return tensor
-
-        return self._collective("allreduce", timeout, body, _blocking)
+        t, rop = _reducible(tensor, op, "allreduce")
+        return self._later("allreduce", timeout, self._backend.allreduce, (t, rop), tensor)
 
     def reduce(
         self,
@@ -91,7 +95,10 @@ class BufferOps:
         As in torch.distributed, other ranks' tensors may be used as scratch space by native
         engines: do not rely on their contents afterwards.
         """
-        return self.ireduce(tensor, root, op, timeout=timeout, _blocking=True).wait()
+        self._check_root(root, "reduce")
+        t, rop = _reducible(tensor, op, "reduce")
+        self._now("reduce", timeout, self._backend.reduce, t, root, rop)
+        return tensor if self._rank == root else None
 
     def ireduce(
         self,
@@ -100,33 +107,25 @@ class BufferOps:
         op: ReduceOp | str = "sum",
         *,
         timeout: float | None = None,
-        _blocking: bool = False,
     ) -> Work[Buffer | None]:
         self._check_root(root, "reduce")
-        t, rop = _as_tensor(tensor, "reduce"), ReduceOp.parse(op)
-        check_reducible(t, rop)
-
-        def body(ctx: OpContext) -> Buffer | None:
-            self._backend.reduce(t, root, rop, ctx)
-            return tensor if self.rank == root else None
-
-        return self._collective("reduce", timeout, body, _blocking)
+        t, rop = _reducible(tensor, op, "reduce")
+        result = tensor if self._rank == root else None
+        return self._later("reduce", timeout, self._backend.reduce, (t, root, rop), result)
 
     def broadcast_into(self, buf: Buffer, root: int = 0, *, timeout: float | None = None) -> Buffer:
         """Overwrite ``buf`` on every rank with root's ``buf`` (same shape and dtype everywhere)."""
-        return self.ibroadcast_into(buf, root, timeout=timeout, _blocking=True).wait()
+        self._check_root(root, "broadcast_into")
+        t = _as_tensor(buf, "broadcast_into")
+        self._now("broadcast_into", timeout, self._backend.broadcast_into, t, root)
+        return buf
 
     def ibroadcast_into(
-        self, buf: Buffer, root: int = 0, *, timeout: float | None = None, _blocking: bool = False
+        self, buf: Buffer, root: int = 0, *, timeout: float | None = None
     ) -> Work[Buffer]:
         self._check_root(root, "broadcast_into")
         t = _as_tensor(buf, "broadcast_into")
-
-        def body(ctx: OpContext) -> Buffer:
-            self._backend.broadcast_into(t, root, ctx)
-            return buf
-
-        return self._collective("broadcast_into", timeout, body, _blocking)
+        return self._later("broadcast_into", timeout, self._backend.broadcast_into, (t, root), buf)
 
     def gather_into(
         self,
@@ -137,7 +136,9 @@ class BufferOps:
         timeout: float | None = None,
     ) -> Buffer | None:
         """Root's ``recvbuf`` (``size`` blocks shaped like ``sendbuf``) receives every block."""
-        return self.igather_into(recvbuf, sendbuf, root, timeout=timeout, _blocking=True).wait()
+        out, src = self._gather_args(recvbuf, sendbuf, root)
+        self._now("gather_into", timeout, self._backend.gather_into, out, src, root)
+        return recvbuf if self._rank == root else None
 
     def igather_into(
         self,
@@ -146,20 +147,22 @@ class BufferOps:
         root: int = 0,
         *,
         timeout: float | None = None,
-        _blocking: bool = False,
     ) -> Work[Buffer | None]:
+        out, src = self._gather_args(recvbuf, sendbuf, root)
+        result = recvbuf if self._rank == root else None
+        run = self._backend.gather_into
+        return self._later("gather_into", timeout, run, (out, src, root), result)
+
+    def _gather_args(
+        self, recvbuf: Buffer | None, sendbuf: Buffer, root: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         self._check_root(root, "gather_into")
         src = _as_tensor(sendbuf, "gather_into")
         out = None
-        if self.rank == root:
+        if self._rank == root:
             out = _as_tensor(recvbuf, "gather_into", "recvbuf")
-            _check_blocks(out, src, self.size, "gather_into")
-
-        def body(ctx: OpContext) -> Buffer | None:
-            self._backend.gather_into(out, src, root, ctx)
-            return recvbuf if self.rank == root else None
-
-        return self._collective("gather_into", timeout, body, _blocking)
+            _check_blocks(out, src, self._size, "gather_into")
+        return out, src
 
     def gatherv_into(
         self,
@@ -177,7 +180,9 @@ class BufferOps:
         pass None.  A buffer that does not match what its rank sends raises
         :class:`CollectiveMismatchError` on the root.  Returns ``recvbufs`` on the root.
         """
-        return self.igatherv_into(recvbufs, sendbuf, root, timeout=timeout, _blocking=True).wait()
+        blocks, src = self._gatherv_args(recvbufs, sendbuf, root)
+        self._now("gatherv_into", timeout, self._backend.gatherv_into, blocks, src, root)
+        return recvbufs if self._rank == root else None
 
     def igatherv_into(
         self,
@@ -186,56 +191,55 @@ class BufferOps:
         root: int = 0,
         *,
         timeout: float | None = None,
-        _blocking: bool = False,
     ) -> Work[Sequence[Buffer] | None]:
+        blocks, src = self._gatherv_args(recvbufs, sendbuf, root)
+        result = recvbufs if self._rank == root else None
+        run = self._backend.gatherv_into
+        return self._later("gatherv_into", timeout, run, (blocks, src, root), result)
+
+    def _gatherv_args(
+        self, recvbufs: Sequence[Buffer] | None, sendbuf: Buffer, root: int
+    ) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
         self._check_root(root, "gatherv_into")
         src = _as_tensor(sendbuf, "gatherv_into")
-        blocks = None
-        if self._rank == root:
-            if recvbufs is None or isinstance(recvbufs, (str, bytes)) or len(recvbufs) != self.size:
-                raise InvalidArgumentError(
-                    f"gatherv_into on root {root} needs a sequence of exactly {self.size} "
-                    "buffers (one per rank, in rank order)"
-                )
-            blocks = [
-                _as_tensor(b, "gatherv_into", f"recvbufs[{r}]") for r, b in enumerate(recvbufs)
-            ]
-            own = blocks[root]
-            if own.dtype != src.dtype or own.numel() != src.numel():
-                raise InvalidArgumentError(
-                    f"gatherv_into: recvbufs[{root}] (the root's own block) is {own.dtype} with "
-                    f"{own.numel()} elements but sendbuf is {src.dtype} with {src.numel()}"
-                )
-
-        def body(ctx: OpContext) -> Sequence[Buffer] | None:
-            self._backend.gatherv_into(blocks, src, root, ctx)
-            return recvbufs if self._rank == root else None
-
-        return self._collective("gatherv_into", timeout, body, _blocking)
+        if self._rank != root:
+            return None, src
+        if recvbufs is None or isinstance(recvbufs, (str, bytes)) or len(recvbufs) != self._size:
+            raise InvalidArgumentError(
+                f"gatherv_into on root {root} needs a sequence of exactly {self._size} "
+                "buffers (one per rank, in rank order)"
+            )
+        blocks = [_as_tensor(b, "gatherv_into", f"recvbufs[{r}]") for r, b in enumerate(recvbufs)]
+        own = blocks[root]
+        if own.dtype != src.dtype or own.numel() != src.numel():
+            raise InvalidArgumentError(
+                f"gatherv_into: recvbufs[{root}] (the root's own block) is {own.dtype} with "
+                f"{own.numel()} elements but sendbuf is {src.dtype} with {src.numel()}"
+            )
+        return blocks, src
 
     def allgather_into(
         self, recvbuf: Buffer, sendbuf: Buffer, *, timeout: float | None = None
     ) -> Buffer:
         """Every rank's ``recvbuf`` (``size`` blocks shaped like ``sendbuf``) gets every block."""
-        return self.iallgather_into(recvbuf, sendbuf, timeout=timeout, _blocking=True).wait()
+        out, src = self._allgather_args(recvbuf, sendbuf)
+        self._now("allgather_into", timeout, self._backend.allgather_into, out, src)
+        return recvbuf
 
     def iallgather_into(
-        self,
-        recvbuf: Buffer,
-        sendbuf: Buffer,
-        *,
-        timeout: float | None = None,
-        _blocking: bool = False,
+        self, recvbuf: Buffer, sendbuf: Buffer, *, timeout: float | None = None
     ) -> Work[Buffer]:
+        out, src = self._allgather_args(recvbuf, sendbuf)
+        run = self._backend.allgather_into
+        return self._later("allgather_into", timeout, run, (out, src), recvbuf)
+
+    def _allgather_args(
+        self, recvbuf: Buffer, sendbuf: Buffer
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         src = _as_tensor(sendbuf, "allgather_into")
         out = _as_tensor(recvbuf, "allgather_into", "recvbuf")
-        _check_blocks(out, src, self.size, "allgather_into")
-
-        def body(ctx: OpContext) -> Buffer:
-            self._backend.allgather_into(out, src, ctx)
-            return recvbuf
-
-        return self._collective("allgather_into", timeout, body, _blocking)
+        _check_blocks(out, src, self._size, "allgather_into")
+        return out, src
 
     def scatter_into(
         self,
@@ -246,7 +250,9 @@ class BufferOps:
         timeout: float | None = None,
     ) -> Buffer:
         """Rank i's ``recvbuf`` receives block i of root's ``sendbuf`` (``size`` blocks)."""
-        return self.iscatter_into(recvbuf, sendbuf, root, timeout=timeout, _blocking=True).wait()
+        out, src = self._scatter_args(recvbuf, sendbuf, root)
+        self._now("scatter_into", timeout, self._backend.scatter_into, out, src, root)
+        return recvbuf
 
     def iscatter_into(
         self,
@@ -255,20 +261,21 @@ class BufferOps:
         root: int = 0,
         *,
         timeout: float | None = None,
-        _blocking: bool = False,
     ) -> Work[Buffer]:
+        out, src = self._scatter_args(recvbuf, sendbuf, root)
+        run = self._backend.scatter_into
+        return self._later("scatter_into", timeout, run, (out, src, root), recvbuf)
+
+    def _scatter_args(
+        self, recvbuf: Buffer, sendbuf: Buffer | None, root: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_root(root, "scatter_into")
         out = _as_tensor(recvbuf, "scatter_into", "recvbuf")
         src = None
-        if self.rank == root:
+        if self._rank == root:
             src = _as_tensor(sendbuf, "scatter_into", "sendbuf")
-            _check_blocks(src, out, self.size, "scatter_into")
-
-        def body(ctx: OpContext) -> Buffer:
-            self._backend.scatter_into(out, src, root, ctx)
-            return recvbuf
-
-        return self._collective("scatter_into", timeout, body, _blocking)
+            _check_blocks(src, out, self._size, "scatter_into")
+        return out, src
 
     def send_buffer(
         self, buf: Buffer, dst: int, tag: int = 0, *, timeout: float | None = None
@@ -316,6 +323,21 @@ class BufferOps:
             return buf
 
         return self._p2p("recv_into", timeout, body, _blocking)
+
+
+def _reducible(tensor: Buffer, op: ReduceOp | str, name: str) -> tuple[torch.Tensor, ReduceOp]:
+    """The tensor and op of a reduction, checked (the common case in one frame: see ``_now``)."""
+    if type(tensor) is _TENSOR_TYPE and tensor.is_contiguous():
+        t = tensor
+    else:
+        t = _as_tensor(tensor, name)
+    try:
+        rop = PARSED[op]
+    except (KeyError, TypeError):
+        rop = ReduceOp.parse(op)
+    if rop is not _SUM:
+        check_reducible(t, rop)
+    return t, rop
 
 
 def _as_tensor(buf: Buffer, op: str, name: str = "tensor") -> torch.Tensor:

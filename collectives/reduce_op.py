@@ -21,6 +21,10 @@ class ReduceOp(enum.Enum):
     BOR = "bor"
     BXOR = "bxor"
 
+    # Members are singletons compared by identity, so the identity hash agrees with equality;
+    # Enum's own __hash__ is Python code, run on every dict lookup keyed by an op (per op call).
+    __hash__ = object.__hash__
+
     @classmethod
     def parse(cls, op: ReduceOp | str) -> ReduceOp:
         if isinstance(op, ReduceOp):
@@ -37,6 +41,9 @@ class ReduceOp(enum.Enum):
 
 
 _BY_NAME: dict[str, ReduceOp] = {m.value: m for m in ReduceOp}
+# Names and members to members, for callers that look up inline before falling back to parse().
+PARSED: dict[object, ReduceOp] = {**{m: m for m in ReduceOp}}
+PARSED.update(_BY_NAME)
 # Module constants: ``ReduceOp.X`` is an EnumMeta attribute lookup, slow enough to show per op.
 _SUM, _AVG = ReduceOp.SUM, ReduceOp.AVG
 _BITWISE = frozenset((ReduceOp.BAND, ReduceOp.BOR, ReduceOp.BXOR))

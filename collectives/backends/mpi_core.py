@@ -74,6 +74,8 @@ class Engine:
         self.aborted: str | None = None
         self.broken: str | None = None  # a collective was left pending: coll is out of step
         self.closed = False
+        # Any of the three above: collectives check this one flag (see MPIBackend's fast path).
+        self.halted = False
         # Requests given up on (MPI cannot cancel collectives or, portably, sends) and the buffers
         # they may still read or write: kept alive so that MPI never touches freed memory.
         self.abandoned: list[tuple[list[Any], object]] = []
@@ -84,6 +86,17 @@ class Engine:
     def op(self, ctx: OpContext, peers: Sequence[int] = (), *, collective: bool = True) -> _Op:
         """``with engine.op(ctx, ...)``: refuse if unusable, map MPI errors to typed ones."""
         return _Op(self, ctx, peers, collective)
+
+    def mark_broken(self, reason: str) -> None:
+        """A collective was left unfinished or failed in MPI: the ranks are out of step."""
+        if self.broken is None:
+            self.broken = reason
+        self.halted = True
+
+    def failed(self, err: Any, ctx: OpContext, peers: Sequence[int]) -> Exception:
+        """The typed error for an ``MPI.Exception`` raised inside a collective (which breaks it)."""
+        self.mark_broken(f"{ctx.name} #{ctx.seq} failed in MPI")
+        return self.map_error(err, ctx, peers)
 
     def check_usable(self, ctx: OpContext, collective: bool) -> None:
         if self.aborted is not None:
@@ -112,6 +125,22 @@ class Engine:
         return tag
 
     # -- waiting ---------------------------------------------------------------------------------
+    def wait_one(self, req: Any, ctx: OpContext, peers: Sequence[int], keep: object) -> None:
+        """:meth:`wait` for one collective request: the lean loop of the in-place fast path.
+
+        Spins with ``sched_yield`` (as :meth:`wait` does first) without building the general
+        loop's state; past the spin, or on abort, :meth:`wait` takes over.
+        """
+        test = req.Test
+        if test():
+            return
+        end = min(_monotonic() + SPIN_S, ctx.deadline.at)
+        while self.aborted is None and _monotonic() < end:
+            _sched_yield()
+            if test():
+                return
+        self.wait([req], ctx, peers, keep=keep)
+
     def wait(
         self,
         reqs: list[Any],
@@ -225,8 +254,8 @@ class Engine:
         with self._lock:
             self._prune_locked()
             self.abandoned.append((list(reqs), keep))
-            if collective and self.broken is None:
-                self.broken = reason
+        if collective:
+            self.mark_broken(reason)
         return False
 
     def _prune_locked(self) -> None:
@@ -238,6 +267,7 @@ class Engine:
     def abort(self, reason: str) -> None:
         if self.aborted is None:
             self.aborted = reason
+        self.halted = True
 
     def close(self) -> None:
         """Free the private communicators unless an op was abandoned on them.
@@ -249,6 +279,7 @@ class Engine:
         if self.closed:
             return
         self.closed = True
+        self.halted = True
         with self._lock:
             self._prune_locked()
             if self.abandoned:
@@ -298,7 +329,7 @@ class _Op:
 
     def __enter__(self) -> Engine:
         engine = self.engine
-        if engine.aborted is not None or engine.closed or (self.collective and engine.broken):
+        if engine.halted:
             engine.check_usable(self.ctx, self.collective)
         return engine
 
@@ -310,8 +341,8 @@ class _Op:
     ) -> None:
         engine = self.engine
         if exc is not None and isinstance(exc, engine.MPI.Exception):
-            if self.collective and engine.broken is None:
-                engine.broken = f"{self.ctx.name} #{self.ctx.seq} failed in MPI"
+            if self.collective:
+                raise engine.failed(exc, self.ctx, self.peers) from None
             raise engine.map_error(exc, self.ctx, self.peers) from None
 
 
@@ -348,7 +379,8 @@ def host_buffer(mpi: Any, t: torch.Tensor) -> Any:
     op at 1 MiB.  The buffer does not own the memory: callers keep ``t`` alive (``keep=``) until
     MPI is done with it.
     """
-    check_plain(t)
+    if t.is_conj() or t.is_neg():
+        check_plain(t)
     return mpi.buffer.fromaddress(t.data_ptr(), t.nbytes)
 
 

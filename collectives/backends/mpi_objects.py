@@ -110,7 +110,7 @@ def exchange_envelopes(
             wrong[r] = env.describe()
         envs.append(env)
     if wrong:
-        engine.broken = engine.broken or f"{ctx.name} #{ctx.seq}: mismatched collective calls"
+        engine.mark_broken(f"{ctx.name} #{ctx.seq}: mismatched collective calls")
         raise _mismatch(engine, ctx, mine, wrong)
     return envs
 
