@@ -30,6 +30,7 @@ import functools
 import importlib.util
 import weakref
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from collectives import algorithms
@@ -46,6 +47,7 @@ from collectives.backends.base import (
 )
 from collectives.backends.p2p import received_block
 from collectives.backends.torch_engine import (
+    GRACE_S,
     OBJECT_SPACE,
     Engine,
     op_tag,
@@ -66,6 +68,8 @@ if TYPE_CHECKING:
 INSTALL_HINT = "pip install torch (CPU-only: --index-url https://download.pytorch.org/whl/cpu)"
 # Blocks at least this big are gathered point to point rather than with gloo's gather/allgather.
 P2P_GATHER_MIN_BYTES = 256 << 10
+_OPTIONS_CACHED = 64  # gloo option objects kept for reuse (one per op kind, root and timeout)
+_AVG = ReduceOp.AVG
 
 
 class TorchBackend(Backend):
@@ -94,6 +98,9 @@ class TorchBackend(Backend):
         # owner of their Python objects: it would take the GIL to free them (measured ~0.1 ms
         # added to every op whose views died first).
         self._hold: object = None
+        self._direct = tt.DirectReductions()
+        self._movable = tt.movable_dtypes()
+        self._opts: dict[tuple[Any, ...], Any] = {}  # see _options
         # A process that exits without close() would destroy the group during interpreter
         # finalisation, where a gloo worker thread freeing a tensor aborts the process
         # ("terminate called without an active exception"): close it before that instead.
@@ -185,6 +192,29 @@ class TorchBackend(Backend):
         if engine.aborted is not None or engine.failed is not None:
             engine.check_usable(ctx.name)
 
+    def _options(self, key: tuple[Any, ...]) -> Any:
+        """gloo's options for a fast-path op, cached by ``(kind, ..., timeout)``.
+
+        gloo's own timer only has to outlast our deadline (our wait enforces that one), so it
+        is the op's whole timeout plus ``GRACE_S``, whenever the op starts.
+        """
+        c10d, kind, timeout = tt.c10d(), key[0], key[2]
+        if kind == "allreduce":
+            opts = c10d.AllreduceOptions()
+            opts.reduceOp = key[1]
+        elif kind == "reduce":
+            opts = c10d.ReduceOptions()
+            opts.reduceOp = key[1]
+            opts.rootRank, opts.rootTensor = key[3], 0
+        else:
+            opts = c10d.BroadcastOptions()
+            opts.rootRank, opts.rootTensor = key[1], 0
+        opts.timeout = timedelta(seconds=int(timeout + GRACE_S) + 1)
+        if len(self._opts) >= _OPTIONS_CACHED:  # callers passing ever-new timeouts
+            self._opts.clear()
+        self._opts[key] = opts
+        return opts
+
     def _native(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` goes to the process group as it is (else it is staged on the host)."""
         return tensor.is_cpu or (self.uses_cuda and tensor.is_cuda)
@@ -243,12 +273,35 @@ class TorchBackend(Backend):
         objects.barrier(self._engine, ctx, self._link_tag(ctx))
 
     # -- in-place tensor collectives -----------------------------------------------------------
+    # The fast path of allreduce, reduce and broadcast_into: a CPU tensor gloo takes as it is,
+    # with cached options, in as few Python frames as will do.  The op after a 1 MiB transfer
+    # runs with caches full of its data, where every frame before gloo's call was measured at
+    # several µs; torch.distributed's own wrappers are the reference it must keep up with.
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext) -> None:
-        self._check(ctx)
+        engine = self._engine
+        if self._closed or engine.aborted is not None or engine.failed is not None:
+            self._check(ctx)
+        if tensor.is_cpu and not tensor.requires_grad and self.size > 1 and tensor.numel():
+            native = self._direct[tensor.dtype, op]
+            if native is not None:
+                key = ("allreduce", native, ctx.deadline.timeout)
+                opts = self._opts.get(key) or self._options(key)
+                self._hold = tensor
+                try:
+                    work = self._pg.allreduce([tensor], opts)
+                except RuntimeError as err:
+                    raise engine.map_error(err, ctx, ()) from None
+                engine.wait(work, ctx, ())
+                if op is _AVG:
+                    finish_(tensor, op, self.size)
+                return
+        self._allreduce(tensor, op, ctx)
+
+    def _allreduce(self, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext) -> None:
         if self.size == 1 or tensor.numel() == 0:
             return
         if not self._native(tensor):
-            return tt.staged(lambda h: self.allreduce(h[0], op, ctx), tensor)
+            return tt.staged(lambda h: self._allreduce(h[0], op, ctx), tensor)
         plan = tt.reduce_plan(tensor, op, cuda=tensor.is_cuda)
         if plan is None:
             return self._fallback(tensor, op, None, ctx)
@@ -262,11 +315,31 @@ class TorchBackend(Backend):
         return None
 
     def reduce(self, tensor: torch.Tensor, root: int, op: ReduceOp, ctx: OpContext) -> None:
-        self._check(ctx)
+        engine = self._engine
+        if self._closed or engine.aborted is not None or engine.failed is not None:
+            self._check(ctx)
+        if tensor.is_cpu and not tensor.requires_grad and self.size > 1 and tensor.numel():
+            native = self._direct[tensor.dtype, op]
+            if native is not None:
+                key = ("reduce", native, ctx.deadline.timeout, root)
+                opts = self._opts.get(key) or self._options(key)
+                self._hold = tensor
+                peers = () if self.rank == root else (root,)
+                try:
+                    work = self._pg.reduce([tensor], opts)
+                except RuntimeError as err:
+                    raise engine.map_error(err, ctx, peers) from None
+                engine.wait(work, ctx, peers)
+                if op is _AVG and self.rank == root:
+                    finish_(tensor, op, self.size)
+                return
+        self._reduce(tensor, root, op, ctx)
+
+    def _reduce(self, tensor: torch.Tensor, root: int, op: ReduceOp, ctx: OpContext) -> None:
         if self.size == 1 or tensor.numel() == 0:
             return
         if not self._native(tensor):
-            return tt.staged(lambda h: self.reduce(h[0], root, op, ctx), tensor)
+            return tt.staged(lambda h: self._reduce(h[0], root, op, ctx), tensor)
         plan = tt.reduce_plan(tensor, op, cuda=tensor.is_cuda)
         if plan is None:
             return self._fallback(tensor, op, root, ctx)
@@ -296,7 +369,26 @@ class TorchBackend(Backend):
             tensor.copy_(host)
 
     def broadcast_into(self, tensor: torch.Tensor, root: int, ctx: OpContext) -> None:
-        self._check(ctx)
+        engine = self._engine
+        if self._closed or engine.aborted is not None or engine.failed is not None:
+            self._check(ctx)
+        if (
+            tensor.is_cpu
+            and not tensor.requires_grad
+            and self.size > 1
+            and tensor.numel()
+            and tensor.dtype in self._movable
+        ):
+            key = ("broadcast", root, ctx.deadline.timeout)
+            opts = self._opts.get(key) or self._options(key)
+            self._hold = tensor
+            peers = () if self.rank == root else (root,)
+            try:
+                work = self._pg.broadcast([tensor], opts)
+            except RuntimeError as err:
+                raise engine.map_error(err, ctx, peers) from None
+            engine.wait(work, ctx, peers)
+            return
         if self.size == 1 or tensor.numel() == 0:
             return
         if not self._native(tensor):

@@ -86,11 +86,18 @@ def reduce_plan(t: torch.Tensor, op: ReduceOp, *, cuda: bool) -> tuple[torch.Ten
         return None
     if cuda and op in (ReduceOp.BAND, ReduceOp.BOR, ReduceOp.BXOR):
         return None  # NCCL has no bitwise reductions
+    return (t.detach() if t.requires_grad else t), native_ops()[op]
+
+
+def native_ops() -> dict[ReduceOp, Any]:
+    """Our ops as gloo's (AVG sums; the caller divides once at the end, as the fallback does)."""
     mapping = _MODULES.get("ops")
     if mapping is None:
+        from torch.distributed import ReduceOp as Native
+
         mapping = _MODULES["ops"] = {
             ReduceOp.SUM: Native.SUM,
-            ReduceOp.AVG: Native.SUM,  # divided once at the end (finish_), as the fallback does
+            ReduceOp.AVG: Native.SUM,
             ReduceOp.PROD: Native.PRODUCT,
             ReduceOp.MIN: Native.MIN,
             ReduceOp.MAX: Native.MAX,
@@ -98,7 +105,23 @@ def reduce_plan(t: torch.Tensor, op: ReduceOp, *, cuda: bool) -> tuple[torch.Ten
             ReduceOp.BOR: Native.BOR,
             ReduceOp.BXOR: Native.BXOR,
         }
-    return (t.detach() if t.requires_grad else t), mapping[op]
+    return mapping
+
+
+class DirectReductions(dict[tuple[Any, ReduceOp], Any]):
+    """``(dtype, op)`` -> gloo's op where a CPU tensor of that dtype reduces as it is (the real
+    dtypes gloo knows, bool aside), else None.  Filled on first use, then one dict lookup: the
+    fast path of :class:`~collectives.backends.torch_dist.TorchBackend`'s reductions."""
+
+    def __missing__(self, key: tuple[Any, ReduceOp]) -> Any:
+        import torch
+
+        dtype, op = key
+        found = None
+        if dtype in native_dtypes() and dtype != torch.bool:
+            found = native_ops()[op]
+        self[key] = found
+        return found
 
 
 _DTYPES: dict[str, frozenset[Any]] = {}
@@ -189,12 +212,14 @@ def allgather_p2p(engine: Engine, blocks: torch.Tensor, mine: torch.Tensor, ctx:
 
 __all__ = [
     "allgather_p2p",
+    "DirectReductions",
     "blocks",
     "c10d",
     "flat_bytes",
     "gather_p2p",
     "movable_dtypes",
     "native_dtypes",
+    "native_ops",
     "nbytes",
     "reduce_plan",
     "staged",
