@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 from collectives.backends.base import Backend, OpContext
 from collectives.buffer_api import BufferOps
 from collectives.codec import Encoded, decode, encode
-from collectives.deadline import Deadline
+from collectives.deadline import Deadline, check_timeout
 from collectives.errors import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
@@ -30,6 +31,9 @@ from collectives.options import CommOptions
 from collectives.work import Work
 
 T = TypeVar("T")
+
+_tuple_new = tuple.__new__
+_monotonic = time.monotonic
 
 # Failures after which messages of the failed op may still be in flight: the communicator can no
 # longer tell them from the next op's, so it refuses further ops (as NCCL does after an error).
@@ -267,11 +271,12 @@ class Communicator(BufferOps):
             raise InvalidArgumentError(f"{op}: {name}={peer} is this rank; use a local copy")
 
     def _context(self, name: str, timeout: float | None, seq: int) -> OpContext:
-        if timeout is None:
-            return OpContext(
-                name, seq, Deadline(self.options.timeout, name, self._rank, checked=True)
-            )
-        return OpContext(name, seq, Deadline(timeout, name, self._rank))
+        # The default was validated when the options were made.
+        timeout = self.options.timeout if timeout is None else check_timeout(timeout)
+        # The tuples are built directly: calling a class runs its Python __new__/__init__ from
+        # C, which costs several µs per op with cold caches (see _now).
+        deadline = _tuple_new(Deadline, (_monotonic() + timeout, timeout, name, self._rank))
+        return _tuple_new(OpContext, (name, seq, deadline))
 
     def _collective(
         self, name: str, timeout: float | None, body: Callable[[OpContext], T], blocking: bool
@@ -313,12 +318,16 @@ class Communicator(BufferOps):
             if not self._pending:
                 seq = self._seq
                 self._seq = seq + 1
-                if timeout is None:  # _context, inline
-                    deadline = Deadline(self.options.timeout, name, self._rank, checked=True)
-                else:
-                    deadline = Deadline(timeout, name, self._rank)
+                ctx = self._context(name, timeout, seq)
                 try:
-                    run(*args, OpContext(name, seq, deadline))
+                    # Fixed arities are plain calls, which Python runs without a C round trip
+                    # (run(*args) is not): worth it on the path every in-place op takes.
+                    if len(args) == 2:
+                        run(args[0], args[1], ctx)
+                    elif len(args) == 3:
+                        run(args[0], args[1], args[2], ctx)
+                    else:
+                        run(*args, ctx)
                 except BaseException as err:
                     if isinstance(err, _FATAL):
                         self._failed = self._failed or f"{type(err).__name__}: {err}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from collectives.errors import CollectiveTimeoutError, ConfigurationError
 
@@ -25,18 +26,24 @@ def check_timeout(timeout: float | str, what: str = "timeout") -> float:
     return value
 
 
-class Deadline:
-    """An absolute point on the monotonic clock, with the context needed for a good error."""
+class Deadline(NamedTuple):
+    """An absolute point on the monotonic clock, with the context needed for a good error.
 
-    __slots__ = ("at", "op", "rank", "timeout")
+    A NamedTuple so that an op's deadline is built without running Python code
+    (:meth:`start` for callers; the communicator's per-op path builds the tuple itself).
+    """
 
-    def __init__(self, timeout: float, op: str, rank: int, *, checked: bool = False) -> None:
-        # ``checked``: the caller validated ``timeout`` already (a communicator's default),
-        # which spares every op a float() and an isfinite().
-        self.timeout = timeout if checked else check_timeout(timeout)
-        self.at = time.monotonic() + self.timeout
-        self.op = op
-        self.rank = rank
+    at: float
+    timeout: float
+    op: str
+    rank: int
+
+    @classmethod
+    def start(cls, timeout: float, op: str, rank: int, *, checked: bool = False) -> Deadline:
+        """The deadline ``timeout`` seconds from now.  ``checked``: the caller validated
+        ``timeout`` already (a communicator's default), which spares a float() and isfinite()."""
+        value = timeout if checked else check_timeout(timeout)
+        return cls(time.monotonic() + value, value, op, rank)
 
     def remaining(self) -> float:
         return max(0.0, self.at - time.monotonic())

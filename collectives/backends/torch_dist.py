@@ -161,7 +161,7 @@ class TorchBackend(Backend):
         """
         import torch
 
-        ctx = OpContext("cma probe", 0, Deadline(timeout, "cma probe", self.rank))
+        ctx = OpContext("cma probe", 0, Deadline.start(timeout, "cma probe", self.rank))
         use = cma.enabled()
         probe = cma.Probe() if use else None
         desc = probe.descriptor() if probe is not None else cma.no_descriptor()
