@@ -63,11 +63,13 @@ current_prompt: str | None = None
 interrupt_check: Callable[[], bool] | None = None
 """Set by the server integration: whether ComfyUI's interrupt was pressed on this rank."""
 
-abort_hook: Callable[[str], None] | None = None
-"""Set by the server integration: abort the collective on every rank, with this reason."""
+abort_hook: Callable[[Communicator, str], None] | None = None
+"""Set by the server integration: abort the world of this communicator on every rank, with this
+reason (nothing, if the cluster has moved on to another world since)."""
 
-failure_hook: Callable[[BaseException], None] | None = None
-"""Set by the server integration: a collective failed fatally; re-form the cluster."""
+failure_hook: Callable[[Communicator, BaseException], None] | None = None
+"""Set by the server integration: a collective on this communicator failed fatally; re-form the
+cluster if it is still the current world (a late failure of an old world is not news)."""
 
 
 class ClusterInterrupted(Exception):

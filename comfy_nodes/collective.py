@@ -47,13 +47,13 @@ def run(comm: Communicator, start: Callable[[], Work[Any]]) -> Any:
             if check is not None and check():
                 reason = f"interrupted on rank {comm.rank}"
                 if cluster.abort_hook is not None:
-                    cluster.abort_hook(reason)
+                    cluster.abort_hook(comm, reason)
                 else:
                     comm.abort(reason)
                 cluster.raise_interrupted()
     except CollectivesError as err:
         if not isinstance(err, InvalidArgumentError) and cluster.failure_hook is not None:
-            cluster.failure_hook(err)
+            cluster.failure_hook(comm, err)
         raise
 
 
@@ -92,7 +92,7 @@ def _mismatch(comm: Communicator, message: str, src: int) -> Exception:
     comm.abort(message)
     err = CollectiveMismatchError(message, ranks=(comm.rank, src))
     if cluster.failure_hook is not None:
-        cluster.failure_hook(err)
+        cluster.failure_hook(comm, err)
     return err
 
 

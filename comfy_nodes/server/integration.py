@@ -62,8 +62,10 @@ def install(server: Any) -> Membership | None:
 
     cluster.progress_bar = comfy.utils.ProgressBar
     cluster.interrupt_check = _interrupt_pressed
-    cluster.abort_hook = lambda reason: abort_everywhere(membership, reason)
-    cluster.failure_hook = lambda err: membership.fail(f"{type(err).__name__}: {err}")
+    cluster.abort_hook = lambda comm, reason: abort_everywhere(membership, reason, comm)
+    cluster.failure_hook = lambda comm, err: membership.fail(
+        f"{type(err).__name__}: {err}", comm=comm
+    )
     _propagate_interrupts(membership)
     if settings.is_leader:
         cluster.deliver_hook = lambda pid, prompt: _deliver(membership, pid, prompt)
@@ -272,8 +274,15 @@ def _propagate_interrupts(membership: Membership) -> None:
     executor_class.handle_execution_error = handle_execution_error
 
 
-def abort_everywhere(membership: Membership, reason: str) -> None:
-    """Abort this world on every rank: the leader tells each follower, a follower the leader."""
+def abort_everywhere(membership: Membership, reason: str, comm: Communicator | None = None) -> None:
+    """Abort this world on every rank: the leader tells each follower, a follower the leader.
+
+    ``comm``: the communicator the request came from; if the cluster has formed a new world
+    since (a node of the interrupted prompt still polling), only that old one is aborted.
+    """
+    if comm is not None and not membership.is_current(comm):
+        comm.abort(reason)
+        return
     if membership.state != "ready":
         return  # already failed and re-forming: the others know
     s = membership.settings

@@ -75,9 +75,22 @@ class Membership:
                 "urls": self.urls,
             }
 
-    def fail(self, reason: str) -> None:
-        """The current world is broken.  The leader starts the next one; a follower asks it to."""
+    def is_current(self, comm: Communicator) -> bool:
+        """Whether ``comm`` is the communicator of the world this rank is in now."""
         with self._cond:
+            return self._comm is comm
+
+    def fail(self, reason: str, *, comm: Communicator | None = None) -> None:
+        """The current world is broken.  The leader starts the next one; a follower asks it to.
+
+        ``comm``: the communicator the failure happened on.  A failure of an earlier world (a
+        node of a failed prompt still finishing its collective on the old communicator) says
+        nothing about the current one and is only logged.
+        """
+        with self._cond:
+            if comm is not None and comm is not self._comm:
+                log.info("a failure of an earlier world, ignored: %s", reason)
+                return
             comm, epoch = self._comm, self.epoch
             if comm is None and self.state != "ready":
                 return  # already re-forming

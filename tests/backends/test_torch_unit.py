@@ -92,7 +92,16 @@ def _check(n: int, plan: str, scenario: str, ranks: list[int] | None = None) -> 
 @pytest.mark.gloo
 @pytest.mark.parametrize(
     "scenario",
-    ["dtypes", "random_identical", "views", "objects", "resume", "existing_group", "mismatch"],
+    [
+        "dtypes",
+        "fast_path",
+        "random_identical",
+        "views",
+        "objects",
+        "resume",
+        "existing_group",
+        "mismatch",
+    ],
 )
 def test_three_ranks(scenario: str) -> None:
     _check(3, "main", scenario)
@@ -213,6 +222,36 @@ def s_dtypes(comm: Any, ctx: Any) -> None:
             comm.reduce(r, root=root, op=name)
             if comm.rank == root:
                 assert _same_values(r, want), f"reduce({dtype}, {name}): {r} != {want}"
+
+
+@scenario
+def s_fast_path(comm: Any, ctx: Any) -> None:
+    """The direct gloo calls with cached options: right results for every timeout, a bounded
+    cache, and tensors the fast path must not take (autograd, bool) still reduced right."""
+    import torch
+
+    n, root = comm.size, comm.size - 1
+    for i in range(70):  # more distinct timeouts than the options cache keeps
+        t = torch.full((5,), float(comm.rank + i))
+        comm.allreduce(t, timeout=30.0 + i)
+        assert t.tolist() == [float(n * i + n * (n - 1) // 2)] * 5, (i, t)
+        r = torch.full((3,), float(comm.rank + 1))
+        comm.reduce(r, root=root, op="max", timeout=30.0 + i)
+        if comm.rank == root:
+            assert r.tolist() == [float(n)] * 3
+        b = torch.full((2,), float(comm.rank))
+        comm.broadcast_into(b, root=i % n, timeout=30.0 + i)
+        assert b.tolist() == [float(i % n)] * 2
+    assert 0 < len(comm.engine._opts) <= 64
+    a = torch.full((4,), float(comm.rank), dtype=torch.float64)
+    comm.allreduce(a, op="avg")
+    assert a.tolist() == [(n - 1) / 2] * 4
+    g = torch.full((3,), 1.0, requires_grad=True)
+    comm.allreduce(g)
+    assert g.detach().tolist() == [float(n)] * 3
+    flags = torch.tensor([comm.rank == 0, True])
+    comm.allreduce(flags, op="prod")
+    assert flags.tolist() == [n == 1, True]
 
 
 @scenario
@@ -462,6 +501,7 @@ PLANS = {
     "cma_off_1": ["cma"],
     "main": [
         "dtypes",
+        "fast_path",
         "random_identical",
         "views",
         "objects",

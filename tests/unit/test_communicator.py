@@ -227,3 +227,41 @@ def test_async_ops_fill_buffers_made_in_inference_mode() -> None:
     (gathered, _), (_, received) = run_local(2, rank)
     assert gathered.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
     assert received.tolist() == [1.0, 1.0]
+
+
+def test_blocking_in_place_call_waits_behind_queued_async_ops() -> None:
+    # Blocking in-place calls run inline on the caller's thread only when nothing is queued;
+    # otherwise they must take their turn, or the ranks would pair different ops.
+    def rank(comm: collectives.Communicator) -> list[float]:
+        first = torch.full((4,), float(comm.rank + 1))
+        second = torch.full((4,), 10.0 * (comm.rank + 1))
+        third = torch.full((2,), float(comm.rank))
+        work = comm.iallreduce(first)  # queued on the worker
+        comm.allreduce(second)  # blocking: behind the queued one
+        got = comm.reduce(third, root=1, op="max")
+        work.wait()
+        assert work.result() is first
+        if comm.rank == 1:
+            assert got is third
+        else:
+            assert got is None
+        return [first[0].item(), second[0].item(), third[0].item()]
+
+    results = run_local(3, rank)
+    assert [r[:2] for r in results] == [[6.0, 60.0]] * 3
+    assert results[1][2] == 2.0
+
+
+def test_blocking_in_place_failure_poisons_like_async() -> None:
+    # The inline path raises the error itself (no Work); a timeout must still poison.
+    def rank(comm: collectives.Communicator) -> str:
+        if comm.rank == 1:
+            time.sleep(0.6)
+            return "skipped"
+        with pytest.raises(CollectiveTimeoutError):
+            comm.allreduce(torch.ones(3), timeout=0.2)
+        with pytest.raises(CommunicatorAbortedError):
+            comm.broadcast_into(torch.ones(3))
+        return "poisoned"
+
+    assert run_local(2, rank) == ["poisoned", "skipped"]
