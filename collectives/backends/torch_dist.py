@@ -192,6 +192,25 @@ class TorchBackend(Backend):
         if engine.aborted is not None or engine.failed is not None:
             engine.check_usable(ctx.name)
 
+    def _direct_op(
+        self,
+        post: Callable[[list[torch.Tensor], Any], Any],
+        tensor: torch.Tensor,
+        key: tuple[Any, ...],
+        ctx: OpContext,
+        peers: tuple[int, ...],
+    ) -> None:
+        """One fast-path op: ``post`` (a process-group method) on the tensor itself, with the
+        options cached under ``key``, waited for until the deadline."""
+        engine = self._engine
+        opts = self._opts.get(key) or self._options(key)
+        self._hold = tensor
+        try:
+            work = post([tensor], opts)
+        except RuntimeError as err:
+            raise engine.map_error(err, ctx, peers) from None
+        engine.wait(work, ctx, peers)
+
     def _options(self, key: tuple[Any, ...]) -> Any:
         """gloo's options for a fast-path op, cached by ``(kind, ..., timeout)``.
 
@@ -285,13 +304,7 @@ class TorchBackend(Backend):
             native = self._direct[tensor.dtype, op]
             if native is not None:
                 key = ("allreduce", native, ctx.deadline.timeout)
-                opts = self._opts.get(key) or self._options(key)
-                self._hold = tensor
-                try:
-                    work = self._pg.allreduce([tensor], opts)
-                except RuntimeError as err:
-                    raise engine.map_error(err, ctx, ()) from None
-                engine.wait(work, ctx, ())
+                self._direct_op(self._pg.allreduce, tensor, key, ctx, ())
                 if op is _AVG:
                     finish_(tensor, op, self.size)
                 return
@@ -322,14 +335,8 @@ class TorchBackend(Backend):
             native = self._direct[tensor.dtype, op]
             if native is not None:
                 key = ("reduce", native, ctx.deadline.timeout, root)
-                opts = self._opts.get(key) or self._options(key)
-                self._hold = tensor
                 peers = () if self.rank == root else (root,)
-                try:
-                    work = self._pg.reduce([tensor], opts)
-                except RuntimeError as err:
-                    raise engine.map_error(err, ctx, peers) from None
-                engine.wait(work, ctx, peers)
+                self._direct_op(self._pg.reduce, tensor, key, ctx, peers)
                 if op is _AVG and self.rank == root:
                     finish_(tensor, op, self.size)
                 return
@@ -380,14 +387,8 @@ class TorchBackend(Backend):
             and tensor.dtype in self._movable
         ):
             key = ("broadcast", root, ctx.deadline.timeout)
-            opts = self._opts.get(key) or self._options(key)
-            self._hold = tensor
             peers = () if self.rank == root else (root,)
-            try:
-                work = self._pg.broadcast([tensor], opts)
-            except RuntimeError as err:
-                raise engine.map_error(err, ctx, peers) from None
-            engine.wait(work, ctx, peers)
+            self._direct_op(self._pg.broadcast, tensor, key, ctx, peers)
             return
         if self.size == 1 or tensor.numel() == 0:
             return
