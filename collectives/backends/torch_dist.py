@@ -192,6 +192,13 @@ class TorchBackend(Backend):
         if engine.aborted is not None or engine.failed is not None:
             engine.check_usable(ctx.name)
 
+    def _direct_reduction(self, tensor: torch.Tensor, op: ReduceOp) -> Any:
+        """gloo's op when ``tensor`` reduces on the fast path (a CPU tensor of a dtype gloo
+        reduces as it is, no autograd, something to move), else None."""
+        if tensor.is_cpu and not tensor.requires_grad and self.size > 1 and tensor.numel():
+            return self._direct[tensor.dtype, op]
+        return None
+
     def _direct_op(
         self,
         post: Callable[[list[torch.Tensor], Any], Any],
@@ -297,17 +304,14 @@ class TorchBackend(Backend):
     # runs with caches full of its data, where every frame before gloo's call was measured at
     # several µs; torch.distributed's own wrappers are the reference it must keep up with.
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext) -> None:
-        engine = self._engine
-        if self._closed or engine.aborted is not None or engine.failed is not None:
-            self._check(ctx)
-        if tensor.is_cpu and not tensor.requires_grad and self.size > 1 and tensor.numel():
-            native = self._direct[tensor.dtype, op]
-            if native is not None:
-                key = ("allreduce", native, ctx.deadline.timeout)
-                self._direct_op(self._pg.allreduce, tensor, key, ctx, ())
-                if op is _AVG:
-                    finish_(tensor, op, self.size)
-                return
+        self._check(ctx)
+        native = self._direct_reduction(tensor, op)
+        if native is not None:
+            key = ("allreduce", native, ctx.deadline.timeout)
+            self._direct_op(self._pg.allreduce, tensor, key, ctx, ())
+            if op is _AVG:
+                finish_(tensor, op, self.size)
+            return
         self._allreduce(tensor, op, ctx)
 
     def _allreduce(self, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext) -> None:
@@ -328,18 +332,15 @@ class TorchBackend(Backend):
         return None
 
     def reduce(self, tensor: torch.Tensor, root: int, op: ReduceOp, ctx: OpContext) -> None:
-        engine = self._engine
-        if self._closed or engine.aborted is not None or engine.failed is not None:
-            self._check(ctx)
-        if tensor.is_cpu and not tensor.requires_grad and self.size > 1 and tensor.numel():
-            native = self._direct[tensor.dtype, op]
-            if native is not None:
-                key = ("reduce", native, ctx.deadline.timeout, root)
-                peers = () if self.rank == root else (root,)
-                self._direct_op(self._pg.reduce, tensor, key, ctx, peers)
-                if op is _AVG and self.rank == root:
-                    finish_(tensor, op, self.size)
-                return
+        self._check(ctx)
+        native = self._direct_reduction(tensor, op)
+        if native is not None:
+            key = ("reduce", native, ctx.deadline.timeout, root)
+            peers = () if self.rank == root else (root,)
+            self._direct_op(self._pg.reduce, tensor, key, ctx, peers)
+            if op is _AVG and self.rank == root:
+                finish_(tensor, op, self.size)
+            return
         self._reduce(tensor, root, op, ctx)
 
     def _reduce(self, tensor: torch.Tensor, root: int, op: ReduceOp, ctx: OpContext) -> None:
@@ -376,9 +377,7 @@ class TorchBackend(Backend):
             tensor.copy_(host)
 
     def broadcast_into(self, tensor: torch.Tensor, root: int, ctx: OpContext) -> None:
-        engine = self._engine
-        if self._closed or engine.aborted is not None or engine.failed is not None:
-            self._check(ctx)
+        self._check(ctx)
         if (
             tensor.is_cpu
             and not tensor.requires_grad
