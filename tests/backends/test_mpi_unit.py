@@ -60,7 +60,11 @@ def _check(n: int, scenario: str) -> None:
         assert f"rank {rank} {scenario} ok" in log, f"exit code {code}\n{log[-6000:]}"
 
 
-WORLDS = {2: "dtypes,mismatch,deadline", 3: "dtypes,mismatch"}
+WORLDS = {
+    2: "dtypes,mismatch,deadline",
+    3: "dtypes,mismatch,broadcast_sizes",
+    4: "broadcast_sizes",
+}
 
 
 @pytest.mark.mpi
@@ -76,6 +80,11 @@ def test_mismatch(n: int) -> None:
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("n", [3, 4])
+def test_broadcast_tree_sizes(n: int) -> None:
+    _check(n, "broadcast_sizes")
+
+
 def test_deadline_cancel_abort() -> None:
     _check(2, "deadline")
 
@@ -369,10 +378,37 @@ def _mismatch(comm: object) -> None:
     assert time.monotonic() - start < 2.0 + SLACK_S
 
 
+def _broadcast_sizes(comm: object) -> None:
+    """The large broadcast goes down a tree of plain messages (3+ ranks): a rank whose buffer is
+    bigger or smaller than the root's must get a mismatch error, never a short or torn buffer."""
+    import torch
+
+    from collectives.communicator import Communicator
+    from collectives.errors import CollectiveMismatchError, CollectiveTimeoutError
+
+    assert isinstance(comm, Communicator)
+    for root in range(comm.size):  # every root, bit-exact, through the tree
+        buf = torch.full((1 << 19,), float(comm.rank * 10 + 1))
+        comm.broadcast_into(buf, root=root)
+        assert bool((buf == root * 10 + 1).all()), root
+    numel = {0: 1 << 19, 1: 3 << 18, 2: 1 << 18}.get(comm.rank, 1 << 19)
+    start = time.monotonic()
+    try:
+        comm.broadcast_into(torch.zeros(numel), root=0, timeout=2.0)
+    except CollectiveMismatchError as err:
+        assert comm.rank in (1, 2) or "broadcast" in str(err), err
+    except CollectiveTimeoutError:
+        assert comm.rank not in (1, 2), "a wrong-sized receive must be named as a mismatch"
+    else:
+        assert comm.rank not in (1, 2), f"rank {comm.rank} took a wrong-sized broadcast"
+    assert time.monotonic() - start < 2.0 + SLACK_S
+
+
 SCENARIOS: dict[str, Callable[[object], None]] = {
     "dtypes": _dtypes,
     "deadline": _deadline,
     "mismatch": _mismatch,
+    "broadcast_sizes": _broadcast_sizes,
 }
 
 
