@@ -15,22 +15,18 @@ import os
 import socket
 import struct
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Requests go straight to the server, whatever http_proxy says.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+from launchers.comfyui_http import ComfyError, ComfyHTTP, check_finished
 
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
-class ComfyRunError(RuntimeError):
-    """ComfyUI refused or failed a prompt; the message holds its reason."""
+ComfyRunError = ComfyError  # the name this module has always raised
 
 
 @dataclass(frozen=True)
@@ -130,34 +126,15 @@ class _WebSocket:
         self._sock.close()
 
 
-class BenchClient:
+class BenchClient(ComfyHTTP):
     """Queue prompts on one ComfyUI server and time them to the millisecond and below."""
 
     def __init__(self, url: str, timeout: float = 60.0) -> None:
-        self.url = url.rstrip("/")
-        self.timeout = timeout
+        super().__init__(url, timeout)
         self.client_id = uuid.uuid4().hex
         self._ws: _WebSocket | None = None
 
-    # --- plain requests ------------------------------------------------------------------------
-
-    def request(self, path: str, body: Any = None, timeout: float | None = None) -> bytes:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url + path,
-            data=data,
-            headers={"Content-Type": "application/json"} if data is not None else {},
-        )
-        try:
-            with _OPENER.open(req, timeout=self.timeout if timeout is None else timeout) as resp:
-                payload: bytes = resp.read()
-                return payload
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            raise ComfyRunError(f"{req.get_method()} {path}: HTTP {exc.code}: {detail}") from None
-
-    def get_json(self, path: str, timeout: float | None = None) -> Any:
-        return json.loads(self.request(path, timeout=timeout))
+    # --- cluster state -------------------------------------------------------------------------
 
     def cluster_status(self) -> dict[str, Any]:
         """``GET /cluster/status``; ``{}`` while the server does not answer."""
@@ -223,11 +200,9 @@ class BenchClient:
                 wall = time.perf_counter() - began
                 break
         entry = self.get_json(f"/history/{prompt_id}").get(prompt_id) or {}
-        status = entry.get("status") or {}
-        if status.get("status_str") != "success" or not status.get("completed", False):
-            errors = [m for m in status.get("messages", []) if m[0] == "execution_error"]
-            raise ComfyRunError(f"prompt {prompt_id} failed: {json.dumps(errors or status)[:2000]}")
-        return Timed(prompt_id, wall, queued, _server_seconds(status.get("messages", [])))
+        check_finished(prompt_id, entry)
+        messages = (entry.get("status") or {}).get("messages", [])
+        return Timed(prompt_id, wall, queued, _server_seconds(messages))
 
 
 def _server_seconds(messages: list[Any]) -> float | None:

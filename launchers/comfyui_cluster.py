@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +20,13 @@ from typing import TextIO
 
 from launchers._output import LinePump
 from launchers.comfyui_config import ComfyClusterConfig
+from launchers.comfyui_http import OPENER
 from launchers.config import RankSlot
 from launchers.group import LaunchedGroup
 
 _POLL_S = 0.25  # readiness / liveness polling interval
 _HTTP_TIMEOUT_S = 2.0
 _REAP_S = 10.0  # after SIGKILL, how long to wait for a rank to be reaped
-# Proxies from the environment (http_proxy) must not capture requests to the ranks.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass
@@ -317,7 +315,7 @@ class ComfyCluster:
 
 def _answers(url: str) -> bool:
     try:
-        with _OPENER.open(url, timeout=_HTTP_TIMEOUT_S) as response:
+        with OPENER.open(url, timeout=_HTTP_TIMEOUT_S) as response:
             status: int = response.status
             response.read()
             return status == 200

@@ -9,50 +9,21 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-# Requests go straight to the server, whatever http_proxy says.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+from launchers.comfyui_http import ComfyError, ComfyHTTP, check_finished
 
 Prompt = Mapping[str, Mapping[str, Any]]
 """An API-format workflow: node id -> {"class_type": ..., "inputs": {...}}."""
 
 
-class ComfyError(RuntimeError):
-    """The server refused a prompt, or running it failed; the message holds ComfyUI's reason."""
-
-
-class ComfyClient:
+class ComfyClient(ComfyHTTP):
     def __init__(self, url: str, timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
-        self.timeout = timeout
+        super().__init__(url, timeout)
         self.client_id = uuid.uuid4().hex
-
-    # --- plain requests --------------------------------------------------------------------
-
-    def request(self, path: str, body: Any = None, timeout: float | None = None) -> bytes:
-        """GET ``path`` (POST ``body`` as JSON when given); raises ComfyError on HTTP errors."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url + path,
-            data=data,
-            headers={"Content-Type": "application/json"} if data is not None else {},
-        )
-        try:
-            with _OPENER.open(req, timeout=self.timeout if timeout is None else timeout) as resp:
-                payload: bytes = resp.read()
-                return payload
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            raise ComfyError(f"{req.get_method()} {path}: HTTP {exc.code}: {detail}") from None
-
-    def get_json(self, path: str) -> Any:
-        return json.loads(self.request(path))
 
     def is_up(self) -> bool:
         """Whether ``/system_stats`` answers now."""
@@ -94,10 +65,7 @@ class ComfyClient:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"prompt {prompt_id} not finished after {timeout:g} s")
             time.sleep(interval)
-        status = entry.get("status", {})
-        if status.get("status_str") != "success" or not status.get("completed", False):
-            errors = [m for m in status.get("messages", []) if m[0] == "execution_error"]
-            raise ComfyError(f"prompt {prompt_id} failed: {json.dumps(errors or status)[:2000]}")
+        check_finished(prompt_id, entry)
         return entry
 
     def run(self, prompt: Prompt, timeout: float = 300.0) -> dict[str, Any]:
