@@ -237,6 +237,7 @@ def document(
                 "error": run.error,
                 "shutdown_error": run.shutdown_error,
                 "engine": run.reports[0].get("engine", {}) if run.reports else {},
+                "tuning": run.reports[0].get("tuning", {}) if run.reports else {},
             }
             for run in runs
         ],

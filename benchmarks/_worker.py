@@ -93,6 +93,9 @@ def run_rank(
         "size": comm.size,
         "backend": comm.backend,
         "engine": engine.info(),
+        # Engine settings our backend chose (MPICH algorithms, see mpi_tuning): the raw calls
+        # run in the same process, so a reader must know what differs between the two.
+        "tuning": dict(getattr(comm.engine, "tuning", {})),
         "versions": versions(comm.backend) if comm.rank == 0 else {},
         "cells": [],
         "error": None,

@@ -223,6 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if mine:
             print(table(mine, args.ops, RAW_ENGINE[backend], backend))
             print()
+    for run in runs:
+        tuning = run.reports[0].get("tuning") if run.reports else None
+        if tuning:
+            chosen = ", ".join(f"{k}={v}" for k, v in sorted(tuning.items()))
+            where = f"{run.backend} N={run.size}"
+            print(f"{where}: ours set {chosen}; the raw blocking calls keep their defaults")
     print(f"runtime {seconds:.1f} s")
 
     json_path = args.json or RESULTS / f"collectives-{started:%Y%m%d-%H%M%S}.json"

@@ -23,7 +23,7 @@ import importlib.util
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from collectives.algorithms.link import binomial_parent_children
-from collectives.backends import mpi_objects, mpi_reduce
+from collectives.backends import mpi_objects, mpi_reduce, mpi_tuning
 from collectives.backends.base import Backend, BackendConfig, OpContext, register_backend
 from collectives.backends.mpi_core import (
     Engine,
@@ -64,9 +64,11 @@ class MPIBackend(Backend):
 
     name: ClassVar[str] = "mpi"
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, tuning: dict[str, str] | None = None) -> None:
         super().__init__(engine.rank, engine.size)
         self._engine = engine
+        # MPICH control variables set for this world (see mpi_tuning), for reports and logs.
+        self.tuning: dict[str, str] = dict(tuning or {})
         self._mpi = engine.MPI
         self._byte = engine.MPI.BYTE
         self._in_place = engine.MPI.IN_PLACE
@@ -120,7 +122,8 @@ class MPIBackend(Backend):
                 f"backend 'mpi': rank={config.rank} was requested but MPI says this process is "
                 f"rank {rank}: under mpiexec the rank comes from MPI; drop rank="
             )
-        return cls(Engine(mpi, world))
+        engine = Engine(mpi, world)
+        return cls(engine, mpi_tuning.tune(mpi, world))
 
     # -- point to point ------------------------------------------------------------------------
     def send(self, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:

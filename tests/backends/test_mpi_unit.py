@@ -36,11 +36,11 @@ def _mpiexec() -> str | None:
 
 
 @functools.cache
-def _world(n: int, scenarios: str) -> tuple[int, str]:
+def _world(n: int, scenarios: str, extra_env: tuple[tuple[str, str], ...] = ()) -> tuple[int, str]:
     """Run ``scenarios`` (comma-separated, in order) in one ``mpiexec -n n`` job."""
     mpiexec = _mpiexec()
     assert mpiexec is not None, "mpiexec not found: pip install mpi4py mpich (setup.sh does)"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **dict(extra_env))
     proc = subprocess.run(
         [mpiexec, "-n", str(n), sys.executable, __file__, scenarios],
         check=False,
@@ -61,9 +61,9 @@ def _check(n: int, scenario: str) -> None:
 
 
 WORLDS = {
-    2: "dtypes,mismatch,deadline",
-    3: "dtypes,mismatch,broadcast_sizes",
-    4: "broadcast_sizes",
+    2: "dtypes,mismatch,deadline,tuning",
+    3: "dtypes,mismatch,broadcast_sizes,tuning",
+    4: "broadcast_sizes,tuning,tuning",
 }
 
 
@@ -83,6 +83,22 @@ def test_mismatch(n: int) -> None:
 @pytest.mark.parametrize("n", [3, 4])
 def test_broadcast_tree_sizes(n: int) -> None:
     _check(n, "broadcast_sizes")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_allgather_algorithm_tuning(n: int) -> None:
+    """4 ranks of one host get MPICH's recursive-doubling iallgather (twice: a second world of
+    the same process too); 2 and 3 ranks keep MPICH's choice; allgather stays bit-exact."""
+    _check(n, "tuning")
+
+
+@pytest.mark.mpi
+def test_allgather_algorithm_tuning_off() -> None:
+    importlib.import_module("mpi4py")
+    code, log = _world(4, "tuning_off", (("COMFY_CLUSTER_MPI_TUNING", "0"),))
+    for rank in range(4):
+        assert f"rank {rank} tuning_off ok" in log, f"exit code {code}\n{log[-6000:]}"
 
 
 def test_deadline_cancel_abort() -> None:
@@ -404,7 +420,63 @@ def _broadcast_sizes(comm: object) -> None:
     assert time.monotonic() - start < 2.0 + SLACK_S
 
 
+def _allgather_exact(comm: object) -> None:
+    import torch
+
+    from collectives.communicator import Communicator
+
+    assert isinstance(comm, Communicator)
+    for numel in (3, 1 << 19):  # short messages and 1 MiB blocks take different algorithms
+        mine = (torch.arange(numel, dtype=torch.float32) * (comm.rank + 1)).to(torch.bfloat16)
+        out = torch.empty(comm.size * numel, dtype=torch.bfloat16)
+        comm.allgather_into(out, mine)
+        for r, block in enumerate(out.view(comm.size, numel)):
+            want = (torch.arange(numel, dtype=torch.float32) * (r + 1)).to(torch.bfloat16)
+            assert torch.equal(block.view(torch.int16), want.view(torch.int16)), (r, numel)
+        got = comm.allgather({"rank": comm.rank, "t": mine[:2]})
+        assert [g["rank"] for g in got] == list(range(comm.size)), got
+
+
+def _iallgather_algorithm() -> str | None:
+    from mpi4py import MPI
+
+    from collectives.backends import mpi_tuning
+
+    writer = mpi_tuning._CvarWriter.open(MPI, mpi_tuning.IALLGATHER)
+    assert writer is not None, "MPICH's MPI_T interface did not open"
+    try:
+        return writer.current()
+    finally:
+        writer.close()
+
+
+def _tuning(comm: object) -> None:
+    from collectives.backends import mpi_tuning
+    from collectives.communicator import Communicator
+
+    assert isinstance(comm, Communicator)
+    tuning = comm.engine.tuning  # type: ignore[attr-defined]
+    if comm.size == 4:
+        assert tuning == {mpi_tuning.IALLGATHER: mpi_tuning.RECURSIVE_DOUBLING}, tuning
+        assert _iallgather_algorithm() == mpi_tuning.RECURSIVE_DOUBLING
+    else:
+        assert tuning == {}, tuning
+        assert _iallgather_algorithm() == "auto"
+    _allgather_exact(comm)
+
+
+def _tuning_off(comm: object) -> None:
+    from collectives.communicator import Communicator
+
+    assert isinstance(comm, Communicator)
+    assert comm.engine.tuning == {}, comm.engine.tuning  # type: ignore[attr-defined]
+    assert _iallgather_algorithm() == "auto"
+    _allgather_exact(comm)
+
+
 SCENARIOS: dict[str, Callable[[object], None]] = {
+    "tuning": _tuning,
+    "tuning_off": _tuning_off,
     "dtypes": _dtypes,
     "deadline": _deadline,
     "mismatch": _mismatch,
