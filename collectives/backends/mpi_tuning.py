@@ -6,9 +6,10 @@ the one before.  When every rank shares one host, recursive doubling moves the s
 ``log2(size)`` steps, and fewer dependent steps matter where processes share cores and each step
 waits for two of them to be scheduled together.  Measured on the 2-core CI box with 4 ranks and
 1 MiB blocks, in alternating runs of the benchmark: ring 1.02-1.18x the raw blocking
-``Allgather`` (median 1.04 busy, 1.15 idle), recursive doubling 0.75-1.01x busy and 0.95-1.25x
-idle (medians 0.91 and 1.08).  16 MiB was level.  Across hosts MPICH's own choice stands: there
-the ring's neighbour-only traffic is the reason it is the default.
+``Allgather`` (median 1.04 in runs where an op took ~2 ms, 1.15 where it took ~0.7 ms),
+recursive doubling 0.75-1.01x and 0.95-1.25x (medians 0.91 and 1.08).  16 MiB was level.
+Across hosts MPICH's own choice stands: there the ring's neighbour-only traffic is the reason
+it is the default.
 
 The choice is MPICH's control variable ``MPIR_CVAR_IALLGATHER_INTRA_ALGORITHM``.  Setting it in
 the environment would be read only at ``MPI_Init``, before the world's shape is known, and an
