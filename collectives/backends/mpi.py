@@ -123,7 +123,8 @@ class MPIBackend(Backend):
                 f"rank {rank}: under mpiexec the rank comes from MPI; drop rank="
             )
         engine = Engine(mpi, world)
-        return cls(engine, mpi_tuning.tune(mpi, world))
+        # On the private collective communicator: user code on COMM_WORLD sees no extra traffic.
+        return cls(engine, mpi_tuning.tune(mpi, engine.coll))
 
     # -- point to point ------------------------------------------------------------------------
     def send(self, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:

@@ -46,7 +46,8 @@ _DESC_BYTES = 8192
 def tune(mpi: Any, world: Any) -> dict[str, str]:
     """Choose MPICH's iallgather algorithm for ``world``; the variables set, by name.
 
-    Collective over ``world``: every rank calls it, once, right after ``MPI_Init``.  What decides
+    Collective over ``world`` (an intracommunicator of every rank): every rank calls it, once,
+    before its first collective.  What decides
     whether a rank takes part is the same on every rank (the world's size); what a rank wants may
     differ (an environment set for one rank), so they agree before anything is written.
     """
