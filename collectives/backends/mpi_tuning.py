@@ -110,7 +110,11 @@ class _CvarWriter:
         except (OSError, AttributeError) as err:
             log.debug("mpi: no MPI_T (%s); MPICH's default algorithms stand", err)
             return None
-        writer = cls._open(lib, mpi, name)
+        writer = None
+        try:
+            writer = cls._open(lib, mpi, name)
+        except AttributeError as err:  # a symbol missing from this MPI, or an older mpi4py
+            log.debug("mpi: MPI_T incomplete (%s); MPICH's default algorithms stand", err)
         if writer is None:
             lib.MPI_T_finalize()
         return writer
