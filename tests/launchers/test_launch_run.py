@@ -191,7 +191,10 @@ def test_start_gives_a_group_to_supervise() -> None:
 
 
 def test_without_prefix_children_write_to_fds_directly(capfd: pytest.CaptureFixture[str]) -> None:
-    config = LaunchConfig(nproc=2, command=_py("print('plain')"), prefix_output=False)
+    # One write(2) per child: print() makes two under PYTHONUNBUFFERED=1 (CI sets it), and two
+    # children's "plain" and "\n" could then interleave on the shared descriptor.
+    child = "import os; os.write(1, b'plain\\n')"
+    config = LaunchConfig(nproc=2, command=_py(child), prefix_output=False)
     assert launch(config) == 0
     assert capfd.readouterr().out.splitlines() == ["plain", "plain"]
 
