@@ -47,9 +47,9 @@ def tune(mpi: Any, world: Any) -> dict[str, str]:
     """Choose MPICH's iallgather algorithm for ``world``; the variables set, by name.
 
     Collective over ``world`` (an intracommunicator of every rank): every rank calls it, once,
-    before its first collective.  What decides
-    whether a rank takes part is the same on every rank (the world's size); what a rank wants may
-    differ (an environment set for one rank), so they agree before anything is written.
+    before its first collective.  What decides whether a rank takes part is the same on every
+    rank (the world's size); what a rank wants may differ (an environment set for one rank), so
+    they agree before anything is written.
     """
     size = world.Get_size()
     if size < 4 or size & (size - 1):  # 2 ranks: one exchange either way; not a power of two
