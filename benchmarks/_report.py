@@ -238,6 +238,7 @@ def document(
                 "shutdown_error": run.shutdown_error,
                 "engine": run.reports[0].get("engine", {}) if run.reports else {},
                 "tuning": run.reports[0].get("tuning", {}) if run.reports else {},
+                "broadcast_plan": run.reports[0].get("broadcast_plan") if run.reports else None,
             }
             for run in runs
         ],

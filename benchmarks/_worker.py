@@ -96,6 +96,8 @@ def run_rank(
         # Engine settings our backend chose (MPICH algorithms, see mpi_tuning): the raw calls
         # run in the same process, so a reader must know what differs between the two.
         "tuning": dict(getattr(comm.engine, "tuning", {})),
+        # How large broadcasts move (see mpi_placement): a choice of ours, not an MPICH setting.
+        "broadcast_plan": getattr(comm.engine, "broadcast_plan", None),
         "versions": versions(comm.backend) if comm.rank == 0 else {},
         "cells": [],
         "error": None,

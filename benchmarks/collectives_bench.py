@@ -224,11 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(table(mine, args.ops, RAW_ENGINE[backend], backend))
             print()
     for run in runs:
-        tuning = run.reports[0].get("tuning") if run.reports else None
-        if tuning:
-            chosen = ", ".join(f"{k}={v}" for k, v in sorted(tuning.items()))
-            where = f"{run.backend} N={run.size}"
+        first = run.reports[0] if run.reports else {}
+        where = f"{run.backend} N={run.size}"
+        if first.get("tuning"):
+            chosen = ", ".join(f"{k}={v}" for k, v in sorted(first["tuning"].items()))
             print(f"{where}: ours set {chosen}; the raw blocking calls keep their defaults")
+        if first.get("broadcast_plan") and run.size > 2:
+            print(f"{where}: broadcasts of 1 MiB and more go as {first['broadcast_plan']}")
     print(f"runtime {seconds:.1f} s")
 
     json_path = args.json or RESULTS / f"collectives-{started:%Y%m%d-%H%M%S}.json"

@@ -23,7 +23,7 @@ import importlib.util
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from collectives.algorithms.link import binomial_parent_children
-from collectives.backends import mpi_objects, mpi_reduce, mpi_tuning
+from collectives.backends import mpi_objects, mpi_placement, mpi_reduce, mpi_tuning
 from collectives.backends.base import Backend, BackendConfig, OpContext, register_backend
 from collectives.backends.mpi_core import (
     Engine,
@@ -47,10 +47,11 @@ if TYPE_CHECKING:
 # gather_into/scatter_into blocks of at least this many bytes go as one Isend/Irecv per rank
 # instead of MPI's Igather/Iscatter (see MPIBackend._direct_rooted).
 DIRECT_MIN_BYTES = 64 << 10
-# broadcast_into() of at least this many bytes, with 3+ ranks, goes down a binomial tree of
-# whole-buffer messages (see MPIBackend._direct_broadcast).  Measured against Ibcast with 3-4
-# ranks on 2 cores: 0.7-1.0x at 1 MiB, 0.84-1.0x at 16 MiB, but 0.8-1.2x at 256 KiB (worse
-# with 3 ranks) and mixed at 64 KiB.
+# broadcast_into() of at least this many bytes, with 3+ ranks, goes as the world's broadcast
+# plan says (mpi_placement): down a binomial tree of whole-buffer messages where ranks outnumber
+# cores (_direct_broadcast), else as a scatter and an allgather (_spread_broadcast).  The tree
+# against Ibcast with 3-4 ranks on 2 cores: 0.7-1.0x at 1 MiB, 0.84-1.0x at 16 MiB, but
+# 0.8-1.2x at 256 KiB (worse with 3 ranks) and mixed at 64 KiB.
 BROADCAST_DIRECT_MIN_BYTES = 1 << 20
 # reduce() of at least this many bytes runs as an allreduce: MPICH's (I)reduce measured 4-6x
 # slower than its (I)allreduce from 1 MiB up here (0.9 ms vs 0.14 ms at 1 MiB, 2 ranks), about
@@ -64,11 +65,18 @@ class MPIBackend(Backend):
 
     name: ClassVar[str] = "mpi"
 
-    def __init__(self, engine: Engine, tuning: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tuning: dict[str, str] | None = None,
+        broadcast_plan: str = "tree",
+    ) -> None:
         super().__init__(engine.rank, engine.size)
         self._engine = engine
         # MPICH control variables set for this world (see mpi_tuning), for reports and logs.
         self.tuning: dict[str, str] = dict(tuning or {})
+        # How broadcasts of BROADCAST_DIRECT_MIN_BYTES and more move (see mpi_placement).
+        self.broadcast_plan = broadcast_plan
         self._mpi = engine.MPI
         self._byte = engine.MPI.BYTE
         self._in_place = engine.MPI.IN_PLACE
@@ -124,7 +132,8 @@ class MPIBackend(Backend):
             )
         engine = Engine(mpi, world)
         # On the private collective communicator: user code on COMM_WORLD sees no extra traffic.
-        return cls(engine, mpi_tuning.tune(mpi, engine.coll))
+        tuning = mpi_tuning.tune(mpi, engine.coll)
+        return cls(engine, tuning, mpi_placement.broadcast_plan(mpi, engine.coll))
 
     # -- point to point ------------------------------------------------------------------------
     def send(self, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:
@@ -243,8 +252,15 @@ class MPIBackend(Backend):
             engine.check_usable(ctx, True)
         peers = () if self.rank == root else (root,)
         host = tensor if tensor.is_cpu else _cpu(tensor)
+        plan = self.broadcast_plan
+        if host.nbytes < BROADCAST_DIRECT_MIN_BYTES or self.size <= 2:
+            plan = "native"  # one message either way at 2 ranks
+        elif plan == "scatter_allgather" and host.nbytes % self.size:
+            plan = "tree"  # pieces of equal size only (every power-of-two world at 1 MiB+)
         try:
-            if host.nbytes >= BROADCAST_DIRECT_MIN_BYTES and self.size > 2:
+            if plan == "scatter_allgather":
+                self._spread_broadcast(engine, host, root, ctx)
+            elif plan == "tree":
                 self._direct_broadcast(engine, host, root, ctx)
             else:
                 req = engine.coll.Ibcast(host_buffer(self._mpi, host), root)
@@ -307,6 +323,32 @@ class MPIBackend(Backend):
         if targets:
             reqs = [coll.Isend(buf, dst, tag) for dst in targets]
             engine.wait(reqs, ctx, sources=targets, keep=host)
+
+    def _spread_broadcast(
+        self, engine: Engine, host: torch.Tensor, root: int, ctx: OpContext
+    ) -> None:
+        """Broadcast of a large buffer as a scatter of ``1/size`` pieces and an in-place allgather.
+
+        Each rank receives its own piece straight from the root, then ``Iallgather`` fills in the
+        rest: with a core per rank the pieces move in parallel (mpi_placement has the figures).
+        Requires ``host.nbytes % size == 0``.
+        """
+        mpi, rank, size, coll = self._mpi, self.rank, self.size, engine.coll
+        at = mpi.buffer.fromaddress
+        check_plain(host)
+        tag, base, piece = _payload_tag(ctx), host.data_ptr(), host.nbytes // size
+        if rank == root:
+            targets = [r for r in range(size) if r != root]
+            reqs = [coll.Isend(at(base + r * piece, piece), r, tag) for r in targets]
+            # Sent pieces are written again (same bytes) by the allgather: finish sending first.
+            engine.wait(reqs, ctx, sources=targets, keep=host)
+        else:
+            status = mpi.Status()
+            req = coll.Irecv(at(base + rank * piece, piece), root, tag)
+            engine.wait([req], ctx, sources=[root], statuses=[status], keep=host)
+            _check_count(rank, root, status.Get_count(self._byte), piece, ctx)
+        req = coll.Iallgather(self._in_place, [at(base, host.nbytes), piece, self._byte])
+        engine.wait_one(req, ctx, (), host)
 
     def _direct_rooted(
         self,

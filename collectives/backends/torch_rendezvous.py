@@ -110,10 +110,7 @@ def join(
         raise ConfigurationError(f"backend {name!r}: rank {rank} is not in a world of size {size}")
     extra: dict[str, Any] = {}
     if want_cuda:
-        import torch
-
-        torch.cuda.set_device(local_rank)
-        extra["device_id"] = torch.device("cuda", local_rank)
+        extra["device_id"] = _own_gpu(name, local_rank)
     deadline = time.monotonic() + config.timeout
     method = config.init_method or "env://"
     scheme = urllib.parse.urlsplit(method).scheme
@@ -186,6 +183,22 @@ def join(
     pg = dist.group.WORLD
     assert pg is not None
     return Joined(pg, rank, size, True, False, hosts, local_rank)
+
+
+def _own_gpu(name: str, local_rank: int) -> Any:
+    """The CUDA device of this rank (``LOCAL_RANK``), made current; NCCL needs one per rank."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if not 0 <= local_rank < count:
+        raise ConfigurationError(
+            f"backend {name!r}: LOCAL_RANK={local_rank} names no GPU: this host sees {count} "
+            f"CUDA device(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+            "NCCL needs a GPU per rank: start at most that many ranks per host, or use "
+            "backend 'gloo' (it moves CUDA tensors through host memory)"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def _rank_and_size(

@@ -6,7 +6,8 @@
 Each rank writes ``DIR/rank<N>.json``: ``{"checks": {name: {"ok": bool, "error": str|null,
 "seconds": float}}, "scenario": {...}}``.  Checks run in a fixed order on every rank; after the
 first failure the rest are recorded as not run, because a failed collective can desynchronise
-ranks.  ``--scenario NAME`` runs one destructive scenario instead.
+ranks.  ``--scenario NAME`` runs one destructive scenario instead; ``--device cuda`` runs the
+device checks (:mod:`collectives.testing.device_checks`) on each rank's GPU instead.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from collectives.communicator import Communicator
 from collectives.testing.conformance import CHECKS, SCENARIOS
+from collectives.testing.device_checks import DEVICE_CHECKS, bound, rank_device
 from collectives.world import init
 
 
@@ -32,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="check names to run")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default=None)
     parser.add_argument("--timeout", type=float, default=60.0, help="per-op timeout, seconds")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="run the device checks with tensors on this device instead of the CPU suite",
+    )
     args = parser.parse_args(argv)
 
     comm = init(args.backend, timeout=args.timeout)
@@ -50,14 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         report["scenario"] = {"name": args.scenario, **SCENARIOS[args.scenario](comm, args.timeout)}
     else:
         report["checks"] = {}
-        names = args.only or list(CHECKS)
+        checks: dict[str, Callable[[Communicator], None]] = dict(CHECKS)
+        if args.device:
+            device = rank_device(args.device, int(os.environ.get("LOCAL_RANK", comm.rank)))
+            report["device"] = str(device)
+            checks = {name: bound(fn, device) for name, fn in DEVICE_CHECKS.items()}
+        names = args.only or list(checks)
         for name in names:
             if not ok:
                 report["checks"][name] = {"ok": False, "error": "not run: an earlier check failed"}
                 continue
             start = time.monotonic()
             try:
-                CHECKS[name](comm)
+                checks[name](comm)
                 report["checks"][name] = {"ok": True, "error": None}
             except BaseException:
                 ok = False

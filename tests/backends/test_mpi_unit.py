@@ -61,10 +61,11 @@ def _check(n: int, scenario: str) -> None:
 
 
 WORLDS = {
-    2: "dtypes,mismatch,deadline,tuning",
-    3: "dtypes,mismatch,broadcast_sizes,tuning",
-    4: "broadcast_sizes,tuning,tuning",
+    2: "dtypes,mismatch,deadline,tuning,broadcast_plan",
+    3: "dtypes,mismatch,broadcast_sizes,tuning,broadcast_plan",
+    4: "broadcast_sizes,tuning,tuning,broadcast_plan",
 }
+SPREAD = (("COMFY_CLUSTER_MPI_BROADCAST", "scatter_allgather"),)
 
 
 @pytest.mark.mpi
@@ -99,6 +100,49 @@ def test_allgather_algorithm_tuning_off() -> None:
     code, log = _world(4, "tuning_off", (("COMFY_CLUSTER_MPI_TUNING", "0"),))
     for rank in range(4):
         assert f"rank {rank} tuning_off ok" in log, f"exit code {code}\n{log[-6000:]}"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_broadcast_plan_follows_cores_per_rank(n: int) -> None:
+    """Ranks that outnumber their host's CPUs broadcast down a tree, else scatter + allgather."""
+    _check(n, "broadcast_plan")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [3, 4])
+def test_broadcast_scatter_allgather(n: int) -> None:
+    """The scatter + allgather broadcast (the plan on hosts with a core per rank), forced here:
+    bit-exact from every root, and a wrong-sized buffer named as a mismatch."""
+    importlib.import_module("mpi4py")
+    code, log = _world(n, "broadcast_sizes,broadcast_plan", SPREAD)
+    for rank in range(n):
+        for scenario in ("broadcast_sizes", "broadcast_plan"):
+            assert f"rank {rank} {scenario} ok" in log, f"exit code {code}\n{log[-6000:]}"
+
+
+@pytest.mark.mpi
+def test_broadcast_plan_must_agree() -> None:
+    """Ranks given different COMFY_CLUSTER_MPI_BROADCAST values refuse to start, all of them."""
+    mpiexec = _mpiexec()
+    assert mpiexec is not None
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, __file__, "refused"]
+    tree = ["-n", "1", "-env", "COMFY_CLUSTER_MPI_BROADCAST", "tree", *cmd]
+    native = ["-n", "1", "-env", "COMFY_CLUSTER_MPI_BROADCAST", "native", *cmd]
+    proc = subprocess.run(
+        [mpiexec, *tree, ":", *native],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    for rank in range(2):
+        assert f"rank {rank} refused ok" in log, log[-6000:]
 
 
 def test_deadline_cancel_abort() -> None:
@@ -395,8 +439,9 @@ def _mismatch(comm: object) -> None:
 
 
 def _broadcast_sizes(comm: object) -> None:
-    """The large broadcast goes down a tree of plain messages (3+ ranks): a rank whose buffer is
-    bigger or smaller than the root's must get a mismatch error, never a short or torn buffer."""
+    """The large broadcast goes as plain messages (3+ ranks, tree or scatter + allgather): a rank
+    whose buffer is bigger or smaller than the root's must get a mismatch error, never a short or
+    torn buffer."""
     import torch
 
     from collectives.communicator import Communicator
@@ -404,9 +449,11 @@ def _broadcast_sizes(comm: object) -> None:
 
     assert isinstance(comm, Communicator)
     for root in range(comm.size):  # every root, bit-exact, through the tree
-        buf = torch.full((1 << 19,), float(comm.rank * 10 + 1))
-        comm.broadcast_into(buf, root=root)
-        assert bool((buf == root * 10 + 1).all()), root
+        for numel in (1 << 19, 3 << 18):  # 2 MiB; 3 MiB, cut into pieces at 3 ranks too
+            buf = torch.arange(numel, dtype=torch.float32) * (comm.rank + 1)
+            comm.broadcast_into(buf, root=root)
+            want = torch.arange(numel, dtype=torch.float32) * (root + 1)
+            assert torch.equal(buf, want), (root, numel)
     numel = {0: 1 << 19, 1: 3 << 18, 2: 1 << 18}.get(comm.rank, 1 << 19)
     start = time.monotonic()
     try:
@@ -474,6 +521,20 @@ def _tuning_off(comm: object) -> None:
     _allgather_exact(comm)
 
 
+def _broadcast_plan(comm: object) -> None:
+    from collectives.backends.mpi_placement import usable_cpus
+    from collectives.communicator import Communicator
+
+    assert isinstance(comm, Communicator)
+    plan = comm.engine.broadcast_plan  # type: ignore[attr-defined]
+    forced = os.environ.get("COMFY_CLUSTER_MPI_BROADCAST")
+    if forced:
+        assert plan == forced, (plan, forced)
+    else:  # every rank of these tests shares one host and one affinity mask
+        crowded = comm.size > len(usable_cpus())
+        assert plan == ("tree" if crowded else "scatter_allgather"), (plan, usable_cpus())
+
+
 SCENARIOS: dict[str, Callable[[object], None]] = {
     "tuning": _tuning,
     "tuning_off": _tuning_off,
@@ -481,13 +542,33 @@ SCENARIOS: dict[str, Callable[[object], None]] = {
     "deadline": _deadline,
     "mismatch": _mismatch,
     "broadcast_sizes": _broadcast_sizes,
+    "broadcast_plan": _broadcast_plan,
 }
+
+
+def _refused() -> None:
+    from mpi4py import MPI
+
+    from collectives.errors import ConfigurationError
+    from collectives.world import init
+
+    try:
+        init("mpi", timeout=30)
+    except ConfigurationError as err:
+        assert "COMFY_CLUSTER_MPI_BROADCAST differs between ranks" in str(err), err
+        print(f"rank {MPI.COMM_WORLD.Get_rank()} refused ok", flush=True)
+        return
+    raise AssertionError("ranks with different broadcast plans must refuse to start")
 
 
 def _main(scenarios: str) -> None:
     from mpi4py import MPI
 
     from collectives.world import init
+
+    if scenarios == "refused":
+        _refused()
+        return
 
     for scenario in scenarios.split(","):
         comm = init("mpi", timeout=30)  # a fresh communicator: the last may be out of step

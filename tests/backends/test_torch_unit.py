@@ -540,3 +540,15 @@ def main(plan: str) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1]))
+
+
+def test_nccl_rank_without_a_gpu_gets_one_line_naming_local_rank() -> None:
+    import torch
+
+    from collectives.backends.torch_rendezvous import _own_gpu
+    from collectives.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"LOCAL_RANK=\d+ names no GPU.*gloo"):
+        _own_gpu("nccl", torch.cuda.device_count())
+    with pytest.raises(ConfigurationError, match="LOCAL_RANK=-1"):
+        _own_gpu("nccl", -1)

@@ -34,13 +34,22 @@ def _command(kind: str, n: int, out: Path, extra: list[str]) -> list[str]:
 
 @functools.cache
 def run_world(
-    kind: str, n: int, scenario: str | None = None, timeout: float = 60.0
+    kind: str,
+    n: int,
+    scenario: str | None = None,
+    timeout: float = 60.0,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Run the runner on ``n`` ranks of backend ``kind``; return the reports and the exit code."""
+    """Run the runner on ``n`` ranks of backend ``kind``; return the reports and the exit code.
+
+    ``device`` runs the device checks on that device instead of the CPU suite.
+    """
     out = Path(tempfile.mkdtemp(prefix=f"conf-{kind}-{n}-"))
     extra = ["--timeout", str(timeout)]
     if scenario:
         extra += ["--scenario", scenario]
+    if device:
+        extra += ["--device", device]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         _command(kind, n, out, extra),
@@ -59,8 +68,8 @@ def run_world(
     return {"returncode": proc.returncode, "reports": reports, "log": proc.stdout + proc.stderr}
 
 
-def check_result(kind: str, n: int, name: str) -> None:
-    world = run_world(kind, n)
+def check_result(kind: str, n: int, name: str, device: str | None = None) -> None:
+    world = run_world(kind, n, device=device)
     reports = world["reports"]
     assert len(reports) == n, f"only ranks {sorted(reports)} reported:\n{world['log'][-4000:]}"
     failures = {
