@@ -38,11 +38,16 @@ def _mpiexec() -> str | None:
 @functools.cache
 def _world(n: int, scenarios: str, extra_env: tuple[tuple[str, str], ...] = ()) -> tuple[int, str]:
     """Run ``scenarios`` (comma-separated, in order) in one ``mpiexec -n n`` job."""
+    return _mpiexec_job(["-n", str(n), sys.executable, __file__, scenarios], dict(extra_env))
+
+
+def _mpiexec_job(args: list[str], extra_env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``mpiexec ARGS`` with this checkout importable: the exit code and the whole output."""
     mpiexec = _mpiexec()
     assert mpiexec is not None, "mpiexec not found: pip install mpi4py mpich (setup.sh does)"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **dict(extra_env))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra_env or {}))
     proc = subprocess.run(
-        [mpiexec, "-n", str(n), sys.executable, __file__, scenarios],
+        [mpiexec, *args],
         check=False,
         cwd=ROOT,
         env=env,
@@ -124,23 +129,11 @@ def test_broadcast_scatter_allgather(n: int) -> None:
 @pytest.mark.mpi
 def test_broadcast_plan_must_agree() -> None:
     """Ranks given different COMFY_CLUSTER_MPI_BROADCAST values refuse to start, all of them."""
-    mpiexec = _mpiexec()
-    assert mpiexec is not None
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, __file__, "refused"]
     tree = ["-n", "1", "-env", "COMFY_CLUSTER_MPI_BROADCAST", "tree", *cmd]
     native = ["-n", "1", "-env", "COMFY_CLUSTER_MPI_BROADCAST", "native", *cmd]
-    proc = subprocess.run(
-        [mpiexec, *tree, ":", *native],
-        check=False,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+    code, log = _mpiexec_job([*tree, ":", *native])
+    assert code == 0, log[-6000:]
     for rank in range(2):
         assert f"rank {rank} refused ok" in log, log[-6000:]
 
