@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from collectives.testing import run_local
-from collectives.testing.device_checks import DEVICE_CHECKS, bound, rank_device
+from collectives.testing.device_checks import DEVICE_CHECKS, rank_device
 from tests.conformance.worlds import ROOT, check_result
 
 pytestmark = pytest.mark.gpu
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 @pytest.mark.parametrize("name", sorted(DEVICE_CHECKS))
 def test_local(name: str, size: int) -> None:
-    run_local(size, lambda comm: bound(DEVICE_CHECKS[name], rank_device("cuda", comm.rank))(comm))
+    run_local(size, lambda comm: DEVICE_CHECKS[name](comm, rank_device("cuda", comm.rank)))
 
 
 @pytest.mark.gloo
