@@ -17,7 +17,7 @@ from collectives.reduce_op import PARSED, ReduceOp, check_reducible
 if TYPE_CHECKING:
     import torch
 
-    from collectives.backends.base import Backend, OpContext
+    from collectives.backends.base import Backend, FastOp, OpContext
     from collectives.work import Work
 
 T = TypeVar("T")
@@ -38,6 +38,8 @@ class BufferOps:
         _backend: Backend
         _rank: int
         _size: int
+        _fast_allreduce: FastOp | None
+        _fast_broadcast_into: FastOp | None
 
         @property
         def rank(self) -> int: ...
@@ -46,6 +48,8 @@ class BufferOps:
         def size(self) -> int: ...
 
         def _check_root(self, root: int, op: str) -> None: ...
+
+        def _fatal(self, err: BaseException) -> None: ...
 
         def _check_peer(self, peer: int, op: str, name: str) -> None: ...
 
@@ -72,6 +76,14 @@ class BufferOps:
         self, tensor: Buffer, op: ReduceOp | str = "sum", *, timeout: float | None = None
     ) -> Buffer:
         """Reduce ``tensor`` over all ranks, in place; every rank ends with the same values."""
+        fast = self._fast_allreduce
+        if fast is not None:
+            try:
+                if fast(tensor, op, timeout):
+                    return tensor
+            except BaseException as err:
+                self._fatal(err)
+                raise
         t, rop = _reducible(tensor, op, "allreduce")
         self._now("allreduce", timeout, self._backend.allreduce, t, rop)
         return tensor
@@ -115,6 +127,14 @@ class BufferOps:
 
     def broadcast_into(self, buf: Buffer, root: int = 0, *, timeout: float | None = None) -> Buffer:
         """Overwrite ``buf`` on every rank with root's ``buf`` (same shape and dtype everywhere)."""
+        fast = self._fast_broadcast_into
+        if fast is not None:
+            try:
+                if fast(buf, root, timeout):
+                    return buf
+            except BaseException as err:
+                self._fatal(err)
+                raise
         self._check_root(root, "broadcast_into")
         t = _as_tensor(buf, "broadcast_into")
         self._now("broadcast_into", timeout, self._backend.broadcast_into, t, root)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from collectives.backends.base import Backend, OpContext
+from collectives.backends.base import Backend, FastLane, OpContext
 from collectives.buffer_api import BufferOps
 from collectives.codec import Encoded, decode, encode
 from collectives.deadline import Deadline, check_timeout
@@ -57,9 +57,11 @@ class Communicator(BufferOps):
         self._backend = backend
         # Read on every op: plain attributes cost less than the properties.
         self._rank, self._size = backend.rank, backend.size
-        self.options = options or CommOptions()
-        self._seq = 0
-        self._issue_lock = threading.Lock()
+        self._options = options or CommOptions()
+        # Sequence number, issue lock and "may an op run inline now" live in the lane, which a
+        # backend's fast path shares (see FastLane); open = usable and nothing queued.
+        self._lane = FastLane(self._rank, self._options.timeout)
+        self._issue_lock = self._lane.lock
         self._run_lock = threading.Lock()
         self._pending = 0
         self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -67,6 +69,18 @@ class Communicator(BufferOps):
         self._p2p_pool: ThreadPoolExecutor | None = None
         self._failed: str | None = None
         self._closed = False
+        self._fast_allreduce = backend.fast_path("allreduce", self._lane)
+        self._fast_broadcast_into = backend.fast_path("broadcast_into", self._lane)
+
+    @property
+    def options(self) -> CommOptions:
+        """Timeout and codec defaults (assign a new :class:`CommOptions` to change them)."""
+        return self._options
+
+    @options.setter
+    def options(self, options: CommOptions) -> None:
+        self._options = options
+        self._lane.timeout = options.timeout
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -221,7 +235,7 @@ class Communicator(BufferOps):
     # -- lifetime ------------------------------------------------------------------------------
     def abort(self, reason: str = "aborted by the user") -> None:
         """Fail every pending and future op on this rank now (ComfyUI's interrupt calls this)."""
-        self._failed = self._failed or reason
+        self._fail(reason)
         self._backend.abort(reason)
 
     def close(self) -> None:
@@ -229,9 +243,10 @@ class Communicator(BufferOps):
         if self._closed:
             return
         self._closed = True
+        self._lane.open = False
         if self._worker is not None:
             self._queue.put(None)
-            self._worker.join(timeout=self.options.timeout)
+            self._worker.join(timeout=self._options.timeout)
         if self._p2p_pool is not None:
             self._p2p_pool.shutdown(wait=False, cancel_futures=True)
         self._backend.close()
@@ -246,10 +261,10 @@ class Communicator(BufferOps):
 
     # -- machinery -----------------------------------------------------------------------------
     def _encode(self, obj: Any) -> Encoded:
-        return encode(obj, self.options.codec)
+        return encode(obj, self._options.codec)
 
     def _decode(self, msg: Encoded) -> Any:
-        return decode(msg.header, msg.buffers, self.options.codec)
+        return decode(msg.header, msg.buffers, self._options.codec)
 
     def _check_usable(self, op: str) -> None:
         if self._closed:
@@ -272,7 +287,7 @@ class Communicator(BufferOps):
 
     def _context(self, name: str, timeout: float | None, seq: int) -> OpContext:
         # The default was validated when the options were made.
-        timeout = self.options.timeout if timeout is None else check_timeout(timeout)
+        timeout = self._options.timeout if timeout is None else check_timeout(timeout)
         # The tuples are built directly: calling a class runs its Python __new__/__init__ from
         # C, which costs several µs per op with cold caches (see _now).
         deadline = _tuple_new(Deadline, (_monotonic() + timeout, timeout, name, self._rank))
@@ -284,8 +299,8 @@ class Communicator(BufferOps):
         if self._closed or self._failed is not None:
             self._check_usable(name)
         with self._issue_lock:
-            seq = self._seq
-            self._seq = seq + 1
+            seq = self._lane.seq
+            self._lane.seq = seq + 1
             ctx = self._context(name, timeout, seq)
             work: Work[T] = Work(name, self._rank)
             if blocking and not self._pending:
@@ -297,6 +312,7 @@ class Communicator(BufferOps):
                     self._failure(work, err)
                 return work
             self._pending += 1
+            self._lane.open = False
             self._ensure_worker()
         body = _in_callers_mode(body)
         self._queue.put(lambda: self._execute_queued(work, ctx, body))
@@ -316,8 +332,8 @@ class Communicator(BufferOps):
             self._check_usable(name)
         with self._issue_lock:
             if not self._pending:
-                seq = self._seq
-                self._seq = seq + 1
+                seq = self._lane.seq
+                self._lane.seq = seq + 1
                 ctx = self._context(name, timeout, seq)
                 try:
                     # Fixed arities are plain calls, which Python runs without a C round trip
@@ -329,8 +345,7 @@ class Communicator(BufferOps):
                     else:
                         run(*args, ctx)
                 except BaseException as err:
-                    if isinstance(err, _FATAL):
-                        self._failed = self._failed or f"{type(err).__name__}: {err}"
+                    self._fatal(err)
                     raise
                 return
         self._later(name, timeout, run, args, None).wait()
@@ -360,6 +375,7 @@ class Communicator(BufferOps):
         finally:
             with self._issue_lock:
                 self._pending -= 1
+                self._lane.open = not (self._pending or self._closed or self._failed)
 
     def _execute(self, work: Work[T], ctx: OpContext, body: Callable[[OpContext], T]) -> None:
         try:
@@ -370,9 +386,17 @@ class Communicator(BufferOps):
 
     def _failure(self, work: Work[T], err: BaseException) -> None:
         """Hand ``err`` to the waiter (who re-raises it); a fatal one poisons the communicator."""
-        if isinstance(err, _FATAL):
-            self._failed = self._failed or f"{type(err).__name__}: {err}"
+        self._fatal(err)
         work.set_exception(err)
+
+    def _fatal(self, err: BaseException) -> None:
+        """After a fatal ``err`` (see _FATAL) the communicator refuses every later op."""
+        if isinstance(err, _FATAL):
+            self._fail(f"{type(err).__name__}: {err}")
+
+    def _fail(self, reason: str) -> None:
+        self._failed = self._failed or reason
+        self._lane.open = False
 
     def _p2p(
         self, name: str, timeout: float | None, body: Callable[[OpContext], T], blocking: bool

@@ -10,7 +10,8 @@ point-to-point messages (:class:`collectives.backends.p2p.P2PBackend`).
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
@@ -35,6 +36,33 @@ class OpContext(NamedTuple):
     name: str
     seq: int
     deadline: Deadline
+
+
+class FastLane:
+    """The communicator state a backend's fast path reads and updates, in one small object.
+
+    A backend may run its hottest in-place ops in a single closure each (:meth:`Backend.fast_path`)
+    because every Python frame and attribute read before the engine call costs several µs right
+    after a large op (the caches hold its data, not our code), and with two ranks per core that
+    shows as 8-10 % of a 1 MiB allreduce (docs/backend-mpi.md).  The closure may run an op only
+    while ``open`` is true (the communicator is usable and has no async op queued), and only
+    while holding ``lock``, under which it takes the next ``seq``; ``timeout`` is the default.
+    """
+
+    __slots__ = ("lock", "open", "rank", "seq", "timeout")
+
+    def __init__(self, rank: int, timeout: float) -> None:
+        self.lock = threading.Lock()
+        self.open = True
+        self.rank = rank
+        self.seq = 0
+        self.timeout = timeout
+
+
+# A fast path: ``run(tensor, arg, timeout)`` (``arg``: the reduce op of ``allreduce``, the root of
+# ``broadcast_into``) is True when it ran the op, False when the caller must take the general path
+# (anything unusual: the general path checks it and raises the right error).
+FastOp = Callable[[object, object, "float | None"], bool]
 
 
 @dataclass(frozen=True)
@@ -146,6 +174,15 @@ class Backend(abc.ABC):
         self, out: torch.Tensor, tensor: torch.Tensor | None, root: int, ctx: OpContext
     ) -> None:
         """``tensor`` (root only) is ``size`` blocks shaped like ``out``, in rank order."""
+
+    def fast_path(self, op: str, lane: FastLane) -> FastOp | None:
+        """A one-frame version of in-place ``op`` ("allreduce", "broadcast_into") for the common
+        case (see :class:`FastLane`), or None.
+
+        Engines whose op costs little next to a few Python frames offer one; the default is
+        None: every call takes the general path.
+        """
+        return None
 
     # -- lifetime ------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -41,7 +41,7 @@ MAX_SLEEP_S = 1e-3  # ... capped here
 CANCEL_GRACE_S = 0.5  # how long a cancelled receive may take to report back
 
 _monotonic = time.monotonic
-_sched_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+sched_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
 def import_mpi() -> Any:
@@ -131,15 +131,8 @@ class Engine:
         Spins with ``sched_yield`` (as :meth:`wait` does first) without building the general
         loop's state; past the spin, or on abort, :meth:`wait` takes over.
         """
-        test = req.Test
-        if test():
-            return
-        end = min(_monotonic() + SPIN_S, ctx.deadline.at)
-        while self.aborted is None and _monotonic() < end:
-            _sched_yield()
-            if test():
-                return
-        self.wait([req], ctx, peers, keep=keep)
+        if not spin(self, req, ctx.deadline.at):
+            self.wait([req], ctx, peers, keep=keep)
 
     def wait(
         self,
@@ -212,7 +205,7 @@ class Engine:
                     return
                 raise ctx.deadline.error(missing or peers)
             if now < spin_end:
-                _sched_yield()
+                sched_yield()
             else:
                 time.sleep(min(MAX_SLEEP_S, max(MIN_SLEEP_S, (now - start) * SLEEP_FRACTION)))
             if test():
@@ -370,6 +363,23 @@ def host_bytes(t: torch.Tensor) -> npt.NDArray[Any]:
         return t.numpy()
     except TypeError:  # no numpy dtype: move its bytes
         return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def spin(engine: Engine, req: Any, deadline_at: float) -> bool:
+    """Poll one request with ``sched_yield`` for up to ``SPIN_S`` (True: it completed).
+
+    The first phase of :meth:`Engine.wait`, without its state: callers hand a request still
+    pending afterwards (or on abort) to :meth:`Engine.wait`.
+    """
+    test = req.Test
+    if test():
+        return True
+    end = min(_monotonic() + SPIN_S, deadline_at)
+    while engine.aborted is None and _monotonic() < end:
+        sched_yield()
+        if test():
+            return True
+    return False
 
 
 def host_buffer(mpi: Any, t: torch.Tensor) -> Any:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from collectives.backends.base import OpContext
     from collectives.backends.mpi_core import Engine
 
-_TYPE_NAMES = {
+TYPE_NAMES = {
     "float32": "FLOAT",
     "float64": "DOUBLE",
     "int8": "INT8_T",
@@ -74,7 +74,7 @@ def native_reduction(mpi: Any, dtype: torch.dtype, op: ReduceOp) -> tuple[Any, A
     import torch
 
     found = None
-    mpi_type = _TYPE_NAMES.get(str(dtype).removeprefix("torch."))
+    mpi_type = TYPE_NAMES.get(str(dtype).removeprefix("torch."))
     if mpi_type is not None and hasattr(mpi, mpi_type):
         names = _BOOL_OP_NAMES if dtype == torch.bool else _OP_NAMES
         mpi_op = names.get(op)
