@@ -359,7 +359,6 @@ def _deadline(comm: object) -> None:
 
     from collectives.communicator import Communicator
     from collectives.errors import CollectiveTimeoutError, CommunicatorAbortedError
-    from collectives.world import init
 
     assert isinstance(comm, Communicator)
     rank = comm.rank
@@ -381,20 +380,7 @@ def _deadline(comm: object) -> None:
     comm.barrier()
 
     # abort() from another thread fails a pending op promptly.
-    other = init("mpi", timeout=60)
-    if rank == 0:
-        timer = threading.Timer(0.3, other.abort, args=("test abort",))
-        timer.start()
-        start = time.monotonic()
-        try:
-            other.allgather_into(torch.zeros(2, 4), torch.zeros(4))
-        except CommunicatorAbortedError as err:
-            assert "test abort" in str(err), err
-            assert time.monotonic() - start < 0.3 + SLACK_S
-        else:
-            raise AssertionError("abort must fail the pending allgather")
-    other.close()
-    comm.barrier()
+    _abort_fails_pending(comm, lambda c: c.allgather_into(torch.zeros(2, 4), torch.zeros(4)))
 
     # A rank that never calls: the collective times out on time, naming the root.
     timeout = 1.0
@@ -418,6 +404,28 @@ def _deadline(comm: object) -> None:
         time.sleep(timeout + 0.5)
 
 
+def _abort_fails_pending(comm: Any, call: Callable[[Any], object]) -> None:
+    """On rank 0, ``call`` on a fresh communicator (the other ranks never join it) fails with
+    ``CommunicatorAbortedError`` soon after another thread aborts that communicator."""
+    from collectives.errors import CommunicatorAbortedError
+    from collectives.world import init
+
+    other = init("mpi", timeout=60)
+    if comm.rank == 0:
+        timer = threading.Timer(0.3, other.abort, args=("test abort",))
+        timer.start()
+        start = time.monotonic()
+        try:
+            call(other)
+        except CommunicatorAbortedError as err:
+            assert "test abort" in str(err), err
+            assert time.monotonic() - start < 0.3 + SLACK_S
+        else:
+            raise AssertionError("abort must fail the pending op")
+    other.close()
+    comm.barrier()
+
+
 def _fast_paths(comm: object) -> None:
     """allreduce and broadcast_into take the backend's one-frame path in the common case and the
     general path otherwise, with the same results, errors, ordering and sequence numbers."""
@@ -431,7 +439,6 @@ def _fast_paths(comm: object) -> None:
         InvalidArgumentError,
     )
     from collectives.reduce_op import ReduceOp
-    from collectives.world import init
 
     assert isinstance(comm, Communicator)
     rank, n = comm.rank, comm.size
@@ -521,20 +528,7 @@ def _fast_paths(comm: object) -> None:
     assert comm.broadcast("agreed", root=0) == "agreed"
 
     # abort() from another thread fails a pending fast-path op promptly.
-    other = init("mpi", timeout=60)
-    if rank == 0:
-        timer = threading.Timer(0.3, other.abort, args=("test abort",))
-        timer.start()
-        start = time.monotonic()
-        try:
-            other.allreduce(torch.zeros(16))
-        except CommunicatorAbortedError as err:
-            assert "test abort" in str(err), err
-            assert time.monotonic() - start < 0.3 + SLACK_S
-        else:
-            raise AssertionError("abort must fail the pending allreduce")
-    other.close()
-    comm.barrier()
+    _abort_fails_pending(comm, lambda c: c.allreduce(torch.zeros(16)))
 
     # A timed-out fast-path op poisons the communicator, as the general path does.
     if rank == 0:
