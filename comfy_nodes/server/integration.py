@@ -265,9 +265,12 @@ def _propagate_interrupts(membership: Membership) -> None:
             node = error.get("node_id") if isinstance(error, dict) else None
             kind = prompt.get(node, {}).get("class_type", "?") if isinstance(prompt, dict) else "?"
             why = error.get("exception_message", "") if isinstance(error, dict) else str(error)
+            # With the prompt's communicator: if the cluster has moved to a new world since,
+            # only the old one is aborted.
             abort_everywhere(
                 membership,
                 f"rank {membership.settings.rank} failed at node {node} ({kind}): {why.strip()}",
+                cluster.peek_comm(),
             )
         return original_error(self, prompt_id, prompt, current, executed, error, ex)
 

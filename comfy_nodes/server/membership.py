@@ -120,6 +120,10 @@ class Membership:
             self.epoch = epoch
             self.state = "joining"
             cluster.set_comm(None)
+            # As in fail(): the prompt running on the old world fails there; its failure must
+            # not be reported as one of the new world (the abort of the old world and the call
+            # to join the new one reach a follower in either order).
+            cluster.current_prompt = None
         if old is not None:
             old.abort(reason or f"moving to cluster epoch {epoch}")
         if self.settings.is_leader:

@@ -54,3 +54,26 @@ def test_abort_from_an_earlier_world_aborts_only_that_one() -> None:
         raise AssertionError("the old communicator was not aborted")
     abort_everywhere(membership, "interrupted on rank 1", current)
     assert membership.state == "failed"
+
+
+def test_moving_to_a_new_world_forgets_the_running_prompt() -> None:
+    """A follower may hear "join the next world" before "abort this one"; the prompt still
+    running on the old world must not then report its failure as one of the new world."""
+    from comfy_nodes import cluster
+
+    membership, current = _follower_in_a_world()
+    membership._join = lambda epoch: None  # type: ignore[method-assign]  # no second rank here
+    cluster.begin_prompt("p-old", current)
+    try:
+        membership.rejoin(3, "interrupted on rank 1")
+        assert cluster.current_prompt is None
+        assert membership.epoch == 3 and membership.state == "joining"
+        # The new world forms; then the old prompt's node error arrives.  Reported with the
+        # prompt's communicator (as the execution-error hook does), it aborts only that one.
+        new = collectives.init("local")
+        membership._comm, membership.state = new, "ready"
+        assert cluster.peek_comm() is current
+        abort_everywhere(membership, "rank 1 failed at node 4", cluster.peek_comm())
+        assert membership.state == "ready" and new.allgather(4) == [4]
+    finally:
+        cluster.end_prompt()
