@@ -94,13 +94,9 @@ class Membership:
             comm, epoch = self._comm, self.epoch
             if comm is None and self.state != "ready":
                 return  # already re-forming
-            self._comm = None
+            self._leave_world()
             self.state = "failed"
             self.last_error = reason
-            cluster.set_comm(None)
-            # The running prompt (if any) fails on its own world; its failure must not be
-            # reported again as a failure of the next world.
-            cluster.current_prompt = None
         log.warning("cluster world %d failed: %s", epoch, reason)
         if comm is not None:
             comm.abort(reason)
@@ -111,19 +107,26 @@ class Membership:
                 f"{self.settings.leader_url}/cluster/failed", {"epoch": epoch, "reason": reason}
             )
 
+    def _leave_world(self) -> Communicator | None:
+        """Drop the current world (caller holds ``_cond``); its communicator, for aborting.
+
+        The prompt running on it (if any) fails there; its failure must not be reported as one
+        of the next world.  (A follower hears "abort this world" and "join the next" in either
+        order, so both ``fail`` and ``rejoin`` leave through here.)
+        """
+        old, self._comm = self._comm, None
+        cluster.set_comm(None)
+        cluster.current_prompt = None
+        return old
+
     def rejoin(self, epoch: int, reason: str = "") -> None:
         """Leave the current world (if any) and join world ``epoch``."""
         with self._cond:
             if epoch <= self.epoch and self.state in ("joining", "ready"):
                 return  # that world (or a newer one) is forming already
-            old, self._comm = self._comm, None
+            old = self._leave_world()
             self.epoch = epoch
             self.state = "joining"
-            cluster.set_comm(None)
-            # As in fail(): the prompt running on the old world fails there; its failure must
-            # not be reported as one of the new world (the abort of the old world and the call
-            # to join the new one reach a follower in either order).
-            cluster.current_prompt = None
         if old is not None:
             old.abort(reason or f"moving to cluster epoch {epoch}")
         if self.settings.is_leader:
