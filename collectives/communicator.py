@@ -375,7 +375,7 @@ class Communicator(BufferOps):
         finally:
             with self._issue_lock:
                 self._pending -= 1
-                self._lane.open = not (self._pending or self._closed or self._failed)
+                self._lane.open = not (self._pending or self._closed) and self._failed is None
 
     def _execute(self, work: Work[T], ctx: OpContext, body: Callable[[OpContext], T]) -> None:
         try:

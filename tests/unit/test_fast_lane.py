@@ -6,6 +6,7 @@ here a recording fast path on the in-process backend checks the communicator's b
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable
@@ -135,4 +136,19 @@ def test_new_options_reach_the_lane() -> None:
     assert comm._lane.timeout == 12.0
     comm.options = CommOptions(timeout=3.5)
     assert comm._lane.timeout == 3.5 and comm.options.timeout == 3.5
+    comm.close()
+
+
+def test_lane_stays_closed_after_an_abort_with_an_empty_reason_once_the_queue_drains() -> None:
+    seen: Seen = []
+    comm = _communicator(_declines, seen)
+    release = threading.Event()
+    blocker = comm._later("allreduce", None, lambda *a: release.wait(10), (), None)
+    comm.abort("")
+    release.set()
+    # The queued op fails or finishes depending on whether it had started before the abort;
+    # either way the queue drains, and the lane must stay closed.
+    with contextlib.suppress(CommunicatorAbortedError):
+        blocker.wait(10)
+    assert not comm._lane.open
     comm.close()
