@@ -1,4 +1,4 @@
-"""The cluster key: where it comes from, what it derives, and how messages are authenticated with it.
+"""The cluster key: where it comes from, what it derives, how messages are authenticated with it.
 
 One secret, ``COMFY_CLUSTER_KEY`` (or the file named by ``COMFY_CLUSTER_KEY_FILE``), is shared by
 every rank of a cluster.  Nothing uses it directly: each use derives its own subkey with HKDF

@@ -58,6 +58,7 @@ class Communicator(BufferOps):
         # Read on every op: plain attributes cost less than the properties.
         self._rank, self._size = backend.rank, backend.size
         self._options = options or CommOptions()
+        backend.codec = self._options.codec
         # Sequence number, issue lock and "may an op run inline now" live in the lane, which a
         # backend's fast path shares (see FastLane); open = usable and nothing queued.
         self._lane = FastLane(self._rank, self._options.timeout)
@@ -80,6 +81,7 @@ class Communicator(BufferOps):
     @options.setter
     def options(self, options: CommOptions) -> None:
         self._options = options
+        self._backend.codec = options.codec
         self._lane.timeout = options.timeout
 
     # -- identity ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
+from collectives.codec.options import CodecOptions
 from collectives.deadline import Deadline
 from collectives.errors import BackendUnavailableError, ConfigurationError
 from collectives.reduce_op import ReduceOp
@@ -74,6 +75,7 @@ class BackendConfig:
     size: int | None = None
     init_method: str | None = None
     world: str = "default"
+    epoch: int = 0  # incarnation of ``world``: a re-formed world counts up (see envelope)
     timeout: float = 600.0
     environ: Mapping[str, str] = field(default_factory=dict)
 
@@ -88,6 +90,10 @@ class Backend(abc.ABC):
             raise ConfigurationError(f"rank {rank} is not in a world of size {size}")
         self.rank = rank
         self.size = size
+        # How this rank decodes what peers send: the communicator sets its options here, and
+        # every decode a backend does (object API, buffer receives, fallback reductions) must
+        # use them.  The default never unpickles.
+        self.codec: CodecOptions = CodecOptions()
 
     @classmethod
     def is_available(cls) -> bool:
