@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from collectives.backends.base import Backend, FastLane, OpContext
@@ -26,9 +25,10 @@ from collectives.errors import (
     CommunicatorAbortedError,
     ConnectionLostError,
     InvalidArgumentError,
+    RemoteProtocolError,
 )
 from collectives.options import CommOptions
-from collectives.work import Work
+from collectives.work import ElasticPool, Work
 
 T = TypeVar("T")
 
@@ -37,7 +37,9 @@ _monotonic = time.monotonic
 
 # Failures after which messages of the failed op may still be in flight: the communicator can no
 # longer tell them from the next op's, so it refuses further ops (as NCCL does after an error).
-_FATAL = (CollectiveTimeoutError, CollectiveMismatchError, ConnectionLostError)
+# A peer's message that cannot be decoded (RemoteProtocolError, CodecError) counts too: the peer
+# is broken or hostile, and the op's other messages may still be on their way.
+_FATAL = (CollectiveTimeoutError, CollectiveMismatchError, ConnectionLostError, RemoteProtocolError)
 
 
 class Communicator(BufferOps):
@@ -67,7 +69,7 @@ class Communicator(BufferOps):
         self._pending = 0
         self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
-        self._p2p_pool: ThreadPoolExecutor | None = None
+        self._p2p_pool: ElasticPool | None = None
         self._failed: str | None = None
         self._closed = False
         self._fast_allreduce = backend.fast_path("allreduce", self._lane)
@@ -123,11 +125,11 @@ class Communicator(BufferOps):
         _blocking: bool = False,
     ) -> Work[Any]:
         self._check_root(root, "broadcast")
+        # Encoded before the op is numbered: an object the codec refuses is a caller error.
+        mine = self._encode(obj) if self.rank == root else None
 
         def body(ctx: OpContext) -> Any:
-            msg = self._backend.broadcast(
-                self._encode(obj) if self.rank == root else None, root, ctx
-            )
+            msg = self._backend.broadcast(mine, root, ctx)
             return obj if self.rank == root else self._decode(msg)
 
         return self._collective("broadcast", timeout, body, _blocking)
@@ -157,11 +159,11 @@ class Communicator(BufferOps):
                     f"(one per rank), got {got}"
                 )
             items = list(items)
+        msgs = None
+        if items is not None and self.rank == root:
+            msgs = _encode_each(items, self._encode)
 
         def body(ctx: OpContext) -> Any:
-            msgs = None
-            if items is not None and self.rank == root:
-                msgs = _encode_each(items, self._encode)
             msg = self._backend.scatter(msgs, root, ctx)
             return items[root] if items is not None and self.rank == root else self._decode(msg)
 
@@ -175,9 +177,10 @@ class Communicator(BufferOps):
         self, obj: Any, root: int = 0, *, timeout: float | None = None, _blocking: bool = False
     ) -> Work[list[Any] | None]:
         self._check_root(root, "gather")
+        mine = self._encode(obj)
 
         def body(ctx: OpContext) -> list[Any] | None:
-            msgs = self._backend.gather(self._encode(obj), root, ctx)
+            msgs = self._backend.gather(mine, root, ctx)
             if msgs is None:
                 return None
             return [obj if r == self.rank else self._decode(m) for r, m in enumerate(msgs)]
@@ -191,8 +194,10 @@ class Communicator(BufferOps):
     def iallgather(
         self, obj: Any, *, timeout: float | None = None, _blocking: bool = False
     ) -> Work[list[Any]]:
+        mine = self._encode(obj)
+
         def body(ctx: OpContext) -> list[Any]:
-            msgs = self._backend.allgather(self._encode(obj), ctx)
+            msgs = self._backend.allgather(mine, ctx)
             return [obj if r == self.rank else self._decode(m) for r, m in enumerate(msgs)]
 
         return self._collective("allgather", timeout, body, _blocking)
@@ -216,11 +221,9 @@ class Communicator(BufferOps):
         _blocking: bool = False,
     ) -> Work[None]:
         self._check_peer(dst, "send", "dst")
+        msg = self._encode(obj)
         return self._p2p(
-            "send",
-            timeout,
-            lambda ctx: self._backend.send(self._encode(obj), dst, tag, ctx),
-            _blocking,
+            "send", timeout, lambda ctx: self._backend.send(msg, dst, tag, ctx), _blocking
         )
 
     def recv(self, src: int, tag: int = 0, *, timeout: float | None = None) -> Any:
@@ -250,7 +253,7 @@ class Communicator(BufferOps):
             self._queue.put(None)
             self._worker.join(timeout=self._options.timeout)
         if self._p2p_pool is not None:
-            self._p2p_pool.shutdown(wait=False, cancel_futures=True)
+            self._p2p_pool.shutdown()
         self._backend.close()
 
     def __enter__(self) -> Communicator:
@@ -287,23 +290,23 @@ class Communicator(BufferOps):
         if peer == self.rank:
             raise InvalidArgumentError(f"{op}: {name}={peer} is this rank; use a local copy")
 
-    def _context(self, name: str, timeout: float | None, seq: int) -> OpContext:
+    def _deadline(self, name: str, timeout: float | None) -> Deadline:
+        """The op's deadline; the last argument check (of ``timeout``) before it is numbered."""
         # The default was validated when the options were made.
         timeout = self._options.timeout if timeout is None else check_timeout(timeout)
-        # The tuples are built directly: calling a class runs its Python __new__/__init__ from
-        # C, which costs several µs per op with cold caches (see _now).
-        deadline = _tuple_new(Deadline, (_monotonic() + timeout, timeout, name, self._rank))
-        return _tuple_new(OpContext, (name, seq, deadline))
+        # Built directly: calling the class runs its Python __new__ (see _now).
+        return _tuple_new(Deadline, (_monotonic() + timeout, timeout, name, self._rank))
 
     def _collective(
         self, name: str, timeout: float | None, body: Callable[[OpContext], T], blocking: bool
     ) -> Work[T]:
+        """Number and run (or queue) a collective whose arguments the caller has checked."""
         if self._closed or self._failed is not None:
             self._check_usable(name)
+        deadline = self._deadline(name, timeout)
         with self._issue_lock:
-            seq = self._lane.seq
-            self._lane.seq = seq + 1
-            ctx = self._context(name, timeout, seq)
+            # Every check has passed: only now may the op take a sequence number (FastLane.take).
+            ctx = _tuple_new(OpContext, (name, self._lane.take(), deadline))
             work: Work[T] = Work(name, self._rank)
             if blocking and not self._pending:
                 # Nothing queued ahead of us: run on the caller's thread (no hop, no latency).
@@ -332,11 +335,10 @@ class Communicator(BufferOps):
         """
         if self._closed or self._failed is not None:
             self._check_usable(name)
+        deadline = self._deadline(name, timeout)
         with self._issue_lock:
             if not self._pending:
-                seq = self._lane.seq
-                self._lane.seq = seq + 1
-                ctx = self._context(name, timeout, seq)
+                ctx = _tuple_new(OpContext, (name, self._lane.take(), deadline))
                 try:
                     # Fixed arities are plain calls, which Python runs without a C round trip
                     # (run(*args) is not): worth it on the path every in-place op takes.
@@ -404,18 +406,21 @@ class Communicator(BufferOps):
         self, name: str, timeout: float | None, body: Callable[[OpContext], T], blocking: bool
     ) -> Work[T]:
         # Point-to-point ops are not ordered against collectives (their channels are separate),
-        # so they never wait behind one; async ones each get a pool thread so that an irecv
-        # cannot block the isend that would satisfy the peer.
+        # so they never wait behind one.  Async ones each run on a thread of an elastic pool
+        # (never a fixed number: an irecv must not hold the thread the isend that would satisfy
+        # the peer needs), and carry sequence number 0.
         self._check_usable(name)
-        ctx = self._context(name, timeout, 0)
+        ctx = OpContext(name, 0, self._deadline(name, timeout))
         work: Work[T] = Work(name, self.rank)
         if blocking:
             self._execute_p2p(work, ctx, body)
             return work
         with self._issue_lock:
             if self._p2p_pool is None:
-                self._p2p_pool = ThreadPoolExecutor(32, thread_name_prefix=f"cc-p2p-r{self.rank}")
-        self._p2p_pool.submit(self._execute_p2p, work, ctx, _in_callers_mode(body))
+                self._p2p_pool = ElasticPool(f"cc-p2p-r{self.rank}")
+            pool = self._p2p_pool
+        run = _in_callers_mode(body)
+        pool.submit(lambda: self._execute_p2p(work, ctx, run))
         return work
 
     def _execute_p2p(self, work: Work[T], ctx: OpContext, body: Callable[[OpContext], T]) -> None:

@@ -1,4 +1,5 @@
-"""Work handles: the result of an asynchronous (``i``-prefixed) operation.
+"""Work handles: the result of an asynchronous (``i``-prefixed) operation, and the elastic pool
+that runs asynchronous point-to-point ops.
 
 Blocking calls are the asynchronous call plus ``wait()``, as in torch.distributed; a handle that
 is already complete costs nothing to wait on.
@@ -6,6 +7,7 @@ is already complete costs nothing to wait on.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -117,3 +119,70 @@ class Work(Generic[T]):
         if self._error is not None:
             state = f"failed: {type(self._error).__name__}"
         return f"<Work {self.op} rank={self.rank} {state}>"
+
+
+Job = Callable[[], None]
+
+
+class ElasticPool:
+    """Runs each submitted job on an idle thread, or on a new one when none is idle.
+
+    There is no upper bound: jobs may block on each other (an ``irecv`` waiting for a message
+    that another job's ``isend`` on the peer produces), and any fixed number of threads lets
+    that many blocked jobs starve the one that would free them.  A thread idle for ``idle_s``
+    seconds exits, so a burst of jobs leaves nothing behind.  Each idle thread waits on its own
+    inbox; :meth:`submit` hands a job to one of them under the pool's lock, so a job is never
+    given to a thread that is about to exit.
+    """
+
+    def __init__(self, name: str, idle_s: float = 5.0) -> None:
+        self._name = name
+        self._idle_s = idle_s
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[Job | None]] = []
+        self._started = 0
+        self._closed = False
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self._name}: the pool is shut down")
+            if self._idle:
+                self._idle.pop().put(job)
+                return
+            self._started += 1
+            number = self._started
+        thread = threading.Thread(
+            target=self._serve, args=(job,), name=f"{self._name}-{number}", daemon=True
+        )
+        thread.start()
+
+    def idle_threads(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def shutdown(self) -> None:
+        """Idle threads exit now; running jobs finish (they end by their own deadlines)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for inbox in idle:
+            inbox.put(None)
+
+    def _serve(self, job: Job | None) -> None:
+        while job is not None:
+            job()
+            inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+            with self._lock:
+                if self._closed:
+                    return
+                self._idle.append(inbox)
+            try:
+                job = inbox.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:
+                        self._idle.remove(inbox)
+                        return
+                # submit() took this inbox just before the timeout: its job is on the way.
+                job = inbox.get()

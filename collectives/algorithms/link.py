@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import torch
+
     from collectives.codec import Encoded
     from collectives.deadline import Deadline
 
@@ -14,7 +16,11 @@ class Link(Protocol):
 
     ``recv`` blocks until the operation's deadline and raises ``CollectiveTimeoutError`` naming
     the peer, or ``CollectiveMismatchError`` when the peer's next message belongs to another op.
-    ``has_message`` lets an algorithm name *every* silent rank in its timeout error.
+    ``into`` is a byte view of where the caller wants the payload (see
+    :meth:`collectives.backends.p2p.P2PBackend._take`): the message returned may or may not live
+    there, so callers still place it.  ``decode_tensor`` decodes a received block with the
+    backend's codec options, refusing anything but a tensor before decoding.  ``has_message``
+    lets an algorithm name *every* silent rank in its timeout error.
     """
 
     rank: int
@@ -23,9 +29,11 @@ class Link(Protocol):
 
     def send(self, dst: int, msg: Encoded) -> None: ...
 
-    def recv(self, src: int) -> Encoded: ...
+    def recv(self, src: int, into: memoryview | None = None) -> Encoded: ...
 
     def has_message(self, src: int) -> bool: ...
+
+    def decode_tensor(self, msg: Encoded, src: int) -> torch.Tensor: ...
 
 
 def binomial_parent_children(vrank: int, size: int) -> tuple[int | None, list[int]]:

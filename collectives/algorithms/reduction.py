@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from collectives.algorithms.link import Link, binomial_parent_children
 from collectives.algorithms.rooted import broadcast
-from collectives.codec import decode, encode
+from collectives.codec import encode
 from collectives.errors import RemoteProtocolError
 from collectives.reduce_op import ReduceOp, combine_, finish_
 
@@ -19,19 +19,17 @@ def reduce_tensor(link: Link, tensor: torch.Tensor, root: int, op: ReduceOp) -> 
 
     Children are combined in a fixed order, so a given world size always rounds the same way.
     """
-    import torch
-
     size = link.size
     vrank = (link.rank - root) % size
     parent, children = binomial_parent_children(vrank, size)
     acc = tensor if link.rank == root else tensor.clone()
     for child in reversed(children):
-        msg = link.recv((child + root) % size)
-        other = decode(msg.header, msg.buffers)
-        if not isinstance(other, torch.Tensor) or other.shape != acc.shape:
+        src = (child + root) % size
+        other = link.decode_tensor(link.recv(src), src)
+        if other.shape != acc.shape:
             raise RemoteProtocolError(
-                f"{link.deadline.op}: rank {(child + root) % size} sent a block that does not "
-                f"match this rank's tensor {tuple(acc.shape)} {acc.dtype}"
+                f"{link.deadline.op}: rank {src} sent a block that does not match this rank's "
+                f"tensor {tuple(acc.shape)} {acc.dtype}"
             )
         combine_(acc, other.to(acc.dtype), op)
     if parent is not None:
@@ -40,13 +38,21 @@ def reduce_tensor(link: Link, tensor: torch.Tensor, root: int, op: ReduceOp) -> 
         finish_(acc, op, size)
 
 
-def allreduce_tensor(link: Link, tensor: torch.Tensor, op: ReduceOp) -> None:
-    """Reduce to rank 0, then broadcast: every rank ends with bit-identical values."""
-    import torch
+def allreduce_tensor(
+    link: Link, tensor: torch.Tensor, op: ReduceOp, into: memoryview | None = None
+) -> None:
+    """Reduce to rank 0, then broadcast: every rank ends with bit-identical values.
 
+    ``into``: a byte view of ``tensor``, where the result may land without a copy.
+    """
     reduce_tensor(link, tensor, 0, op)
-    msg = broadcast(link, encode(tensor) if link.rank == 0 else None, 0)
+    msg = broadcast(link, encode(tensor) if link.rank == 0 else None, 0, into=into)
     if link.rank != 0:
-        result = decode(msg.header, msg.buffers)
-        assert isinstance(result, torch.Tensor)
-        tensor.copy_(result.view(tensor.shape))
+        result = link.decode_tensor(msg, 0)
+        if result.shape != tensor.shape or result.dtype != tensor.dtype:
+            raise RemoteProtocolError(
+                f"{link.deadline.op}: rank 0 broadcast a {result.dtype} {tuple(result.shape)} "
+                f"result for this rank's {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        if result.data_ptr() != tensor.data_ptr() or result.device != tensor.device:
+            tensor.copy_(result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from collectives.algorithms.link import Link
@@ -10,7 +11,10 @@ if TYPE_CHECKING:
     from collectives.codec import Encoded
 
 
-def allgather(link: Link, msg: Encoded) -> list[Encoded]:
+def allgather(
+    link: Link, msg: Encoded, into: Sequence[memoryview | None] | None = None
+) -> list[Encoded]:
+    """``into[r]``: where rank ``r``'s block may land (see :class:`Link`)."""
     size, rank = link.size, link.rank
     out: list[Encoded | None] = [None] * size
     out[rank] = msg
@@ -21,5 +25,5 @@ def allgather(link: Link, msg: Encoded) -> list[Encoded]:
         assert current is not None
         link.send(right, current)
         block = (block - 1) % size
-        out[block] = link.recv(left)
+        out[block] = link.recv(left, None if into is None else into[block])
     return [m for m in out if m is not None]

@@ -47,8 +47,14 @@ class FastLane:
     after a large op (the caches hold its data, not our code): with two ranks per core, the
     general path's layers cost ~4 % of a 1 MiB allreduce (docs/backend-mpi.md).  The closure may
     run an op only while ``open`` is true (the communicator is usable and has no async op
-    queued), and only while holding ``lock``, under which it takes the next ``seq``; ``timeout``
-    is the default.
+    queued), and only while holding ``lock``; ``timeout`` is the default.
+
+    Sequence numbers: every collective, on the general path and on a fast path alike, takes its
+    number from :meth:`take` while holding ``lock``, and only **after every check of its
+    arguments has passed** (timeout, root, buffers, reduce op): a call refused with an argument
+    error must not consume a number, or this rank's next collective would carry a number its
+    peers do not, and fail with :class:`~collectives.errors.CollectiveMismatchError`.  Once
+    taken, the number belongs to an op that reaches the engine.
     """
 
     __slots__ = ("lock", "open", "rank", "seq", "timeout")
@@ -59,6 +65,12 @@ class FastLane:
         self.rank = rank
         self.seq = 0
         self.timeout = timeout
+
+    def take(self) -> int:
+        """The next sequence number (hold ``lock``; call after every argument check)."""
+        seq = self.seq
+        self.seq = seq + 1
+        return seq
 
 
 # A fast path: ``run(tensor, arg, timeout)`` (``arg``: the reduce op of ``allreduce``, the root of
@@ -171,7 +183,8 @@ class Backend(abc.ABC):
         if msgs is None:
             return
         assert blocks is not None
-        land_gathered(blocks, {r: m for r, m in enumerate(msgs) if r != root}, tensor, root, ctx)
+        received = {r: m for r, m in enumerate(msgs) if r != root}
+        land_gathered(blocks, received, tensor, root, ctx, codec=self.codec)
 
     @abc.abstractmethod
     def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: OpContext) -> None: ...
@@ -240,13 +253,16 @@ def land_gathered(
     tensor: torch.Tensor,
     root: int,
     ctx: OpContext,
+    *,
+    codec: CodecOptions | None = None,
 ) -> None:
-    """The root's end of ``gatherv_into``: each received message into its rank's block (checked;
-    no copy when it arrived there already), then the root's own ``tensor`` into its block."""
+    """The root's end of ``gatherv_into``: each received message into its rank's block (checked,
+    decoded with ``codec``, the backend's options; no copy when it arrived there already), then
+    the root's own ``tensor`` into its block."""
     from collectives.backends.p2p import place_block
 
     for src, msg in received.items():
-        place_block(blocks[src], msg, src, ctx)
+        place_block(blocks[src], msg, src, ctx, codec=codec or CodecOptions())
     copy_own_block(blocks[root], tensor)
 
 

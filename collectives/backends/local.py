@@ -2,6 +2,11 @@
 
 Ranks meet in a named *world*; each message is copied on send, so ranks never alias each other's
 memory (the same contract as a real network).  Modelled on torch's threaded test process group.
+
+A receive into a caller's buffer (``_take(..., into=)``) that is waiting when the message is
+posted gets it in one copy, from the sender's buffer straight into the receiver's (the sender
+claims the posted buffer under the world lock, copies outside it, then completes it); a message
+that arrives first is copied into the mailbox and from there into the buffer when taken.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from collectives.backends.base import BackendConfig, register_backend
-from collectives.backends.p2p import Envelope, P2PBackend
+from collectives.backends.envelope import Envelope
+from collectives.backends.p2p import P2PBackend, lands_in
 from collectives.codec import Encoded, alloc_buffer
 from collectives.errors import (
     CommunicatorAbortedError,
@@ -34,9 +40,22 @@ class _World:
         self.boxes: list[dict[tuple[int, str], deque[tuple[Envelope, Encoded]]]] = [
             {} for _ in range(size)
         ]
+        # Receives waiting with a buffer of their own: (dst, src, channel) -> landing.
+        self.landings: dict[tuple[int, int, str], _Landing] = {}
         self.joined: set[int] = set()
         self.left: dict[int, str] = {}
         self.aborted: dict[int, str] = {}
+
+
+class _Landing:
+    """A caller's buffer a waiting ``_take`` offers to the next message of its queue."""
+
+    __slots__ = ("claimed", "into", "result")
+
+    def __init__(self, into: memoryview) -> None:
+        self.into = into
+        self.claimed = False  # a sender is copying into it (outside the lock)
+        self.result: tuple[Envelope, Encoded] | None = None
 
 
 _WORLDS: dict[str, _World] = {}
@@ -65,8 +84,8 @@ def _join(name: str, rank: int, size: int) -> _World:
 class LocalBackend(P2PBackend):
     name = "local"
 
-    def __init__(self, world: _World, rank: int) -> None:
-        super().__init__(rank, world.size)
+    def __init__(self, world: _World, rank: int, epoch: int = 0) -> None:
+        super().__init__(rank, world.size, world=world.name, epoch=epoch)
         self._world = world
 
     @classmethod
@@ -84,35 +103,74 @@ class LocalBackend(P2PBackend):
             # single-rank communicators (the default when no cluster is configured) can coexist.
             world = _World(config.world, 1)
             world.joined.add(0)
-            return cls(world, 0)
-        return cls(_join(config.world, rank, size), rank)
+            return cls(world, 0, config.epoch)
+        return cls(_join(config.world, rank, size), rank, config.epoch)
 
     # -- transport -----------------------------------------------------------------------------
     def _post(self, dst: int, channel: str, env: Envelope, msg: Encoded, dl: Deadline) -> None:
         self._check_alive()
-        copy = Encoded(header=bytes(msg.header), buffers=[_copy(b) for b in msg.buffers])
         world = self._world
+        key = (dst, self.rank, channel)
+        with world.lock:
+            landing = world.landings.get(key)
+            direct = (
+                landing is not None
+                and not world.boxes[dst].get((self.rank, channel))
+                and _fits(msg, landing.into)
+            )
+            if direct:
+                assert landing is not None
+                del world.landings[key]
+                landing.claimed = True
+        if direct:
+            assert landing is not None
+            _copy_into(landing.into, msg.buffers[0])
+            with world.lock:
+                landing.result = (env, Encoded(header=bytes(msg.header), buffers=[landing.into]))
+                world.arrived[dst].notify_all()
+            return
+        copy = Encoded(header=bytes(msg.header), buffers=[_copy(b) for b in msg.buffers])
         with world.lock:
             world.boxes[dst].setdefault((self.rank, channel), deque()).append((env, copy))
             world.arrived[dst].notify_all()
 
-    def _take(self, src: int, channel: str, dl: Deadline) -> tuple[Envelope, Encoded]:
+    def _take(
+        self, src: int, channel: str, dl: Deadline, into: memoryview | None = None
+    ) -> tuple[Envelope, Encoded]:
         world = self._world
+        key = (self.rank, src, channel)
         with world.lock:
             queue = world.boxes[self.rank].setdefault((src, channel), deque())
-            while not queue:
-                self._check_alive_locked()
-                if src in world.left:
-                    raise ConnectionLostError(
-                        f"{dl.op} on rank {self.rank}: rank {src} left the world "
-                        f"({world.left[src]}) before sending",
-                        ranks=(src,),
-                    )
-                remaining = dl.remaining()
-                if remaining <= 0:
-                    raise dl.error([src])
-                world.arrived[self.rank].wait(remaining)
-            return queue.popleft()
+            landing = None
+            if into is not None and not queue:
+                landing = world.landings[key] = _Landing(into)
+            try:
+                while not queue and (landing is None or landing.result is None):
+                    if landing is not None and landing.claimed:
+                        # A sender is copying into the buffer: it completes it promptly.
+                        world.arrived[self.rank].wait()
+                        continue
+                    self._check_alive_locked()
+                    if src in world.left:
+                        raise ConnectionLostError(
+                            f"{dl.op} on rank {self.rank}: rank {src} left the world "
+                            f"({world.left[src]}) before sending",
+                            ranks=(src,),
+                        )
+                    remaining = dl.remaining()
+                    if remaining <= 0:
+                        raise dl.error([src])
+                    world.arrived[self.rank].wait(remaining)
+            finally:
+                if landing is not None and world.landings.get(key) is landing:
+                    del world.landings[key]
+            if landing is not None and landing.result is not None:
+                return landing.result
+            env, msg = queue.popleft()
+        if into is not None and _fits(msg, into):
+            _copy_into(into, msg.buffers[0])
+            return env, Encoded(header=msg.header, buffers=[into])
+        return env, msg
 
     def _has_message(self, src: int, channel: str) -> bool:
         with self._world.lock:
@@ -152,10 +210,23 @@ class LocalBackend(P2PBackend):
             }
 
 
+def _fits(msg: Encoded, into: memoryview) -> bool:
+    return (
+        len(msg.buffers) == 1
+        and msg.buffers[0].nbytes == into.nbytes
+        and lands_in(msg.header, into.nbytes)
+    )
+
+
 def _copy(buf: memoryview) -> memoryview:
     out = alloc_buffer(buf.nbytes)
-    out[:] = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+    _copy_into(out, buf)
     return out
+
+
+def _copy_into(out: memoryview, buf: memoryview) -> None:
+    """Every payload byte the backend moves goes through here (once per hop)."""
+    out[:] = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
 
 
 register_backend("local", LocalBackend)

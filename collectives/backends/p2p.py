@@ -1,19 +1,74 @@
-"""Collectives for backends that only move point-to-point messages.
+"""The point-to-point seam: what a transport implements, and every collective built above it.
 
-Every message carries an envelope naming the operation and its sequence number; a receiver that
-finds another op's message where it expected its own raises ``CollectiveMismatchError`` rather
-than feeding the wrong bytes into the wrong call (the original design's worst failure).
+A backend that can only move messages (the in-process ``local`` backend, a UDP transport)
+subclasses :class:`P2PBackend` and implements three methods; every collective, the envelope
+checks, the decoding and the buffer API come from here and from :mod:`collectives.algorithms`.
+
+The contract
+------------
+Messages travel on *channels* between ordered pairs of ranks: ``COLLECTIVE_CHANNEL`` for the
+data of collectives, ``AGREEMENT_CHANNEL`` for their agreement round (below), and
+``p2p_channel(tag)`` for user point-to-point.  Each message is an :class:`Envelope` plus an
+:class:`~collectives.codec.Encoded` (a codec header and its buffers).
+
+``_post(dst, channel, env, msg, dl)``
+    Queue ``msg`` for ``dst`` and return **without waiting for ``dst`` to take it** (eager
+    send): posting into a peer that never receives must not block.  Before returning, the
+    transport has copied ``msg`` or otherwise made it its own; the caller may then reuse or
+    overwrite ``msg``'s buffers at once, and the transport never touches them again.  ``dl``
+    bounds only what the transport itself may wait for (flow control, a full socket buffer);
+    it raises :class:`~collectives.errors.CollectiveTimeoutError` (``dl.error([dst])``) or
+    :class:`~collectives.errors.ConnectionLostError` when the peer is known gone.
+``_take(src, channel, dl, into=None)``
+    The next message from ``src`` on ``channel`` as ``(envelope, message)``; messages from one
+    sender on one channel arrive in the order they were posted (FIFO), channels and senders are
+    independent.  Raises ``dl.error([src])`` at the deadline, ``ConnectionLostError`` when
+    ``src`` is gone, :class:`~collectives.errors.CommunicatorAbortedError` after ``abort``.
+    ``into`` is a writable, contiguous byte view (``memoryview`` of format ``"B"``) of the
+    caller's destination buffer.  When the message is one uncompressed tensor/array buffer of
+    exactly ``into.nbytes`` bytes (:func:`lands_in`), the transport *may* write the payload
+    straight into ``into`` and return a message whose only buffer is ``into`` itself; otherwise
+    it returns the message in its own buffers, which then belong to the caller.  The caller
+    checks the envelope and the header afterwards: when they do not match, the op fails and
+    ``into`` holds unspecified bytes (as an MPI receive buffer after an error).
+``_has_message(src, channel)``
+    Whether ``_take`` would return at once; used only to name every silent rank in a timeout.
+
+Envelopes are compared, never interpreted by the transport: an in-process transport may hand the
+:class:`Envelope` object over as it is, a byte transport sends :meth:`Envelope.pack` (56 bytes)
+and parses it with :meth:`Envelope.unpack_from`.  Each collective's envelope names its op, its
+sequence number, its root (``NO_ROOT`` for rootless ops), the communicator id
+(:func:`~collectives.backends.envelope.comm_id` of ``BackendConfig.world``) and the world's
+epoch; the receiving side applies :meth:`Envelope.expect`, so a rank in another collective, with
+another root, or from another world or incarnation raises a typed error instead of handing over
+the wrong data.
+
+Agreement.  In a rooted collective some ranks never receive (a broadcast's root, a gather's
+senders), so a rank that disagrees about the op or its root could go unnoticed by them.  Every
+rooted collective therefore also runs a dissemination exchange of its envelope on
+``AGREEMENT_CHANNEL`` (ceil(log2 size) rounds of empty messages; the first is posted before the
+data moves, the rest overlap its tail): no rank returns from a rooted collective unless every
+rank called the same op with the same root, otherwise each raises
+:class:`~collectives.errors.CollectiveMismatchError` or times out.  Rootless collectives need
+no extra messages: each rank's result depends on a message from every other rank.
+
+Decoding.  Every decode here uses the backend's :attr:`~collectives.backends.base.Backend.codec`
+(the communicator's options), and every receive into a buffer refuses a message that is not a
+tensor/array before decoding any of it (:func:`decode_block`), so a peer cannot make a buffer
+receive unpickle.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from collectives import algorithms
 from collectives.backends.base import Backend, OpContext
-from collectives.codec import Encoded, decode, encode
-from collectives.errors import CollectiveMismatchError
+from collectives.backends.envelope import NO_ROOT, Envelope, comm_id
+from collectives.codec import DEFAULT, CodecOptions, Encoded, decode_array, encode
+from collectives.codec.frames import CODEC_NONE, Header, Kind
+from collectives.errors import CodecError, CollectiveMismatchError
 from collectives.reduce_op import ReduceOp
 
 if TYPE_CHECKING:
@@ -22,56 +77,76 @@ if TYPE_CHECKING:
     from collectives.deadline import Deadline
 
 COLLECTIVE_CHANNEL = "c"
+AGREEMENT_CHANNEL = "k"
+# User point-to-point messages: op "p2p", sequence 0 (they are not ordered against collectives).
+P2P_OP = "p2p"
+_EMPTY = encode(b"")
 
 
 def p2p_channel(tag: int) -> str:
     return f"p{tag}"
 
 
-class Envelope(NamedTuple):
-    op: str
-    seq: int
-
-
 class P2PBackend(Backend):
-    """Implements every collective with :mod:`collectives.algorithms`; subclasses move messages."""
+    """Implements every collective with :mod:`collectives.algorithms`; subclasses move messages
+    (see the module docstring for the contract of ``_post``, ``_take`` and ``_has_message``)."""
+
+    def __init__(self, rank: int, size: int, *, world: str = "default", epoch: int = 0) -> None:
+        super().__init__(rank, size)
+        self.comm_id = comm_id(world)
+        self.epoch = epoch
 
     @abc.abstractmethod
     def _post(self, dst: int, channel: str, env: Envelope, msg: Encoded, dl: Deadline) -> None:
-        """Deliver ``msg`` to ``dst``'s queue for ``channel`` (FIFO per sender and channel)."""
+        """Queue ``msg`` for ``dst`` without waiting for it; own it before returning."""
 
     @abc.abstractmethod
-    def _take(self, src: int, channel: str, dl: Deadline) -> tuple[Envelope, Encoded]:
-        """Next message from ``src`` on ``channel``; raise ``dl.error([src])`` at the deadline."""
+    def _take(
+        self, src: int, channel: str, dl: Deadline, into: memoryview | None = None
+    ) -> tuple[Envelope, Encoded]:
+        """Next message from ``src`` on ``channel`` (FIFO), possibly landed in ``into``."""
 
     @abc.abstractmethod
     def _has_message(self, src: int, channel: str) -> bool: ...
 
+    def envelope(self, op: str, seq: int, root: int = NO_ROOT) -> Envelope:
+        """The envelope of ``op`` number ``seq`` in this communicator and epoch."""
+        return Envelope(op, seq, root, self.comm_id, self.epoch)
+
     # -- point to point ------------------------------------------------------------------------
     def send(self, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:
-        self._post(dst, p2p_channel(tag), Envelope("send", 0), msg, ctx.deadline)
+        self._post(dst, p2p_channel(tag), self.envelope(P2P_OP, 0), msg, ctx.deadline)
 
     def recv(self, src: int, tag: int, ctx: OpContext) -> Encoded:
-        return self._take(src, p2p_channel(tag), ctx.deadline)[1]
+        return self._take_p2p(src, tag, ctx, None)
 
     def send_buffer(self, tensor: torch.Tensor, dst: int, tag: int, ctx: OpContext) -> None:
         self.send(encode(tensor), dst, tag, ctx)
 
     def recv_into(self, tensor: torch.Tensor, src: int, tag: int, ctx: OpContext) -> None:
-        place_block(tensor, self.recv(src, tag, ctx), src, ctx)
+        msg = self._take_p2p(src, tag, ctx, byte_view(tensor))
+        place_block(tensor, msg, src, ctx, codec=self.codec)
+
+    def _take_p2p(self, src: int, tag: int, ctx: OpContext, into: memoryview | None) -> Encoded:
+        env, msg = self._take(src, p2p_channel(tag), ctx.deadline, into)
+        self.envelope(P2P_OP, 0).expect(env, rank=self.rank, src=src)
+        return msg
 
     # -- collectives ---------------------------------------------------------------------------
-    def _link(self, ctx: OpContext) -> _CollectiveLink:
-        return _CollectiveLink(self, ctx)
+    def _link(self, ctx: OpContext, root: int = NO_ROOT) -> _CollectiveLink:
+        return _CollectiveLink(self, ctx, root)
 
     def broadcast(self, msg: Encoded | None, root: int, ctx: OpContext) -> Encoded:
-        return algorithms.broadcast(self._link(ctx), msg, root)
+        with _Agreement(self._link(ctx, root)) as link:
+            return algorithms.broadcast(link, msg, root)
 
     def gather(self, msg: Encoded, root: int, ctx: OpContext) -> list[Encoded] | None:
-        return algorithms.gather(self._link(ctx), msg, root)
+        with _Agreement(self._link(ctx, root)) as link:
+            return algorithms.gather(link, msg, root)
 
     def scatter(self, msgs: list[Encoded] | None, root: int, ctx: OpContext) -> Encoded:
-        return algorithms.scatter(self._link(ctx), msgs, root)
+        with _Agreement(self._link(ctx, root)) as link:
+            return algorithms.scatter(link, msgs, root)
 
     def allgather(self, msg: Encoded, ctx: OpContext) -> list[Encoded]:
         return algorithms.allgather(self._link(ctx), msg)
@@ -80,39 +155,35 @@ class P2PBackend(Backend):
         algorithms.barrier(self._link(ctx))
 
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext) -> None:
-        algorithms.allreduce_tensor(self._link(ctx), tensor, op)
+        algorithms.allreduce_tensor(self._link(ctx), tensor, op, into=byte_view(tensor))
 
     def reduce(self, tensor: torch.Tensor, root: int, op: ReduceOp, ctx: OpContext) -> None:
-        algorithms.reduce_tensor(self._link(ctx), tensor, root, op)
+        with _Agreement(self._link(ctx, root)) as link:
+            algorithms.reduce_tensor(link, tensor, root, op)
 
     def broadcast_into(self, tensor: torch.Tensor, root: int, ctx: OpContext) -> None:
-        msg = algorithms.broadcast(
-            self._link(ctx), encode(tensor) if self.rank == root else None, root
-        )
+        mine = encode(tensor) if self.rank == root else None
+        with _Agreement(self._link(ctx, root)) as link:
+            msg = algorithms.broadcast(link, mine, root, into=byte_view(tensor))
         if self.rank != root:
-            place_block(tensor, msg, root, ctx)
+            place_block(tensor, msg, root, ctx, codec=self.codec)
 
     def gather_into(
         self, out: torch.Tensor | None, tensor: torch.Tensor, root: int, ctx: OpContext
     ) -> None:
-        msgs = algorithms.gather(self._link(ctx), encode(tensor), root)
+        blocks = None if out is None else out.view(self.size, *tensor.shape)
+        into = None if blocks is None else [byte_view(block) for block in blocks]
+        with _Agreement(self._link(ctx, root)) as link:
+            msgs = algorithms.gather(link, encode(tensor), root, into=into)
         if msgs is not None:
-            assert out is not None
-            blocks = out.view(self.size, *tensor.shape)
-            for src, msg in enumerate(msgs):
-                if src != self.rank:
-                    place_block(blocks[src], msg, src, ctx)
-                else:
-                    blocks[src].copy_(tensor)
+            assert blocks is not None
+            self._land_all(blocks, msgs, tensor, ctx)
 
     def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: OpContext) -> None:
-        msgs = algorithms.allgather(self._link(ctx), encode(tensor))
         blocks = out.view(self.size, *tensor.shape)
-        for src, msg in enumerate(msgs):
-            if src != self.rank:
-                place_block(blocks[src], msg, src, ctx)
-            else:
-                blocks[src].copy_(tensor)
+        into = [byte_view(block) for block in blocks]
+        msgs = algorithms.allgather(self._link(ctx), encode(tensor), into=into)
+        self._land_all(blocks, msgs, tensor, ctx)
 
     def scatter_into(
         self, out: torch.Tensor, tensor: torch.Tensor | None, root: int, ctx: OpContext
@@ -121,48 +192,155 @@ class P2PBackend(Backend):
         if self.rank == root:
             assert tensor is not None
             msgs = [encode(block) for block in tensor.view(self.size, *out.shape)]
-        msg = algorithms.scatter(self._link(ctx), msgs, root)
+        with _Agreement(self._link(ctx, root)) as link:
+            msg = algorithms.scatter(link, msgs, root, into=byte_view(out))
         if self.rank == root:
             assert tensor is not None
             out.copy_(tensor.view(self.size, *out.shape)[root])
         else:
-            place_block(out, msg, root, ctx)
+            place_block(out, msg, root, ctx, codec=self.codec)
+
+    def _land_all(
+        self, blocks: torch.Tensor, msgs: list[Encoded], tensor: torch.Tensor, ctx: OpContext
+    ) -> None:
+        for src, msg in enumerate(msgs):
+            if src != self.rank:
+                place_block(blocks[src], msg, src, ctx, codec=self.codec)
+            else:
+                blocks[src].copy_(tensor)
 
 
 class _CollectiveLink:
-    """Binds the shared algorithms to one collective: its envelope and its deadline."""
+    """Binds the shared algorithms to one collective: its envelope, deadline and codec options."""
 
-    def __init__(self, backend: P2PBackend, ctx: OpContext) -> None:
+    def __init__(self, backend: P2PBackend, ctx: OpContext, root: int) -> None:
         self._backend = backend
         self._ctx = ctx
-        self._env = Envelope(ctx.name, ctx.seq)
+        self.env = backend.envelope(ctx.name, ctx.seq, root)
         self.rank = backend.rank
         self.size = backend.size
         self.deadline = ctx.deadline
+        self.codec = backend.codec
 
     def send(self, dst: int, msg: Encoded) -> None:
-        self._backend._post(dst, COLLECTIVE_CHANNEL, self._env, msg, self.deadline)
+        self._backend._post(dst, COLLECTIVE_CHANNEL, self.env, msg, self.deadline)
 
-    def recv(self, src: int) -> Encoded:
-        env, msg = self._backend._take(src, COLLECTIVE_CHANNEL, self.deadline)
-        if env != self._env:
-            raise CollectiveMismatchError(
-                f"rank {self.rank} is in {self._env.op} (collective #{self._env.seq}) but rank "
-                f"{src} sent for {env.op} (collective #{env.seq}): every rank must call the same "
-                "collectives in the same order",
-                ranks=(self.rank, src),
-            )
-        return msg
+    def recv(self, src: int, into: memoryview | None = None) -> Encoded:
+        return self._receive(src, COLLECTIVE_CHANNEL, into)
 
     def has_message(self, src: int) -> bool:
         return self._backend._has_message(src, COLLECTIVE_CHANNEL)
 
+    def decode_tensor(self, msg: Encoded, src: int) -> torch.Tensor:
+        """A block received from ``src`` that must be a tensor, decoded with this rank's options."""
+        import torch
 
-def received_block(msg: Encoded, out: torch.Tensor, src: int, ctx: OpContext) -> torch.Tensor:
-    """Decode a block received for ``out``, refusing one of another dtype or element count."""
+        value = decode_block(msg, self.codec, f"{self._ctx.name} from rank {src}")
+        if not isinstance(value, torch.Tensor):
+            raise CodecError(
+                f"{self._ctx.name}: rank {src} sent a {type(value).__name__}, not a tensor"
+            )
+        return value
+
+    # The agreement round (see the module docstring) on its own channel.
+    def agree_send(self, dst: int) -> None:
+        self._backend._post(dst, AGREEMENT_CHANNEL, self.env, _EMPTY, self.deadline)
+
+    def agree_recv(self, src: int) -> None:
+        self._receive(src, AGREEMENT_CHANNEL, None)
+
+    def _receive(self, src: int, channel: str, into: memoryview | None) -> Encoded:
+        env, msg = self._backend._take(src, channel, self.deadline, into)
+        self.env.expect(env, rank=self.rank, src=src)
+        return msg
+
+
+class _Agreement:
+    """Dissemination exchange of a rooted collective's envelope, overlapped with its data.
+
+    Round ``k`` sends to ``rank + 2**k`` and receives from ``rank - 2**k``; after the last round
+    every rank has (transitively) checked every other rank's envelope against its own.  Round 0
+    is posted on entry, before the collective moves data; the rest run on exit.  A failed body
+    skips the rest (its error is the one that matters).
+    """
+
+    def __init__(self, link: _CollectiveLink) -> None:
+        self._link = link
+
+    def __enter__(self) -> _CollectiveLink:
+        link = self._link
+        if link.size > 1:
+            link.agree_send((link.rank + 1) % link.size)
+        return link
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        link = self._link
+        if exc_type is not None or link.size == 1:
+            return
+        distance = 1
+        while True:
+            link.agree_recv((link.rank - distance) % link.size)
+            distance <<= 1
+            if distance >= link.size:
+                return
+            link.agree_send((link.rank + distance) % link.size)
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview | None:
+    """A writable byte view of a contiguous CPU tensor's memory, or None where there is none
+    (other devices, empty or conjugate/negative-bit views): the ``into`` of :meth:`_take`."""
+    if (
+        not tensor.is_cpu
+        or not tensor.is_contiguous()
+        or tensor.numel() == 0
+        or tensor.is_conj()
+        or tensor.is_neg()
+    ):
+        return None
     import torch
 
-    value = decode(msg.header, msg.buffers)
+    return tensor.detach().reshape(-1).view(torch.uint8).numpy().data.cast("B")
+
+
+def lands_in(header: Any, nbytes: int) -> bool:
+    """Whether a message with this codec ``header`` may be received into an ``nbytes`` buffer:
+    one uncompressed tensor/array buffer of exactly that size.  False for anything malformed
+    (the decoder then reports it)."""
+    try:
+        parsed = Header.parse(header)
+    except CodecError:
+        return False
+    return (
+        parsed.kind is Kind.ARRAY
+        and len(parsed.entries) == 1
+        and parsed.entries[0].codec == CODEC_NONE
+        and parsed.entries[0].wire_len == nbytes
+    )
+
+
+def decode_block(msg: Encoded, codec: CodecOptions, what: str) -> Any:
+    """Decode a message that must be a tensor or array (:func:`~collectives.codec.decode_array`):
+    anything else, a pickle above all, is refused with :class:`CodecError` before a byte of it
+    is decoded; ``what`` names the op and the sender in the error."""
+    try:
+        return decode_array(msg.header, msg.buffers, codec)
+    except CodecError as err:
+        raise CodecError(f"{what}: {err}") from None
+
+
+def received_block(
+    msg: Encoded,
+    out: torch.Tensor,
+    src: int,
+    ctx: OpContext,
+    *,
+    codec: CodecOptions = DEFAULT,
+) -> torch.Tensor:
+    """Decode a block received for ``out`` with ``codec`` (the backend's options), refusing a
+    non-tensor message before decoding and one of another dtype or element count after."""
+    import torch
+
+    value = decode_block(msg, codec, f"{ctx.name} from rank {src}")
     if (
         not isinstance(value, torch.Tensor)
         or value.dtype != out.dtype
@@ -181,17 +359,30 @@ def received_block(msg: Encoded, out: torch.Tensor, src: int, ctx: OpContext) ->
     return value
 
 
-def place_block(out: torch.Tensor, msg: Encoded, src: int, ctx: OpContext) -> None:
+def place_block(
+    out: torch.Tensor,
+    msg: Encoded,
+    src: int,
+    ctx: OpContext,
+    *,
+    codec: CodecOptions = DEFAULT,
+) -> None:
     """Put a received block into ``out``; no copy when it was received straight into it."""
-    got = received_block(msg, out, src, ctx)
+    got = received_block(msg, out, src, ctx, codec=codec)
     if got.data_ptr() != out.data_ptr() or got.device != out.device:
         out.copy_(got.view(out.shape))
 
 
 __all__ = [
+    "AGREEMENT_CHANNEL",
     "COLLECTIVE_CHANNEL",
+    "NO_ROOT",
+    "P2P_OP",
     "Envelope",
     "P2PBackend",
+    "byte_view",
+    "decode_block",
+    "lands_in",
     "p2p_channel",
     "place_block",
     "received_block",

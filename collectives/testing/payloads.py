@@ -40,7 +40,7 @@ PAYLOADS: dict[str, Callable[[int], Any]] = {
         "rank": r,
         "t": _randn((3, 2), r, 11).to(torch.bfloat16),
         "items": [np.int32(r), (None, b"x" * r), {"deep": [_randn((2,), r, 12), "s"]}],
-        3: frozenset({1, 2}),
+        3: (1.5, {"k": b"v"}),
     },
 }
 

@@ -5,31 +5,20 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from collectives.testing import launch_command
+
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def mpiexec() -> str:
-    found = BIN / "mpiexec"
-    if found.exists():
-        return str(found)
-    which = shutil.which("mpiexec")
-    assert which, "mpiexec not found: pip install mpi4py mpich"
-    return which
 
 
 def _command(kind: str, n: int, out: Path, extra: list[str]) -> list[str]:
     runner = [sys.executable, "-m", "collectives.testing.runner", "--out", str(out), *extra]
-    if kind == "mpi":
-        return [mpiexec(), "-n", str(n), *runner, "--backend", "mpi"]
-    return [sys.executable, "-m", "launchers", "--nproc", str(n), "--backend", kind, "--", *runner]
+    return launch_command(kind, n, runner)
 
 
 @functools.cache

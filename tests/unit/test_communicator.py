@@ -141,8 +141,10 @@ def test_init_errors_and_detection() -> None:
 
 
 def test_options_from_env() -> None:
-    opts = CommOptions.from_env({"COMFY_CLUSTER_TIMEOUT": "2.5", "COMFY_CLUSTER_SAFE_CODEC": "1"})
-    assert opts.timeout == 2.5 and opts.codec.safe
+    opts = CommOptions.from_env({"COMFY_CLUSTER_TIMEOUT": "2.5"})
+    assert opts.timeout == 2.5 and not opts.codec.allow_pickle
+    opts = CommOptions.from_env({"COMFY_CLUSTER_ALLOW_PICKLE": "1"})
+    assert opts.codec.allow_pickle
     with pytest.raises(ConfigurationError, match="COMFY_CLUSTER_TIMEOUT"):
         CommOptions.from_env({"COMFY_CLUSTER_TIMEOUT": "soon"})
     with pytest.raises(ConfigurationError, match="COMFY_CLUSTER_COMPRESSION"):
@@ -168,16 +170,18 @@ def test_binomial_tree_spans_every_rank_once(size: int) -> None:
     assert sorted(parents) == list(range(1, size))
 
 
-def test_safe_codec_refuses_pickled_objects_from_peers() -> None:
+def test_default_codec_refuses_pickled_objects_from_peers() -> None:
+    pickling = CommOptions(codec=collectives.CodecOptions(allow_pickle=True))
+
     def fn(comm: collectives.Communicator) -> object:
         if comm.rank == 0:
-            comm.send([1, "two"], 1)  # pickled: the sender is not in safe mode
-            comm.options = CommOptions(codec=collectives.CodecOptions(safe=True))
+            comm.options = pickling
+            comm.send({1, 2}, 1)  # a set travels only pickled
+            comm.options = CommOptions()
             with pytest.raises(collectives.CodecError):
-                comm.send({1, 2}, 1)  # a set cannot travel in safe mode
+                comm.send({1, 2}, 1)  # refused at the sender without the opt-in
             comm.send([1, "two", torch.ones(2)], 1)
             return None
-        comm.options = CommOptions(codec=collectives.CodecOptions(safe=True))
         with pytest.raises(collectives.CodecError):
             comm.recv(0)
         return comm.recv(0)
