@@ -71,7 +71,7 @@ class RemoteProtocolError(ProtocolError):
 
 
 class CodecError(RemoteProtocolError, ValueError):
-    """Bytes could not be decoded (malformed, truncated, unknown dtype, refused by safe mode)."""
+    """Bytes could not be decoded (malformed, truncated, unknown dtype, refused by the codec options, e.g. a pickle without allow_pickle)."""
 
 
 class CollectiveMismatchError(ProtocolError):

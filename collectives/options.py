@@ -6,12 +6,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from collectives.codec import CodecOptions
+from collectives.codec import ALLOW_PICKLE_ENV, CodecOptions
 from collectives.deadline import TIMEOUT_ENV, check_timeout
 from collectives.errors import ConfigurationError
 
+__all__ = ["ALLOW_PICKLE_ENV", "COMPRESSION_ENV", "DEFAULT_TIMEOUT_S", "CommOptions"]
+
 DEFAULT_TIMEOUT_S = 600.0
-SAFE_ENV = "COMFY_CLUSTER_SAFE_CODEC"
 COMPRESSION_ENV = "COMFY_CLUSTER_COMPRESSION"
 
 
@@ -19,8 +20,10 @@ COMPRESSION_ENV = "COMFY_CLUSTER_COMPRESSION"
 class CommOptions:
     """Defaults every op of one communicator uses unless the call overrides them.
 
-    ``timeout`` bounds every blocking call (seconds).  ``codec`` chooses how objects travel:
-    ``CodecOptions(safe=True)`` never unpickles what peers send.
+    ``timeout`` bounds every blocking call (seconds).  ``codec`` chooses how objects travel and
+    what a rank accepts; by default nothing is pickled or unpickled, and
+    ``CodecOptions(allow_pickle=True)`` (``COMFY_CLUSTER_ALLOW_PICKLE=1``) lets any peer that can
+    reach the rank run code on it.
     """
 
     timeout: float = DEFAULT_TIMEOUT_S
@@ -48,6 +51,6 @@ class CommOptions:
                 raise ConfigurationError(
                     f"{COMPRESSION_ENV}={compression!r}: use 'zstd', 'lz4' or leave it unset"
                 )
-            safe = env.get(SAFE_ENV, "").lower() in ("1", "true", "yes", "on")
-            codec = CodecOptions(safe=safe, compression=compression)  # type: ignore[arg-type]
+            allow_pickle = env.get(ALLOW_PICKLE_ENV, "").lower() in ("1", "true", "yes", "on")
+            codec = CodecOptions(allow_pickle=allow_pickle, compression=compression)  # type: ignore[arg-type]
         return cls(timeout=timeout, codec=codec)

@@ -3,7 +3,10 @@
 * :func:`encode` / :func:`decode`: header + list of buffers, for scatter/gather transports.
   Tensors, ndarrays and bytes travel as raw bytes, without copies where memory allows.
 * :func:`dumps` / :func:`loads`: the same as one contiguous frame.
-* :class:`CodecOptions`: safe mode (no pickle), zstd/lz4 compression, opt-in lossy PNG for images,
+* :func:`check_header` / :func:`message_sizes`: what a receiver checks before it allocates;
+  :func:`decode_array` for receive paths that only ever expect one tensor.
+* :class:`CodecOptions`: pickle opt-in (off: nothing is ever unpickled), decoding limits
+  (depth, message bytes, buffer count), zstd/lz4 compression, opt-in lossy PNG for images,
   device placement of decoded tensors.
 
 The wire format is described in :mod:`collectives.codec.frames`.  Lossless by default: dtype
@@ -12,33 +15,44 @@ The wire format is described in :mod:`collectives.codec.frames`.  Lossless by de
 
 from __future__ import annotations
 
-from .api import decode, dumps, encode, loads
+from .api import decode, decode_array, dumps, encode, loads
 from .frames import (
     FIXED_PREFIX,
     MAX_HEADER_BYTES,
     Encoded,
+    Header,
+    Kind,
     buffer_sizes,
+    check_header,
     header_length,
+    message_sizes,
     pack,
     unpack,
 )
-from .options import DEFAULT, CodecOptions
+from .options import ALLOW_PICKLE_ENV, DEFAULT, MAX_DEPTH_LIMIT, CodecOptions
 from .tensors import TensorMeta, alloc_buffer, tensor_bytes
 
 __all__ = [
+    "ALLOW_PICKLE_ENV",
     "DEFAULT",
     "FIXED_PREFIX",
+    "MAX_DEPTH_LIMIT",
     "MAX_HEADER_BYTES",
     "CodecOptions",
     "Encoded",
+    "Header",
+    "Kind",
     "TensorMeta",
     "alloc_buffer",
     "buffer_sizes",
+    "check_header",
     "decode",
+    "decode_array",
     "dumps",
     "encode",
     "header_length",
     "loads",
+    "message_sizes",
     "pack",
     "tensor_bytes",
     "unpack",

@@ -1,8 +1,10 @@
 """Optional per-buffer zstd/lz4 compression.
 
-Decompression writes into freshly allocated writable memory, so decoded tensors can wrap it
-without a further copy.  Sizes are checked against the header before and after, so a forged
-header can neither make us allocate more than the data could expand to nor hand back short data.
+Decompression writes into freshly allocated writable memory of exactly the declared ``raw_len``,
+so decoded tensors can wrap it without a further copy.  By the time we get here
+:func:`~collectives.codec.frames.check_header` has held every ``raw_len`` to the codec's expansion
+ratio and the receiver's ``max_message_bytes``; zstd streams into that buffer and stops at its end,
+so a frame expanding further is refused without producing more, and short data is refused too.
 """
 
 from __future__ import annotations

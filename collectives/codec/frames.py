@@ -8,7 +8,7 @@ Header, fixed prefix (``FIXED_PREFIX`` = 16 bytes)::
     offset size field
     0      4    magic b"CLCD"
     4      1    version (1)
-    5      1    kind: 1 array (tensor/ndarray), 2 bytes-like, 3 pickle-5, 4 safe (msgpack)
+    5      1    kind: 1 array (tensor/ndarray), 2 bytes-like, 3 pickle-5, 4 tree (msgpack)
     6      1    pad: zero bytes at the end of the header (0..15)
     7      1    reserved, 0
     8      4    header_len: total header bytes, prefix and pad included (<= MAX_HEADER_BYTES)
@@ -26,12 +26,17 @@ first buffer of a packed frame is aligned for every element type.
 Body per kind:
   * array: a :class:`~collectives.codec.tensors.TensorMeta`; exactly one buffer (the data).
   * bytes: one byte, the original type (0 bytes, 1 bytearray, 2 memoryview); exactly one buffer.
-  * pickle / safe: empty.  The last buffer is the pickle (or msgpack) stream; the others are the
+  * pickle / tree: empty.  The last buffer is the pickle (or msgpack) stream; the others are the
     out-of-band data it refers to by index.  Keeping the stream out of the header means the header
     stays small however big the object graph is.
 
 A packed frame is ``header || buffer 0 || buffer 1 ...`` with nothing in between, so a stream
-reader can read ``FIXED_PREFIX`` bytes, then ``header_length`` bytes, then ``buffer_sizes``.
+reader can read ``FIXED_PREFIX`` bytes, then ``header_length`` bytes, then ``message_sizes``.
+
+Receivers preallocate what a header announces, so :func:`check_header` (and everything built on
+it: :func:`message_sizes`, :func:`unpack`, ``decode``) holds it to the receiver's
+:class:`~collectives.codec.options.CodecOptions` limits first: at most ``max_buffers`` entries,
+and at most ``max_message_bytes`` in all, both as sent and after decompression.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from typing import TYPE_CHECKING
 
 from collectives.errors import CodecError
 
+from .options import DEFAULT, CodecOptions
+
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
@@ -51,8 +58,7 @@ VERSION = 1
 FIXED_PREFIX = 16
 ALIGN = 16
 MAX_HEADER_BYTES = 64 << 20
-# Receivers preallocate what the header announces; this only refuses the absurd.  Transports
-# should apply their own, tighter, per-message limit before allocating.
+# Whatever the options say, no single buffer may claim more (check_header applies the real limit).
 MAX_BUFFER_BYTES = 1 << 40
 
 CODEC_NONE, CODEC_ZSTD, CODEC_LZ4 = 0, 1, 2
@@ -71,7 +77,7 @@ class Kind(IntEnum):
     ARRAY = 1
     BYTES = 2
     PICKLE = 3
-    SAFE = 4
+    TREE = 4
 
 
 _KIND_VALUES = frozenset(k.value for k in Kind)
@@ -105,12 +111,17 @@ class Header:
         return b"".join(parts)
 
     @classmethod
-    def parse(cls, data: Buffer) -> Header:
+    def parse(cls, data: Buffer, max_buffers: int | None = None) -> Header:
+        """The header's structure, checked; ``max_buffers`` is tested before any entry is read."""
         view = byte_view(data, "header")
         total = header_length(view[:FIXED_PREFIX])
         if view.nbytes != total:
             raise CodecError(f"codec: header is {view.nbytes} bytes but declares {total}")
         _, _, kind_code, pad, _, _, count = _PREFIX.unpack_from(view)
+        if max_buffers is not None and count > max_buffers:
+            raise CodecError(
+                f"codec: message has {count} buffers, more than max_buffers={max_buffers}"
+            )
         kind = Kind(kind_code)  # header_length validated it
         body_end = total - pad
         body_start = FIXED_PREFIX + _ENTRY.size * count
@@ -135,8 +146,8 @@ class Header:
             raise CodecError(f"codec: {self.kind.name.lower()} message lacks its stream buffer")
         if self.body:
             raise CodecError(f"codec: unexpected {len(self.body)} body bytes in header")
-        if self.kind is Kind.SAFE and any(e.native for e in self.entries):
-            raise CodecError("codec: safe message must not carry pickle buffers")
+        if self.kind is Kind.TREE and any(e.native for e in self.entries):
+            raise CodecError("codec: tree message must not carry pickle buffers")
 
 
 def _parse_entry(view: memoryview, index: int) -> BufferEntry:
@@ -187,8 +198,38 @@ def header_length(prefix: Buffer) -> int:
     return int(total)
 
 
+def check_header(header: Buffer, options: CodecOptions = DEFAULT) -> Header:
+    """Parse a received header and hold it to ``options``' limits; CodecError if it breaks one.
+
+    Only the header is read, and nothing it announces is allocated: call this before receiving or
+    decompressing a message's buffers.
+    """
+    parsed = Header.parse(header, options.max_buffers)
+    limit = options.max_message_bytes
+    wire = sum(e.wire_len for e in parsed.entries)
+    if wire > limit:
+        raise CodecError(
+            f"codec: message of {wire} bytes exceeds max_message_bytes={limit} (CodecOptions)"
+        )
+    raw = sum(e.raw_len for e in parsed.entries)
+    if raw > limit:
+        raise CodecError(
+            f"codec: message decompresses to {raw} bytes, more than max_message_bytes={limit} "
+            "(CodecOptions)"
+        )
+    return parsed
+
+
+def message_sizes(header: Buffer, options: CodecOptions = DEFAULT) -> list[int]:
+    """Byte length of each buffer as sent, checked by :func:`check_header`: safe to preallocate."""
+    return [e.wire_len for e in check_header(header, options).entries]
+
+
 def buffer_sizes(header: Buffer) -> list[int]:
-    """Byte length of each buffer as sent, so that a receiver can preallocate them."""
+    """Byte length of each buffer as sent, with only structural checks.
+
+    Receivers should call :func:`message_sizes`, which also applies the size limits.
+    """
     return [e.wire_len for e in Header.parse(header).entries]
 
 
@@ -209,8 +250,11 @@ def pack(enc: Encoded) -> bytes:
     return b"".join([enc.header, *enc.buffers])
 
 
-def unpack(frame: Buffer) -> Encoded:
-    """Split a packed frame into header and zero-copy buffer slices; strict about its length."""
+def unpack(frame: Buffer, options: CodecOptions = DEFAULT) -> Encoded:
+    """Split a packed frame into header and zero-copy buffer slices; strict about its length.
+
+    The header is held to ``options``' limits (:func:`check_header`).
+    """
     view = byte_view(frame, "frame")
     total = header_length(view[:FIXED_PREFIX])
     if view.nbytes < total:
@@ -218,7 +262,7 @@ def unpack(frame: Buffer) -> Encoded:
     header = bytes(view[:total])
     buffers = []
     offset = total
-    for size in buffer_sizes(header):
+    for size in message_sizes(header, options):
         end = offset + size
         if end > view.nbytes:
             raise CodecError(f"codec: truncated frame ({view.nbytes} bytes, need at least {end})")

@@ -5,8 +5,9 @@ and every bytes/bytearray of at least ``refs.OOB_MIN_BYTES`` with a small refere
 never enters the pickle stream.  Other protocol-5 buffers (numpy string/datetime arrays ...) leave
 through ``buffer_callback`` and are marked "native" in the header.
 
-Unpickling runs arbitrary code chosen by the sender: only decode pickle messages from peers you
-trust (the transport authenticates them), or use ``CodecOptions(safe=True)``.
+Only used with ``CodecOptions(allow_pickle=True)``, for objects the tree format cannot carry, and
+only decoded by receivers that set it too: unpickling runs arbitrary code chosen by the sender, so
+any peer that can reach such a rank can run code on it.
 """
 
 from __future__ import annotations

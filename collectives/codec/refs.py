@@ -1,4 +1,4 @@
-"""Out-of-band buffers of pickle and safe messages: collected on encode, resolved on decode.
+"""Out-of-band buffers of pickle and tree messages: collected on encode, resolved on decode.
 
 An object stream (pickle or msgpack) refers to a buffer with a small reference payload::
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import struct
 from typing import Any
@@ -14,31 +15,35 @@ from hypothesis import strategies as st
 
 from collectives.codec import (
     FIXED_PREFIX,
+    MAX_DEPTH_LIMIT,
     MAX_HEADER_BYTES,
     CodecOptions,
     Encoded,
     buffer_sizes,
+    check_header,
     decode,
     dumps,
     encode,
     header_length,
     loads,
+    message_sizes,
     pack,
     unpack,
 )
 from collectives.codec.frames import CODEC_NONE, BufferEntry, Header, Kind
-from collectives.errors import CodecError
+from collectives.errors import CodecError, ConfigurationError
 
 from .helpers import CI
 
-SAFE = CodecOptions(safe=True)
+PICKLE = CodecOptions(allow_pickle=True)
 SMALL: list[tuple[object, CodecOptions]] = [
     (torch.tensor([1.5, -0.0], dtype=torch.bfloat16), CodecOptions()),
     (np.arange(3, dtype=np.int8), CodecOptions()),
     (b"hello", CodecOptions()),
     (bytearray(b""), CodecOptions()),
     ({"a": torch.arange(3), "b": [None, 1.5]}, CodecOptions()),
-    ({"a": torch.arange(3), "b": (None, b"x" * 1030)}, SAFE),
+    ({"a": torch.arange(3), "b": (None, b"x" * 1030)}, CodecOptions()),
+    ({"a": torch.arange(3), "b": collections.OrderedDict(c=b"x" * 1030)}, PICKLE),
     ({"z": torch.zeros(5000)}, CodecOptions(compression="zstd")),
     ([torch.zeros(3000, dtype=torch.int16)], CodecOptions(compression="lz4")),
     (torch.rand(1, 2, 2, 3), CodecOptions(image_codec="png")),
@@ -166,7 +171,7 @@ def test_unreferenced_or_forged_references() -> None:
     # The stream of a message without tensors, with an extra buffer nobody refers to.
     extra = Encoded(
         Header(
-            Kind.PICKLE,
+            Kind.TREE,
             (BufferEntry(CODEC_NONE, False, 12, 12), Header.parse(plain.header).entries[0]),
             b"",
         ).to_bytes(),
@@ -176,7 +181,7 @@ def test_unreferenced_or_forged_references() -> None:
         decode(extra.header, extra.buffers)
     # A stream referring to a buffer that is not there.
     missing = Encoded(
-        Header(Kind.PICKLE, Header.parse(enc.header).entries[1:], b"").to_bytes(),
+        Header(Kind.TREE, Header.parse(enc.header).entries[1:], b"").to_bytes(),
         enc.buffers[1:],
     )
     with pytest.raises(CodecError, match="missing buffer"):
@@ -208,3 +213,35 @@ def test_random_bytes_are_refused(blob: bytes) -> None:
         loads(blob)
     with pytest.raises(CodecError):
         loads(b"CLCD\x01" + blob)
+
+
+def test_check_header_returns_the_parsed_header_and_sizes_match_buffer_sizes() -> None:
+    enc = encode({"t": torch.arange(10), "n": np.ones(3), "b": b"x" * 5000})
+    parsed = check_header(enc.header)
+    assert parsed.kind is Kind.TREE and len(parsed.entries) == 4
+    assert message_sizes(enc.header) == buffer_sizes(enc.header) == [b.nbytes for b in enc.buffers]
+    exact = sum(b.nbytes for b in enc.buffers)
+    assert message_sizes(enc.header, CodecOptions(max_message_bytes=exact)) == buffer_sizes(
+        enc.header
+    )
+    with pytest.raises(CodecError, match="max_message_bytes"):
+        message_sizes(enc.header, CodecOptions(max_message_bytes=exact - 1))
+    with pytest.raises(CodecError, match="max_buffers=3"):
+        check_header(enc.header, CodecOptions(max_buffers=3))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_depth", 0),
+        ("max_depth", MAX_DEPTH_LIMIT + 1),
+        ("max_depth", 2.5),
+        ("max_depth", True),
+        ("max_message_bytes", -1),
+        ("max_buffers", 0),
+        ("max_buffers", 1 << 33),
+    ],
+)
+def test_limit_options_are_validated(field: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=field):
+        CodecOptions(**{field: value})  # type: ignore[arg-type]

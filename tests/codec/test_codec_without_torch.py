@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     from collectives.errors import CodecError
 
     obj = {"a": np.arange(5.0), "b": [b"x" * 2000, (1, None)], "s": "t"}
-    for options in (CodecOptions(), CodecOptions(safe=True, compression="zstd")):
+    for options in (CodecOptions(), CodecOptions(allow_pickle=True, compression="zstd")):
         back = loads(dumps(obj, options), options)
         assert np.array_equal(back["a"], obj["a"]) and back["b"] == obj["b"], back
     try:
