@@ -119,8 +119,23 @@ def get_comm(*, fresh: bool = False) -> Communicator:
         if _process_comm is None:
             import collectives
 
-            _process_comm = collectives.init()
+            _process_comm = without_pickle(collectives.init())
         return _process_comm
+
+
+def without_pickle(comm: Communicator) -> Communicator:
+    """``comm``, set never to pickle or unpickle, whatever ``COMFY_CLUSTER_ALLOW_PICKLE`` says.
+
+    What the nodes send is tensors, dicts, lists, numbers and strings; unpickling what a peer
+    sends would let anyone who reaches a rank run code on it.
+    """
+    import dataclasses
+
+    options = comm.options
+    if options.codec.allow_pickle:
+        codec = dataclasses.replace(options.codec, allow_pickle=False)
+        comm.options = dataclasses.replace(options, codec=codec)
+    return comm
 
 
 background: dict[Communicator, list[tuple[Work[Any], str]]] = {}
@@ -138,11 +153,29 @@ def begin_prompt(prompt_id: str, comm: Communicator) -> None:
     background[comm] = []  # what an earlier, failed prompt left is its own business
 
 
-def end_prompt() -> None:
+def end_prompt(comm: Communicator | None = None) -> None:
+    """The prompt running on ``comm`` (default: this rank's) is over, finished or failed: forget
+    it, and drop what it left running (a failed prompt's transfers fail with its world)."""
     global _prompt_comm, current_prompt
-    if _prompt_comm is not None:
-        background.pop(_prompt_comm, None)
-    _prompt_comm, current_prompt = None, None
+    comm = comm if comm is not None else peek_comm()
+    if comm is not None:
+        background.pop(comm, None)
+    if comm is None or comm is _prompt_comm:
+        _prompt_comm, current_prompt = None, None
+
+
+def forget(comm: Communicator) -> None:
+    """``comm``'s world is over: drop the transfers its prompt left running (they fail with it),
+    so that its buffers are freed once it is closed.
+
+    The prompt's own reference stays until :func:`end_prompt`: a node of that prompt still
+    running must fail on the old world, not meet the next one.
+    """
+    global _process_comm
+    background.pop(comm, None)
+    with _lock:
+        if _process_comm is comm:
+            _process_comm = None
 
 
 def peek_comm() -> Communicator | None:
@@ -157,6 +190,8 @@ def set_comm(comm: Communicator | None, *, thread_local: bool = False) -> None:
     process-wide communicator is not closed: whoever created it owns it.
     """
     global _process_comm
+    if comm is not None:
+        without_pickle(comm)
     if thread_local:
         _override.set(comm)
         return
@@ -167,7 +202,7 @@ def set_comm(comm: Communicator | None, *, thread_local: bool = False) -> None:
 @contextlib.contextmanager
 def comm_override(comm: Communicator) -> Iterator[Communicator]:
     """Use ``comm`` in the current thread/context for the duration of the block."""
-    token = _override.set(comm)
+    token = _override.set(without_pickle(comm))
     try:
         yield comm
     finally:

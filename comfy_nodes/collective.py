@@ -96,6 +96,17 @@ def _mismatch(comm: Communicator, message: str, src: int) -> Exception:
     return err
 
 
+def _issue(tag: str, start: Callable[[], Work[Any]]) -> Work[Any]:
+    """``start()``; an object the codec refuses to send is reported naming the node."""
+    from collectives import CodecError
+
+    try:
+        return start()
+    except CodecError as err:
+        err.add_note(f"(sent by node {tag})")
+        raise
+
+
 def in_background(comm: Communicator, work: Work[Any], tag: str) -> bool:
     """Leave ``work`` running if this rank's prompt allows it (its tail will wait for it)."""
     pending = cluster.background.get(comm)
@@ -128,7 +139,7 @@ def broadcast(comm: Communicator, value: Any, tag: str, root: int = LEADER) -> A
     its next nodes run while the data goes out (the next collective queues behind it).
     """
     if comm.rank == root and comm.size > 1:
-        work = comm.ibroadcast((tag, value), root)
+        work = _issue(tag, lambda: comm.ibroadcast((tag, value), root))
         if in_background(comm, work, tag):
             return value
         return _check(comm, tag, run(comm, lambda: work), root, "broadcast")
@@ -140,7 +151,7 @@ def scatter(comm: Communicator, items: Sequence[Any] | None, tag: str, root: int
     """Rank i gets ``items[i]`` of ``root`` (which, as in :func:`broadcast`, does not wait)."""
     if comm.rank == root and items is not None and comm.size > 1:
         labelled = [(tag, item) for item in items]
-        work = comm.iscatter(labelled, root)
+        work = _issue(tag, lambda: comm.iscatter(labelled, root))
         if in_background(comm, work, tag):
             return items[root]
         return _check(comm, tag, run(comm, lambda: work), root, "scatter")
@@ -150,7 +161,7 @@ def scatter(comm: Communicator, items: Sequence[Any] | None, tag: str, root: int
 
 def gather(comm: Communicator, value: Any, tag: str, root: int = LEADER) -> list[Any] | None:
     """Every rank's ``value`` in rank order on ``root``; None elsewhere."""
-    got = run(comm, lambda: comm.igather((tag, value), root))
+    got = run(comm, lambda: _issue(tag, lambda: comm.igather((tag, value), root)))
     if got is None:
         return None
     return [_check(comm, tag, item, src, "gather") for src, item in enumerate(got)]
@@ -158,5 +169,5 @@ def gather(comm: Communicator, value: Any, tag: str, root: int = LEADER) -> list
 
 def allgather(comm: Communicator, value: Any, tag: str) -> list[Any]:
     """Every rank's ``value`` in rank order, on every rank."""
-    got = run(comm, lambda: comm.iallgather((tag, value)))
+    got = run(comm, lambda: _issue(tag, lambda: comm.iallgather((tag, value))))
     return [_check(comm, tag, item, src, "allgather") for src, item in enumerate(got)]

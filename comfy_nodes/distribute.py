@@ -55,15 +55,61 @@ def _lossy(codec: str) -> bool:
     return codec == PNG8
 
 
-def _to_wire(value: Any, lossy: bool = False) -> Wire:
+_PLAIN = (str, int, float, bool, type(None), bytes)
+_MAX_DEPTH = 64
+
+
+def check_sendable(value: Any, tag: str, where: str = "the value", depth: int = 0) -> None:
+    """Raise ``TypeError`` naming the node (``tag``) and the type unless ``value`` is made of
+    tensors, dicts, lists, tuples, numbers, strings, bytes and None: the pack never pickles, so
+    nothing else can reach the other ranks (better said here than as a codec error)."""
+    if depth > _MAX_DEPTH:
+        raise TypeError(f"{tag}: {where} is nested more than {_MAX_DEPTH} deep (a cycle?)")
+    kind = type(value)
+    if kind in _PLAIN or kind is torch.Tensor:
+        return
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) not in _PLAIN:
+                raise TypeError(
+                    f"{tag}: {where} has a dict key of type {_type_name(key)}; the cluster "
+                    "sends only str, int, float, bool or None keys"
+                )
+            check_sendable(item, tag, f"{where}[{key!r}]", depth + 1)
+        return
+    if kind in (list, tuple):
+        for i, item in enumerate(value):
+            check_sendable(item, tag, f"{where}[{i}]", depth + 1)
+        return
+    raise TypeError(
+        f"{tag}: {where} is a {_type_name(value)}, which the cluster does not send (never "
+        "pickled): it sends tensors, dicts, lists, tuples, numbers, strings, bytes and None"
+    )
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _codec(**kwargs: Any) -> Any:
+    from collectives import CodecOptions
+
+    return CodecOptions(allow_pickle=False, **kwargs)
+
+
+def _to_wire(value: Any, lossy: bool = False, tag: str = "cluster node") -> Wire:
     if not isinstance(value, torch.Tensor):
+        check_sendable(value, tag)
         return ("obj", value)
     if not lossy:
         return ("raw", value)
-    from collectives import CodecOptions, dumps
+    from collectives import dumps
 
     # Tensors that are not image batches (rank, channels, dtype) travel raw inside the frame.
-    return ("png", dumps(value, CodecOptions(image_codec="png")))
+    return ("png", dumps(value, _codec(image_codec="png")))
 
 
 def _error_wire(err: BaseException) -> Wire:
@@ -77,7 +123,9 @@ def _from_wire(wire: Any, what: str, src: int) -> Any:
     if kind == "png":
         from collectives import loads
 
-        return loads(payload)
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise collective.PeerNodeError(f"{what}: rank {src} sent a malformed frame", rank=src)
+        return loads(payload, _codec())
     return payload
 
 
@@ -201,7 +249,7 @@ def broadcast_value(comm: Communicator, value: Any, tag: str, codec: str = LOSSL
             raise ValueError(
                 f"{tag}: the leader (rank {LEADER}) has no value to broadcast; connect its input"
             )
-        return _to_wire(value, lossy)
+        return _to_wire(value, lossy, tag)
 
     # The leader decodes its own payload too: with the lossy codec every rank sees equal values.
     return _broadcast_from_leader(comm, make, tag)
@@ -242,7 +290,7 @@ def fan_out_latent(
         ranges = split_ranges(batch, comm.size, resolve_weights(weights, comm.size))
         items = [slice_latent(latent, a, b, tag) for a, b in ranges]
         items[LEADER]["samples"] = items[LEADER]["samples"].clone()
-        return [_to_wire(item) for item in items]
+        return [_to_wire(item, tag=tag) for item in items]
 
     got = _scatter_from_leader(comm, make_items, tag)
     latent_samples(got, tag)
@@ -257,7 +305,7 @@ def fan_in_latent(comm: Communicator, latent: Mapping[str, Any], tag: str) -> La
 
     def make() -> Wire:
         latent_samples(latent, tag)
-        return _to_wire(dict(latent))
+        return _to_wire(dict(latent), tag=tag)
 
     parts = _collect(comm, make, tag, everywhere=False)
     if parts is None:
@@ -273,7 +321,7 @@ def gather_latents(comm: Communicator, latent: Mapping[str, Any], tag: str) -> L
 
     def make() -> Wire:
         latent_samples(latent, tag)
-        return _to_wire(dict(latent))
+        return _to_wire(dict(latent), tag=tag)
 
     parts = _collect(comm, make, tag, everywhere=True)
     assert parts is not None

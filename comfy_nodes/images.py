@@ -3,27 +3,47 @@
 from __future__ import annotations
 
 import importlib
-import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import torch
 
 
-def resolve_image_path(name: str) -> Path:
-    """An existing file: the path itself, else (inside ComfyUI) a name in the input directory."""
-    path = Path(os.path.expanduser(name.strip()))
-    if path.is_file():
-        return path
+def resolve_image_path(name: str, what: str = "ClusterBroadcastLoadedImage") -> Path:
+    """The file an image name means to ComfyUI's LoadImage: ``name`` in the input folder, or in
+    the output/temp folder with an `` [output]``/`` [temp]`` annotation (``folder_paths``'
+    ``get_annotated_filepath``), refused unless it stays inside that folder once symlinks are
+    resolved.  Never a raw path."""
     try:
         folder_paths = importlib.import_module("folder_paths")
     except ImportError:
-        folder_paths = None
-    if folder_paths is not None and not path.is_absolute():
-        candidate = Path(folder_paths.get_annotated_filepath(str(path)))
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"image file {name!r} not found (on the leader, rank 0)")
+        raise RuntimeError(
+            f"{what}: images are loaded from ComfyUI's input folder, and ComfyUI's folder_paths "
+            "is not importable here"
+        ) from None
+    text = name.strip()
+    bare, base = folder_paths.annotated_filepath(text)
+    folder = Path(base if base is not None else folder_paths.get_input_directory())
+    pure = PurePosixPath(str(bare).replace("\\", "/"))
+    if (
+        not str(bare).strip()
+        or pure.is_absolute()
+        or PureWindowsPath(bare).drive
+        or (".." in pure.parts)
+    ):
+        raise ValueError(
+            f"{what}: {name!r} is not an image name; give a file name in ComfyUI's input folder "
+            f"{folder} (optionally annotated [input], [output] or [temp]), not a path"
+        )
+    root = folder.resolve()
+    file = Path(folder_paths.get_annotated_filepath(text)).resolve()
+    if not file.is_relative_to(root):
+        raise ValueError(f"{what}: {name!r} leads outside ComfyUI's folder {folder}")
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{what}: no image {str(pure)!r} in {folder} (on the leader, rank 0)"
+        )
+    return file
 
 
 def load_image(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -146,7 +146,8 @@ class ClusterBroadcastLoadedImage(_ClusterNode):
                     "STRING",
                     {
                         "default": "example.png",
-                        "tooltip": "Path on the leader, or a file name in its input directory.",
+                        "tooltip": "A file name in the leader's ComfyUI input folder (as "
+                        "LoadImage takes it; [output] / [temp] annotations allowed), not a path.",
                     },
                 )
             },
@@ -158,7 +159,9 @@ class ClusterBroadcastLoadedImage(_ClusterNode):
         comm = cluster.get_comm()
         return distribute.broadcast_loaded(
             comm,
-            lambda: image_files.load_image(image_files.resolve_image_path(image)),
+            lambda: image_files.load_image(
+                image_files.resolve_image_path(image, type(self).__name__)
+            ),
             self.tag(unique_id),
             codec,
         )

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import cluster, workflow
+from . import cluster
+from . import workflow as workflows
 from .nodes_base import _HIDDEN_ID, ANY, _ClusterNode, _Node
 
 
 class ClusterExecuteWorkflow(_ClusterNode):
     DESCRIPTION = (
-        "The leader queues an API-format workflow file on the whole cluster (followers do "
-        "nothing). Outputs the new prompt id."
+        "The leader queues an API-format workflow, saved by name in ComfyUI's user workflows "
+        "folder, on the whole cluster (followers do nothing). Outputs the new prompt id."
     )
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("prompt_id",)
@@ -20,7 +21,16 @@ class ClusterExecuteWorkflow(_ClusterNode):
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
-            "required": {"workflow_path": ("STRING", {"default": "workflow_api.json"})},
+            "required": {
+                "workflow": (
+                    "STRING",
+                    {
+                        "default": "workflow_api.json",
+                        "tooltip": "Name of an API-format workflow in the leader's user workflows "
+                        "folder (<user dir>/default/workflows); no absolute paths, no '..'.",
+                    },
+                )
+            },
             "optional": {
                 "input_overrides": (
                     "STRING",
@@ -35,12 +45,11 @@ class ClusterExecuteWorkflow(_ClusterNode):
             },
         }
 
-    def run(self, workflow_path: str, input_overrides: str = "", trigger: Any = None) -> tuple[str]:
+    def run(self, workflow: str, input_overrides: str = "", trigger: Any = None) -> tuple[str]:
         if not cluster.is_leader():
             return ("",)
-        prompt = workflow.apply_overrides(
-            workflow.load_api_workflow(workflow_path), input_overrides
-        )
+        loaded = workflows.load_named_workflow(workflow, what=type(self).__name__)
+        prompt = workflows.apply_overrides(loaded, input_overrides)
         return (cluster.call_queue_prompt_hook(prompt, type(self).__name__),)
 
 
@@ -77,7 +86,7 @@ class ClusterExecuteCurrentWorkflow(_ClusterNode):
             return ("", remaining)
         if prompt is None or unique_id is None:
             raise RuntimeError(f"{type(self).__name__}: ComfyUI passed no current prompt")
-        nxt = workflow.next_iteration(prompt, str(unique_id), vary_seed)
+        nxt = workflows.next_iteration(prompt, str(unique_id), vary_seed)
         assert nxt is not None
         return (cluster.call_queue_prompt_hook(nxt, type(self).__name__), remaining)
 
@@ -143,5 +152,5 @@ class ClusterUseSubgraph(_ClusterNode):
             return ("",)
         if prompt is None:
             raise RuntimeError(f"{type(self).__name__}: ComfyUI passed no current prompt")
-        sub = workflow.subgraph_prompt(prompt, name)
+        sub = workflows.subgraph_prompt(prompt, name)
         return (cluster.call_queue_prompt_hook(sub, type(self).__name__),)

@@ -8,9 +8,10 @@ here is pure data manipulation; queuing goes through :data:`comfy_nodes.cluster.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 Prompt = dict[str, Any]
@@ -46,8 +47,56 @@ def as_api_prompt(data: Any, source: str = "workflow") -> Prompt:
     return prompt
 
 
+class WorkflowNotFoundError(FileNotFoundError):
+    """A workflow name that does not name a file inside the user workflows folder."""
+
+
+def user_workflows_dir() -> Path:
+    """ComfyUI's user workflows folder, ``<user directory>/default/workflows`` (where the UI saves
+    workflows), through ComfyUI's own ``folder_paths``."""
+    try:
+        folder_paths = importlib.import_module("folder_paths")
+    except ImportError:
+        raise RuntimeError(
+            "workflows are loaded from ComfyUI's user workflows folder, and ComfyUI's "
+            "folder_paths is not importable here"
+        ) from None
+    return Path(folder_paths.get_user_directory()) / "default" / "workflows"
+
+
+def workflow_file(name: str, folder: Path, what: str = "workflow") -> Path:
+    """The file ``name`` names inside ``folder``: a relative name (sub-folders allowed, ``.json``
+    added when missing) that stays inside the folder once every symlink is resolved."""
+    text = name.strip()
+    if not text:
+        raise ValueError(f"{what}: no workflow name given (a file name in {folder})")
+    pure = PurePosixPath(text.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(text).drive or ".." in pure.parts:
+        raise ValueError(
+            f"{what}: {name!r} is not a workflow name; give a file name relative to the user "
+            f"workflows folder {folder} (no absolute paths, no '..')"
+        )
+    if pure.suffix.lower() != ".json":
+        pure = pure.with_name(pure.name + ".json")
+    root = folder.resolve()
+    file = (root / pure).resolve()
+    if not file.is_relative_to(root):
+        raise ValueError(f"{what}: {name!r} leads outside the user workflows folder {folder}")
+    if not file.is_file():
+        raise WorkflowNotFoundError(f"{what}: no workflow {str(pure)!r} in {folder}")
+    return file
+
+
+def load_named_workflow(name: str, folder: Path | None = None, what: str = "workflow") -> Prompt:
+    """The API-format prompt saved as ``name`` in the user workflows folder (or ``folder``)."""
+    file = workflow_file(name, user_workflows_dir() if folder is None else folder, what)
+    return load_api_workflow(file)
+
+
 def load_api_workflow(path: str | Path) -> Prompt:
-    file = Path(path).expanduser()
+    """Read an API-format prompt from a file the caller has already chosen (a trusted path; the
+    node loads by name through :func:`load_named_workflow`)."""
+    file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as err:

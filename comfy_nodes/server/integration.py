@@ -5,8 +5,11 @@
 * an on-prompt handler (leader): a prompt using cluster nodes is rewritten for SPMD execution
   (comfy_nodes.server.prompts) — users queue as always, with the Queue button or ``POST /prompt``;
 * ``POST /cluster/queue`` (leader): the same, forced, returning the prompt id;
-* ``GET /cluster/status``, ``GET /cluster/epoch``, ``POST /cluster/rejoin``,
-  ``POST /cluster/failed``, ``POST /cluster/abort``: membership and interrupt propagation;
+* ``GET /cluster/status`` (for the browser, like ``/cluster/queue``: ComfyUI's own trust model;
+  it shows the key's fingerprint, never the key);
+* ``GET /cluster/epoch``, ``POST /cluster/rejoin``, ``POST /cluster/failed``,
+  ``POST /cluster/abort``: membership and interrupt propagation between ranks, signed and checked
+  (comfy_nodes.server.routes);
 * an aiohttp start-up hook that joins the cluster in a background thread, and on followers runs
   the control thread that takes over each prompt the leader hands out.
 """
@@ -27,7 +30,9 @@ from comfy_nodes.nodes_base import _ClusterNode
 from comfy_nodes.server import prompts
 from comfy_nodes.server.control import Delivery, Verdict, hand_over, take_over
 from comfy_nodes.server.handoffs import Handoffs
-from comfy_nodes.server.membership import Membership, _post_async
+from comfy_nodes.server.membership import Membership
+from comfy_nodes.server.peers import PeerAuth
+from comfy_nodes.server.routes import control_routes
 from comfy_nodes.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -272,30 +277,16 @@ def _propagate_interrupts(membership: Membership) -> None:
                 f"rank {membership.settings.rank} failed at node {node} ({kind}): {why.strip()}",
                 cluster.peek_comm(),
             )
+        # A failed prompt never reaches its tail: forget it here, with what it left running.
+        cluster.end_prompt()
         return original_error(self, prompt_id, prompt, current, executed, error, ex)
 
     executor_class.handle_execution_error = handle_execution_error
 
 
 def abort_everywhere(membership: Membership, reason: str, comm: Communicator | None = None) -> None:
-    """Abort this world on every rank: the leader tells each follower, a follower the leader.
-
-    ``comm``: the communicator the request came from; if the cluster has formed a new world
-    since (a node of the interrupted prompt still polling), only that old one is aborted.
-    """
-    if comm is not None and not membership.is_current(comm):
-        comm.abort(reason)
-        return
-    if membership.state != "ready":
-        return  # already failed and re-forming: the others know
-    s = membership.settings
-    if s.is_leader:
-        for rank, url in sorted(membership.urls.items()):
-            if rank != 0:
-                _post_async(f"{url}/cluster/abort", {"epoch": membership.epoch, "reason": reason})
-    elif s.leader_url:
-        _post_async(f"{s.leader_url}/cluster/abort", {"epoch": membership.epoch, "reason": reason})
-    membership.fail(reason)
+    """Abort this world on every rank (see :meth:`Membership.abort_everywhere`)."""
+    membership.abort_everywhere(reason, comm)
 
 
 # -- routes ---------------------------------------------------------------------------------------
@@ -309,47 +300,26 @@ def _register_routes(server: Any, settings: Settings | None) -> None:
             return web.json_response({"rank": 0, "size": 1, "state": "single", "epoch": 0})
         return web.json_response(_installed.status())
 
-    async def epoch(request: Any) -> Any:
-        return web.json_response({"epoch": max(_installed.epoch, 0) if _installed else 0})
-
     async def queue(request: Any) -> Any:
-        data = await request.json()
+        try:
+            data = await request.json()
+        except ValueError:
+            data = None
         if not isinstance(data, dict) or not isinstance(data.get("prompt"), dict):
             return web.json_response({"error": "body must be ComfyUI's /prompt body"}, status=400)
         if settings is not None and not settings.is_leader:
             return web.json_response(
                 {"error": f"rank {settings.rank} is a follower: queue on the leader"}, status=400
             )
-        prepared = _prepared(data) if prompts.HEAD_ID not in data["prompt"] else data
+        try:
+            prepared = _prepared(data) if prompts.HEAD_ID not in data["prompt"] else data
+        except (ValueError, TypeError, KeyError) as err:
+            return web.json_response({"error": f"{type(err).__name__}: {err}"}, status=400)
         result = await _validate_and_queue(server, prepared)
         return web.json_response(result, status=400 if "error" in result else 200)
 
-    async def rejoin(request: Any) -> Any:
-        body = await request.json()
-        if _installed is not None:
-            _installed.rejoin(int(body["epoch"]), str(body.get("reason", "")))
-        return web.json_response({"ok": True})
-
-    async def failed(request: Any) -> Any:
-        body = await request.json()
-        if _installed is not None and int(body.get("epoch", -1)) == _installed.epoch:
-            _installed.fail(str(body.get("reason", "a follower reported a failure")))
-        return web.json_response({"ok": True})
-
-    async def abort(request: Any) -> Any:
-        body = await request.json()
-        m = _installed
-        if m is not None and int(body.get("epoch", -1)) == m.epoch:
-            reason = str(body.get("reason", "aborted"))
-            if m.settings.is_leader:
-                abort_everywhere(m, reason)
-            else:
-                m.fail(reason)
-        return web.json_response({"ok": True})
-
     routes.get("/cluster/status")(status)
-    routes.get("/cluster/epoch")(epoch)
     routes.post("/cluster/queue")(queue)
-    routes.post("/cluster/rejoin")(rejoin)
-    routes.post("/cluster/failed")(failed)
-    routes.post("/cluster/abort")(abort)
+    auth = PeerAuth(settings.key if settings is not None else None)
+    for method, path, handler in control_routes(auth, lambda: _installed):
+        routes.route(method, path)(handler)

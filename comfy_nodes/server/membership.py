@@ -6,19 +6,22 @@ announces epoch N+1 over HTTP (``/cluster/rejoin``) and every rank joins world N
 restarts asks the leader for the current epoch first (``/cluster/epoch``).  So a dead follower
 fails the prompt it was part of, and once restarted it simply joins the next world.  Prompts
 wait (up to the join timeout) for a world to be complete, and say which ranks are missing.
+
+Every message between ranks is signed (comfy_nodes.server.peers) and names its sender; who may
+send what is one table in comfy_nodes.server.routes.  A world that is left is aborted and closed,
+so a failed prompt's communicator and its pending transfers are freed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from comfy_nodes import cluster
+from comfy_nodes.server.peers import PeerAuth, PeerClient
 from comfy_nodes.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -32,9 +35,10 @@ class ClusterNotReadyError(RuntimeError):
 
 
 class Membership:
-    def __init__(self, settings: Settings, my_url: str) -> None:
+    def __init__(self, settings: Settings, my_url: str, client: PeerClient | None = None) -> None:
         self.settings = settings
         self.my_url = my_url
+        self.client = client or PeerClient(PeerAuth(settings.key), settings.rank)
         self.epoch = -1
         self.urls: dict[int, str] = {}
         self.state = "idle"
@@ -73,6 +77,8 @@ class Membership:
                 "peers": comm.peers() if comm is not None else {},
                 "last_error": self.last_error,
                 "urls": self.urls,
+                # Public: lets an operator see that two ranks hold the same key, never the key.
+                "key_fingerprint": self.client.auth.fingerprint,
             }
 
     def is_current(self, comm: Communicator) -> bool:
@@ -99,13 +105,65 @@ class Membership:
             self.last_error = reason
         log.warning("cluster world %d failed: %s", epoch, reason)
         if comm is not None:
-            comm.abort(reason)
+            _discard(comm, reason)
         if self.settings.is_leader:
             self.rejoin(epoch + 1, reason)
         elif self.settings.leader_url:
-            _post_async(
-                f"{self.settings.leader_url}/cluster/failed", {"epoch": epoch, "reason": reason}
+            self.client.post_async(
+                self.settings.leader_url, "/cluster/failed", {"epoch": epoch, "reason": reason}
             )
+
+    def abort_everywhere(self, reason: str, comm: Communicator | None = None) -> None:
+        """Abort this world on every rank: the leader tells each follower, a follower the leader.
+
+        ``comm``: the communicator the request came from; if the cluster has formed a new world
+        since (a node of the interrupted prompt still polling), only that old one is aborted.
+        """
+        if comm is not None and not self.is_current(comm):
+            comm.abort(reason)
+            return
+        if self.state != "ready":
+            return  # already failed and re-forming: the others know
+        s = self.settings
+        body = {"epoch": self.epoch, "reason": reason}
+        if s.is_leader:
+            for rank, url in sorted(self.urls.items()):
+                if rank != s.rank:
+                    self.client.post_async(url, "/cluster/abort", body)
+        elif s.leader_url:
+            self.client.post_async(s.leader_url, "/cluster/abort", body)
+        self.fail(reason)
+
+    def announced(self, epoch: int, reason: str) -> tuple[bool, str]:
+        """A follower heard the leader announce world ``epoch``: join it if it is the leader's
+        next world.  Returns (accepted or harmlessly stale, why).
+
+        The next world is this rank's epoch + 1.  A larger number is believed only if the leader
+        itself says it is its current epoch (this rank missed announcements while unreachable);
+        anything else would strand this rank in a world nobody else joins.
+        """
+        with self._cond:
+            current = self.epoch
+        if epoch <= current:
+            return True, f"rank {self.settings.rank} is at epoch {current} already"
+        if epoch != current + 1 and self.leader_epoch() != epoch:
+            return False, (
+                f"rank {self.settings.rank} is at epoch {current}: the leader's next world is "
+                f"{current + 1}, not {epoch}"
+            )
+        self.rejoin(epoch, reason)
+        return True, f"joining world {epoch}"
+
+    def leader_epoch(self, timeout: float = 3.0) -> int | None:
+        """The leader's current epoch (one signed request), or None if it does not say."""
+        url = self.settings.leader_url
+        if url is None:
+            return None
+        try:
+            epoch = self.client.get_json(url, "/cluster/epoch", timeout)["epoch"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return epoch if type(epoch) is int else None
 
     def _leave_world(self) -> Communicator | None:
         """Drop the current world (caller holds ``_cond``); its communicator, for aborting.
@@ -117,6 +175,8 @@ class Membership:
         old, self._comm = self._comm, None
         cluster.set_comm(None)
         cluster.current_prompt = None
+        if old is not None:
+            cluster.forget(old)
         return old
 
     def rejoin(self, epoch: int, reason: str = "") -> None:
@@ -128,11 +188,13 @@ class Membership:
             self.epoch = epoch
             self.state = "joining"
         if old is not None:
-            old.abort(reason or f"moving to cluster epoch {epoch}")
+            _discard(old, reason or f"moving to cluster epoch {epoch}")
         if self.settings.is_leader:
             for rank, url in sorted(self.urls.items()):
-                if rank != 0:
-                    _post_async(f"{url}/cluster/rejoin", {"epoch": epoch, "reason": reason})
+                if rank != self.settings.rank:
+                    self.client.post_async(
+                        url, "/cluster/rejoin", {"epoch": epoch, "reason": reason}
+                    )
         threading.Thread(target=self._join, args=(epoch,), name="cluster-join", daemon=True).start()
 
     # -- joining ---------------------------------------------------------------------------------
@@ -140,7 +202,7 @@ class Membership:
         epoch = 0
         if not self.settings.is_leader and self.settings.leader_url:
             # A restarted follower joins the world the others are in (or about to form).
-            epoch = max(0, _current_epoch(self.settings.leader_url, self.settings.join_timeout))
+            epoch = max(0, self._current_epoch(self.settings.join_timeout))
         self.rejoin(epoch)
 
     def _join(self, epoch: int) -> None:
@@ -158,6 +220,7 @@ class Membership:
                 timeout=max(s.join_timeout, 3600.0),
             )
             comm.options = CommOptions(timeout=s.op_timeout, codec=comm.options.codec)
+            cluster.without_pickle(comm)
             urls = comm.allgather(self.my_url, timeout=s.op_timeout)
         except Exception as err:  # joining failed: say why, and keep trying on the leader
             with self._cond:
@@ -173,7 +236,7 @@ class Membership:
             return
         with self._cond:
             if self.epoch != epoch:  # a newer world was announced while we were joining
-                comm.abort("superseded")
+                _discard(comm, "superseded")
                 return
             self._comm = comm
             self.urls = dict(enumerate(urls))
@@ -184,6 +247,15 @@ class Membership:
         log.info("cluster world %d ready: rank %d of %d (%s)", epoch, s.rank, s.size, comm.backend)
         for callback in self._on_ready:
             callback(comm, epoch)
+
+    def _current_epoch(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            epoch = self.leader_epoch(timeout=2.0)
+            if epoch is not None:
+                return epoch
+            time.sleep(0.5)
+        return 0
 
     def _not_ready_text(self) -> str:
         s = self.settings
@@ -209,27 +281,15 @@ def _missing_ranks(world: str) -> list[int]:
     return waiting_for(world)
 
 
-def _current_epoch(leader_url: str, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _discard(comm: Communicator, reason: str) -> None:
+    """Abort ``comm`` now (its pending ops fail with ``reason``) and close it in the background,
+    releasing its backend and whatever transfers were still queued on it."""
+    comm.abort(reason)
+
+    def close() -> None:
         try:
-            with urllib.request.urlopen(f"{leader_url}/cluster/epoch", timeout=2) as resp:
-                return int(json.load(resp)["epoch"])
-        except (OSError, ValueError, KeyError):
-            time.sleep(0.5)
-    return 0
+            comm.close()
+        except Exception as err:  # a broken world may fail to close cleanly; it is gone anyway
+            log.debug("closing an old world: %s: %s", type(err).__name__, err)
 
-
-def _post_async(url: str, body: dict[str, Any]) -> None:
-    def send() -> None:
-        data = json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-        for _ in range(20):
-            try:
-                with urllib.request.urlopen(req, timeout=5):
-                    return
-            except OSError:
-                time.sleep(0.5)
-        log.warning("could not reach %s", url)
-
-    threading.Thread(target=send, name="cluster-notify", daemon=True).start()
+    threading.Thread(target=close, name="cluster-close", daemon=True).start()

@@ -1,11 +1,19 @@
-"""Cluster settings of one ComfyUI instance, read from the environment once."""
+"""Cluster settings of one ComfyUI instance, read from the environment once.
+
+The cluster key (``COMFY_CLUSTER_KEY`` / ``COMFY_CLUSTER_KEY_FILE``) authenticates the requests
+the ranks' servers send each other.  It may be absent only when this instance is reached on
+loopback (the advertised host and the leader's URL) or with ``COMFY_CLUSTER_INSECURE=1``:
+:func:`collectives.auth.require_key` refuses anything else, naming the variable.
+"""
 
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from collectives.auth import ClusterKey, require_key
 from collectives.deadline import check_timeout
 from collectives.errors import ConfigurationError
 from collectives.rendezvous.env import read_rank_env
@@ -26,6 +34,7 @@ class Settings:
     idle_timeout: float  # how long a follower waits for the next prompt before re-arming
     leader_url: str | None  # the leader's ComfyUI, for membership messages (rejoin, abort)
     advertise_host: str  # how other ranks reach this instance's HTTP server
+    key: ClusterKey | None = None  # signs and checks requests between ranks (repr: fingerprint)
 
     @property
     def is_leader(self) -> bool:
@@ -48,6 +57,13 @@ class Settings:
             raise ConfigurationError(
                 f"{LEADER_URL_ENV}={leader_url!r} must be an http(s) URL of the leader's ComfyUI"
             )
+        advertise_host = env.get(ADVERTISE_ENV, "").strip() or "127.0.0.1"
+        key = require_key(
+            advertise_host, f"the cluster's control routes ({ADVERTISE_ENV})", environ=env
+        )
+        if leader_url is not None:
+            leader_host = urllib.parse.urlsplit(leader_url).hostname or ""
+            key = require_key(leader_host, f"messages to the leader ({LEADER_URL_ENV})", env)
         return cls(
             rank=rank_env.rank,
             size=rank_env.world_size,
@@ -56,5 +72,6 @@ class Settings:
             join_timeout=seconds(JOIN_TIMEOUT_ENV, 300.0),
             idle_timeout=seconds(IDLE_TIMEOUT_ENV, 86400.0),
             leader_url=leader_url,
-            advertise_host=env.get(ADVERTISE_ENV, "").strip() or "127.0.0.1",
+            advertise_host=advertise_host,
+            key=key,
         )

@@ -48,11 +48,30 @@ def test_leader_does_not_wait_for_its_fan_out_and_results_stay_exact(size: int) 
         assert torch.equal(value, results[0][1])
 
 
-def test_a_background_failure_surfaces_at_settle_naming_the_node() -> None:
+def test_an_unsendable_value_fails_every_rank_at_once_naming_node_and_type() -> None:
+    def rank(comm: Communicator) -> str:
+        try:
+            value = (lambda: None) if comm.rank == 0 else None
+            run_node("ClusterBroadcastTensor", value, unique_id="12")
+        except Exception as err:
+            return f"{type(err).__name__}: {err}"
+        return "no error"
+
+    leader, follower = spmd(2, rank, op_timeout=5.0)
+    assert leader.startswith("TypeError: ClusterBroadcastTensor#12") and "function" in leader
+    assert follower.startswith("PeerNodeError") and "rank 0 failed" in follower, follower
+
+
+def test_a_value_the_codec_refuses_names_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    from comfy_nodes import distribute
+
+    # Past the node's own check, the codec refuses the value (it never pickles).
+    monkeypatch.setattr(distribute, "check_sendable", lambda *args: None)
+
     def rank(comm: Communicator) -> str:
         _in_prompt(comm)
         try:
-            # The leader's value cannot be encoded: its broadcast fails in the background.
+            # The leader's value cannot be encoded: its broadcast fails (at once or at settle).
             value = (lambda: None) if comm.rank == 0 else None
             run_node("ClusterBroadcastTensor", value, unique_id="12")
             collective.settle(comm)

@@ -98,13 +98,13 @@ def _png(path: Path, mode: str, size: tuple[int, int] = (6, 4)) -> Path:
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
 @pytest.mark.parametrize("codec", distribute.CODECS)
 def test_broadcast_loaded_image_needs_the_file_on_the_leader_only(
-    tmp_path: Path, mode: str, codec: str
+    comfy_folders: Path, mode: str, codec: str
 ) -> None:
-    path = _png(tmp_path / f"in_{mode}.png", mode)
+    path = _png(comfy_folders / "input" / f"in_{mode}.png", mode)
     expected_image, expected_mask = load_image(path)
 
     def rank(comm: Communicator) -> tuple[torch.Tensor, torch.Tensor]:
-        name = str(path) if comm.rank == 0 else str(tmp_path / "absent_on_followers.png")
+        name = path.name if comm.rank == 0 else "absent_on_followers.png"
         return run_node("ClusterBroadcastLoadedImage", name, codec=codec)
 
     for image, mask in spmd(3, rank):
@@ -118,10 +118,12 @@ def test_broadcast_loaded_image_needs_the_file_on_the_leader_only(
         assert expected_mask.shape == (1, 64, 64) and not expected_mask.any()  # as LoadImage
 
 
-def test_broadcast_loaded_image_missing_on_the_leader_fails_everywhere(tmp_path: Path) -> None:
+def test_broadcast_loaded_image_missing_on_the_leader_fails_everywhere(
+    comfy_folders: Path,
+) -> None:
     def rank(comm: Communicator) -> str:
         try:
-            run_node("ClusterBroadcastLoadedImage", str(tmp_path / "nope.png"))
+            run_node("ClusterBroadcastLoadedImage", "nope.png")
         except (FileNotFoundError, PeerNodeError) as err:
             return type(err).__name__
         return "no error"

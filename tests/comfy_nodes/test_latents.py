@@ -188,7 +188,7 @@ def test_not_a_latent_is_refused() -> None:
         spmd(1, lambda comm: run_node("ClusterFanOutLatent", torch.zeros(1, 4, 8, 8)))
 
 
-def test_safe_codec_carries_latents_and_images_without_pickle() -> None:
+def test_the_pack_never_unpickles_even_where_the_environment_allows_it() -> None:
     from collectives import CodecOptions
     from comfy_nodes import distribute
 
@@ -202,7 +202,12 @@ def test_safe_codec_carries_latents_and_images_without_pickle() -> None:
         )[0]
         return run_node("ClusterGatherLatents", mine)[0], run_node("ClusterGatherImages", img)[0]
 
-    for every, img in spmd(3, rank, codec=CodecOptions(safe=True)):
+    # Allowed here (as COMFY_CLUSTER_ALLOW_PICKLE=1 would): the pack turns it off for itself.
+    def checked(comm: Communicator) -> tuple[dict[str, Any], torch.Tensor]:
+        assert not comm.options.codec.allow_pickle
+        return rank(comm)
+
+    for every, img in spmd(3, checked, codec=CodecOptions(allow_pickle=True)):
         assert torch.equal(every["samples"], full["samples"]) and every["type"] == "sd15"
         assert torch.equal(every["noise_mask"], full["noise_mask"])
         assert img.shape == pictures.shape

@@ -15,6 +15,7 @@ from comfy_nodes.workflow import (
     apply_overrides,
     as_api_prompt,
     load_api_workflow,
+    load_named_workflow,
     next_iteration,
     subgraph_prompt,
 )
@@ -49,23 +50,80 @@ def queued() -> Iterator[list[dict[str, Any]]]:
         cluster.queue_prompt_hook = None
 
 
-def test_execute_workflow_queues_on_the_leader_only(tmp_path: Path, queued: list[Any]) -> None:
-    path = tmp_path / "wf.json"
+def _saved(comfy_folders: Path, name: str = "wf.json") -> Path:
+    folder = comfy_folders / "user" / "default" / "workflows"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
     path.write_text(json.dumps(PROMPT))
+    return path
+
+
+def test_execute_workflow_queues_on_the_leader_only(comfy_folders: Path, queued: list[Any]) -> None:
+    _saved(comfy_folders)
 
     def rank(comm: Communicator) -> str:
-        return run_node("ClusterExecuteWorkflow", str(path), '{"8": {"seed": 77}}')[0]
+        return run_node("ClusterExecuteWorkflow", "wf", '{"8": {"seed": 77}}')[0]
 
     assert spmd(3, rank) == ["id-1", "", ""]
     assert len(queued) == 1 and queued[0]["8"]["inputs"]["seed"] == 77
     assert PROMPT["8"]["inputs"]["seed"] == 5  # the loaded file is not modified
 
 
-def test_without_the_server_integration_the_error_says_so(tmp_path: Path) -> None:
-    path = tmp_path / "wf.json"
-    path.write_text(json.dumps(PROMPT))
+def test_without_the_server_integration_the_error_says_so(comfy_folders: Path) -> None:
+    _saved(comfy_folders)
     with pytest.raises(RuntimeError, match="server integration"):
-        spmd(1, lambda comm: run_node("ClusterExecuteWorkflow", str(path)))
+        spmd(1, lambda comm: run_node("ClusterExecuteWorkflow", "wf.json"))
+
+
+def test_workflows_load_by_name_from_the_user_workflows_folder_only(
+    comfy_folders: Path, tmp_path: Path
+) -> None:
+    (comfy_folders / "user" / "default" / "workflows" / "sub").mkdir(parents=True)
+    _saved(comfy_folders, "sub/named.json")
+    assert load_named_workflow("sub/named") == PROMPT
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps(PROMPT))
+    folder = comfy_folders / "user" / "default" / "workflows"
+    (folder / "escape.json").symlink_to(outside)
+    (folder / "linked_dir").symlink_to(tmp_path, target_is_directory=True)
+    for name, why in [
+        (str(outside), "not a workflow name"),
+        ("../../../outside.json", "not a workflow name"),
+        ("sub/../../x.json", "not a workflow name"),
+        ("C:\\outside.json", "not a workflow name"),
+        ("escape.json", "outside the user workflows folder"),
+        ("linked_dir/outside.json", "outside the user workflows folder"),
+        ("", "no workflow name"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            load_named_workflow(name, what="ClusterExecuteWorkflow")
+    with pytest.raises(
+        FileNotFoundError, match=r"ClusterExecuteWorkflow: no workflow 'gone\.json'"
+    ):
+        load_named_workflow("gone", what="ClusterExecuteWorkflow")
+
+
+def test_images_load_from_comfyuis_folders_only(comfy_folders: Path, tmp_path: Path) -> None:
+    from comfy_nodes.images import resolve_image_path
+
+    (comfy_folders / "input" / "a.png").write_bytes(b"x")
+    (comfy_folders / "output" / "b.png").write_bytes(b"x")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"x")
+    (comfy_folders / "input" / "link.png").symlink_to(outside)
+    assert resolve_image_path("a.png") == (comfy_folders / "input" / "a.png").resolve()
+    assert resolve_image_path("b.png [output]") == (comfy_folders / "output" / "b.png").resolve()
+    for name, why in [
+        (str(outside), "not an image name"),
+        ("../secret.png", "not an image name"),
+        ("../../secret.png [output]", "not an image name"),
+        ("link.png", "outside ComfyUI's folder"),
+    ]:
+        with pytest.raises(ValueError, match=why) as err:
+            resolve_image_path(name)
+        assert "ClusterBroadcastLoadedImage" in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"no image 'gone\.png'"):
+        resolve_image_path("gone.png")
 
 
 def test_ui_format_and_bad_files_are_explained(tmp_path: Path) -> None:

@@ -1,0 +1,260 @@
+"""The routes the ranks' servers call on each other refuse what a stranger or a wrong rank sends.
+
+Two layers: the checks themselves on the pack's objects (fast), then a real 2-rank ComfyUI
+cluster with a cluster key, probed over HTTP as an attacker on the network would: without a
+credential, with a forged, an expired and a replayed one, with malformed bodies, with a rejoin to
+a world nobody forms, and with a follower's own rank as the sender of leader-only control.  After
+all of it the state is unchanged and the next prompt runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from collectives.auth import AUTH_HEADER, ClusterKey, RequestSigner
+from comfy_nodes.server.membership import Membership
+from comfy_nodes.server.peers import PeerAuth
+from comfy_nodes.server.routes import Message, Refused, check_sender
+from comfy_nodes.server.settings import Settings
+from tests.comfy_e2e.conftest import comfy_env, comfy_python  # noqa: F401  (fixtures)
+
+KEY = "test-cluster-key-" + "x" * 24
+WRONG_KEY = "another-cluster-key-" + "y" * 24
+
+
+def _settings(rank: int, size: int = 2, leader_url: str | None = None) -> Settings:
+    return Settings(
+        rank=rank,
+        size=size,
+        backend="local",
+        op_timeout=5.0,
+        join_timeout=5.0,
+        idle_timeout=5.0,
+        leader_url=leader_url,
+        advertise_host="127.0.0.1",
+        key=ClusterKey(KEY),
+    )
+
+
+class _Recorded(Membership):
+    """A membership that records the worlds it is told to join instead of joining them."""
+
+    def __init__(self, settings: Settings, epoch: int) -> None:
+        super().__init__(settings, "http://127.0.0.1:1")
+        self.epoch, self.state = epoch, "ready"
+        self.joined: list[int] = []
+
+    def rejoin(self, epoch: int, reason: str = "") -> None:
+        self.joined.append(epoch)
+        self.epoch, self.state = epoch, "joining"
+
+    def leader_epoch(self, timeout: float = 3.0) -> int | None:
+        return 7  # what the leader would answer
+
+
+# -- the checks, on the pack's objects -----------------------------------------------------------
+def test_credentials_missing_wrong_expired_replayed() -> None:
+    auth = PeerAuth(ClusterKey(KEY))
+    body = b'{"rank": 1, "epoch": 0}'
+    good = RequestSigner(ClusterKey(KEY)).sign("POST", "/cluster/failed", body)
+    assert auth.refusal("POST", "/cluster/failed", body, good) is None
+    assert auth.refusal("POST", "/cluster/failed", body, good) == (
+        403,
+        "replayed request credential",
+    )
+    assert auth.refusal("POST", "/cluster/failed", body, None)[0] == 401  # type: ignore[index]
+    forged = RequestSigner(ClusterKey(WRONG_KEY)).sign("POST", "/cluster/failed", body)
+    assert auth.refusal("POST", "/cluster/failed", body, forged)[0] == 403  # type: ignore[index]
+    old = RequestSigner(ClusterKey(KEY)).sign("POST", "/cluster/failed", body, time.time() - 300)
+    refused = auth.refusal("POST", "/cluster/failed", body, old)
+    assert refused is not None and refused[0] == 403 and "expired" in refused[1]
+    # Bound to path and body: the same credential for another route or body is refused.
+    other = RequestSigner(ClusterKey(KEY)).sign("POST", "/cluster/failed", body)
+    assert auth.refusal("POST", "/cluster/abort", body, other)[0] == 403  # type: ignore[index]
+    assert auth.refusal("POST", "/cluster/failed", b"{}", other)[0] == 403  # type: ignore[index]
+
+
+def test_without_a_key_unsigned_requests_are_accepted() -> None:
+    assert PeerAuth(None).refusal("POST", "/cluster/failed", b"{}", None) is None
+    assert PeerAuth(None).headers("POST", "/cluster/failed", b"{}") == {}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'{"epoch": 1}',  # no sender
+        b'{"rank": 0}',  # no epoch
+        b'{"rank": 0, "epoch": 1e9}',
+        b'{"rank": 0, "epoch": true}',
+        b'{"rank": "0", "epoch": 1}',
+        b'{"rank": -1, "epoch": 1}',
+        b'{"rank": 0, "epoch": 1, "reason": 5}',
+        b'{"rank": 0, "epoch": 99999999999}',
+    ],
+)
+def test_malformed_bodies_are_400(raw: bytes) -> None:
+    with pytest.raises(Refused) as err:
+        Message.parse(raw, "/cluster/rejoin")
+    assert err.value.status == 400 and "/cluster/rejoin" in str(err.value)
+
+
+def test_who_may_send_what() -> None:
+    leader, follower = _Recorded(_settings(0, 3), 3), _Recorded(_settings(2, 3), 3)
+    msg = lambda rank: Message(rank=rank, epoch=3, reason="")  # noqa: E731
+    check_sender("/cluster/rejoin", follower, msg(0))
+    check_sender("/cluster/abort", follower, msg(0))
+    check_sender("/cluster/failed", leader, msg(1))
+    check_sender("/cluster/abort", leader, msg(2))
+    refusals = [
+        ("/cluster/rejoin", follower, msg(1), 403),  # another follower is not the leader
+        ("/cluster/abort", follower, msg(1), 403),
+        ("/cluster/failed", follower, msg(0), 409),  # a follower takes no failure reports
+        ("/cluster/rejoin", leader, msg(1), 409),  # the leader announces worlds
+        ("/cluster/abort", follower, msg(2), 400),  # itself
+        ("/cluster/abort", follower, msg(3), 400),  # not a rank of this cluster
+    ]
+    for path, receiver, message, status in refusals:
+        with pytest.raises(Refused) as err:
+            check_sender(path, receiver, message)
+        assert err.value.status == status, (path, message, str(err.value))
+
+
+def test_a_rejoin_must_name_the_leaders_next_world() -> None:
+    follower = _Recorded(_settings(1), 3)
+    ok, why = follower.announced(10**9, "forged")
+    assert not ok and "next world is 4" in why and follower.joined == [] and follower.epoch == 3
+    assert follower.announced(3, "stale")[0] and follower.joined == []
+    assert follower.announced(4, "the leader's next")[0] and follower.joined == [4]
+    # Missed announcements (this rank was unreachable): believed when the leader confirms.
+    assert follower.announced(7, "confirmed by the leader")[0] and follower.joined == [4, 7]
+
+
+# -- a real cluster -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair(
+    comfy_env: Any,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Any]:
+    from launchers.comfyui import ComfyClusterConfig, start_comfy_cluster
+    from tests.comfy_e2e.conftest import TEST_NODES, free_port_range, make_base
+
+    root = tmp_path_factory.mktemp("secure-pair")
+    config = ComfyClusterConfig(
+        nproc=2,
+        port=free_port_range(2),
+        base_directory=str(make_base(root / "base", comfy_env.models)),
+        python=comfy_env.python,
+        backend="gloo",
+        extra_custom_nodes=[str(TEST_NODES)],
+        ready_timeout_s=240,
+        env={"COMFY_CLUSTER_TIMEOUT": "30", "COMFY_CLUSTER_KEY": KEY},
+    )
+    with (root / "cluster.log").open("w", buffering=1) as log:
+        comfy = start_comfy_cluster(config, stdout=log)
+        try:
+            comfy.wait_ready()
+            yield comfy
+        finally:
+            comfy.stop()
+
+
+def _request(
+    url: str, path: str, body: bytes | None, header: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json"}
+    if header is not None:
+        headers[AUTH_HEADER] = header
+    req = urllib.request.Request(
+        url + path, data=body, headers=headers, method="GET" if body is None else "POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def _sign(path: str, body: bytes, key: str = KEY, now: float | None = None) -> str:
+    return RequestSigner(ClusterKey(key)).sign("GET" if not body else "POST", path, body, now)
+
+
+def _status(url: str) -> dict[str, Any]:
+    status, data = _request(url, "/cluster/status", None)
+    assert status == 200
+    return data
+
+
+def _ready(url: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _status(url)
+        if status["state"] == "ready":
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"not ready: {_status(url)}")
+
+
+@pytest.mark.comfy
+def test_a_real_cluster_refuses_strangers_and_runs_the_next_prompt(pair: Any) -> None:
+    from tests.comfy_e2e.comfy_client import ComfyClient
+
+    leader_url, follower_url = pair.url(0), pair.url(1)
+    before = _ready(leader_url)
+    epoch = before["epoch"]
+    assert (
+        KEY not in json.dumps(before) and before["key_fingerprint"] == ClusterKey(KEY).fingerprint()
+    )
+
+    failed = json.dumps({"rank": 1, "epoch": epoch, "reason": "forged"}).encode()
+    # Unsigned (the probe that used to re-form the world), forged, expired: refused.
+    assert _request(leader_url, "/cluster/failed", failed)[0] == 401
+    assert _request(leader_url, "/cluster/epoch", None)[0] == 401
+    forged = _sign("/cluster/failed", failed, WRONG_KEY)
+    assert _request(leader_url, "/cluster/failed", failed, forged)[0] == 403
+    expired = _sign("/cluster/failed", failed, now=time.time() - 600)
+    assert _request(leader_url, "/cluster/failed", failed, expired)[0] == 403
+    # Replayed: a genuine request about a past world (harmless), sent twice.
+    stale = json.dumps({"rank": 1, "epoch": epoch + 1000, "reason": "not this world"}).encode()
+    header = _sign("/cluster/abort", stale)
+    first = _request(leader_url, "/cluster/abort", stale, header)
+    replay = _request(leader_url, "/cluster/abort", stale, header)
+    assert first[0] == 200 and replay[0] == 403, (first, replay)
+    assert "replayed" in replay[1]["error"], replay
+
+    # Malformed bodies, properly signed: 400, never 500.
+    for raw in (b"not json", b"[]", b'{"rank": 1, "epoch": 1e9}', b'{"epoch": 0}'):
+        got = _request(leader_url, "/cluster/failed", raw, _sign("/cluster/failed", raw))
+        assert got[0] == 400 and "error" in got[1], (raw, got)
+    # A rejoin to a world nobody forms: refused, the follower is not stranded.
+    rejoin = json.dumps({"rank": 0, "epoch": 10**9}).encode()
+    got = _request(follower_url, "/cluster/rejoin", rejoin, _sign("/cluster/rejoin", rejoin))
+    assert got[0] == 409, got
+    # Leader-only control sent to a follower as if from a follower (its own rank): refused.
+    abort = json.dumps({"rank": 1, "epoch": epoch, "reason": "forged"}).encode()
+    got = _request(follower_url, "/cluster/abort", abort, _sign("/cluster/abort", abort))
+    assert got[0] in (400, 403), got
+    # The leader does not take rejoin at all.
+    got = _request(leader_url, "/cluster/rejoin", rejoin, _sign("/cluster/rejoin", rejoin))
+    assert got[0] == 409, got
+
+    for url in (leader_url, follower_url):
+        status = _status(url)
+        assert (status["state"], status["epoch"]) == ("ready", epoch), status
+    assert _request(leader_url, "/cluster/epoch", None, _sign("/cluster/epoch", b"")) == (
+        200,
+        {"epoch": epoch},
+    )
+    outputs = ComfyClient(leader_url, timeout=60).run(
+        {"1": {"class_type": "ClusterInfo", "inputs": {}}}, timeout=120
+    )
+    assert "connected: 2/2" in outputs["1"]["text"][0]
