@@ -71,7 +71,8 @@ class RemoteProtocolError(ProtocolError):
 
 
 class CodecError(RemoteProtocolError, ValueError):
-    """Bytes could not be decoded (malformed, truncated, unknown dtype, refused by the codec options, e.g. a pickle without allow_pickle)."""
+    """Bytes could not be decoded or encoded (malformed, truncated, unknown dtype, over a limit, or
+    refused by the codec options: a pickle without ``allow_pickle``)."""
 
 
 class CollectiveMismatchError(ProtocolError):
