@@ -22,7 +22,9 @@ class ClusterExecuteWorkflow(_ClusterNode):
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "workflow": (
+                # The original project's input name, kept so its saved workflows still load; it
+                # is a name in the workflows folder now, never a path.
+                "workflow_path": (
                     "STRING",
                     {
                         "default": "workflow_api.json",
@@ -45,10 +47,10 @@ class ClusterExecuteWorkflow(_ClusterNode):
             },
         }
 
-    def run(self, workflow: str, input_overrides: str = "", trigger: Any = None) -> tuple[str]:
+    def run(self, workflow_path: str, input_overrides: str = "", trigger: Any = None) -> tuple[str]:
         if not cluster.is_leader():
             return ("",)
-        loaded = workflows.load_named_workflow(workflow, what=type(self).__name__)
+        loaded = workflows.load_named_workflow(workflow_path, what=type(self).__name__)
         prompt = workflows.apply_overrides(loaded, input_overrides)
         return (cluster.call_queue_prompt_hook(prompt, type(self).__name__),)
 
