@@ -7,12 +7,14 @@ anything.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from collectives.errors import ConfigurationError
 from launchers.comfyui_run import has_option
+from launchers.config import check_cluster_key
 
 DEFAULT_PORT = 8188
 DEFAULT_DATABASE_URL = "sqlite:///:memory:"  # per process: ranks never contend for one file
@@ -110,6 +112,10 @@ class ComfyClusterConfig:
                 "pass --listen / --base-directory before '--' (to comfycluster-launch comfyui), "
                 "not as ComfyUI arguments"
             )
+        multi_node = self.rank_offset > 0 or (
+            self.world_size is not None and self.world_size > self.nproc
+        )
+        check_cluster_key(self.master_addr, multi_node, {**os.environ, **self.env})
 
 
 __all__ = [

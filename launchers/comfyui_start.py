@@ -33,7 +33,13 @@ from launchers.comfyui_run import (
     http_url,
     rank_state_args,
 )
-from launchers.config import LaunchConfig, RankSlot, pick_free_port, port_in_use
+from launchers.config import (
+    LaunchConfig,
+    RankSlot,
+    pick_free_port,
+    port_in_use,
+    with_cluster_key,
+)
 from launchers.launch import child_env, start
 
 RUNNER = Path(__file__).with_name("comfyui_run.py")
@@ -237,19 +243,22 @@ def _start(
             )
         return commands[slot.rank]
 
-    launch_config = LaunchConfig(
-        nproc=config.nproc,
-        command=[python, str(RUNNER)],
-        backend=config.backend,
-        master_addr=config.master_addr,
-        master_port=master_port,
-        rank_offset=config.rank_offset,
-        world_size=config.world_size,
-        env=dict(config.env),
-        prefix_output=config.prefix_output,
-        kill_grace_s=config.kill_grace_s,
-        per_rank_env=rank_env,
-        per_rank_command=rank_command,
+    # One key for start() and restart_rank() alike (made here unless the environment has one).
+    launch_config = with_cluster_key(
+        LaunchConfig(
+            nproc=config.nproc,
+            command=[python, str(RUNNER)],
+            backend=config.backend,
+            master_addr=config.master_addr,
+            master_port=master_port,
+            rank_offset=config.rank_offset,
+            world_size=config.world_size,
+            env=dict(config.env),
+            prefix_output=config.prefix_output,
+            kill_grace_s=config.kill_grace_s,
+            per_rank_env=rank_env,
+            per_rank_command=rank_command,
+        )
     )
     slots = launch_config.slots()
     # The exact command and environment start() gives each rank, kept for restart_rank().

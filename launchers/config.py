@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import os
@@ -9,6 +10,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from collectives.auth import ClusterKey, require_key
 from collectives.errors import ConfigurationError
 
 
@@ -34,6 +36,9 @@ class LaunchConfig:
 
     ``timeout_s`` is enforced by :func:`launchers.launch.launch`; code that uses ``start`` directly
     passes its own timeout to ``LaunchedGroup.wait``.
+
+    ``cluster_key`` is the ``COMFY_CLUSTER_KEY`` the ranks get when the environment sets none
+    (see :func:`with_cluster_key`); it never shows in ``repr``.
     """
 
     nproc: int
@@ -50,6 +55,7 @@ class LaunchConfig:
     cwd: str | None = None
     per_rank_env: Callable[[RankSlot], Mapping[str, str]] | None = None
     per_rank_command: Callable[[RankSlot], Sequence[str]] | None = None
+    cluster_key: str | None = field(default=None, repr=False)
 
     @property
     def total_world_size(self) -> int:
@@ -58,6 +64,11 @@ class LaunchConfig:
     @property
     def runs_rank0(self) -> bool:
         return self.rank_offset == 0
+
+    @property
+    def multi_node(self) -> bool:
+        """Whether other launchers start some of the ranks (they must share one key)."""
+        return self.rank_offset > 0 or self.total_world_size > self.nproc
 
     def slots(self) -> list[RankSlot]:
         world = self.total_world_size
@@ -85,6 +96,7 @@ class LaunchConfig:
         if self.cwd is not None and not os.path.isdir(self.cwd):
             raise ConfigurationError(f"cwd {self.cwd!r} is not a directory: fix the path")
         self._validate_master()
+        check_cluster_key(self.master_addr, self.multi_node, {**os.environ, **self.env})
 
     def _validate_counts(self) -> None:
         if self.nproc < 1:
@@ -147,6 +159,31 @@ class LaunchConfig:
             )
 
 
+def check_cluster_key(master_addr: str, multi_node: bool, environ: Mapping[str, str]) -> None:
+    """Refuse a multi-node launch on a non-loopback master without a shared cluster key.
+
+    A single-node launch gets a key made up for it (:func:`with_cluster_key`); nodes started by
+    separate launchers cannot agree on one that way, so the user must set it on every node.
+    """
+    if multi_node:
+        require_key(master_addr, "this multi-node launch (--master-addr)", environ)
+    else:
+        ClusterKey.from_env(environ)  # a key that is set but unusable: one line now
+
+
+def with_cluster_key(config: LaunchConfig, base: Mapping[str, str] | None = None) -> LaunchConfig:
+    """``config`` with a fresh random ``cluster_key`` when its ranks would otherwise get none.
+
+    Only where this launcher starts the whole world: with several launchers each would invent a
+    different key.  A key already in the environment (``base``, default ``os.environ``, and
+    ``config.env``: ``COMFY_CLUSTER_KEY`` or ``COMFY_CLUSTER_KEY_FILE``) is inherited as it is.
+    """
+    env = {**(os.environ if base is None else base), **config.env}
+    if config.cluster_key is not None or config.multi_node or ClusterKey.from_env(env) is not None:
+        return config
+    return dataclasses.replace(config, cluster_key=ClusterKey.generate().text)
+
+
 def _address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[object, ...]]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -194,4 +231,11 @@ def pick_free_port(host: str) -> int:
         return port
 
 
-__all__ = ["LaunchConfig", "RankSlot", "pick_free_port", "port_in_use"]
+__all__ = [
+    "LaunchConfig",
+    "RankSlot",
+    "check_cluster_key",
+    "pick_free_port",
+    "port_in_use",
+    "with_cluster_key",
+]

@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import TextIO
 
+from collectives.auth import KEY_ENV, KEY_FILE_ENV
 from collectives.errors import ConfigurationError
 from launchers._output import LinePump
-from launchers.config import LaunchConfig, RankSlot, pick_free_port
+from launchers.config import LaunchConfig, RankSlot, pick_free_port, with_cluster_key
 from launchers.group import LaunchedGroup
 
 TIMEOUT_EXIT = 124  # what coreutils' timeout(1) returns, so scripts can tell a timeout apart
@@ -35,13 +36,16 @@ def child_env(
 
     Layers, later wins: ``base`` (default: this process's environment), ``config.env``,
     ``config.per_rank_env``, then the rank variables, which are the launcher's contract with the
-    ranks and must not be shadowed by accident.
+    ranks and must not be shadowed by accident.  ``config.cluster_key`` becomes
+    ``COMFY_CLUSTER_KEY`` unless a key is set already.
     """
     env = dict(os.environ if base is None else base)
     env["PYTHONUNBUFFERED"] = "1"  # a default: lines show up as printed, not at exit
     env.update(config.env)
     if config.per_rank_env is not None:
         env.update(config.per_rank_env(slot))
+    if config.cluster_key is not None and not (env.get(KEY_ENV) or env.get(KEY_FILE_ENV)):
+        env[KEY_ENV] = config.cluster_key
     env.update(
         RANK=str(slot.rank),
         WORLD_SIZE=str(slot.world_size),
@@ -69,8 +73,12 @@ def start(
     With ``prefix_output``, each rank's stdout goes to ``stdout`` (default ``sys.stdout``) and its
     stderr to ``stderr`` (default: ``stdout`` when given, else ``sys.stderr``), as whole lines
     prefixed ``[rank N] ``.  Without it the ranks write straight to this process's fds 1 and 2.
+
+    The ranks share one cluster key: the environment's, else a random one made here
+    (:func:`launchers.config.with_cluster_key`), never printed.
     """
     config.validate()
+    config = with_cluster_key(config)
     port = (
         config.master_port if config.master_port is not None else pick_free_port(config.master_addr)
     )

@@ -1,11 +1,17 @@
 """How the torch backends join a world: env:// or tcp:// rendezvous, or the user's process group.
 
-torch's own rendezvous waits inside C++ and, on failure, cannot say which rank is missing.  So
-the store is set up here first: rank 0 opens a ``TCPStore`` on MASTER_ADDR:MASTER_PORT, the
-others wait (in Python, against the deadline) until that port answers, every rank checks in
-under its own key, and only when all ``size`` keys exist is ``init_process_group`` called on the
-finished store.  A rendezvous that does not complete in ``config.timeout`` therefore raises
-:class:`RendezvousTimeoutError` naming the ranks that never arrived (or rank 0's address).
+torch's own rendezvous waits inside C++ and, on failure, cannot say which rank is missing; its
+``TCPStore`` also listens on every interface and serves anyone.  So the store is set up here
+first, as our own :class:`~collectives.rendezvous.store.StoreServer`: every rank resolves
+MASTER_ADDR (an unresolvable one fails at once, on every rank) and gets the cluster key
+(:func:`collectives.auth.require_key`: loopback may run without one), rank 0 listens on exactly
+MASTER_ADDR:MASTER_PORT, the others connect (in Python, against the deadline) until its
+handshake accepts them, every rank checks in under its own key, and only when all ``size`` keys
+exist is ``init_process_group`` called on the finished store.  A rendezvous that does not
+complete in ``config.timeout`` therefore raises :class:`RendezvousTimeoutError` naming the ranks
+that never arrived (or rank 0's address); a process without the key is refused with
+:class:`AuthenticationError` and can neither read nor write anything.  gloo's own transport is
+bound to this rank's interface towards MASTER_ADDR (``GLOO_SOCKET_IFNAME``), never the wildcard.
 
 When torch.distributed is already initialised by the user, the backend builds a private group
 over all ranks (``new_group``) so that its traffic never interleaves with the user's, and never
@@ -14,34 +20,48 @@ tears down the user's default group.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import socket
+import struct
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from collectives.auth import ClusterKey, require_key
 from collectives.errors import (
     ConfigurationError,
     RendezvousConnectionError,
     RendezvousTimeoutError,
 )
 from collectives.rendezvous.env import read_rank_env
+from collectives.rendezvous.store import StoreClient, StoreServer, resolve
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
     from collectives.backends.base import BackendConfig
 
+log = logging.getLogger(__name__)
+
 LAUNCH_HINT = "or launch with comfycluster-launch"
+GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
 _KEY_PREFIX = "collectives/checkin/"
-# One store per (address, port, hosting it) for the life of the process: rank 0 keeps serving
-# MASTER_PORT across re-formed worlds (its old store may still be held by an aborted group, so
-# opening a new one would find the port in use), and every world gets its own key space.
-_STORES: dict[tuple[str, int, bool], Any] = {}
+# One store server per (address, port) for the life of the process: rank 0 keeps serving
+# MASTER_PORT across re-formed worlds (its old store may still be held by an aborted group), and
+# every world gets its own key space.
+_STORES: dict[tuple[str, int], StoreServer] = {}
+_GLOO_ENV_LOCK = threading.Lock()
+# The Python stores handed to torch.  torch keeps only their C++ half: once Python forgets one,
+# torch's calls land on the C++ base ("Not implemented").  A group that was aborted may still
+# call its store, so they are kept for the life of the process (one per world formed).
+_TORCH_STORES: list[Any] = []
 _PROGRESS_EVERY_S = 0.25
 
 # Ranks that a rendezvous in progress in this process is still waiting for, by world name
@@ -134,6 +154,7 @@ def join(
         world = dist.group.WORLD
         assert world is not None
         return Joined(world, rank, size, True, False, {}, local_rank)
+    gloo_ifname: str | None = None
     if size == 1 and scheme == "env" and not environ.get("MASTER_ADDR"):
         from torch._C._distributed_c10d import HashStore
 
@@ -141,22 +162,18 @@ def join(
         hosts = {0: _my_host()}
     else:
         addr, port = _address(method, scheme, environ, name)
+        what = "MASTER_ADDR" if scheme == "env" else f"the host of init_method={method!r}"
+        family, sockaddr = resolve(addr, port, what)  # fails fast, on every rank alike
+        key = require_key(str(sockaddr[0]), f"the rendezvous store ({what}={addr})", environ)
+        if torch_backend == "gloo":
+            gloo_ifname = _gloo_interface(environ, family, sockaddr)
         _set_waiting(config.world, [0] if rank != 0 else [r for r in range(size) if r != 0])
         try:
-            base = _STORES.get((addr, port, rank == 0))
-            if base is None:
-                base = _open_store(
-                    dist,
-                    addr,
-                    port,
-                    rank=rank,
-                    size=size,
-                    deadline=deadline,
-                    timeout=config.timeout,
-                )
-                _STORES[(addr, port, rank == 0)] = base
+            if rank == 0 and (addr, port) not in _STORES:
+                _STORES[(addr, port)] = StoreServer(addr, port, key)
+            client = _connect(addr, port, key, rank=rank, deadline=deadline, timeout=config.timeout)
             hosts = _check_in(
-                base,
+                client,
                 rank=rank,
                 size=size,
                 deadline=deadline,
@@ -167,19 +184,26 @@ def join(
             )
         finally:
             _set_waiting(config.world, None)
+        from collectives.rendezvous.torch_store import AuthenticatedStore
+
         # torch's own keys too are per world: a world re-formed in this process (a rank died and
         # came back) must not read the previous world's addresses.
-        store = dist.PrefixStore(f"collectives/world/{config.world}/", base)  # type: ignore[attr-defined]
-    _init(
-        dist,
-        name=name,
-        torch_backend=torch_backend,
-        timeout=timeout,
-        rank=rank,
-        size=size,
-        extra=extra,
-        store=store,
-    )
+        authenticated = AuthenticatedStore(client, timeout)
+        _TORCH_STORES.append(authenticated)
+        store = dist.PrefixStore(  # type: ignore[attr-defined]
+            f"collectives/world/{config.world}/", authenticated
+        )
+    with _gloo_env(gloo_ifname):
+        _init(
+            dist,
+            name=name,
+            torch_backend=torch_backend,
+            timeout=timeout,
+            rank=rank,
+            size=size,
+            extra=extra,
+            store=store,
+        )
     pg = dist.group.WORLD
     assert pg is not None
     return Joined(pg, rank, size, True, False, hosts, local_rank)
@@ -280,65 +304,95 @@ def _address(method: str, scheme: str, environ: Mapping[str, str], name: str) ->
     return addr, port
 
 
-def _open_store(
-    dist: Any, addr: str, port: int, *, rank: int, size: int, deadline: float, timeout: float
-) -> Any:
-    where = f"MASTER_ADDR:MASTER_PORT={addr}:{port}"
-    if rank == 0:
-        try:
-            return dist.TCPStore(
-                addr,
-                port,
-                size,
-                True,
-                timeout=timedelta(seconds=timeout),
-                wait_for_workers=False,
-            )
-        except RuntimeError as err:
-            text = str(err)
-            if "EADDRINUSE" in text or "already in use" in text:
-                raise ConfigurationError(
-                    f"MASTER_PORT={port} is already in use on rank 0's host: pick a free port "
-                    f"({LAUNCH_HINT}, which picks one)"
-                ) from None
-            raise RendezvousConnectionError(
-                f"rank 0 could not open the rendezvous store on {where}: {text.splitlines()[0]}"
-            ) from None
-    _wait_reachable(addr, port, deadline, timeout)
-    try:
-        return dist.TCPStore(
-            addr,
-            port,
-            size,
-            False,
-            timeout=timedelta(seconds=max(deadline - time.monotonic(), 1.0)),
-        )
-    except RuntimeError as err:
-        raise RendezvousConnectionError(
-            f"rank {rank} could not join the rendezvous store on {where}: "
-            f"{str(err).splitlines()[0]}"
-        ) from None
+def _connect(
+    addr: str, port: int, key: ClusterKey | None, *, rank: int, deadline: float, timeout: float
+) -> StoreClient:
+    """A connection to rank 0's store, retried until the deadline (rank 0 may start later).
 
-
-def _wait_reachable(addr: str, port: int, deadline: float, timeout: float) -> None:
+    A refused or unproven key (:class:`AuthenticationError`) is not retried: waiting cannot fix
+    it.
+    """
     pause = 0.02
-    last: OSError | None = None
+    last: Exception | None = None
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             why = f" (last error: {last})" if last else ""
             raise RendezvousTimeoutError(
-                f"rendezvous timed out after {timeout:g} s: rank 0 never opened "
+                f"rendezvous timed out after {timeout:g} s on rank {rank}: rank 0 never opened "
                 f"MASTER_ADDR:MASTER_PORT={addr}:{port}{why}; is rank 0 running, and do all "
                 "ranks use the same MASTER_ADDR/MASTER_PORT?"
             )
         try:
-            with socket.create_connection((addr, port), timeout=min(remaining, 1.0)):
-                return
-        except OSError as err:
+            return StoreClient(addr, port, key, connect_timeout_s=min(max(remaining, 0.1), 5.0))
+        except RendezvousConnectionError as err:
             last = err
         time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
         pause = min(pause * 2, 0.25)
+
+
+def _gloo_interface(
+    environ: Mapping[str, str], family: int, sockaddr: tuple[object, ...]
+) -> str | None:
+    """The interface gloo should listen on: the user's ``GLOO_SOCKET_IFNAME``, else the one this
+    host routes MASTER_ADDR through (``lo`` for a loopback master).  None when it cannot be told
+    (gloo then falls back to its default: the address the host name resolves to)."""
+    chosen = environ.get(GLOO_IFNAME_ENV) or os.environ.get(GLOO_IFNAME_ENV)
+    if chosen:
+        return chosen
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(sockaddr)  # UDP: no packet is sent, the kernel just picks a route
+            source = str(probe.getsockname()[0])
+    except OSError as err:
+        log.info("no route to MASTER_ADDR %s for gloo (%s); using gloo's default", sockaddr, err)
+        return None
+    name = _interface_of(source)
+    if name is None:
+        log.info("no interface holds %s; gloo uses its default address", source)
+    return name
+
+
+def _interface_of(address: str) -> str | None:
+    """The name of the network interface that holds ``address`` (Linux), else None."""
+    if ":" in address:
+        try:
+            with open("/proc/net/if_inet6", encoding="ascii") as f:
+                rows = [line.split() for line in f]
+        except OSError:
+            return None
+        packed = socket.inet_pton(socket.AF_INET6, address.split("%", maxsplit=1)[0]).hex()
+        return next((row[5] for row in rows if len(row) >= 6 and row[0] == packed), None)
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(
+                    sock.fileno(), siocgifaddr, struct.pack("256s", name[:15].encode())
+                )
+            except OSError:
+                continue  # an interface without an IPv4 address
+            if socket.inet_ntoa(raw[20:24]) == address:
+                return name
+    return None
+
+
+@contextlib.contextmanager
+def _gloo_env(ifname: str | None) -> Iterator[None]:
+    """``GLOO_SOCKET_IFNAME=ifname`` while gloo creates its device (torch reads it only then)."""
+    if ifname is None:
+        yield
+        return
+    with _GLOO_ENV_LOCK:
+        before = os.environ.get(GLOO_IFNAME_ENV)
+        os.environ[GLOO_IFNAME_ENV] = ifname
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(GLOO_IFNAME_ENV, None)
+            else:
+                os.environ[GLOO_IFNAME_ENV] = before
 
 
 def _my_host() -> str:
@@ -349,7 +403,7 @@ def _my_host() -> str:
 
 
 def _check_in(
-    store: Any,
+    store: StoreClient,
     *,
     rank: int,
     size: int,
@@ -368,7 +422,7 @@ def _check_in(
             raise ConfigurationError(
                 f"two processes claim rank {rank} at {addr}:{port}: give each one its own RANK"
             )
-        store.set(keys[rank], _my_host())
+        store.set(keys[rank], _my_host().encode("utf-8"))
         pause = 0.005
         next_progress = time.monotonic() + _PROGRESS_EVERY_S
         while not store.check(keys):
@@ -388,13 +442,11 @@ def _check_in(
             pause = min(pause * 2, 0.1)
         hosts = {}
         for r in range(size):
-            hosts[r] = bytes(store.get(keys[r])).decode("utf-8", "replace")
+            hosts[r] = store.get(keys[r]).decode("utf-8", "replace")
         return hosts
-    except RuntimeError as err:
-        raise RendezvousConnectionError(
-            f"rank {rank} lost the rendezvous store at {addr}:{port} (did rank 0 exit?): "
-            f"{str(err).splitlines()[0]}"
-        ) from None
+    except BaseException:
+        store.close()
+        raise
 
 
 def _init(
