@@ -36,6 +36,7 @@ def init(
     codec: CodecOptions | None = None,
     init_method: str | None = None,
     world: str = "default",
+    epoch: int = 0,
     environ: Mapping[str, str] | None = None,
 ) -> Communicator:
     """Join a world and return this rank's :class:`Communicator`.
@@ -44,6 +45,9 @@ def init(
     (:func:`detect_backend`).  ``rank``/``size`` default to the launcher's environment
     (RANK/WORLD_SIZE, COMFY_CLUSTER_INSTANCE_INDEX/COUNT, Open MPI/MPICH/Slurm variables).
     ``timeout`` is the default for every op (else ``COMFY_CLUSTER_TIMEOUT``, else 600 s).
+    ``world`` names the group and ``epoch`` its incarnation (count it up when a world of the same
+    name re-forms): both travel in every message envelope, so a late message from an earlier
+    world is refused instead of being taken for this one's.
     """
     env = dict(os.environ if environ is None else environ)
     name = backend or env.get(BACKEND_ENV) or detect_backend(env)
@@ -58,6 +62,7 @@ def init(
         size=size,
         init_method=init_method,
         world=world,
+        epoch=epoch,
         timeout=options.timeout,
         environ=env,
     )
