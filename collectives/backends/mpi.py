@@ -32,6 +32,7 @@ from collectives.backends.base import (
     OpContext,
     register_backend,
 )
+from collectives.backends.envelope import comm_id
 from collectives.backends.mpi_core import (
     Engine,
     check_plain,
@@ -88,6 +89,7 @@ class MPIBackend(Backend):
         self._byte = engine.MPI.BYTE
         self._in_place = engine.MPI.IN_PLACE
         self._natives = _Natives(engine.MPI)
+        self.comm_id = engine.comm  # of BackendConfig.world
 
     @property
     def mpi_comm(self) -> Any:
@@ -138,9 +140,14 @@ class MPIBackend(Backend):
                 f"rank {rank}: under mpiexec the rank comes from MPI; drop rank="
             )
         engine = Engine(mpi, world)
+        # Every object envelope names the world and its incarnation (a stale or foreign message
+        # is refused, see collectives.backends.envelope).
+        engine.comm, engine.epoch = comm_id(config.world), config.epoch
         # On the private collective communicator: user code on COMM_WORLD sees no extra traffic.
         tuning = mpi_tuning.tune(mpi, engine.coll)
-        return cls(engine, tuning, mpi_placement.broadcast_plan(mpi, engine.coll))
+        backend = cls(engine, tuning, mpi_placement.broadcast_plan(mpi, engine.coll))
+        backend.comm_id = engine.comm
+        return backend
 
     # -- point to point ------------------------------------------------------------------------
     def send(self, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:
@@ -149,7 +156,7 @@ class MPIBackend(Backend):
 
     def recv(self, src: int, tag: int, ctx: OpContext) -> Encoded:
         with self._engine.op(ctx, [src], collective=False) as engine:
-            return mpi_objects.recv(engine, src, engine.check_tag(tag, ctx), ctx)
+            return mpi_objects.recv(engine, src, engine.check_tag(tag, ctx), ctx, self.codec)
 
     def send_buffer(self, tensor: torch.Tensor, dst: int, tag: int, ctx: OpContext) -> None:
         with self._engine.op(ctx, [dst], collective=False) as engine:
@@ -180,19 +187,19 @@ class MPIBackend(Backend):
     # -- object collectives --------------------------------------------------------------------
     def broadcast(self, msg: Encoded | None, root: int, ctx: OpContext) -> Encoded:
         with self._engine.op(ctx, _root_peer(self.rank, root)) as engine:
-            return mpi_objects.broadcast(engine, msg, root, ctx)
+            return mpi_objects.broadcast(engine, msg, root, ctx, self.codec)
 
     def gather(self, msg: Encoded, root: int, ctx: OpContext) -> list[Encoded] | None:
         with self._engine.op(ctx, _root_peer(self.rank, root)) as engine:
-            return mpi_objects.gather(engine, msg, root, ctx)
+            return mpi_objects.gather(engine, msg, root, ctx, self.codec)
 
     def scatter(self, msgs: list[Encoded] | None, root: int, ctx: OpContext) -> Encoded:
         with self._engine.op(ctx, _root_peer(self.rank, root)) as engine:
-            return mpi_objects.scatter(engine, msgs, root, ctx)
+            return mpi_objects.scatter(engine, msgs, root, ctx, self.codec)
 
     def allgather(self, msg: Encoded, ctx: OpContext) -> list[Encoded]:
         with self._engine.op(ctx) as engine:
-            return mpi_objects.allgather(engine, msg, ctx)
+            return mpi_objects.allgather(engine, msg, ctx, self.codec)
 
     def barrier(self, ctx: OpContext) -> None:
         with self._engine.op(ctx) as engine:

@@ -81,6 +81,9 @@ class Engine:
         self.abandoned: list[tuple[list[Any], object]] = []
         self._lock = threading.Lock()
         self._next_msg = 0
+        # The world every object envelope names (collectives.backends.envelope): set at create.
+        self.comm = 0
+        self.epoch = 0
 
     # -- op bracketing ---------------------------------------------------------------------------
     def op(self, ctx: OpContext, peers: Sequence[int] = (), *, collective: bool = True) -> _Op:

@@ -85,9 +85,8 @@ def make_fast_allreduce(engine: Engine, lane: FastLane) -> FastOp:
         with lock:
             if not lane.open:  # an async op was queued meanwhile: keep the order
                 return False
-            seq = lane.seq
-            lane.seq = seq + 1
-            # The tuples are built directly, as Communicator._context does (no Python __new__).
+            seq = lane.take()
+            # The tuples are built directly, as Communicator._deadline does (no Python __new__).
             deadline = tuple_new(Deadline, (monotonic() + wait_s, wait_s, "allreduce", lane.rank))
             ctx = tuple_new(OpContext, ("allreduce", seq, deadline))
             try:
@@ -133,8 +132,7 @@ def make_fast_broadcast_into(engine: Engine, lane: FastLane, direct_min_bytes: i
         with lock:
             if not lane.open:
                 return False
-            seq = lane.seq
-            lane.seq = seq + 1
+            seq = lane.take()
             deadline = tuple_new(Deadline, (monotonic() + wait_s, wait_s, "broadcast_into", rank))
             ctx = tuple_new(OpContext, ("broadcast_into", seq, deadline))
             try:

@@ -1,11 +1,25 @@
 """The object API of the mpi backend: encoded messages (codec header + buffers) over MPI.
 
 Every object collective starts with the same MPI call, an ``Iallgather`` of one fixed-size
-*envelope* per rank (:data:`ENV_SIZE` bytes: op name, collective sequence number, root, and the
-codec header inline when it fits).  Because every object collective and the barrier begin with
+*envelope* per rank (:data:`ENV_SIZE` bytes)::
+
+    offset size field
+    0      56   the message envelope (:mod:`collectives.backends.envelope`: op, seq, root,
+                communicator id, epoch)
+    56     4    codec header length
+    60     4    payload tag (object send/recv: the message's tag on the data communicator)
+    64     1    flags: 1 = the codec header is inline
+    65     7    reserved, 0
+    72     ...  the codec header, when it fits (:data:`INLINE_CAPACITY` bytes)
+  Because every object collective and the barrier begin with
 that one call, mismatched calls (rank 0 in ``broadcast`` while rank 1 is in ``allgather``, or two
 different roots) always match each other in MPI and every rank sees the difference: each raises
 ``CollectiveMismatchError`` naming the ranks, instead of MPI crossing the wires.
+
+Nothing a peer announces is allocated before it is checked: a codec header longer than the
+receiver's codec limits allow (:func:`header_limit`) is a ``RemoteProtocolError``, and every
+header passes :func:`~collectives.codec.message_sizes` (buffer count, total bytes, with the
+communicator's :class:`~collectives.codec.CodecOptions`) before its buffers are allocated.
 
 Payloads follow, received straight into :func:`~collectives.codec.alloc_buffer` memory:
 broadcast uses ``Ibcast`` per buffer (every rank knows the sizes from root's header); gather,
@@ -22,64 +36,78 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from collectives.backends import envelope as ev
+from collectives.backends.envelope import NO_ROOT, Envelope
 from collectives.backends.mpi_core import byte_view
-from collectives.codec import Encoded, alloc_buffer, buffer_sizes
-from collectives.errors import CollectiveMismatchError
+from collectives.codec import (
+    CodecOptions,
+    Encoded,
+    alloc_buffer,
+    header_limit,
+    message_sizes,
+)
+from collectives.errors import CollectiveMismatchError, RemoteProtocolError
 
 if TYPE_CHECKING:
     from collectives.backends.base import OpContext
     from collectives.backends.mpi_core import Engine
 
 ENV_SIZE = 512
-_MAGIC = b"CCMP"
-_VERSION = 1
 _FLAG_INLINE = 1
-# magic, version, flags, reserved, root, seq, header length, op name
-_HEAD = struct.Struct("<4sBBhiQI32s")
-INLINE_CAPACITY = ENV_SIZE - _HEAD.size
+_EXTRA = struct.Struct("<IIB7x")  # codec header length, payload tag, flags
+INLINE_AT = ev.SIZE + _EXTRA.size
+INLINE_CAPACITY = ENV_SIZE - INLINE_AT
 PAYLOAD_TAGS = 1 << 15  # collective payload tags are seq mod this (MPI guarantees >= 32767)
+SEND_OP = "send"  # the op every user point-to-point message names
+_OP_NAME_BYTES = ev.SIZE - 32  # the envelope's op-name field: names arrive cut to this
 
 
-class Envelope(NamedTuple):
-    op: str
-    seq: int
-    root: int
+class Wrapped(NamedTuple):
+    """An envelope as received, with this transport's extras."""
+
+    env: Envelope
     header_len: int
+    payload_tag: int
     header: bytes | None  # inline header, or None when it follows as its own message
 
-    def describe(self) -> str:
-        where = f", root {self.root}" if self.root >= 0 else ""
-        return f"{self.op} (collective #{self.seq}{where})"
 
-
-def pack_envelope(op: str, seq: int, root: int, header: bytes | None) -> bytes:
-    name = op.encode("utf-8")[:32]
+def pack_envelope(env: Envelope, header: bytes | None, payload_tag: int = 0) -> bytes:
     inline = header is not None and len(header) <= INLINE_CAPACITY
     hlen = 0 if header is None else len(header)
-    head = _HEAD.pack(_MAGIC, _VERSION, _FLAG_INLINE if inline else 0, 0, root, seq, hlen, name)
-    body = header if inline and header is not None else b""
-    return head + body + bytes(ENV_SIZE - len(head) - len(body))
+    out = bytearray(ENV_SIZE)
+    env.pack_into(out)
+    _EXTRA.pack_into(out, ev.SIZE, hlen, payload_tag, _FLAG_INLINE if inline else 0)
+    if inline and header is not None:
+        out[INLINE_AT : INLINE_AT + hlen] = header
+    return bytes(out)
 
 
-def parse_envelope(data: memoryview | bytes) -> Envelope | None:
-    """The envelope in ``data``, or None if it is not one (another op's bytes)."""
-    if len(data) < _HEAD.size:
-        return None
-    magic, version, flags, _, root, seq, hlen, name = _HEAD.unpack_from(data)
-    if magic != _MAGIC or version != _VERSION:
-        return None
+def parse_envelope(data: memoryview | bytes, src: int) -> Wrapped:
+    """The envelope in ``data``; :class:`RemoteProtocolError` if it is not one (another op's
+    bytes, or a forged one)."""
+    env = Envelope.unpack_from(data, src=src)
+    if len(data) < INLINE_AT:
+        raise RemoteProtocolError(f"truncated message envelope from rank {src}")
+    hlen, payload_tag, flags = _EXTRA.unpack_from(data, ev.SIZE)
     inline = bool(flags & _FLAG_INLINE)
     if inline and hlen > INLINE_CAPACITY:
-        return None
-    header = bytes(data[_HEAD.size : _HEAD.size + hlen]) if inline else None
-    return Envelope(name.rstrip(b"\0").decode("utf-8", "replace"), seq, root, hlen, header)
+        raise RemoteProtocolError(f"malformed message envelope from rank {src}")
+    header = bytes(data[INLINE_AT : INLINE_AT + hlen]) if inline else None
+    return Wrapped(env, hlen, payload_tag, header)
 
 
-def _mine(ctx: OpContext, root: int) -> Envelope:
-    return Envelope(ctx.name.encode("utf-8")[:32].decode("utf-8", "ignore"), ctx.seq, root, 0, None)
+def op_envelope(engine: Engine, ctx: OpContext, root: int) -> Envelope:
+    """The envelope of collective ``ctx`` (``root``: NO_ROOT for rootless ops), as received."""
+    name = ctx.name.encode("ascii", "replace")[:_OP_NAME_BYTES].decode("ascii")
+    return Envelope(name, ctx.seq, root, engine.comm, engine.epoch)
 
 
-def _mismatch(engine: Engine, ctx: OpContext, mine: Envelope, others: dict[int, str]) -> Exception:
+def user_envelope(engine: Engine) -> Envelope:
+    """The envelope of every user point-to-point message in ``engine``'s world."""
+    return Envelope(SEND_OP, 0, NO_ROOT, engine.comm, engine.epoch)
+
+
+def _mismatch(engine: Engine, mine: Envelope, others: dict[int, str]) -> Exception:
     listed = "; ".join(f"rank {r} is in {what}" for r, what in sorted(others.items()))
     return CollectiveMismatchError(
         f"rank {engine.rank} is in {mine.describe()} but {listed}: every rank must call the same "
@@ -90,28 +118,40 @@ def _mismatch(engine: Engine, ctx: OpContext, mine: Envelope, others: dict[int, 
 
 def exchange_envelopes(
     engine: Engine, ctx: OpContext, root: int, header: bytes | None
-) -> list[Envelope]:
-    """The first step of every object collective: allgather envelopes and check they agree."""
+) -> list[Wrapped]:
+    """The first step of every object collective: allgather envelopes and check they agree.
+
+    Each is held to this rank's with :meth:`Envelope.expect`; every rank that disagrees (another
+    op, sequence number or root) is named in one :class:`CollectiveMismatchError`, and a message
+    from another world or epoch is a :class:`RemoteProtocolError`.
+    """
     mpi = engine.MPI
-    mine = _mine(ctx, root)
-    send = np.frombuffer(pack_envelope(ctx.name, ctx.seq, root, header), dtype=np.uint8)
+    mine = op_envelope(engine, ctx, root)
+    send = np.frombuffer(pack_envelope(mine, header), dtype=np.uint8)
     recv = np.zeros(engine.size * ENV_SIZE, dtype=np.uint8)
     req = engine.coll.Iallgather([send, mpi.BYTE], [recv, mpi.BYTE])
     engine.wait([req], ctx, keep=(send, recv))
     view = recv.data
-    envs: list[Envelope] = []
+    envs: list[Wrapped] = []
     wrong: dict[int, str] = {}
-    for r in range(engine.size):
-        env = parse_envelope(view[r * ENV_SIZE : (r + 1) * ENV_SIZE])
-        if env is None:
-            wrong[r] = "a different kind of operation (its bytes are not an object-API envelope)"
-            continue
-        if (env.op, env.seq, env.root) != (mine.op, mine.seq, mine.root):
-            wrong[r] = env.describe()
-        envs.append(env)
+    try:
+        for r in range(engine.size):
+            try:
+                got = parse_envelope(view[r * ENV_SIZE : (r + 1) * ENV_SIZE], r)
+            except RemoteProtocolError:
+                wrong[r] = "a different kind of operation (its bytes are not an object envelope)"
+                continue
+            try:
+                mine.expect(got.env, rank=engine.rank, src=r)
+            except CollectiveMismatchError:
+                wrong[r] = got.env.describe()
+            envs.append(got)
+    except RemoteProtocolError:
+        engine.mark_broken(f"{ctx.name} #{ctx.seq}: a message from another world")
+        raise
     if wrong:
         engine.mark_broken(f"{ctx.name} #{ctx.seq}: mismatched collective calls")
-        raise _mismatch(engine, ctx, mine, wrong)
+        raise _mismatch(engine, mine, wrong)
     return envs
 
 
@@ -154,8 +194,23 @@ def _send_message(posts: _Posts, engine: Engine, msg: Encoded, dst: int, tag: in
         posts.send(comm, mpi, buf, dst, tag)
 
 
+def _header_buffer(wrapped: Wrapped, src: int, codec: CodecOptions) -> memoryview:
+    """Memory for a codec header that follows its envelope, once its length is checked."""
+    limit = header_limit(codec)
+    if wrapped.header_len > limit:
+        raise RemoteProtocolError(
+            f"rank {src} announced a {wrapped.header_len}-byte codec header (limit {limit}, from "
+            f"CodecOptions.max_buffers={codec.max_buffers})"
+        )
+    return alloc_buffer(wrapped.header_len)
+
+
 def _receive_messages(
-    engine: Engine, ctx: OpContext, envs: dict[int, Envelope], extra: _Posts | None = None
+    engine: Engine,
+    ctx: OpContext,
+    envs: dict[int, Wrapped],
+    codec: CodecOptions,
+    extra: _Posts | None = None,
 ) -> dict[int, Encoded]:
     """Receive one message from each rank in ``envs`` (and complete ``extra`` sends meanwhile)."""
     comm, mpi = engine.coll, engine.MPI
@@ -166,7 +221,7 @@ def _receive_messages(
         if env.header is not None:
             headers[src] = env.header
         else:
-            buf = alloc_buffer(env.header_len)
+            buf = _header_buffer(env, src, codec)
             headers[src] = buf
             posts.recv(comm, mpi, buf, src, tag)
     engine.wait(posts.reqs, ctx, sources=posts.sources, keep=posts.keep)
@@ -174,7 +229,7 @@ def _receive_messages(
     out: dict[int, Encoded] = {}
     for src, header in headers.items():
         raw = bytes(header)
-        bufs = _alloc(buffer_sizes(raw))
+        bufs = _alloc(message_sizes(raw, codec))
         for buf in bufs:
             posts.recv(comm, mpi, buf, src, tag)
         out[src] = Encoded(raw, bufs)
@@ -187,7 +242,9 @@ def _receive_messages(
 
 
 # -- collectives -----------------------------------------------------------------------------------
-def broadcast(engine: Engine, msg: Encoded | None, root: int, ctx: OpContext) -> Encoded:
+def broadcast(
+    engine: Engine, msg: Encoded | None, root: int, ctx: OpContext, codec: CodecOptions
+) -> Encoded:
     mpi = engine.MPI
     is_root = engine.rank == root
     header = msg.header if is_root and msg is not None else None
@@ -204,10 +261,10 @@ def broadcast(engine: Engine, msg: Encoded | None, root: int, ctx: OpContext) ->
         if env.header is not None:
             raw = env.header
         else:
-            hbuf = alloc_buffer(env.header_len)
+            hbuf = _header_buffer(env, root, codec)
             engine.wait([engine.coll.Ibcast([hbuf, mpi.BYTE], root)], ctx, peers, keep=hbuf)
             raw = bytes(hbuf)
-        bufs = _alloc(buffer_sizes(raw))
+        bufs = _alloc(message_sizes(raw, codec))
     reqs = [engine.coll.Ibcast([b, mpi.BYTE], root) for b in bufs if b.nbytes]
     engine.wait(reqs, ctx, peers, keep=bufs)
     if is_root:
@@ -216,7 +273,9 @@ def broadcast(engine: Engine, msg: Encoded | None, root: int, ctx: OpContext) ->
     return Encoded(raw, bufs)
 
 
-def gather(engine: Engine, msg: Encoded, root: int, ctx: OpContext) -> list[Encoded] | None:
+def gather(
+    engine: Engine, msg: Encoded, root: int, ctx: OpContext, codec: CodecOptions
+) -> list[Encoded] | None:
     envs = exchange_envelopes(engine, ctx, root, msg.header)
     if engine.rank != root:
         posts = _Posts()
@@ -224,13 +283,13 @@ def gather(engine: Engine, msg: Encoded, root: int, ctx: OpContext) -> list[Enco
         engine.wait(posts.reqs, ctx, [root], keep=(msg, posts.keep))
         return None
     others = {r: env for r, env in enumerate(envs) if r != root}
-    got = _receive_messages(engine, ctx, others)
+    got = _receive_messages(engine, ctx, others, codec)
     got[root] = msg
     return [got[r] for r in range(engine.size)]
 
 
-def allgather(engine: Engine, msg: Encoded, ctx: OpContext) -> list[Encoded]:
-    envs = exchange_envelopes(engine, ctx, -1, msg.header)
+def allgather(engine: Engine, msg: Encoded, ctx: OpContext, codec: CodecOptions) -> list[Encoded]:
+    envs = exchange_envelopes(engine, ctx, NO_ROOT, msg.header)
     tag = _payload_tag(ctx)
     sends = _Posts()
     # Each peer gets this rank's long header (if any) before its buffers, on one tag: MPI keeps
@@ -238,21 +297,23 @@ def allgather(engine: Engine, msg: Encoded, ctx: OpContext) -> list[Encoded]:
     peers = [r for r in range(engine.size) if r != engine.rank]
     for dst in peers:
         _send_message(sends, engine, msg, dst, tag)
-    got = _receive_messages(engine, ctx, {r: envs[r] for r in peers}, sends)
+    got = _receive_messages(engine, ctx, {r: envs[r] for r in peers}, codec, sends)
     got[engine.rank] = msg
     return [got[r] for r in range(engine.size)]
 
 
-def scatter(engine: Engine, msgs: list[Encoded] | None, root: int, ctx: OpContext) -> Encoded:
+def scatter(
+    engine: Engine, msgs: list[Encoded] | None, root: int, ctx: OpContext, codec: CodecOptions
+) -> Encoded:
     mpi = engine.MPI
     exchange_envelopes(engine, ctx, root, None)
     tag = _payload_tag(ctx)
     mine = np.zeros(ENV_SIZE, dtype=np.uint8)
+    expected = op_envelope(engine, ctx, root)
     if engine.rank == root:
         assert msgs is not None and len(msgs) == engine.size
         table = np.frombuffer(
-            b"".join(pack_envelope(ctx.name, ctx.seq, root, m.header) for m in msgs),
-            dtype=np.uint8,
+            b"".join(pack_envelope(expected, m.header) for m in msgs), dtype=np.uint8
         )
         req = engine.coll.Iscatter([table, mpi.BYTE], [mine, mpi.BYTE], root)
         engine.wait([req], ctx, keep=(table, mine))
@@ -264,21 +325,23 @@ def scatter(engine: Engine, msgs: list[Encoded] | None, root: int, ctx: OpContex
         return msgs[root]
     req = engine.coll.Iscatter(None, [mine, mpi.BYTE], root)
     engine.wait([req], ctx, [root], keep=mine)
-    env = parse_envelope(mine.data)
-    if env is None:
-        raise _mismatch(engine, ctx, _mine(ctx, root), {root: "a different operation"})
-    return _receive_messages(engine, ctx, {root: env})[root]
+    try:
+        got = parse_envelope(mine.data, root)
+    except RemoteProtocolError:
+        raise _mismatch(engine, expected, {root: "a different operation"}) from None
+    expected.expect(got.env, rank=engine.rank, src=root)
+    return _receive_messages(engine, ctx, {root: got}, codec)[root]
 
 
 def barrier(engine: Engine, ctx: OpContext) -> None:
-    exchange_envelopes(engine, ctx, -1, None)
+    exchange_envelopes(engine, ctx, NO_ROOT, None)
 
 
 # -- point to point --------------------------------------------------------------------------------
 def send(engine: Engine, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:
     mpi = engine.MPI
     data_tag = engine.next_message_tag()
-    env = np.frombuffer(pack_envelope("send", data_tag, -1, msg.header), dtype=np.uint8)
+    env = np.frombuffer(pack_envelope(user_envelope(engine), msg.header, data_tag), np.uint8)
     posts = _Posts()
     posts.add(engine.p2p.Isend([env, mpi.BYTE], dst, tag), dst, env)
     if len(msg.header) > INLINE_CAPACITY:
@@ -288,31 +351,37 @@ def send(engine: Engine, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> No
     engine.wait(posts.reqs, ctx, [dst], keep=(msg, posts.keep), collective=False)
 
 
-def recv(engine: Engine, src: int, tag: int, ctx: OpContext) -> Encoded:
+def recv(engine: Engine, src: int, tag: int, ctx: OpContext, codec: CodecOptions) -> Encoded:
     mpi = engine.MPI
     env_buf = np.zeros(ENV_SIZE, dtype=np.uint8)
     status = mpi.Status()
     req = engine.p2p.Irecv([env_buf, mpi.BYTE], src, tag)
     engine.wait([req], ctx, [src], statuses=[status], keep=env_buf, collective=False, cancel=True)
-    env = parse_envelope(env_buf.data) if status.Get_count(mpi.BYTE) == ENV_SIZE else None
-    if env is None or env.op != "send":
+    got = None
+    if status.Get_count(mpi.BYTE) == ENV_SIZE:
+        try:
+            got = parse_envelope(env_buf.data, src)
+        except RemoteProtocolError:
+            got = None
+    if got is None or got.env.op != SEND_OP:
         raise CollectiveMismatchError(
             f"recv on rank {engine.rank}: rank {src} sent a {status.Get_count(mpi.BYTE)}-byte "
             f"message on tag {tag} that is not an object message (did it call send_buffer? "
             "pair send with recv and send_buffer with recv_into)",
             ranks=(engine.rank, src),
         )
-    data_tag = env.seq
+    user_envelope(engine).expect(got.env, rank=engine.rank, src=src)
+    data_tag = got.payload_tag
     posts = _Posts()
-    if env.header is not None:
-        header: bytes = env.header
+    if got.header is not None:
+        header: bytes = got.header
     else:
-        hbuf = alloc_buffer(env.header_len)
+        hbuf = _header_buffer(got, src, codec)
         posts.recv(engine.data, mpi, hbuf, src, data_tag)
         engine.wait(posts.reqs, ctx, [src], keep=hbuf, collective=False, cancel=True)
         header = bytes(hbuf)
         posts = _Posts()
-    bufs = _alloc(buffer_sizes(header))
+    bufs = _alloc(message_sizes(header, codec))
     for buf in bufs:
         posts.recv(engine.data, mpi, buf, src, data_tag)
     engine.wait(posts.reqs, ctx, [src], keep=bufs, collective=False, cancel=True)

@@ -45,6 +45,7 @@ from collectives.backends.base import (
     land_gathered,
     register_backend,
 )
+from collectives.backends.envelope import NO_ROOT, comm_id
 from collectives.backends.p2p import received_block
 from collectives.backends.torch_engine import (
     GRACE_S,
@@ -93,6 +94,7 @@ class TorchBackend(Backend):
             hosts=joined.hosts,
         )
         self._closed = False
+        self.comm_id = 0  # of BackendConfig.world, set by create()
         # The last native op's temporary views.  Kept until the next op so that gloo's worker
         # thread, which releases an op's tensors just after completing it, is never the last
         # owner of their Python objects: it would take the GIL to free them (measured ~0.1 ms
@@ -147,6 +149,10 @@ class TorchBackend(Backend):
         backend = cls(
             join(config, name=cls.name, torch_backend=cls.torch_backend, want_cuda=cls.uses_cuda)
         )
+        # Every message envelope names the world and its incarnation (a stale or foreign
+        # message is refused, see collectives.backends.envelope).
+        backend.comm_id = backend._engine.comm = comm_id(config.world)
+        backend._engine.epoch = config.epoch
         if not cls.uses_cuda and backend.size > 1:
             backend._probe_cma(config.timeout)
         return backend
@@ -263,40 +269,43 @@ class TorchBackend(Backend):
 
     def recv(self, src: int, tag: int, ctx: OpContext) -> Encoded:
         self._check(ctx)
-        return objects.recv(self._engine, src, user_tag(tag, ctx.name), ctx)[0]
+        return objects.recv(self._engine, src, user_tag(tag, ctx.name), ctx, codec=self.codec)[0]
 
     def send_buffer(self, tensor: torch.Tensor, dst: int, tag: int, ctx: OpContext) -> None:
         self.send(encode(tensor), dst, tag, ctx)
 
     def recv_into(self, tensor: torch.Tensor, src: int, tag: int, ctx: OpContext) -> None:
-
         self._check(ctx)
         target = tt.flat_bytes(tensor) if tensor.is_cpu else None
-        msg, landed = objects.recv(self._engine, src, user_tag(tag, ctx.name), ctx, direct=target)
-        value = received_block(msg, tensor, src, ctx)
+        msg, landed = objects.recv(
+            self._engine, src, user_tag(tag, ctx.name), ctx, codec=self.codec, direct=target
+        )
+        value = received_block(msg, tensor, src, ctx, codec=self.codec)  # tensors only
         if not landed:
             tensor.copy_(value.reshape(tensor.shape))
 
     # -- object collectives --------------------------------------------------------------------
     def broadcast(self, msg: Encoded | None, root: int, ctx: OpContext) -> Encoded:
         self._check(ctx)
-        return objects.broadcast(self._engine, msg, root, ctx, self._link_tag(ctx))
+        return objects.broadcast(
+            self._engine, msg, root, ctx, self._link_tag(ctx), codec=self.codec
+        )
 
     def gather(self, msg: Encoded, root: int, ctx: OpContext) -> list[Encoded] | None:
         self._check(ctx)
-        return objects.gather(self._engine, msg, root, ctx, self._link_tag(ctx))
+        return objects.gather(self._engine, msg, root, ctx, self._link_tag(ctx), codec=self.codec)
 
     def scatter(self, msgs: list[Encoded] | None, root: int, ctx: OpContext) -> Encoded:
         self._check(ctx)
-        return objects.scatter(self._engine, msgs, root, ctx, self._link_tag(ctx))
+        return objects.scatter(self._engine, msgs, root, ctx, self._link_tag(ctx), codec=self.codec)
 
     def allgather(self, msg: Encoded, ctx: OpContext) -> list[Encoded]:
         self._check(ctx)
-        return objects.allgather(self._engine, msg, ctx, self._link_tag(ctx))
+        return objects.allgather(self._engine, msg, ctx, self._link_tag(ctx), codec=self.codec)
 
     def barrier(self, ctx: OpContext) -> None:
         self._check(ctx)
-        objects.barrier(self._engine, ctx, self._link_tag(ctx))
+        objects.barrier(self._engine, ctx, self._link_tag(ctx), codec=self.codec)
 
     # -- in-place tensor collectives -----------------------------------------------------------
     # The fast path of allreduce, reduce and broadcast_into: a CPU tensor gloo takes as it is,
@@ -368,7 +377,9 @@ class TorchBackend(Backend):
     ) -> None:
         """Reductions gloo cannot do: binomial reduce (+ broadcast) over point-to-point."""
         host = tensor if tensor.is_cpu else tensor.cpu()
-        with messages.link(self._engine, ctx, self._link_tag(ctx)) as lk:
+        tag, where = self._link_tag(ctx), NO_ROOT if root is None else root
+        # The link decodes what peers send with this rank's options, tensors only.
+        with messages.link(self._engine, ctx, tag, root=where, codec=self.codec) as lk:
             if root is None:
                 algorithms.allreduce_tensor(lk, host, op)
             else:
@@ -414,12 +425,18 @@ class TorchBackend(Backend):
         if blocks is not None:
             direct = {r: tt.flat_bytes(b) for r, b in enumerate(blocks) if r != root}
         got = objects.gather_direct(
-            self._engine, encode(tensor), root, ctx, self._link_tag(ctx), direct=direct
+            self._engine,
+            encode(tensor),
+            root,
+            ctx,
+            self._link_tag(ctx),
+            codec=self.codec,
+            direct=direct,
         )
         if got is None:
             return
         assert blocks is not None
-        land_gathered(blocks, got, tensor, root, ctx)
+        land_gathered(blocks, got, tensor, root, ctx, codec=self.codec)  # tensors only
 
     def gather_into(
         self, out: torch.Tensor | None, tensor: torch.Tensor, root: int, ctx: OpContext

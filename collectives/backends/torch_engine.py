@@ -164,6 +164,9 @@ class Engine:
         # Peers this process may read, with the pid each showed at the probe: an envelope that
         # asks for a read from anyone else (another rank, another pid) is refused.
         self.cma_sources: dict[int, int] = {}
+        # The world every message envelope names (collectives.backends.envelope): set at create.
+        self.comm = 0
+        self.epoch = 0
 
     # -- state ---------------------------------------------------------------------------------
     def check_usable(self, op: str) -> None:

@@ -6,16 +6,12 @@ message starts with a fixed-size *envelope* (``ENVELOPE_BYTES`` uint8) that says
 belongs to and how long everything after it is::
 
     offset size field
-    0      4    magic b"CCTD"
-    4      1    version (2)
-    5      1    length of the op name
-    6      2    reserved, 0
-    8      4    codec header length
-    12     4    k: buffers the receiver reads from the sender's memory (0: none)
-    16     8    op sequence number
-    24     32   op name (ASCII, zero padded)
-    56     8    sender's pid (when k > 0)
-    64     ...  the codec header, when it fits, then every buffer that still fits (in order)
+    0      56   the message envelope (:mod:`collectives.backends.envelope`: op, seq, root,
+                communicator id, epoch)
+    56     4    codec header length
+    60     4    k: buffers the receiver reads from the sender's memory (0: none)
+    64     8    sender's pid (when k > 0)
+    72     ...  the codec header, when it fits, then every buffer that still fits (in order)
     -8k    8k   the address of each of those k buffers in the sender (when k > 0)
 
 The rest travels as separate sends on the same (peer, tag), in order: the header when it did not
@@ -23,6 +19,13 @@ fit, then each buffer not inlined (empty buffers are never sent).  gloo delivers
 in order, and the receiver posts receives of exactly the announced sizes (into
 :func:`~collectives.codec.alloc_buffer` memory, zero-copy for ``decode``).  Small objects
 therefore cost one message; tensors travel as their own bytes.
+
+The receiver trusts none of it before checking: the envelope must be the one it expects
+(:meth:`Envelope.expect`), the announced header length must be within what the receiver's codec
+limits allow (:func:`header_limit`), and the header must pass
+:func:`~collectives.codec.message_sizes` (buffer count, total bytes) before any buffer is
+allocated.  A forged or foreign message is a :class:`~collectives.errors.RemoteProtocolError`,
+:class:`~collectives.errors.CodecError` or :class:`CollectiveMismatchError`, never an allocation.
 
 Between processes of one host that can read each other (:mod:`collectives.backends.cma`, probed
 when the world forms), a collective's buffers of ``cma.MIN_BYTES`` or more do not travel at all:
@@ -32,8 +35,8 @@ buffers alive until then.
 
 A :class:`Link` binds this to one collective (one tag per op, from its sequence number) for
 :mod:`collectives.algorithms` and :mod:`collectives.backends.torch_objects`.  A peer in another
-collective sends an envelope naming its op, which raises :class:`CollectiveMismatchError` naming
-both ranks instead of crossing wires.
+collective (or with another root) sends an envelope naming its op, which raises
+:class:`CollectiveMismatchError` naming both ranks instead of crossing wires.
 """
 
 from __future__ import annotations
@@ -48,13 +51,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from collectives.backends import cma
+from collectives.backends import envelope as ev
+from collectives.backends.envelope import NO_ROOT, Envelope
 from collectives.backends.torch_engine import ACK_SPACE, GRACE_S, P2PJob
 from collectives.codec import (
-    MAX_HEADER_BYTES,
+    CodecOptions,
     Encoded,
     alloc_buffer,
-    buffer_sizes,
+    decode_array,
     header_length,
+    header_limit,
+    message_sizes,
 )
 from collectives.errors import (
     CollectiveMismatchError,
@@ -71,16 +78,25 @@ if TYPE_CHECKING:
     from collectives.deadline import Deadline
 
 ENVELOPE_BYTES = 1024
-MAGIC = b"CCTD"
-VERSION = 2
-_PREFIX = struct.Struct("<4sBBHIIQ")
-_OP_AT, _OP_FIELD = 24, 32
-_PID = struct.Struct("<Q")
-_PID_AT = 56
-INLINE_AT = 64
+_EXTRA = struct.Struct("<IIQ")  # codec header length, k, sender's pid
+_EXTRA_AT = ev.SIZE
+INLINE_AT = _EXTRA_AT + _EXTRA.size
 INLINE_ROOM = ENVELOPE_BYTES - INLINE_AT
 MAX_REMOTE = 32  # buffers read from the sender per message; more: all travel through the engine
 _ADDRESS = struct.Struct("<Q")
+SEND_OP = "send"  # the op every user point-to-point message names
+_OP_NAME_BYTES = ev.SIZE - 32  # the envelope's op-name field: names arrive cut to this
+
+
+def user_envelope(engine: Engine) -> Envelope:
+    """The envelope of every user point-to-point message in ``engine``'s world."""
+    return Envelope(SEND_OP, 0, NO_ROOT, engine.comm, engine.epoch)
+
+
+def op_envelope(engine: Engine, ctx: OpContext, root: int) -> Envelope:
+    """The envelope of collective ``ctx`` (``root``: NO_ROOT for rootless ops), as received."""
+    name = ctx.name.encode("ascii", "replace")[:_OP_NAME_BYTES].decode("ascii")
+    return Envelope(name, ctx.seq, root, engine.comm, engine.epoch)
 
 
 def _remote(sizes: Sequence[int], allowed: bool) -> list[bool]:
@@ -132,7 +148,7 @@ class Outgoing(NamedTuple):
     remote: list[memoryview]  # read by the receiver from this process: alive until it says so
 
 
-def outgoing(msg: Encoded, op: str, seq: int, *, readable: bool = False) -> Outgoing:
+def outgoing(msg: Encoded, envelope: Envelope, *, readable: bool = False) -> Outgoing:
     """What to send for ``msg``; with ``readable`` (the receiver can read this process), large
     buffers are left for the receiver to copy out of this process's memory."""
     header = bytes(msg.header)
@@ -141,10 +157,9 @@ def outgoing(msg: Encoded, op: str, seq: int, *, readable: bool = False) -> Outg
     remote = _remote(sizes, readable)
     header_inline, flags = _plan(len(header), sizes, remote)
     env = np.zeros(ENVELOPE_BYTES, dtype=np.uint8)
-    name = op.encode("ascii", "replace")[:_OP_FIELD]
     k = sum(remote)
-    _PREFIX.pack_into(env.data, 0, MAGIC, VERSION, len(name), 0, len(header), k, seq)
-    env[_OP_AT : _OP_AT + len(name)] = np.frombuffer(name, dtype=np.uint8)
+    envelope.pack_into(env.data)
+    _EXTRA.pack_into(env.data, _EXTRA_AT, len(header), k, os.getpid() if k else 0)
     parts: list[torch.Tensor] = [_u8(env)]
     far: list[memoryview] = []
     pos = INLINE_AT
@@ -153,8 +168,6 @@ def outgoing(msg: Encoded, op: str, seq: int, *, readable: bool = False) -> Outg
         pos += len(header)
     else:
         parts.append(_u8(np.frombuffer(bytearray(header), dtype=np.uint8)))
-    if k:
-        _PID.pack_into(env.data, _PID_AT, os.getpid())
     for view, inline, is_far in zip(views, flags, remote, strict=True):
         n = view.nbytes
         if is_far:
@@ -190,7 +203,8 @@ class Incoming:
         tag: int,
         ctx: OpContext,
         *,
-        expect: tuple[str, int] | None,
+        expect: Envelope,
+        codec: CodecOptions,
         direct: torch.Tensor | None = None,
         linger_s: float = GRACE_S,
     ) -> None:
@@ -198,6 +212,7 @@ class Incoming:
         self.src = src
         self.tag = tag
         self.expect = expect
+        self.codec = codec
         self.direct = direct  # a uint8 tensor to receive a single-buffer message into, if it fits
         self.used_direct = False
         self._linger = linger_s  # how long posted receives stay waited for past the deadline
@@ -242,28 +257,22 @@ class Incoming:
 
     def _open_envelope(self) -> int:
         env = self._env
-        magic, version, name_len, _, header_len, far, seq = _PREFIX.unpack_from(env.data, 0)
-        if magic != MAGIC or version != VERSION or name_len > _OP_FIELD or far > MAX_REMOTE:
+        rank, src = self.engine.rank, self.src
+        self.expect.expect(Envelope.unpack_from(env.data, src=src), rank=rank, src=src)
+        header_len, far, pid = _EXTRA.unpack_from(env.data, _EXTRA_AT)
+        if far > MAX_REMOTE:
             raise RemoteProtocolError(
-                f"rank {self.engine.rank} received a malformed message envelope from rank "
-                f"{self.src} (magic {bytes(magic)!r}, version {version})"
+                f"rank {rank} received a malformed message envelope from rank {src} ({far} "
+                f"buffers to read from its memory, at most {MAX_REMOTE})"
             )
-        op = env[_OP_AT : _OP_AT + name_len].tobytes().decode("ascii", "replace")
-        if self.expect is not None and (op, seq) != self.expect:
-            want_op, want_seq = self.expect
-            raise CollectiveMismatchError(
-                f"rank {self.engine.rank} is in {want_op} (collective #{want_seq}) but rank "
-                f"{self.src} sent for {op} (collective #{seq}): every rank must call the same "
-                "collectives in the same order",
-                ranks=(self.engine.rank, self.src),
-            )
-        if header_len > MAX_HEADER_BYTES:
+        limit = header_limit(self.codec)
+        if header_len > limit:
             raise RemoteProtocolError(
-                f"rank {self.src} announced a {header_len}-byte codec header (limit "
-                f"{MAX_HEADER_BYTES})"
+                f"rank {src} announced a {header_len}-byte codec header to rank {rank} (limit "
+                f"{limit}, from CodecOptions.max_buffers={self.codec.max_buffers})"
             )
         self._far = int(far)
-        self._pid = int(_PID.unpack_from(env.data, _PID_AT)[0]) if far else 0
+        self._pid = int(pid) if far else 0
         if far and self.engine.cma_sources.get(self.src) != self._pid:
             raise RemoteProtocolError(
                 f"rank {self.src} asked rank {self.engine.rank} to read {far} buffers from pid "
@@ -278,7 +287,7 @@ class Incoming:
     def _post_parts(self, ctx: OpContext) -> None:
         header = self.header
         assert header is not None
-        sizes = buffer_sizes(header)
+        sizes = message_sizes(header, self.codec)  # limits checked before anything is allocated
         remote = _remote(sizes, self._far > 0)
         if sum(remote) != self._far:
             raise RemoteProtocolError(
@@ -363,21 +372,58 @@ class Link:
     for every posted send, and on failure keeps posted buffers alive for gloo.
     """
 
-    def __init__(self, engine: Engine, ctx: OpContext, tag: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        ctx: OpContext,
+        tag: int,
+        *,
+        root: int,
+        codec: CodecOptions,
+        agree: bool = False,
+    ) -> None:
         self.engine = engine
         self.ctx = ctx
         self.rank = engine.rank
         self.size = engine.size
         self.deadline: Deadline = ctx.deadline
         self.tag = tag
-        self._expect = (ctx.name, ctx.seq)
+        self.codec = codec  # how messages received on this link are decoded
+        self._envelope = op_envelope(engine, ctx, root)
         self._sends: list[tuple[Any, int]] = []
         self._keep: list[object] = []
         self._incoming: list[Incoming] = []
         self._acks: list[tuple[np.ndarray[Any, np.dtype[np.int64]], int]] = []
+        self._votes: dict[int, np.ndarray[Any, np.dtype[np.uint8]]] = {}
+        self._vote_works: list[tuple[Any, int]] = []
+        if agree and self.size > 2:
+            self._start_agreement()
+
+    def _start_agreement(self) -> None:
+        """Every rank sends its envelope to every other, before any message of the op.
+
+        A rooted op's messages follow a tree of the root each rank believes in, so a rank can
+        agree with its parent and finish while another rank named another root; only a word
+        from every rank tells them all.  With two ranks no vote is needed: a disagreement
+        leaves both sending (or both receiving), and both time out.  The vote is one envelope
+        per peer, on the op's own tag ahead of everything else (gloo keeps a (peer, tag) in
+        order), so it runs alongside the op's data: no extra round trip.  Each rank checks the
+        votes before it waits for any data (:meth:`_check_votes`).
+        """
+        mine = np.zeros(ENVELOPE_BYTES, dtype=np.uint8)
+        self._envelope.pack_into(mine.data)
+        self._keep.append(mine)
+        for k in range(1, self.size):
+            src = (self.rank - k) % self.size
+            vote = self._votes[src] = np.empty(ENVELOPE_BYTES, dtype=np.uint8)
+            work = self.engine.post_recv(_u8(vote), src, self.tag, self.ctx)
+            self._vote_works.append((work, src))
+        for k in range(1, self.size):
+            dst = (self.rank + k) % self.size
+            self._sends.append((self.engine.post_send(_u8(mine), dst, self.tag, self.ctx), dst))
 
     def send(self, dst: int, msg: Encoded) -> None:
-        out = outgoing(msg, self.ctx.name, self.ctx.seq, readable=dst in self.engine.cma_readers)
+        out = outgoing(msg, self._envelope, readable=dst in self.engine.cma_readers)
         for part in out.parts:
             self._keep.append(part)
             self._sends.append((self.engine.post_send(part, dst, self.tag, self.ctx), dst))
@@ -389,8 +435,22 @@ class Link:
             work = self.engine.post_recv(_u8(ack.view(np.uint8)), dst, ack_tag(self.tag), self.ctx)
             self._sends.append((work, dst))
 
-    def recv(self, src: int) -> Encoded:
+    def recv(self, src: int, into: memoryview | None = None) -> Encoded:
+        """The next message from ``src`` (``into`` is a hint this transport does not use)."""
         return self.recv_many([src])[src]
+
+    def decode_tensor(self, msg: Encoded, src: int) -> torch.Tensor:
+        """A block from ``src`` that must be one tensor, decoded with this rank's options; any
+        other kind of message is refused before it is decoded."""
+        import torch
+
+        value = decode_array(msg.header, msg.buffers, self.codec)
+        if not isinstance(value, torch.Tensor):
+            raise CollectiveMismatchError(
+                f"{self.ctx.name}: rank {src} sent an array where this rank expects a tensor",
+                ranks=(src,),
+            )
+        return value
 
     def recv_many(
         self, srcs: Sequence[int], direct: Mapping[int, torch.Tensor] | None = None
@@ -407,7 +467,8 @@ class Link:
                 src,
                 self.tag,
                 self.ctx,
-                expect=self._expect,
+                expect=self._envelope,
+                codec=self.codec,
                 direct=direct.get(src) if direct is not None else None,
             )
             incoming.append(inc)
@@ -416,6 +477,7 @@ class Link:
         def silent() -> list[int]:
             return [i.src for i in incoming if not i.env_arrived()]
 
+        self._check_votes()
         for inc in incoming:
             inc.advance(self.ctx, silent=silent)
         out = {inc.src: inc.finish(self.ctx) for inc in incoming}
@@ -425,7 +487,17 @@ class Link:
     def has_message(self, src: int) -> bool:
         return False  # gloo cannot probe; algorithms then name every pending rank on timeout
 
+    def _check_votes(self) -> None:
+        if not self._vote_works:
+            return
+        self.engine.wait_all(self._vote_works, self.ctx)
+        self._vote_works = []
+        for src, vote in self._votes.items():
+            got = Envelope.unpack_from(vote.data, src=src)
+            self._envelope.expect(got, rank=self.rank, src=src)
+
     def close(self) -> None:
+        self._check_votes()
         self.engine.wait_all(self._sends, self.ctx)
         failed = [(dst, int(ack[0])) for ack, dst in self._acks if ack[0] != 0]
         self._sends.clear()
@@ -440,14 +512,22 @@ class Link:
             )
 
     def abandon(self) -> None:
-        self.engine.bury(*self._sends, *self._keep, *self._acks)
+        self.engine.bury(*self._sends, *self._keep, *self._acks, self._votes, self._vote_works)
         for inc in self._incoming:
             inc.abandon()
 
 
 @contextmanager
-def link(engine: Engine, ctx: OpContext, tag: int) -> Iterator[Link]:
-    lk = Link(engine, ctx, tag)
+def link(
+    engine: Engine,
+    ctx: OpContext,
+    tag: int,
+    *,
+    root: int = NO_ROOT,
+    codec: CodecOptions,
+    agree: bool = False,
+) -> Iterator[Link]:
+    lk = Link(engine, ctx, tag, root=root, codec=codec, agree=agree)
     try:
         yield lk
         lk.close()
@@ -458,10 +538,13 @@ def link(engine: Engine, ctx: OpContext, tag: int) -> Iterator[Link]:
 
 __all__ = [
     "ENVELOPE_BYTES",
-    "Outgoing",
-    "ack_tag",
+    "SEND_OP",
     "Incoming",
     "Link",
+    "Outgoing",
+    "ack_tag",
     "link",
+    "op_envelope",
     "outgoing",
+    "user_envelope",
 ]

@@ -5,6 +5,12 @@ tag per op: binomial-tree broadcast and dissemination barrier from :mod:`collect
 direct gather and scatter, and an all-to-all allgather (one round; gloo's own allgather is
 several times slower here).  User ``send``/``recv`` use the user's tag (shifted into its own tag
 space); a receive that times out can be resumed by the next receive on the same channel.
+
+The rooted ops (broadcast, gather, scatter) also exchange envelopes between every pair of ranks
+alongside their data once the world has three ranks or more (see ``Link``'s vote), so that ranks
+naming different roots all fail instead of some of them returning data.  Every received header is
+held to the communicator's codec limits before anything is allocated for it; decoding (with the
+same options) is the communicator's.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from collectives import algorithms
-from collectives.backends.torch_messages import Incoming, link, outgoing
+from collectives.backends.envelope import NO_ROOT
+from collectives.backends.torch_messages import Incoming, link, outgoing, user_envelope
 from collectives.errors import CollectiveTimeoutError, TransportError
 
 if TYPE_CHECKING:
@@ -21,18 +28,26 @@ if TYPE_CHECKING:
 
     from collectives.backends.base import OpContext
     from collectives.backends.torch_engine import Engine
-    from collectives.codec import Encoded
+    from collectives.codec import CodecOptions, Encoded
 
 
-def broadcast(engine: Engine, msg: Encoded | None, root: int, ctx: OpContext, tag: int) -> Encoded:
-    with link(engine, ctx, tag) as lk:
+def broadcast(
+    engine: Engine,
+    msg: Encoded | None,
+    root: int,
+    ctx: OpContext,
+    tag: int,
+    *,
+    codec: CodecOptions,
+) -> Encoded:
+    with link(engine, ctx, tag, root=root, codec=codec, agree=True) as lk:
         return algorithms.broadcast(lk, msg, root)
 
 
 def gather(
-    engine: Engine, msg: Encoded, root: int, ctx: OpContext, tag: int
+    engine: Engine, msg: Encoded, root: int, ctx: OpContext, tag: int, *, codec: CodecOptions
 ) -> list[Encoded] | None:
-    with link(engine, ctx, tag) as lk:
+    with link(engine, ctx, tag, root=root, codec=codec, agree=True) as lk:
         if engine.rank != root:
             lk.send(root, msg)
             return None
@@ -47,11 +62,13 @@ def gather_direct(
     ctx: OpContext,
     tag: int,
     *,
+    codec: CodecOptions,
     direct: Mapping[int, torch.Tensor] | None,
 ) -> dict[int, Encoded] | None:
     """:func:`gather` whose message from ``src`` lands in ``direct[src]`` (uint8) if it fits;
-    the root gets the other ranks' messages by rank, the others None."""
-    with link(engine, ctx, tag) as lk:
+    the root gets the other ranks' messages by rank, the others None (``gatherv_into``: an
+    in-place op, so no vote)."""
+    with link(engine, ctx, tag, root=root, codec=codec) as lk:
         if engine.rank != root:
             lk.send(root, msg)
             return None
@@ -59,9 +76,15 @@ def gather_direct(
 
 
 def scatter(
-    engine: Engine, msgs: list[Encoded] | None, root: int, ctx: OpContext, tag: int
+    engine: Engine,
+    msgs: list[Encoded] | None,
+    root: int,
+    ctx: OpContext,
+    tag: int,
+    *,
+    codec: CodecOptions,
 ) -> Encoded:
-    with link(engine, ctx, tag) as lk:
+    with link(engine, ctx, tag, root=root, codec=codec, agree=True) as lk:
         if engine.rank != root:
             return lk.recv(root)
         assert msgs is not None and len(msgs) == engine.size
@@ -71,23 +94,25 @@ def scatter(
         return msgs[root]
 
 
-def allgather(engine: Engine, msg: Encoded, ctx: OpContext, tag: int) -> list[Encoded]:
+def allgather(
+    engine: Engine, msg: Encoded, ctx: OpContext, tag: int, *, codec: CodecOptions
+) -> list[Encoded]:
     rank, size = engine.rank, engine.size
-    with link(engine, ctx, tag) as lk:
+    with link(engine, ctx, tag, root=NO_ROOT, codec=codec) as lk:
         for k in range(1, size):
             lk.send((rank + k) % size, msg)
         got = lk.recv_many([(rank - k) % size for k in range(1, size)])
         return [msg if r == rank else got[r] for r in range(size)]
 
 
-def barrier(engine: Engine, ctx: OpContext, tag: int) -> None:
-    with link(engine, ctx, tag) as lk:
+def barrier(engine: Engine, ctx: OpContext, tag: int, *, codec: CodecOptions) -> None:
+    with link(engine, ctx, tag, root=NO_ROOT, codec=codec) as lk:
         algorithms.barrier(lk)
 
 
 # -- user point-to-point ---------------------------------------------------------------------------
 def send(engine: Engine, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:
-    parts = outgoing(msg, ctx.name, 0).parts
+    parts = outgoing(msg, user_envelope(engine)).parts
     works: list[tuple[Any, int]] = []
     try:
         with engine.channel_lock("send", dst, tag):
@@ -100,7 +125,13 @@ def send(engine: Engine, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> No
 
 
 def recv(
-    engine: Engine, src: int, tag: int, ctx: OpContext, *, direct: torch.Tensor | None = None
+    engine: Engine,
+    src: int,
+    tag: int,
+    ctx: OpContext,
+    *,
+    codec: CodecOptions,
+    direct: torch.Tensor | None = None,
 ) -> tuple[Encoded, bool]:
     """The next message on (src, tag) and whether it landed in ``direct`` itself.
 
@@ -119,7 +150,9 @@ def recv(
             inc.abandon()
             raise _poisoned(engine, src, tag, ctx)
         if inc is None:
-            inc = Incoming(engine, src, tag, ctx, expect=None, direct=direct)
+            inc = Incoming(
+                engine, src, tag, ctx, expect=user_envelope(engine), codec=codec, direct=direct
+            )
         try:
             inc.advance(ctx)
             msg = inc.finish(ctx)

@@ -198,6 +198,17 @@ def header_length(prefix: Buffer) -> int:
     return int(total)
 
 
+_HEADER_BODY_ROOM = 4096  # a tensor's metadata, and then some
+
+
+def header_limit(options: CodecOptions = DEFAULT) -> int:
+    """The longest codec header a receiver with ``options`` accepts: room for ``max_buffers``
+    entries and a body.  Transports check an announced header length against it before they
+    allocate room for the header itself."""
+    room = FIXED_PREFIX + _ENTRY.size * options.max_buffers + _HEADER_BODY_ROOM
+    return min(room, MAX_HEADER_BYTES)
+
+
 def check_header(header: Buffer, options: CodecOptions = DEFAULT) -> Header:
     """Parse a received header and hold it to ``options``' limits; CodecError if it breaks one.
 

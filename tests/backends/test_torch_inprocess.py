@@ -127,15 +127,18 @@ def test_envelope_inlines_small_messages_only() -> None:
     importlib.import_module("torch")  # installed by setup.sh: fail if absent
     import torch
 
-    from collectives.backends.torch_messages import ENVELOPE_BYTES, outgoing
+    from collectives.backends.envelope import Envelope
+    from collectives.backends.torch_messages import ENVELOPE_BYTES, INLINE_AT, outgoing
     from collectives.codec import encode
 
-    small = outgoing(encode({"a": 1}), "broadcast", 7).parts
+    env = Envelope("broadcast", 7, 0, comm=5, epoch=2)
+    small = outgoing(encode({"a": 1}), env).parts
     assert len(small) == 1 and small[0].numel() == ENVELOPE_BYTES
-    big = outgoing(encode(torch.zeros(1000)), "broadcast", 7).parts
+    assert Envelope.unpack_from(small[0].numpy()) == env  # the shared envelope leads
+    big = outgoing(encode(torch.zeros(1000)), env).parts
     assert [t.numel() for t in big] == [ENVELOPE_BYTES, 4000]
-    many = outgoing(encode([torch.zeros(1) for _ in range(80)]), "gather", 1).parts
-    assert many[1].numel() > ENVELOPE_BYTES - 64  # the header itself travels separately
+    many = outgoing(encode([torch.zeros(1) for _ in range(80)]), env._replace(op="gather")).parts
+    assert many[1].numel() > ENVELOPE_BYTES - INLINE_AT  # the header itself travels separately
 
 
 def test_envelope_leaves_large_buffers_to_a_reader_that_can_read_this_process() -> None:
@@ -143,19 +146,20 @@ def test_envelope_leaves_large_buffers_to_a_reader_that_can_read_this_process() 
 
     import torch
 
-    from collectives.backends import cma
+    from collectives.backends import cma, envelope
+    from collectives.backends.envelope import Envelope
     from collectives.backends.torch_messages import ENVELOPE_BYTES, outgoing
     from collectives.codec import encode
 
     tensors = [torch.zeros(10), torch.ones(cma.MIN_BYTES // 4), torch.zeros(cma.MIN_BYTES)]
     msg = encode(tensors)
-    sent = outgoing(msg, "gather", 3).parts
+    sent = outgoing(msg, Envelope("gather", 3, 0)).parts
     assert [t.numel() for t in sent] == [ENVELOPE_BYTES, cma.MIN_BYTES, 4 * cma.MIN_BYTES]
-    read = outgoing(msg, "gather", 3, readable=True)
+    read = outgoing(msg, Envelope("gather", 3, 0), readable=True)
     assert [t.numel() for t in read.parts] == [ENVELOPE_BYTES]  # the small one rides inline
     assert [v.nbytes for v in read.remote] == [cma.MIN_BYTES, 4 * cma.MIN_BYTES]
     env = read.parts[0].numpy()
-    assert struct.unpack_from("<I", env, 12)[0] == 2  # k
+    assert struct.unpack_from("<I", env, envelope.SIZE + 4)[0] == 2  # k
     tail = struct.unpack_from("<2Q", env, ENVELOPE_BYTES - 16)
     assert list(tail) == [tensors[1].data_ptr(), tensors[2].data_ptr()]
 
@@ -167,18 +171,46 @@ def test_an_envelope_asking_to_read_an_unprobed_process_is_refused() -> None:
     import torch
 
     from collectives.backends import cma
+    from collectives.backends.envelope import Envelope
     from collectives.backends.torch_messages import Incoming, outgoing
-    from collectives.codec import encode
+    from collectives.codec import CodecOptions, encode
     from collectives.errors import RemoteProtocolError
 
-    env = outgoing(encode(torch.zeros(cma.MIN_BYTES)), "gather", 3, readable=True).parts[0]
+    mine = Envelope("gather", 3, 0)
+    env = outgoing(encode(torch.zeros(cma.MIN_BYTES)), mine, readable=True).parts[0]
     inc = Incoming.__new__(Incoming)  # only the envelope check: no engine, no world
     inc.engine = SimpleNamespace(rank=0, cma_sources={1: os.getpid() + 1})  # type: ignore[assignment]
-    inc.src, inc.expect, inc._env = 1, None, env.numpy().copy()
+    inc.src, inc.expect, inc.codec, inc._env = 1, mine, CodecOptions(), env.numpy().copy()
     with pytest.raises(RemoteProtocolError, match="not the process it showed"):
         inc._open_envelope()
     inc.engine.cma_sources = {1: os.getpid()}  # the pid this rank showed at the probe
     inc._open_envelope()
     inc.engine.cma_sources = {}  # a rank this process never probed
     with pytest.raises(RemoteProtocolError):
+        inc._open_envelope()
+
+
+def test_an_envelope_announcing_a_header_beyond_the_codec_limits_is_refused() -> None:
+    import struct
+    from types import SimpleNamespace
+
+    import torch
+
+    from collectives.backends import envelope
+    from collectives.backends.envelope import Envelope
+    from collectives.backends.torch_messages import Incoming, header_limit, outgoing
+    from collectives.codec import CodecOptions, encode
+    from collectives.errors import CollectiveMismatchError, RemoteProtocolError
+
+    mine = Envelope("send", 0, comm=7)
+    env = outgoing(encode(torch.zeros(4)), mine).parts[0].numpy().copy()
+    inc = Incoming.__new__(Incoming)  # only the envelope checks: no engine, no world
+    inc.engine = SimpleNamespace(rank=0, cma_sources={})  # type: ignore[assignment]
+    inc.src, inc.expect, inc.codec, inc._env = 1, mine, CodecOptions(max_buffers=100), env
+    inc._open_envelope()
+    struct.pack_into("<I", env, envelope.SIZE, header_limit(inc.codec) + 16)  # header length
+    with pytest.raises(RemoteProtocolError, match="max_buffers=100"):
+        inc._open_envelope()
+    inc.expect = mine._replace(root=2)
+    with pytest.raises(CollectiveMismatchError, match="root 2"):
         inc._open_envelope()
