@@ -272,13 +272,15 @@ class Communicator(BufferOps):
         return decode(msg.header, msg.buffers, self._options.codec)
 
     def _check_usable(self, op: str) -> None:
-        if self._closed:
-            raise CommunicatorAbortedError(f"{op} on rank {self.rank}: the communicator is closed")
+        # The failure first: an aborted communicator is usually closed soon after, and the
+        # reason (e.g. "interrupted on rank 1") is what the caller needs to see.
         if self._failed is not None:
             raise CommunicatorAbortedError(
                 f"{op} on rank {self.rank}: the communicator is unusable after an earlier "
                 f"failure ({self._failed}); create a new one"
             )
+        if self._closed:
+            raise CommunicatorAbortedError(f"{op} on rank {self.rank}: the communicator is closed")
 
     def _check_root(self, root: int, op: str) -> None:
         if not isinstance(root, int) or not 0 <= root < self._size:

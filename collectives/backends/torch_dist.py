@@ -190,13 +190,14 @@ class TorchBackend(Backend):
 
     # -- helpers -------------------------------------------------------------------------------
     def _check(self, ctx: OpContext) -> None:
+        engine = self._engine
+        # An abort's reason first: an aborted backend is usually closed soon after.
+        if engine.aborted is not None or engine.failed is not None:
+            engine.check_usable(ctx.name)
         if self._closed:
             raise CommunicatorAbortedError(
                 f"{ctx.name} on rank {self.rank}: the {self.name} backend is closed"
             )
-        engine = self._engine
-        if engine.aborted is not None or engine.failed is not None:
-            engine.check_usable(ctx.name)
 
     def _direct_reduction(self, tensor: torch.Tensor, op: ReduceOp) -> Any:
         """gloo's op when ``tensor`` reduces on the fast path (a CPU tensor of a dtype gloo
