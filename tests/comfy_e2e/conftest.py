@@ -94,7 +94,7 @@ _taken: set[int] = set()
 
 
 def free_port_range(count: int, host: str = "127.0.0.1") -> int:
-    """First port of ``count`` consecutive free ports, none handed out before in this session.
+    """First port of ``count`` consecutive free ports, none handed out before in this test run.
 
     Below the usual ephemeral range (32768+), so that outgoing connections and free ports the
     rendezvous picks cannot land on a server port between this check and the server's bind.
