@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -45,9 +45,16 @@ EXT_TUPLE, EXT_REF, EXT_COMPLEX, EXT_BIGINT, EXT_NPSCALAR = 1, 2, 3, 4, 5
 _COMPLEX = struct.Struct("<dd")
 _TUPLE_MARK = msgpack.ExtType(EXT_TUPLE, b"")
 _CONTAINERS = (list, tuple, dict)
-_DONE = object()
 _ATOMS = (str, bool, float, type(None))
 _KEY_ATOMS = frozenset({str, bool, float, type(None), int, bytes})
+# Decoded leaves of these exact types are allowed as keys and as values alike: check() passes over
+# them where it meets them instead of stacking each one.
+_PLAIN_DECODED = _KEY_ATOMS
+# Leaves of these exact types the encoder writes as themselves, as keys and as values alike; so
+# are an int in msgpack's range and bytes below the out-of-band size (see _leaf).
+_PLAIN = frozenset({str, float, bool, type(None)})
+_INTS = frozenset({int, bool})
+_INT_MIN, _INT_END = -(1 << 63), 1 << 64
 _VALUE_ATOMS = frozenset({str, int, float, bool, type(None), bytes, bytearray, memoryview, complex})
 ALLOWED = (
     "tensors, numeric ndarrays and numpy scalars, bytes, bytearray, memoryview, str, int, "
@@ -85,13 +92,13 @@ class _Pending:
         self.obj = obj
 
 
-@dataclass
+@dataclass(slots=True)
 class _Open:
     """A container being converted: its converted items so far and the originals still to do."""
 
     kind: type
     items: list[object]
-    todo: Iterator[object]
+    todo: Iterator[Any]
     in_key: bool
     depth: int
 
@@ -107,7 +114,7 @@ class _Open:
 
 
 def _int(value: int) -> object:
-    if -(1 << 63) <= value < 1 << 64:
+    if _INT_MIN <= value < _INT_END:
         return value
     return msgpack.ExtType(
         EXT_BIGINT, value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True)
@@ -136,25 +143,47 @@ def _leaf(obj: object, in_key: bool) -> object:
     raise _refuse(obj)
 
 
+def _all_plain(items: Collection[object]) -> bool:
+    """Whether every item is written as itself, as a key or a value; tested in C, not per item."""
+    kinds = set(map(type, items))
+    if kinds <= _PLAIN:
+        return True
+    if kinds <= _INTS:  # not empty here: ints and bools, which compare
+        ints = cast("Collection[int]", items)
+        return min(ints) >= _INT_MIN and max(ints) < _INT_END
+    return False
+
+
 def _visit(
     obj: object, into: list[object], stack: list[_Open], *, in_key: bool, depth: int, limit: int
-) -> None:
-    """Convert a leaf into ``into``, or open a container on ``stack`` (``depth``: its parent's)."""
+) -> bool:
+    """Convert ``obj`` into ``into``, or open it on ``stack`` (``depth``: its parent's).
+
+    True when a container was opened: its items are still to convert.
+    """
     kind = type(obj)
     if kind not in _CONTAINERS:
         into.append(_leaf(obj, in_key))
-        return
+        return False
     if in_key and kind is not tuple:
         raise _refuse(obj, " as a dict key")
     if depth >= limit:
         raise Unfit(_too_deep(limit, "; a reference cycle?"))
-    todo: Iterator[object]
+    todo: Iterator[Any]
     if isinstance(obj, dict):
+        if _all_plain(obj) and _all_plain(obj.values()):
+            into.append(dict(obj))  # what closing it would build; keys cannot collide
+            return False
         todo = itertools.chain.from_iterable(obj.items())  # key, value, key, value ...
     else:
-        todo = iter(cast("list[object] | tuple[object, ...]", obj))
+        seq = cast("list[object] | tuple[object, ...]", obj)
+        if _all_plain(seq):
+            into.append(list(seq) if kind is list else (_TUPLE_MARK, *seq))
+            return False
+        todo = iter(seq)
     first: list[object] = [_TUPLE_MARK] if kind is tuple else []
     stack.append(_Open(kind, first, todo, in_key, depth + 1))
+    return True
 
 
 def to_tree(obj: object, max_depth: int) -> object:
@@ -167,14 +196,24 @@ def to_tree(obj: object, max_depth: int) -> object:
     _visit(obj, root, stack, in_key=False, depth=0, limit=max_depth)
     while stack:
         top = stack[-1]
-        child = next(top.todo, _DONE)
-        if child is not _DONE:
+        items = top.items
+        for child in top.todo:
+            kind = type(child)
+            # What _leaf would return unchanged, as a key or a value, is taken here without a call.
+            if (
+                kind in _PLAIN
+                or (kind is int and _INT_MIN <= child < _INT_END)
+                or (kind is bytes and len(child) < OOB_MIN_BYTES)
+            ):
+                items.append(child)
+                continue
             # In a dict the items alternate key, value: an even count means a key comes next.
-            in_key = top.in_key or (top.kind is dict and len(top.items) % 2 == 0)
-            _visit(child, top.items, stack, in_key=in_key, depth=top.depth, limit=max_depth)
-            continue
-        stack.pop()
-        (stack[-1].items if stack else root).append(top.close())
+            in_key = top.in_key or (top.kind is dict and len(items) % 2 == 0)
+            if _visit(child, items, stack, in_key=in_key, depth=top.depth, limit=max_depth):
+                break  # convert the container just opened; this one resumes after it closes
+        else:
+            stack.pop()
+            (stack[-1].items if stack else root).append(top.close())
     return root[0]
 
 
@@ -265,11 +304,19 @@ def check(obj: object, max_depth: int) -> None:
             raise CodecError(f"codec: tree message has a {kind.__name__} as a dict key")
         if depth >= max_depth:
             raise CodecError(_too_deep(max_depth))
+        depth += 1
+        # Plain atoms are allowed as keys and values at any depth: only the rest is stacked, in
+        # the same order as before, so the same fault is met first.  issuperset tests in C.
         if isinstance(item, dict):
-            stack.extend((k, True, depth + 1) for k in item)
-            stack.extend((v, False, depth + 1) for v in item.values())
+            if not _PLAIN_DECODED.issuperset(map(type, item)):
+                stack.extend([(k, True, depth) for k in item if type(k) not in _PLAIN_DECODED])
+            values = item.values()
+            if not _PLAIN_DECODED.issuperset(map(type, values)):
+                stack.extend([(v, False, depth) for v in values if type(v) not in _PLAIN_DECODED])
         else:
-            stack.extend((x, in_key, depth + 1) for x in item)  # type: ignore[attr-defined]
+            seq = cast("list[object] | tuple[object, ...]", item)
+            if not _PLAIN_DECODED.issuperset(map(type, seq)):
+                stack.extend([(x, in_key, depth) for x in seq if type(x) not in _PLAIN_DECODED])
 
 
 def load(stream: memoryview, resolver: Resolver, max_depth: int) -> object:
