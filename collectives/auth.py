@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 
 from collectives.errors import AuthenticationError, ConfigurationError
+from collectives.options import env_flag
 
 KEY_ENV = "COMFY_CLUSTER_KEY"
 KEY_FILE_ENV = "COMFY_CLUSTER_KEY_FILE"
@@ -37,7 +38,6 @@ INSECURE_ENV = "COMFY_CLUSTER_INSECURE"
 AUTH_HEADER = "X-Comfy-Cluster-Auth"
 _MIN_KEY_CHARS = 16
 _VERSION = "v1"
-_TRUE = ("1", "true", "yes", "on")
 
 
 def _length_prefixed(parts: tuple[bytes | str, ...]) -> bytes:
@@ -124,8 +124,7 @@ class ClusterKey:
 
 
 def insecure_allowed(environ: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if environ is None else environ
-    return env.get(INSECURE_ENV, "").strip().lower() in _TRUE
+    return env_flag(os.environ if environ is None else environ, INSECURE_ENV)
 
 
 def is_loopback(host: str) -> bool:
@@ -177,7 +176,9 @@ class RequestVerifier:
     """Checks :data:`AUTH_HEADER` values: right MAC, fresh timestamp, never seen before.
 
     A credential is valid for ``window_s`` seconds either side of this host's clock; each nonce is
-    remembered for that long, so a captured request cannot be replayed.
+    remembered for that long, so a captured request cannot be replayed.  At most
+    ``max_remembered`` nonces are: past that many fresh requests in one window, new ones are
+    refused (never a fresh nonce forgotten, which would let its request be replayed).
     """
 
     def __init__(self, key: ClusterKey, window_s: float = 30.0, max_remembered: int = 65536):
@@ -212,14 +213,24 @@ class RequestVerifier:
                 f"request credential expired or from the future ({now - sent:+.1f} s; clocks must "
                 f"agree within {self._window:g} s)"
             )
+        horizon = now - self._window  # a nonce sent before this can no longer be replayed
         with self._lock:
-            while self._seen and (
-                len(self._seen) >= self._max or next(iter(self._seen.values())) < now - self._window
-            ):
-                self._seen.popitem(last=False)
-            if nonce in self._seen:
+            seen = self._seen
+            while seen and next(iter(seen.values())) < horizon:
+                seen.popitem(last=False)
+            if nonce in seen:
                 raise AuthenticationError("replayed request credential")
-            self._seen[nonce] = sent
+            if len(seen) >= self._max:
+                # Kept in arrival order, not sending order (clocks differ): expired nonces may
+                # sit behind fresh ones.
+                for old in [n for n, stamp in seen.items() if stamp < horizon]:
+                    del seen[old]
+                if len(seen) >= self._max:
+                    raise AuthenticationError(
+                        f"too many requests: {self._max} in the last {self._window:g} s are "
+                        "remembered against replay already; retry later"
+                    )
+            seen[nonce] = sent
 
 
 __all__ = [

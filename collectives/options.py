@@ -10,10 +10,16 @@ from collectives.codec import ALLOW_PICKLE_ENV, CodecOptions
 from collectives.deadline import TIMEOUT_ENV, check_timeout
 from collectives.errors import ConfigurationError
 
-__all__ = ["ALLOW_PICKLE_ENV", "COMPRESSION_ENV", "DEFAULT_TIMEOUT_S", "CommOptions"]
+__all__ = ["ALLOW_PICKLE_ENV", "COMPRESSION_ENV", "DEFAULT_TIMEOUT_S", "CommOptions", "env_flag"]
 
 DEFAULT_TIMEOUT_S = 600.0
 COMPRESSION_ENV = "COMFY_CLUSTER_COMPRESSION"
+_TRUE = ("1", "true", "yes", "on")
+
+
+def env_flag(environ: Mapping[str, str], name: str) -> bool:
+    """Whether the variable ``name`` is on: 1, true, yes or on (any case, spaces ignored)."""
+    return environ.get(name, "").strip().lower() in _TRUE
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,6 @@ class CommOptions:
                 raise ConfigurationError(
                     f"{COMPRESSION_ENV}={compression!r}: use 'zstd', 'lz4' or leave it unset"
                 )
-            allow_pickle = env.get(ALLOW_PICKLE_ENV, "").lower() in ("1", "true", "yes", "on")
+            allow_pickle = env_flag(env, ALLOW_PICKLE_ENV)
             codec = CodecOptions(allow_pickle=allow_pickle, compression=compression)  # type: ignore[arg-type]
         return cls(timeout=timeout, codec=codec)

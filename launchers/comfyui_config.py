@@ -14,7 +14,7 @@ from pathlib import Path
 
 from collectives.errors import ConfigurationError
 from launchers.comfyui_run import has_option
-from launchers.config import check_cluster_key
+from launchers.config import check_cluster_key, is_multi_node
 
 DEFAULT_PORT = 8188
 DEFAULT_DATABASE_URL = "sqlite:///:memory:"  # per process: ranks never contend for one file
@@ -112,9 +112,7 @@ class ComfyClusterConfig:
                 "pass --listen / --base-directory before '--' (to comfycluster-launch comfyui), "
                 "not as ComfyUI arguments"
             )
-        multi_node = self.rank_offset > 0 or (
-            self.world_size is not None and self.world_size > self.nproc
-        )
+        multi_node = is_multi_node(self.nproc, self.rank_offset, self.world_size)
         check_cluster_key(self.master_addr, multi_node, {**os.environ, **self.env})
 
 

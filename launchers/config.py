@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from collectives.auth import ClusterKey, require_key
 from collectives.errors import ConfigurationError
+from collectives.rendezvous.store import Address, resolve
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,18 @@ class RankSlot:
     local_rank: int
     world_size: int
     local_world_size: int
+
+
+def is_multi_node(nproc: int, rank_offset: int, world_size: int | None) -> bool:
+    """Whether a launcher starting ``nproc`` ranks from ``rank_offset`` of ``world_size`` (None:
+    just its own) leaves some ranks to other launchers."""
+    total = world_size if world_size is not None else rank_offset + nproc
+    return rank_offset > 0 or total > nproc
+
+
+def lacks_cluster_key(environ: Mapping[str, str]) -> bool:
+    """Whether ranks started with ``environ`` would have no cluster key (a blank one is none)."""
+    return ClusterKey.from_env(environ) is None
 
 
 @dataclass
@@ -68,7 +81,7 @@ class LaunchConfig:
     @property
     def multi_node(self) -> bool:
         """Whether other launchers start some of the ranks (they must share one key)."""
-        return self.rank_offset > 0 or self.total_world_size > self.nproc
+        return is_multi_node(self.nproc, self.rank_offset, self.world_size)
 
     def slots(self) -> list[RankSlot]:
         world = self.total_world_size
@@ -179,21 +192,13 @@ def with_cluster_key(config: LaunchConfig, base: Mapping[str, str] | None = None
     ``config.env``: ``COMFY_CLUSTER_KEY`` or ``COMFY_CLUSTER_KEY_FILE``) is inherited as it is.
     """
     env = {**(os.environ if base is None else base), **config.env}
-    if config.cluster_key is not None or config.multi_node or ClusterKey.from_env(env) is not None:
+    if config.cluster_key is not None or config.multi_node or not lacks_cluster_key(env):
         return config
     return dataclasses.replace(config, cluster_key=ClusterKey.generate().text)
 
 
-def _address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[object, ...]]:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ConfigurationError(
-            f"--master-addr {host!r} does not resolve ({exc.strerror}): pass a host name or IP "
-            f"that every node can reach"
-        ) from None
-    family, _, _, _, sockaddr = infos[0]
-    return family, sockaddr
+def _address(host: str, port: int) -> Address:
+    return resolve(host, port, "--master-addr", "pass a host name or IP that every node can reach")
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -235,6 +240,8 @@ __all__ = [
     "LaunchConfig",
     "RankSlot",
     "check_cluster_key",
+    "is_multi_node",
+    "lacks_cluster_key",
     "pick_free_port",
     "port_in_use",
     "with_cluster_key",

@@ -13,10 +13,16 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import TextIO
 
-from collectives.auth import KEY_ENV, KEY_FILE_ENV
+from collectives.auth import KEY_ENV
 from collectives.errors import ConfigurationError
 from launchers._output import LinePump
-from launchers.config import LaunchConfig, RankSlot, pick_free_port, with_cluster_key
+from launchers.config import (
+    LaunchConfig,
+    RankSlot,
+    lacks_cluster_key,
+    pick_free_port,
+    with_cluster_key,
+)
 from launchers.group import LaunchedGroup
 
 TIMEOUT_EXIT = 124  # what coreutils' timeout(1) returns, so scripts can tell a timeout apart
@@ -44,7 +50,7 @@ def child_env(
     env.update(config.env)
     if config.per_rank_env is not None:
         env.update(config.per_rank_env(slot))
-    if config.cluster_key is not None and not (env.get(KEY_ENV) or env.get(KEY_FILE_ENV)):
+    if config.cluster_key is not None and lacks_cluster_key(env):
         env[KEY_ENV] = config.cluster_key
     env.update(
         RANK=str(slot.rank),

@@ -85,6 +85,7 @@ class TorchBackend(Backend):
         self._owns_default = joined.owns_default
         self._own_group = joined.own_group
         self._group: ProcessGroup | None = joined.pg
+        self._store = joined.store  # rank 0's store, for the group: closed with it
         self._engine = Engine(
             joined.pg,
             joined.rank,
@@ -94,7 +95,6 @@ class TorchBackend(Backend):
             hosts=joined.hosts,
         )
         self._closed = False
-        self.comm_id = 0  # of BackendConfig.world, set by create()
         # The last native op's temporary views.  Kept until the next op so that gloo's worker
         # thread, which releases an op's tensors just after completing it, is never the last
         # owner of their Python objects: it would take the GIL to free them (measured ~0.1 ms
@@ -151,7 +151,7 @@ class TorchBackend(Backend):
         )
         # Every message envelope names the world and its incarnation (a stale or foreign
         # message is refused, see collectives.backends.envelope).
-        backend.comm_id = backend._engine.comm = comm_id(config.world)
+        backend._engine.comm = comm_id(config.world)
         backend._engine.epoch = config.epoch
         if not cls.uses_cuda and backend.size > 1:
             backend._probe_cma(config.timeout)
@@ -554,6 +554,10 @@ class TorchBackend(Backend):
         # interpreter finalisation, a gloo thread freeing a tensor aborts the process.
         self._engine.release(forget_abandoned=destroyed)
         del group
+        # The group no longer needs rank 0's store: without this, rank 0 would keep one
+        # connection (and one server thread) per rank of every world ever formed.
+        if self._store is not None:
+            self._store.close()
 
     def peers(self) -> dict[int, str]:
         lost = self._engine.lost

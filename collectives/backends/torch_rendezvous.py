@@ -41,7 +41,7 @@ from collectives.errors import (
     RendezvousTimeoutError,
 )
 from collectives.rendezvous.env import read_rank_env
-from collectives.rendezvous.store import StoreClient, StoreServer, resolve
+from collectives.rendezvous.store import Address, StoreClient, StoreServer, resolve
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -53,14 +53,21 @@ log = logging.getLogger(__name__)
 LAUNCH_HINT = "or launch with comfycluster-launch"
 GLOO_IFNAME_ENV = "GLOO_SOCKET_IFNAME"
 _KEY_PREFIX = "collectives/checkin/"
+_TORCH_KEY_PREFIX = "collectives/world/"
 # One store server per (address, port) for the life of the process: rank 0 keeps serving
 # MASTER_PORT across re-formed worlds (its old store may still be held by an aborted group), and
 # every world gets its own key space.
 _STORES: dict[tuple[str, int], StoreServer] = {}
+# The world whose keys each of those servers holds (rank 0 joined it last): its keys are deleted
+# when this process's rank 0 joins another world there.
+_STORE_WORLDS: dict[tuple[str, int], str] = {}
+_STORES_LOCK = threading.Lock()
 _GLOO_ENV_LOCK = threading.Lock()
 # The Python stores handed to torch.  torch keeps only their C++ half: once Python forgets one,
 # torch's calls land on the C++ base ("Not implemented").  A group that was aborted may still
-# call its store, so they are kept for the life of the process (one per world formed).
+# call its store, so the wrappers are kept for the life of the process (one per world formed);
+# their connections are closed when the world ends (TorchBackend.close), after which a call from
+# such a group fails with a DistStoreError instead.
 _TORCH_STORES: list[Any] = []
 _PROGRESS_EVERY_S = 0.25
 
@@ -97,6 +104,10 @@ class Joined:
     own_group: bool  # we called new_group on the user's default group: close() destroys it
     hosts: dict[int, str] = field(default_factory=dict)
     local_rank: int = 0
+    # This rank's connection to rank 0's store, which the group uses for as long as it lives:
+    # close() closes it once the group is destroyed.  None without one (a world of one, a torch
+    # init_method, the user's group).
+    store: StoreClient | None = None
 
 
 def join(
@@ -155,6 +166,7 @@ def join(
         assert world is not None
         return Joined(world, rank, size, True, False, {}, local_rank)
     gloo_ifname: str | None = None
+    client: StoreClient | None = None
     if size == 1 and scheme == "env" and not environ.get("MASTER_ADDR"):
         from torch._C._distributed_c10d import HashStore
 
@@ -163,15 +175,18 @@ def join(
     else:
         addr, port = _address(method, scheme, environ, name)
         what = "MASTER_ADDR" if scheme == "env" else f"the host of init_method={method!r}"
-        family, sockaddr = resolve(addr, port, what)  # fails fast, on every rank alike
+        address = resolve(addr, port, what)  # fails fast, on every rank alike
+        family, sockaddr = address
         key = require_key(str(sockaddr[0]), f"the rendezvous store ({what}={addr})", environ)
-        if torch_backend == "gloo":
+        if uses_gloo(torch_backend):
             gloo_ifname = _gloo_interface(environ, family, sockaddr)
         _set_waiting(config.world, [0] if rank != 0 else [r for r in range(size) if r != 0])
         try:
-            if rank == 0 and (addr, port) not in _STORES:
-                _STORES[(addr, port)] = StoreServer(addr, port, key)
-            client = _connect(addr, port, key, rank=rank, deadline=deadline, timeout=config.timeout)
+            if rank == 0:
+                _serve(addr, port, key, address, config.world)
+            client = _connect(
+                addr, port, key, address, rank=rank, deadline=deadline, timeout=config.timeout
+            )
             hosts = _check_in(
                 client,
                 rank=rank,
@@ -191,22 +206,67 @@ def join(
         authenticated = AuthenticatedStore(client, timeout)
         _TORCH_STORES.append(authenticated)
         store = dist.PrefixStore(  # type: ignore[attr-defined]
-            f"collectives/world/{config.world}/", authenticated
+            _torch_prefix(config.world), authenticated
         )
-    with _gloo_env(gloo_ifname):
-        _init(
-            dist,
-            name=name,
-            torch_backend=torch_backend,
-            timeout=timeout,
-            rank=rank,
-            size=size,
-            extra=extra,
-            store=store,
-        )
+    try:
+        with _gloo_env(gloo_ifname):
+            _init(
+                dist,
+                name=name,
+                torch_backend=torch_backend,
+                timeout=timeout,
+                rank=rank,
+                size=size,
+                extra=extra,
+                store=store,
+            )
+    except BaseException:
+        if client is not None:
+            client.close()
+        raise
     pg = dist.group.WORLD
     assert pg is not None
-    return Joined(pg, rank, size, True, False, hosts, local_rank)
+    return Joined(pg, rank, size, True, False, hosts, local_rank, client)
+
+
+def uses_gloo(torch_backend: str) -> bool:
+    """Whether a torch backend string (``gloo``, ``cpu:gloo,cuda:nccl``) has gloo in it."""
+    return any(part.rpartition(":")[2].strip() == "gloo" for part in torch_backend.split(","))
+
+
+def _world_key(world: str) -> str:
+    # Quoted, so no world's keys are a prefix of another's ("a/" of "a/b/"): see _serve.
+    return urllib.parse.quote(world, safe="")
+
+
+def _checkin_prefix(world: str) -> str:
+    return f"{_KEY_PREFIX}{_world_key(world)}/"
+
+
+def _torch_prefix(world: str) -> str:
+    return f"{_TORCH_KEY_PREFIX}{_world_key(world)}/"
+
+
+def _serve(
+    addr: str, port: int, key: ClusterKey | None, address: Address, world: str
+) -> StoreServer:
+    """Rank 0's store server on ``addr:port`` (started once per process), ready for ``world``.
+
+    Rank 0 joins one world at a time: the previous world it joined on this server is over (its
+    group destroyed or aborted), so that world's keys are deleted, and re-formed worlds do not
+    fill the store.  A world joined again under the same name keeps its keys: its other ranks may
+    be checking in already.
+    """
+    with _STORES_LOCK:
+        server = _STORES.get((addr, port))
+        if server is None:
+            server = _STORES[(addr, port)] = StoreServer(addr, port, key, address=address)
+        previous = _STORE_WORLDS.get((addr, port))
+        if previous is not None and previous != world:
+            server.delete_prefix(_checkin_prefix(previous))
+            server.delete_prefix(_torch_prefix(previous))
+        _STORE_WORLDS[(addr, port)] = world
+        return server
 
 
 def _own_gpu(name: str, local_rank: int) -> Any:
@@ -305,7 +365,14 @@ def _address(method: str, scheme: str, environ: Mapping[str, str], name: str) ->
 
 
 def _connect(
-    addr: str, port: int, key: ClusterKey | None, *, rank: int, deadline: float, timeout: float
+    addr: str,
+    port: int,
+    key: ClusterKey | None,
+    address: Address,
+    *,
+    rank: int,
+    deadline: float,
+    timeout: float,
 ) -> StoreClient:
     """A connection to rank 0's store, retried until the deadline (rank 0 may start later).
 
@@ -324,7 +391,9 @@ def _connect(
                 "ranks use the same MASTER_ADDR/MASTER_PORT?"
             )
         try:
-            return StoreClient(addr, port, key, connect_timeout_s=min(max(remaining, 0.1), 5.0))
+            return StoreClient(
+                addr, port, key, connect_timeout_s=min(max(remaining, 0.1), 5.0), address=address
+            )
         except RendezvousConnectionError as err:
             last = err
         time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
@@ -413,8 +482,12 @@ def _check_in(
     port: int,
     world: str,
 ) -> dict[int, str]:
-    """Every rank announces itself; wait until all ``size`` have, naming any that never do."""
-    prefix = f"{_KEY_PREFIX}{world}/"
+    """Every rank announces itself; wait until all ``size`` have, naming any that never do.
+
+    The store's server waits for the keys, in slices of ``_PROGRESS_EVERY_S``: after each slice
+    that ends short of them, the ranks still missing are looked up for :func:`waiting_for`.
+    """
+    prefix = _checkin_prefix(world)
     keys = [f"{prefix}{r}" for r in range(size)]
     try:
         claims = store.add(f"{prefix}claims/{rank}", 1)
@@ -423,23 +496,27 @@ def _check_in(
                 f"two processes claim rank {rank} at {addr}:{port}: give each one its own RANK"
             )
         store.set(keys[rank], _my_host().encode("utf-8"))
-        pause = 0.005
-        next_progress = time.monotonic() + _PROGRESS_EVERY_S
-        while not store.check(keys):
-            now = time.monotonic()
-            if now >= next_progress or now >= deadline:
-                missing = [r for r in range(size) if not store.check([keys[r]])]
-                _set_waiting(world, missing)
-                next_progress = now + _PROGRESS_EVERY_S
-            if now >= deadline:
+        missing = list(range(size))
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                store.wait(keys, max(min(_PROGRESS_EVERY_S, remaining), 0.0))
+                break
+            except RendezvousTimeoutError:
+                pass
+            # A rank that checked in stays checked in: only the missing ones are asked again,
+            # but all of them at the deadline (or when none seemed missing: a key was deleted).
+            past = time.monotonic() >= deadline
+            asked = missing if missing and not past else range(size)
+            missing = [r for r in asked if not store.check([keys[r]])]
+            _set_waiting(world, missing)
+            if past and missing:
                 raise RendezvousTimeoutError(
                     f"rendezvous at {addr}:{port} timed out after {timeout:g} s on rank {rank}: "
                     f"rank(s) {', '.join(map(str, missing))} of {size} never arrived; start them "
                     "with the same MASTER_ADDR/MASTER_PORT/WORLD_SIZE, or raise the timeout "
                     "(COMFY_CLUSTER_TIMEOUT)"
                 )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
         hosts = {}
         for r in range(size):
             hosts[r] = store.get(keys[r]).decode("utf-8", "replace")
@@ -475,4 +552,4 @@ def _init(
         ) from None
 
 
-__all__ = ["Joined", "join", "waiting_for"]
+__all__ = ["Joined", "join", "uses_gloo", "waiting_for"]

@@ -52,16 +52,21 @@ _MAX_WAIT_MS = 24 * 3600 * 1000
 _CALL_TIMEOUT_S = 120.0  # any request but WAIT is answered at once by a live server
 
 
-def resolve(host: str, port: int, what: str = "MASTER_ADDR") -> tuple[int, tuple[object, ...]]:
+Address = tuple[int, tuple[object, ...]]  # (family, sockaddr), as resolve() returns it
+
+
+def resolve(
+    host: str,
+    port: int,
+    what: str = "MASTER_ADDR",
+    fix: str = "set it to rank 0's address or a host name every rank can resolve",
+) -> Address:
     """``(family, sockaddr)`` of ``host``; a :class:`ConfigurationError` naming ``what``."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as err:
         reason = getattr(err, "strerror", None) or str(err)
-        raise ConfigurationError(
-            f"{what}={host!r} does not resolve ({reason}): set it to rank 0's address or a "
-            "host name every rank can resolve"
-        ) from None
+        raise ConfigurationError(f"{what}={host!r} does not resolve ({reason}): {fix}") from None
     family, _, _, _, sockaddr = infos[0]
     return int(family), tuple(sockaddr)
 
@@ -74,6 +79,19 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
             raise ConnectionResetError("connection closed by the peer")
         chunks += chunk
     return bytes(chunks)
+
+
+def _connect_to(address: Address, timeout_s: float) -> socket.socket:
+    """A TCP connection to an already resolved ``(family, sockaddr)``."""
+    family, sockaddr = address
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout_s)
+        sock.connect(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class _Table:
@@ -96,6 +114,20 @@ class _Table:
         self._data[key] = value
         self._bytes += grown
         self._changed.notify_all()
+
+    def _delete(self, key: str) -> bool:
+        old = self._data.pop(key, None)
+        if old is not None:
+            self._bytes -= len(key) + len(old)
+        return old is not None
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key that starts with ``prefix``; how many there were."""
+        with self._changed:
+            doomed = [k for k in self._data if k.startswith(prefix)]
+            for k in doomed:
+                self._delete(k)
+            return len(doomed)
 
     def handle(self, req: Request) -> bytes:
         with self._changed:
@@ -137,10 +169,8 @@ class _Table:
                     return wire.pack_fields(Status.OK, desired)
                 return wire.pack_fields(Status.OK, expected if current is None else current)
             if req.op is Op.DELETE:
-                old = self._data.pop(key, None)
-                if old is not None:
-                    self._bytes -= len(key) + len(old)
-                return wire.pack_fields(Status.OK, b"\x01" if old is not None else b"\x00")
+                found = self._delete(key)
+                return wire.pack_fields(Status.OK, b"\x01" if found else b"\x00")
             assert req.op is Op.NUM_KEYS
             return wire.pack_fields(Status.OK, wire.encode_i64(len(self._data)))
 
@@ -163,6 +193,7 @@ class StoreServer:
         max_pending: int = 64,
         max_connections: int = 4096,
         handshake_timeout_s: float = 5.0,
+        address: Address | None = None,
     ) -> None:
         self.host = host
         self._key = wire.INSECURE_KEY if key is None else key
@@ -174,7 +205,7 @@ class StoreServer:
         self._pending = 0
         self._conns: set[socket.socket] = set()
         self._closed = False
-        family, sockaddr = resolve(host, port)
+        family, sockaddr = resolve(host, port) if address is None else address
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             # A restarted rank 0 must get its port back while old connections sit in TIME_WAIT.
@@ -237,7 +268,7 @@ class StoreServer:
                 header = conn.recv(4)
                 if not header:
                     return  # an orderly close between requests
-                header += _recv_exact(conn, 4 - len(header)) if len(header) < 4 else b""
+                header += _recv_exact(conn, 4 - len(header))
                 length = wire.frame_length(header)
                 payload = _recv_exact(conn, length)
                 tag = _recv_exact(conn, wire.TAG_BYTES)
@@ -277,6 +308,16 @@ class StoreServer:
         session = wire.session_key(self._key, server_nonce, client_nonce)
         return wire.FrameSealer(session, b"c"), wire.FrameSealer(session, b"s")
 
+    @property
+    def connections(self) -> int:
+        """How many connections are open now (in the handshake or authenticated)."""
+        with self._lock:
+            return len(self._conns)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key that starts with ``prefix`` (in this process: no client needed)."""
+        return self._table.delete_prefix(prefix)
+
     def close(self) -> None:
         """Stop listening and drop every connection (idempotent)."""
         with self._lock:
@@ -307,13 +348,22 @@ class StoreClient:
     """
 
     def __init__(
-        self, host: str, port: int, key: ClusterKey | None, *, connect_timeout_s: float = 5.0
+        self,
+        host: str,
+        port: int,
+        key: ClusterKey | None,
+        *,
+        connect_timeout_s: float = 5.0,
+        address: Address | None = None,
     ) -> None:
         self.where = f"{host}:{port}"
         self._key = wire.INSECURE_KEY if key is None else key
         self._lock = threading.Lock()
         try:
-            sock = socket.create_connection((host, port), timeout=connect_timeout_s)
+            if address is None:
+                sock = socket.create_connection((host, port), timeout=connect_timeout_s)
+            else:
+                sock = _connect_to(address, connect_timeout_s)
         except OSError as err:
             raise RendezvousConnectionError(
                 f"cannot reach the rendezvous store at {self.where}: {err.strerror or err}"
@@ -427,4 +477,4 @@ class StoreClient:
             sock.close()
 
 
-__all__ = ["StoreClient", "StoreServer", "resolve"]
+__all__ = ["Address", "StoreClient", "StoreServer", "resolve"]

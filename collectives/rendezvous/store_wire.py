@@ -68,6 +68,19 @@ class Op(enum.IntEnum):
     NUM_KEYS = 8
 
 
+# op -> (keys, trailing values) of a request; None: any number of keys.
+_SHAPES: dict[Op, tuple[int | None, int]] = {
+    Op.SET: (1, 1),
+    Op.GET: (1, 0),
+    Op.ADD: (1, 1),
+    Op.CHECK: (None, 0),
+    Op.WAIT: (None, 1),
+    Op.COMPARE_SET: (1, 2),
+    Op.DELETE: (1, 0),
+    Op.NUM_KEYS: (0, 0),
+}
+
+
 class Status(enum.IntEnum):
     OK = 0
     TIMEOUT = 1
@@ -207,17 +220,7 @@ class Request:
             op = Op(raw_op)
         except ValueError:
             raise RemoteProtocolError(f"unknown store op {raw_op}") from None
-        shapes = {  # op -> (keys, trailing values), None: any number of keys
-            Op.SET: (1, 1),
-            Op.GET: (1, 0),
-            Op.ADD: (1, 1),
-            Op.CHECK: (None, 0),
-            Op.WAIT: (None, 1),
-            Op.COMPARE_SET: (1, 2),
-            Op.DELETE: (1, 0),
-            Op.NUM_KEYS: (0, 0),
-        }
-        n_keys, n_values = shapes[op]
+        n_keys, n_values = _SHAPES[op]
         if n_keys is None:
             n_keys = len(fields) - n_values
             if not 0 <= n_keys <= MAX_KEYS_PER_REQUEST:

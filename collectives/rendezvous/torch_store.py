@@ -21,6 +21,11 @@ from collectives.rendezvous.store import StoreClient
 T = TypeVar("T")
 
 
+def _raw(value: bytes | str) -> bytes:
+    """A value as the store keeps it: torch passes text or bytes."""
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
 class AuthenticatedStore(dist.Store):  # type: ignore[misc,name-defined]
     """A ``torch.distributed.Store`` served by rank 0's :class:`StoreServer`."""
 
@@ -34,8 +39,7 @@ class AuthenticatedStore(dist.Store):  # type: ignore[misc,name-defined]
         return float(chosen.total_seconds())
 
     def set(self, key: str, value: bytes | str) -> None:
-        data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-        self._run(self.client.set, key, data)
+        self._run(self.client.set, key, _raw(value))
 
     def get(self, key: str) -> bytes:
         self.wait([key])
@@ -51,10 +55,7 @@ class AuthenticatedStore(dist.Store):  # type: ignore[misc,name-defined]
         self._run(self.client.wait, list(keys), self._timeout_s(timeout))
 
     def compare_set(self, key: str, expected: bytes | str, desired: bytes | str) -> bytes:
-        def raw(value: bytes | str) -> bytes:
-            return value.encode("utf-8") if isinstance(value, str) else bytes(value)
-
-        return self._run(self.client.compare_set, key, raw(expected), raw(desired))
+        return self._run(self.client.compare_set, key, _raw(expected), _raw(desired))
 
     def delete_key(self, key: str) -> bool:
         return self._run(self.client.delete_key, key)

@@ -131,3 +131,26 @@ def test_comfyui_ranks_get_one_key_for_start_and_restart(
     assert started[0].cluster_key == KNOWN
     assert [rank.env["COMFY_CLUSTER_KEY"] for rank in cluster._ranks.values()] == [KNOWN, KNOWN]
     assert [rank.env["MASTER_ADDR"] for rank in cluster._ranks.values()] == ["127.0.0.1"] * 2
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\n"])
+def test_a_blank_key_in_the_environment_counts_as_none(blank: str) -> None:
+    from launchers import child_env
+
+    config = with_cluster_key(LaunchConfig(nproc=1, command=["true"]), {"COMFY_CLUSTER_KEY": blank})
+    assert config.cluster_key is not None  # made up here...
+    env = child_env(config, config.slots()[0], 29500, base={"COMFY_CLUSTER_KEY": blank})
+    assert env["COMFY_CLUSTER_KEY"] == config.cluster_key  # ...and handed to the rank
+
+
+@pytest.mark.parametrize(
+    ("nproc", "offset", "world", "expected"),
+    [(2, 0, None, False), (2, 0, 2, False), (2, 0, 4, True), (2, 2, 4, True), (2, 2, None, True)],
+)
+def test_launch_and_comfyui_configs_agree_on_multi_node(
+    nproc: int, offset: int, world: int | None, expected: bool
+) -> None:
+    from launchers.config import is_multi_node
+
+    config = LaunchConfig(nproc=nproc, command=["true"], rank_offset=offset, world_size=world)
+    assert config.multi_node is is_multi_node(nproc, offset, world) is expected

@@ -8,7 +8,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -292,3 +292,102 @@ def test_torch_adapter(server: StoreServer, client: StoreClient) -> None:
     with pytest.raises(dist.DistStoreError):
         prefixed.wait(["never"], timedelta(seconds=0.2))
     assert client.get("p/a") == b"text"
+
+
+def test_a_resolved_address_is_used_as_it_is() -> None:
+    from collectives.rendezvous.store import resolve
+
+    with StoreServer("127.0.0.1", 0, KEY, address=resolve("127.0.0.1", 0)) as srv:
+        assert srv._sock.getsockname()[0] == "127.0.0.1"
+        # The host is only named in messages: the address given is what is connected to.
+        c = StoreClient("unused.invalid", srv.port, KEY, address=resolve("127.0.0.1", srv.port))
+        c.set("k", b"v")
+        assert c.get("k") == b"v"
+        c.close()
+
+
+def test_delete_prefix_and_connection_count(server: StoreServer, client: StoreClient) -> None:
+    for key in ("w/a/0", "w/a/claims/0", "w/ab/0", "other"):
+        client.set(key, b"x")
+    assert server.delete_prefix("w/a/") == 2
+    assert client.check(["w/ab/0", "other"]) and not client.check(["w/a/0"])
+    assert client.num_keys() == 2
+    client.set("w/a/0", b"y")  # the byte count stayed right: the table is not full
+    assert server.connections == 1
+    client.close()
+    _until(lambda: server.connections == 0)
+
+
+def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    limit = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < limit, "condition not met in time"
+        time.sleep(0.01)
+
+
+# -- the gloo rendezvous on rank 0's store -----------------------------------------------------
+
+
+def test_uses_gloo() -> None:
+    from collectives.backends.torch_rendezvous import uses_gloo
+
+    assert uses_gloo("gloo") and uses_gloo("cpu:gloo,cuda:nccl") and uses_gloo("cuda:nccl, gloo")
+    assert not uses_gloo("nccl") and not uses_gloo("cuda:nccl") and not uses_gloo("mpi")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.gloo
+def test_re_formed_worlds_do_not_pile_up_on_rank_0s_store() -> None:
+    # The node pack re-forms a world per epoch in one process: each world's connection to the
+    # store must go with it, and the previous world's keys too.
+    dist = pytest.importorskip("torch.distributed")
+    from collectives.backends import torch_rendezvous as tr
+    from collectives.backends.base import BackendConfig
+    from collectives.backends.torch_dist import TorchBackend
+
+    assert not dist.is_initialized()
+    port = _free_port()
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    keys = []
+    for epoch in range(4):
+        config = BackendConfig(
+            rank=0, size=1, environ=env, timeout=10, world=f"comfy-cluster-e{epoch}", epoch=epoch
+        )
+        backend = TorchBackend.create(config)
+        server = tr._STORES[("127.0.0.1", port)]
+        assert server.connections == 1
+        keys.append(set(server._table._data))
+        backend.close()
+        assert not dist.is_initialized()
+        _until(lambda: tr._STORES[("127.0.0.1", port)].connections == 0)
+    # Every world wrote the same number of keys, and only the last one's are left.
+    assert len({len(k) for k in keys}) == 1
+    assert set(server._table._data) == keys[-1]
+    assert all("comfy-cluster-e3/" in k for k in keys[-1])
+
+
+@pytest.mark.gloo
+def test_a_failed_init_closes_its_store_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    dist = pytest.importorskip("torch.distributed")
+    from collectives.backends import torch_rendezvous as tr
+    from collectives.backends.base import BackendConfig
+    from collectives.errors import RendezvousConnectionError
+
+    def failing_init(*args: object, **kwargs: object) -> None:
+        raise RendezvousConnectionError("gloo could not connect")
+
+    monkeypatch.setattr(tr, "_init", failing_init)
+    port = _free_port()
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    config = BackendConfig(rank=0, size=1, environ=env, timeout=10, world="fails")
+    with pytest.raises(RendezvousConnectionError):
+        tr.join(config, name="gloo", torch_backend="gloo")
+    assert not dist.is_initialized()
+    server = tr._STORES[("127.0.0.1", port)]
+    _until(lambda: server.connections == 0)
