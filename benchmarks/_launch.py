@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,17 +65,11 @@ class WorldRun:
         return None
 
 
-def mpiexec() -> str:
-    beside = Path(sys.executable).parent / "mpiexec"
-    found = str(beside) if beside.exists() else shutil.which("mpiexec")
-    if not found:
-        raise RuntimeError("mpiexec not found (pip install mpi4py mpich)")
-    return found
-
-
 def world_command(backend: str, size: int, spec_path: Path, timeout: float) -> list[str]:
     worker = [sys.executable, "-m", "benchmarks._worker", str(spec_path)]
     if backend == "mpi":
+        from collectives.testing.spmd import mpiexec  # imports torch: only when needed
+
         return [mpiexec(), "-n", str(size), *worker]
     return [
         sys.executable,

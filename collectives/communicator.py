@@ -269,7 +269,9 @@ class Communicator(BufferOps):
         return encode(obj, self._options.codec)
 
     def _decode(self, msg: Encoded) -> Any:
-        return decode(msg.header, msg.buffers, self._options.codec)
+        # The header as the receiving transport already checked it, when it did (not parsed twice).
+        header = msg.header if msg.checked is None else msg.checked
+        return decode(header, msg.buffers, self._options.codec)
 
     def _check_usable(self, op: str) -> None:
         # The failure first: an aborted communicator is usually closed soon after, and the

@@ -254,7 +254,7 @@ def land_gathered(
     root: int,
     ctx: OpContext,
     *,
-    codec: CodecOptions | None = None,
+    codec: CodecOptions,
 ) -> None:
     """The root's end of ``gatherv_into``: each received message into its rank's block (checked,
     decoded with ``codec``, the backend's options; no copy when it arrived there already), then
@@ -262,7 +262,7 @@ def land_gathered(
     from collectives.backends.p2p import place_block
 
     for src, msg in received.items():
-        place_block(blocks[src], msg, src, ctx, codec=codec or CodecOptions())
+        place_block(blocks[src], msg, src, ctx, codec=codec)
     copy_own_block(blocks[root], tensor)
 
 

@@ -14,11 +14,14 @@ collective" (or another world) from "this is my data" before it touches a byte o
     24     8    comm: communicator id, a hash of the world's name (:func:`comm_id`)
     32     24   op name (ASCII, zero padded)
 
-``SIZE`` = 56 bytes, little-endian.  In-process backends may pass :class:`Envelope` objects as
-they are; byte transports :meth:`~Envelope.pack` them.  :meth:`Envelope.expect` is the one check
-every receiver applies: same world (comm, epoch), same op and sequence, same root; anything else
-raises :class:`CollectiveMismatchError` naming both ranks (a message from another world or epoch:
-:class:`RemoteProtocolError`, as it can only be stale or foreign).
+``SIZE`` = 56 bytes, little-endian.  Build envelopes with :func:`op_envelope` (a collective's)
+and :func:`user_envelope` (every user point-to-point message: op :data:`USER_OP`, sequence 0),
+which hold the op name as a receiver unpacks it, cut to its field.  In-process backends may
+pass :class:`Envelope` objects as they are; byte transports :meth:`~Envelope.pack` them.
+:meth:`Envelope.expect` is the one check every receiver applies: same world (comm, epoch), same
+op and sequence, same root; anything else raises :class:`CollectiveMismatchError` naming both
+ranks (a message from another world or epoch: :class:`RemoteProtocolError`, as it can only be
+stale or foreign).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ NO_ROOT = -1
 _NAME_FIELD = 24
 _STRUCT = struct.Struct(f"<4sBBHQiIQ{_NAME_FIELD}s")
 SIZE = _STRUCT.size
+USER_OP = "send"  # the op every user point-to-point message names (sequence 0, no root)
 
 
 def comm_id(world: str) -> int:
@@ -57,13 +61,12 @@ class Envelope(NamedTuple):
         return f"{self.op} (collective #{self.seq}{where})"
 
     def pack(self) -> bytes:
-        name = self.op.encode("ascii", "replace")[:_NAME_FIELD]
-        return _STRUCT.pack(
-            MAGIC, VERSION, len(name), 0, self.seq, self.root, self.epoch, self.comm, name
-        )
+        out = bytearray(SIZE)
+        self.pack_into(out)
+        return bytes(out)
 
     def pack_into(self, buffer: Buffer, offset: int = 0) -> None:
-        name = self.op.encode("ascii", "replace")[:_NAME_FIELD]
+        name = _wire_name(self.op)
         _STRUCT.pack_into(
             buffer, offset, MAGIC, VERSION, len(name), 0, self.seq, self.root, self.epoch,
             self.comm, name,
@@ -103,4 +106,29 @@ class Envelope(NamedTuple):
         )
 
 
-__all__ = ["MAGIC", "NO_ROOT", "SIZE", "Envelope", "comm_id"]
+def _wire_name(op: str) -> bytes:
+    """``op`` as the envelope carries it: ASCII, cut to the name field."""
+    return op.encode("ascii", "replace")[:_NAME_FIELD]
+
+
+def op_envelope(op: str, seq: int, root: int, comm: int, epoch: int) -> Envelope:
+    """The envelope of ``op`` number ``seq`` (``root``: NO_ROOT for rootless ops) in world
+    ``comm``, incarnation ``epoch``, with the op name as a receiver unpacks it."""
+    return Envelope(_wire_name(op).decode("ascii"), seq, root, comm, epoch)
+
+
+def user_envelope(comm: int, epoch: int) -> Envelope:
+    """The envelope of every user point-to-point message in world ``comm``, ``epoch``."""
+    return op_envelope(USER_OP, 0, NO_ROOT, comm, epoch)
+
+
+__all__ = [
+    "MAGIC",
+    "NO_ROOT",
+    "SIZE",
+    "USER_OP",
+    "Envelope",
+    "comm_id",
+    "op_envelope",
+    "user_envelope",
+]

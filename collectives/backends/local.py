@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from collectives.backends.base import BackendConfig, register_backend
 from collectives.backends.envelope import Envelope
-from collectives.backends.p2p import P2PBackend, lands_in
+from collectives.backends.p2p import P2PBackend, landing_size
 from collectives.codec import Encoded, alloc_buffer
 from collectives.errors import (
     CommunicatorAbortedError,
@@ -37,9 +37,8 @@ class _World:
         self.size = size
         self.lock = threading.Lock()
         self.arrived = [threading.Condition(self.lock) for _ in range(size)]
-        self.boxes: list[dict[tuple[int, str], deque[tuple[Envelope, Encoded]]]] = [
-            {} for _ in range(size)
-        ]
+        # (src, channel) -> queued (envelope, message, landing size: see ``_Queued``)
+        self.boxes: list[dict[tuple[int, str], deque[_Queued]]] = [{} for _ in range(size)]
         # Receives waiting with a buffer of their own: (dst, src, channel) -> landing.
         self.landings: dict[tuple[int, int, str], _Landing] = {}
         self.joined: set[int] = set()
@@ -57,6 +56,10 @@ class _Landing:
         self.claimed = False  # a sender is copying into it (outside the lock)
         self.result: tuple[Envelope, Encoded] | None = None
 
+
+# A queued message, with the size of the buffer it may land in (:func:`landing_size` of its
+# header, worked out once when it is posted; None: it never lands).
+_Queued = tuple[Envelope, Encoded, int | None]
 
 _WORLDS: dict[str, _World] = {}
 _WORLDS_LOCK = threading.Lock()
@@ -111,12 +114,13 @@ class LocalBackend(P2PBackend):
         self._check_alive()
         world = self._world
         key = (dst, self.rank, channel)
+        lands = landing_size(msg.header) if len(msg.buffers) == 1 else None  # once, unlocked
         with world.lock:
             landing = world.landings.get(key)
             direct = (
                 landing is not None
                 and not world.boxes[dst].get((self.rank, channel))
-                and _fits(msg, landing.into)
+                and _fits(msg, lands, landing.into)
             )
             if direct:
                 assert landing is not None
@@ -131,7 +135,7 @@ class LocalBackend(P2PBackend):
             return
         copy = Encoded(header=bytes(msg.header), buffers=[_copy(b) for b in msg.buffers])
         with world.lock:
-            world.boxes[dst].setdefault((self.rank, channel), deque()).append((env, copy))
+            world.boxes[dst].setdefault((self.rank, channel), deque()).append((env, copy, lands))
             world.arrived[dst].notify_all()
 
     def _take(
@@ -145,11 +149,17 @@ class LocalBackend(P2PBackend):
             if into is not None and not queue:
                 landing = world.landings[key] = _Landing(into)
             try:
-                while not queue and (landing is None or landing.result is None):
+                while True:
                     if landing is not None and landing.claimed:
-                        # A sender is copying into the buffer: it completes it promptly.
+                        # A sender is copying into the buffer: it completes it promptly, and
+                        # its message was posted before anything queued meanwhile, so wait
+                        # for it whatever the queue holds (and return it first).
+                        if landing.result is not None:
+                            return landing.result
                         world.arrived[self.rank].wait()
                         continue
+                    if queue:
+                        break
                     self._check_alive_locked()
                     if src in world.left:
                         raise ConnectionLostError(
@@ -164,10 +174,8 @@ class LocalBackend(P2PBackend):
             finally:
                 if landing is not None and world.landings.get(key) is landing:
                     del world.landings[key]
-            if landing is not None and landing.result is not None:
-                return landing.result
-            env, msg = queue.popleft()
-        if into is not None and _fits(msg, into):
+            env, msg, lands = queue.popleft()
+        if into is not None and _fits(msg, lands, into):
             _copy_into(into, msg.buffers[0])
             return env, Encoded(header=msg.header, buffers=[into])
         return env, msg
@@ -210,12 +218,9 @@ class LocalBackend(P2PBackend):
             }
 
 
-def _fits(msg: Encoded, into: memoryview) -> bool:
-    return (
-        len(msg.buffers) == 1
-        and msg.buffers[0].nbytes == into.nbytes
-        and lands_in(msg.header, into.nbytes)
-    )
+def _fits(msg: Encoded, lands: int | None, into: memoryview) -> bool:
+    """Whether ``msg``, whose header lands in ``lands`` bytes, may be copied into ``into``."""
+    return lands == into.nbytes and len(msg.buffers) == 1 and msg.buffers[0].nbytes == lands
 
 
 def _copy(buf: memoryview) -> memoryview:

@@ -89,7 +89,6 @@ class MPIBackend(Backend):
         self._byte = engine.MPI.BYTE
         self._in_place = engine.MPI.IN_PLACE
         self._natives = _Natives(engine.MPI)
-        self.comm_id = engine.comm  # of BackendConfig.world
 
     @property
     def mpi_comm(self) -> Any:
@@ -145,9 +144,7 @@ class MPIBackend(Backend):
         engine.comm, engine.epoch = comm_id(config.world), config.epoch
         # On the private collective communicator: user code on COMM_WORLD sees no extra traffic.
         tuning = mpi_tuning.tune(mpi, engine.coll)
-        backend = cls(engine, tuning, mpi_placement.broadcast_plan(mpi, engine.coll))
-        backend.comm_id = engine.comm
-        return backend
+        return cls(engine, tuning, mpi_placement.broadcast_plan(mpi, engine.coll))
 
     # -- point to point ------------------------------------------------------------------------
     def send(self, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:

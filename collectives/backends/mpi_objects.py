@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from collectives.backends import envelope as ev
-from collectives.backends.envelope import NO_ROOT, Envelope
+from collectives.backends.envelope import NO_ROOT, USER_OP, Envelope
 from collectives.backends.mpi_core import byte_view
 from collectives.codec import (
     CodecOptions,
     Encoded,
     alloc_buffer,
-    header_limit,
-    message_sizes,
+    check_header,
+    check_header_length,
 )
 from collectives.errors import CollectiveMismatchError, RemoteProtocolError
 
@@ -58,8 +58,6 @@ _EXTRA = struct.Struct("<IIB7x")  # codec header length, payload tag, flags
 INLINE_AT = ev.SIZE + _EXTRA.size
 INLINE_CAPACITY = ENV_SIZE - INLINE_AT
 PAYLOAD_TAGS = 1 << 15  # collective payload tags are seq mod this (MPI guarantees >= 32767)
-SEND_OP = "send"  # the op every user point-to-point message names
-_OP_NAME_BYTES = ev.SIZE - 32  # the envelope's op-name field: names arrive cut to this
 
 
 class Wrapped(NamedTuple):
@@ -96,17 +94,6 @@ def parse_envelope(data: memoryview | bytes, src: int) -> Wrapped:
     return Wrapped(env, hlen, payload_tag, header)
 
 
-def op_envelope(engine: Engine, ctx: OpContext, root: int) -> Envelope:
-    """The envelope of collective ``ctx`` (``root``: NO_ROOT for rootless ops), as received."""
-    name = ctx.name.encode("ascii", "replace")[:_OP_NAME_BYTES].decode("ascii")
-    return Envelope(name, ctx.seq, root, engine.comm, engine.epoch)
-
-
-def user_envelope(engine: Engine) -> Envelope:
-    """The envelope of every user point-to-point message in ``engine``'s world."""
-    return Envelope(SEND_OP, 0, NO_ROOT, engine.comm, engine.epoch)
-
-
 def _mismatch(engine: Engine, mine: Envelope, others: dict[int, str]) -> Exception:
     listed = "; ".join(f"rank {r} is in {what}" for r, what in sorted(others.items()))
     return CollectiveMismatchError(
@@ -118,15 +105,17 @@ def _mismatch(engine: Engine, mine: Envelope, others: dict[int, str]) -> Excepti
 
 def exchange_envelopes(
     engine: Engine, ctx: OpContext, root: int, header: bytes | None
-) -> list[Wrapped]:
+) -> tuple[Envelope, list[Wrapped]]:
     """The first step of every object collective: allgather envelopes and check they agree.
 
-    Each is held to this rank's with :meth:`Envelope.expect`; every rank that disagrees (another
-    op, sequence number or root) is named in one :class:`CollectiveMismatchError`, and a message
-    from another world or epoch is a :class:`RemoteProtocolError`.
+    Returns this rank's envelope and every rank's.  Each is held to this rank's: every rank that
+    disagrees (another op, sequence number or root) is named in one
+    :class:`CollectiveMismatchError`, and a message from another world or epoch is a
+    :class:`RemoteProtocolError` (as :meth:`Envelope.expect` would raise); either way the engine
+    is marked broken first.
     """
     mpi = engine.MPI
-    mine = op_envelope(engine, ctx, root)
+    mine = ev.op_envelope(ctx.name, ctx.seq, root, engine.comm, engine.epoch)
     send = np.frombuffer(pack_envelope(mine, header), dtype=np.uint8)
     recv = np.zeros(engine.size * ENV_SIZE, dtype=np.uint8)
     req = engine.coll.Iallgather([send, mpi.BYTE], [recv, mpi.BYTE])
@@ -134,25 +123,22 @@ def exchange_envelopes(
     view = recv.data
     envs: list[Wrapped] = []
     wrong: dict[int, str] = {}
-    try:
-        for r in range(engine.size):
-            try:
-                got = parse_envelope(view[r * ENV_SIZE : (r + 1) * ENV_SIZE], r)
-            except RemoteProtocolError:
-                wrong[r] = "a different kind of operation (its bytes are not an object envelope)"
-                continue
-            try:
-                mine.expect(got.env, rank=engine.rank, src=r)
-            except CollectiveMismatchError:
-                wrong[r] = got.env.describe()
-            envs.append(got)
-    except RemoteProtocolError:
-        engine.mark_broken(f"{ctx.name} #{ctx.seq}: a message from another world")
-        raise
+    for r in range(engine.size):
+        try:
+            got = parse_envelope(view[r * ENV_SIZE : (r + 1) * ENV_SIZE], r)
+        except RemoteProtocolError:
+            wrong[r] = "a different kind of operation (its bytes are not an object envelope)"
+            continue
+        if (got.env.comm, got.env.epoch) != (mine.comm, mine.epoch):
+            engine.mark_broken(f"{ctx.name} #{ctx.seq}: a message from another world")
+            mine.expect(got.env, rank=engine.rank, src=r)  # raises RemoteProtocolError
+        if got.env != mine:
+            wrong[r] = got.env.describe()
+        envs.append(got)
     if wrong:
         engine.mark_broken(f"{ctx.name} #{ctx.seq}: mismatched collective calls")
         raise _mismatch(engine, mine, wrong)
-    return envs
+    return mine, envs
 
 
 def _payload_tag(ctx: OpContext) -> int:
@@ -196,13 +182,14 @@ def _send_message(posts: _Posts, engine: Engine, msg: Encoded, dst: int, tag: in
 
 def _header_buffer(wrapped: Wrapped, src: int, codec: CodecOptions) -> memoryview:
     """Memory for a codec header that follows its envelope, once its length is checked."""
-    limit = header_limit(codec)
-    if wrapped.header_len > limit:
-        raise RemoteProtocolError(
-            f"rank {src} announced a {wrapped.header_len}-byte codec header (limit {limit}, from "
-            f"CodecOptions.max_buffers={codec.max_buffers})"
-        )
-    return alloc_buffer(wrapped.header_len)
+    return alloc_buffer(check_header_length(wrapped.header_len, codec, src))
+
+
+def _allocated(raw: bytes, codec: CodecOptions) -> Encoded:
+    """A message for ``raw``, its header checked (and kept: decoding does not parse it again)
+    and its buffers allocated, ready to receive into."""
+    checked = check_header(raw, codec)
+    return Encoded(raw, _alloc(checked.wire_sizes), checked)
 
 
 def _receive_messages(
@@ -228,11 +215,9 @@ def _receive_messages(
     posts = _Posts()
     out: dict[int, Encoded] = {}
     for src, header in headers.items():
-        raw = bytes(header)
-        bufs = _alloc(message_sizes(raw, codec))
-        for buf in bufs:
+        msg = out[src] = _allocated(bytes(header), codec)
+        for buf in msg.buffers:
             posts.recv(comm, mpi, buf, src, tag)
-        out[src] = Encoded(raw, bufs)
     if extra is not None:
         posts.reqs += extra.reqs
         posts.sources += extra.sources
@@ -248,13 +233,14 @@ def broadcast(
     mpi = engine.MPI
     is_root = engine.rank == root
     header = msg.header if is_root and msg is not None else None
-    envs = exchange_envelopes(engine, ctx, root, header)
+    _, envs = exchange_envelopes(engine, ctx, root, header)
     peers = [] if is_root else [root]
     if is_root:
         assert msg is not None
         if len(msg.header) > INLINE_CAPACITY:
             req = engine.coll.Ibcast([msg.header, mpi.BYTE], root)
             engine.wait([req], ctx, keep=msg.header)
+        out = msg
         bufs = [byte_view(b) for b in msg.buffers]
     else:
         env = envs[root]
@@ -264,19 +250,17 @@ def broadcast(
             hbuf = _header_buffer(env, root, codec)
             engine.wait([engine.coll.Ibcast([hbuf, mpi.BYTE], root)], ctx, peers, keep=hbuf)
             raw = bytes(hbuf)
-        bufs = _alloc(message_sizes(raw, codec))
+        out = _allocated(raw, codec)
+        bufs = out.buffers
     reqs = [engine.coll.Ibcast([b, mpi.BYTE], root) for b in bufs if b.nbytes]
     engine.wait(reqs, ctx, peers, keep=bufs)
-    if is_root:
-        assert msg is not None
-        return msg
-    return Encoded(raw, bufs)
+    return out
 
 
 def gather(
     engine: Engine, msg: Encoded, root: int, ctx: OpContext, codec: CodecOptions
 ) -> list[Encoded] | None:
-    envs = exchange_envelopes(engine, ctx, root, msg.header)
+    _, envs = exchange_envelopes(engine, ctx, root, msg.header)
     if engine.rank != root:
         posts = _Posts()
         _send_message(posts, engine, msg, root, _payload_tag(ctx))
@@ -289,7 +273,7 @@ def gather(
 
 
 def allgather(engine: Engine, msg: Encoded, ctx: OpContext, codec: CodecOptions) -> list[Encoded]:
-    envs = exchange_envelopes(engine, ctx, NO_ROOT, msg.header)
+    _, envs = exchange_envelopes(engine, ctx, NO_ROOT, msg.header)
     tag = _payload_tag(ctx)
     sends = _Posts()
     # Each peer gets this rank's long header (if any) before its buffers, on one tag: MPI keeps
@@ -306,10 +290,9 @@ def scatter(
     engine: Engine, msgs: list[Encoded] | None, root: int, ctx: OpContext, codec: CodecOptions
 ) -> Encoded:
     mpi = engine.MPI
-    exchange_envelopes(engine, ctx, root, None)
+    expected, _ = exchange_envelopes(engine, ctx, root, None)
     tag = _payload_tag(ctx)
     mine = np.zeros(ENV_SIZE, dtype=np.uint8)
-    expected = op_envelope(engine, ctx, root)
     if engine.rank == root:
         assert msgs is not None and len(msgs) == engine.size
         table = np.frombuffer(
@@ -341,7 +324,8 @@ def barrier(engine: Engine, ctx: OpContext) -> None:
 def send(engine: Engine, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:
     mpi = engine.MPI
     data_tag = engine.next_message_tag()
-    env = np.frombuffer(pack_envelope(user_envelope(engine), msg.header, data_tag), np.uint8)
+    user = ev.user_envelope(engine.comm, engine.epoch)
+    env = np.frombuffer(pack_envelope(user, msg.header, data_tag), np.uint8)
     posts = _Posts()
     posts.add(engine.p2p.Isend([env, mpi.BYTE], dst, tag), dst, env)
     if len(msg.header) > INLINE_CAPACITY:
@@ -363,14 +347,14 @@ def recv(engine: Engine, src: int, tag: int, ctx: OpContext, codec: CodecOptions
             got = parse_envelope(env_buf.data, src)
         except RemoteProtocolError:
             got = None
-    if got is None or got.env.op != SEND_OP:
+    if got is None or got.env.op != USER_OP:
         raise CollectiveMismatchError(
             f"recv on rank {engine.rank}: rank {src} sent a {status.Get_count(mpi.BYTE)}-byte "
             f"message on tag {tag} that is not an object message (did it call send_buffer? "
             "pair send with recv and send_buffer with recv_into)",
             ranks=(engine.rank, src),
         )
-    user_envelope(engine).expect(got.env, rank=engine.rank, src=src)
+    ev.user_envelope(engine.comm, engine.epoch).expect(got.env, rank=engine.rank, src=src)
     data_tag = got.payload_tag
     posts = _Posts()
     if got.header is not None:
@@ -381,8 +365,8 @@ def recv(engine: Engine, src: int, tag: int, ctx: OpContext, codec: CodecOptions
         engine.wait(posts.reqs, ctx, [src], keep=hbuf, collective=False, cancel=True)
         header = bytes(hbuf)
         posts = _Posts()
-    bufs = _alloc(message_sizes(header, codec))
-    for buf in bufs:
+    msg = _allocated(header, codec)
+    for buf in msg.buffers:
         posts.recv(engine.data, mpi, buf, src, data_tag)
-    engine.wait(posts.reqs, ctx, [src], keep=bufs, collective=False, cancel=True)
-    return Encoded(header, bufs)
+    engine.wait(posts.reqs, ctx, [src], keep=msg.buffers, collective=False, cancel=True)
+    return msg

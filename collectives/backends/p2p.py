@@ -65,8 +65,8 @@ from typing import TYPE_CHECKING, Any
 
 from collectives import algorithms
 from collectives.backends.base import Backend, OpContext
-from collectives.backends.envelope import NO_ROOT, Envelope, comm_id
-from collectives.codec import DEFAULT, CodecOptions, Encoded, decode_array, encode
+from collectives.backends.envelope import NO_ROOT, Envelope, comm_id, op_envelope, user_envelope
+from collectives.codec import CodecOptions, Encoded, decode_array, encode
 from collectives.codec.frames import CODEC_NONE, Header, Kind
 from collectives.errors import CodecError, CollectiveMismatchError
 from collectives.reduce_op import ReduceOp
@@ -78,8 +78,6 @@ if TYPE_CHECKING:
 
 COLLECTIVE_CHANNEL = "c"
 AGREEMENT_CHANNEL = "k"
-# User point-to-point messages: op "p2p", sequence 0 (they are not ordered against collectives).
-P2P_OP = "p2p"
 _EMPTY = encode(b"")
 
 
@@ -111,11 +109,12 @@ class P2PBackend(Backend):
 
     def envelope(self, op: str, seq: int, root: int = NO_ROOT) -> Envelope:
         """The envelope of ``op`` number ``seq`` in this communicator and epoch."""
-        return Envelope(op, seq, root, self.comm_id, self.epoch)
+        return op_envelope(op, seq, root, self.comm_id, self.epoch)
 
     # -- point to point ------------------------------------------------------------------------
     def send(self, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:
-        self._post(dst, p2p_channel(tag), self.envelope(P2P_OP, 0), msg, ctx.deadline)
+        # User messages carry the user envelope (sequence 0: not ordered against collectives).
+        self._post(dst, p2p_channel(tag), self._user_envelope(), msg, ctx.deadline)
 
     def recv(self, src: int, tag: int, ctx: OpContext) -> Encoded:
         return self._take_p2p(src, tag, ctx, None)
@@ -129,8 +128,11 @@ class P2PBackend(Backend):
 
     def _take_p2p(self, src: int, tag: int, ctx: OpContext, into: memoryview | None) -> Encoded:
         env, msg = self._take(src, p2p_channel(tag), ctx.deadline, into)
-        self.envelope(P2P_OP, 0).expect(env, rank=self.rank, src=src)
+        self._user_envelope().expect(env, rank=self.rank, src=src)
         return msg
+
+    def _user_envelope(self) -> Envelope:
+        return user_envelope(self.comm_id, self.epoch)
 
     # -- collectives ---------------------------------------------------------------------------
     def _link(self, ctx: OpContext, root: int = NO_ROOT) -> _CollectiveLink:
@@ -233,14 +235,7 @@ class _CollectiveLink:
 
     def decode_tensor(self, msg: Encoded, src: int) -> torch.Tensor:
         """A block received from ``src`` that must be a tensor, decoded with this rank's options."""
-        import torch
-
-        value = decode_block(msg, self.codec, f"{self._ctx.name} from rank {src}")
-        if not isinstance(value, torch.Tensor):
-            raise CodecError(
-                f"{self._ctx.name}: rank {src} sent a {type(value).__name__}, not a tensor"
-            )
-        return value
+        return decode_tensor(msg, self.codec, self._ctx.name, src)
 
     # The agreement round (see the module docstring) on its own channel.
     def agree_send(self, dst: int) -> None:
@@ -302,70 +297,69 @@ def byte_view(tensor: torch.Tensor) -> memoryview | None:
     return tensor.detach().reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
-def lands_in(header: Any, nbytes: int) -> bool:
-    """Whether a message with this codec ``header`` may be received into an ``nbytes`` buffer:
-    one uncompressed tensor/array buffer of exactly that size.  False for anything malformed
-    (the decoder then reports it)."""
+def landing_size(header: Any) -> int | None:
+    """The size of the buffer a message with this codec ``header`` may be received into (its one
+    uncompressed tensor/array buffer), or None: it lands nowhere, or it is malformed (the decoder
+    then reports it)."""
     try:
         parsed = Header.parse(header)
     except CodecError:
-        return False
-    return (
-        parsed.kind is Kind.ARRAY
-        and len(parsed.entries) == 1
-        and parsed.entries[0].codec == CODEC_NONE
-        and parsed.entries[0].wire_len == nbytes
-    )
+        return None
+    if parsed.kind is Kind.ARRAY and parsed.entries[0].codec == CODEC_NONE:
+        return parsed.entries[0].wire_len  # an array message has exactly one entry
+    return None
+
+
+def lands_in(header: Any, nbytes: int) -> bool:
+    """Whether a message with this codec ``header`` may be received into an ``nbytes`` buffer:
+    one uncompressed tensor/array buffer of exactly that size (:func:`landing_size`)."""
+    return landing_size(header) == nbytes
 
 
 def decode_block(msg: Encoded, codec: CodecOptions, what: str) -> Any:
     """Decode a message that must be a tensor or array (:func:`~collectives.codec.decode_array`):
     anything else, a pickle above all, is refused with :class:`CodecError` before a byte of it
     is decoded; ``what`` names the op and the sender in the error."""
+    header = msg.header if msg.checked is None else msg.checked  # parsed once, by the receiver
     try:
-        return decode_array(msg.header, msg.buffers, codec)
+        return decode_array(header, msg.buffers, codec)
     except CodecError as err:
         raise CodecError(f"{what}: {err}") from None
 
 
+def decode_tensor(msg: Encoded, codec: CodecOptions, op: str, src: int) -> torch.Tensor:
+    """A block of ``op`` received from ``src`` that must be one tensor, decoded with ``codec``
+    (:func:`decode_block`: anything but a tensor/array is refused before it is decoded); an
+    array that is not a tensor is a :class:`CollectiveMismatchError` naming ``src``."""
+    import torch
+
+    value = decode_block(msg, codec, f"{op} from rank {src}")
+    if not isinstance(value, torch.Tensor):
+        raise CollectiveMismatchError(
+            f"{op}: rank {src} sent a {type(value).__name__} where this rank expects a tensor",
+            ranks=(src,),
+        )
+    return value
+
+
 def received_block(
-    msg: Encoded,
-    out: torch.Tensor,
-    src: int,
-    ctx: OpContext,
-    *,
-    codec: CodecOptions = DEFAULT,
+    msg: Encoded, out: torch.Tensor, src: int, ctx: OpContext, *, codec: CodecOptions
 ) -> torch.Tensor:
     """Decode a block received for ``out`` with ``codec`` (the backend's options), refusing a
     non-tensor message before decoding and one of another dtype or element count after."""
-    import torch
-
-    value = decode_block(msg, codec, f"{ctx.name} from rank {src}")
-    if (
-        not isinstance(value, torch.Tensor)
-        or value.dtype != out.dtype
-        or value.numel() != out.numel()
-    ):
-        got = (
-            f"{value.dtype} {tuple(value.shape)}"
-            if isinstance(value, torch.Tensor)
-            else type(value).__name__
-        )
+    value = decode_tensor(msg, codec, ctx.name, src)
+    if value.dtype != out.dtype or value.numel() != out.numel():
         raise CollectiveMismatchError(
-            f"{ctx.name}: rank {src} sent {got} but this rank's buffer is {out.dtype} "
-            f"{tuple(out.shape)}: the buffers of every rank taking part must match",
+            f"{ctx.name}: rank {src} sent {value.dtype} {tuple(value.shape)} but this rank's "
+            f"buffer is {out.dtype} {tuple(out.shape)}: the buffers of every rank taking part "
+            "must match",
             ranks=(src,),
         )
     return value
 
 
 def place_block(
-    out: torch.Tensor,
-    msg: Encoded,
-    src: int,
-    ctx: OpContext,
-    *,
-    codec: CodecOptions = DEFAULT,
+    out: torch.Tensor, msg: Encoded, src: int, ctx: OpContext, *, codec: CodecOptions
 ) -> None:
     """Put a received block into ``out``; no copy when it was received straight into it."""
     got = received_block(msg, out, src, ctx, codec=codec)
@@ -377,11 +371,12 @@ __all__ = [
     "AGREEMENT_CHANNEL",
     "COLLECTIVE_CHANNEL",
     "NO_ROOT",
-    "P2P_OP",
     "Envelope",
     "P2PBackend",
     "byte_view",
     "decode_block",
+    "decode_tensor",
+    "landing_size",
     "lands_in",
     "p2p_channel",
     "place_block",

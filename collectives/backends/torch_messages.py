@@ -53,18 +53,18 @@ import numpy as np
 from collectives.backends import cma
 from collectives.backends import envelope as ev
 from collectives.backends.envelope import NO_ROOT, Envelope
+from collectives.backends.p2p import decode_tensor
 from collectives.backends.torch_engine import ACK_SPACE, GRACE_S, P2PJob
 from collectives.codec import (
     CodecOptions,
     Encoded,
+    Header,
     alloc_buffer,
-    decode_array,
+    check_header,
+    check_header_length,
     header_length,
-    header_limit,
-    message_sizes,
 )
 from collectives.errors import (
-    CollectiveMismatchError,
     ConnectionLostError,
     RemoteProtocolError,
     TransportError,
@@ -84,19 +84,6 @@ INLINE_AT = _EXTRA_AT + _EXTRA.size
 INLINE_ROOM = ENVELOPE_BYTES - INLINE_AT
 MAX_REMOTE = 32  # buffers read from the sender per message; more: all travel through the engine
 _ADDRESS = struct.Struct("<Q")
-SEND_OP = "send"  # the op every user point-to-point message names
-_OP_NAME_BYTES = ev.SIZE - 32  # the envelope's op-name field: names arrive cut to this
-
-
-def user_envelope(engine: Engine) -> Envelope:
-    """The envelope of every user point-to-point message in ``engine``'s world."""
-    return Envelope(SEND_OP, 0, NO_ROOT, engine.comm, engine.epoch)
-
-
-def op_envelope(engine: Engine, ctx: OpContext, root: int) -> Envelope:
-    """The envelope of collective ``ctx`` (``root``: NO_ROOT for rootless ops), as received."""
-    name = ctx.name.encode("ascii", "replace")[:_OP_NAME_BYTES].decode("ascii")
-    return Envelope(name, ctx.seq, root, engine.comm, engine.epoch)
 
 
 def _remote(sizes: Sequence[int], allowed: bool) -> list[bool]:
@@ -225,6 +212,7 @@ class Incoming:
         self._parts: list[tuple[Any, int]] = []
         self._parts_job: P2PJob | None = None
         self.header: bytes | None = None
+        self.checked: Header | None = None  # the header, checked against the codec's limits
         self.buffers: list[memoryview] = []
         self._far = 0  # buffers to read from the sender's memory (envelope field k)
         self._pid = 0
@@ -265,12 +253,7 @@ class Incoming:
                 f"rank {rank} received a malformed message envelope from rank {src} ({far} "
                 f"buffers to read from its memory, at most {MAX_REMOTE})"
             )
-        limit = header_limit(self.codec)
-        if header_len > limit:
-            raise RemoteProtocolError(
-                f"rank {src} announced a {header_len}-byte codec header to rank {rank} (limit "
-                f"{limit}, from CodecOptions.max_buffers={self.codec.max_buffers})"
-            )
+        check_header_length(header_len, self.codec, src)
         self._far = int(far)
         self._pid = int(pid) if far else 0
         if far and self.engine.cma_sources.get(self.src) != self._pid:
@@ -287,7 +270,8 @@ class Incoming:
     def _post_parts(self, ctx: OpContext) -> None:
         header = self.header
         assert header is not None
-        sizes = message_sizes(header, self.codec)  # limits checked before anything is allocated
+        self.checked = check_header(header, self.codec)  # before anything is allocated
+        sizes = self.checked.wire_sizes
         remote = _remote(sizes, self._far > 0)
         if sum(remote) != self._far:
             raise RemoteProtocolError(
@@ -357,7 +341,7 @@ class Incoming:
     def finish(self, ctx: OpContext) -> Encoded:
         assert self._parts_job is not None and self.header is not None
         self.engine.wait_job(self._parts_job, ctx)
-        return Encoded(self.header, self.buffers)
+        return Encoded(self.header, self.buffers, self.checked)
 
     def abandon(self) -> None:
         """Keep whatever is still posted alive (gloo may write into it later)."""
@@ -389,7 +373,7 @@ class Link:
         self.deadline: Deadline = ctx.deadline
         self.tag = tag
         self.codec = codec  # how messages received on this link are decoded
-        self._envelope = op_envelope(engine, ctx, root)
+        self._envelope = ev.op_envelope(ctx.name, ctx.seq, root, engine.comm, engine.epoch)
         self._sends: list[tuple[Any, int]] = []
         self._keep: list[object] = []
         self._incoming: list[Incoming] = []
@@ -442,15 +426,7 @@ class Link:
     def decode_tensor(self, msg: Encoded, src: int) -> torch.Tensor:
         """A block from ``src`` that must be one tensor, decoded with this rank's options; any
         other kind of message is refused before it is decoded."""
-        import torch
-
-        value = decode_array(msg.header, msg.buffers, self.codec)
-        if not isinstance(value, torch.Tensor):
-            raise CollectiveMismatchError(
-                f"{self.ctx.name}: rank {src} sent an array where this rank expects a tensor",
-                ranks=(src,),
-            )
-        return value
+        return decode_tensor(msg, self.codec, self.ctx.name, src)
 
     def recv_many(
         self, srcs: Sequence[int], direct: Mapping[int, torch.Tensor] | None = None
@@ -538,13 +514,10 @@ def link(
 
 __all__ = [
     "ENVELOPE_BYTES",
-    "SEND_OP",
     "Incoming",
     "Link",
     "Outgoing",
     "ack_tag",
     "link",
-    "op_envelope",
     "outgoing",
-    "user_envelope",
 ]

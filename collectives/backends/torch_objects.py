@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from collectives import algorithms
-from collectives.backends.envelope import NO_ROOT
-from collectives.backends.torch_messages import Incoming, link, outgoing, user_envelope
+from collectives.backends.envelope import NO_ROOT, user_envelope
+from collectives.backends.torch_messages import Incoming, link, outgoing
 from collectives.errors import CollectiveTimeoutError, TransportError
 
 if TYPE_CHECKING:
@@ -47,12 +47,8 @@ def broadcast(
 def gather(
     engine: Engine, msg: Encoded, root: int, ctx: OpContext, tag: int, *, codec: CodecOptions
 ) -> list[Encoded] | None:
-    with link(engine, ctx, tag, root=root, codec=codec, agree=True) as lk:
-        if engine.rank != root:
-            lk.send(root, msg)
-            return None
-        got = lk.recv_many([r for r in range(engine.size) if r != root])
-        return [msg if r == root else got[r] for r in range(engine.size)]
+    got = _gather(engine, msg, root, ctx, tag, codec=codec, direct=None, agree=True)
+    return None if got is None else [msg if r == root else got[r] for r in range(engine.size)]
 
 
 def gather_direct(
@@ -68,7 +64,23 @@ def gather_direct(
     """:func:`gather` whose message from ``src`` lands in ``direct[src]`` (uint8) if it fits;
     the root gets the other ranks' messages by rank, the others None (``gatherv_into``: an
     in-place op, so no vote)."""
-    with link(engine, ctx, tag, root=root, codec=codec) as lk:
+    return _gather(engine, msg, root, ctx, tag, codec=codec, direct=direct, agree=False)
+
+
+def _gather(
+    engine: Engine,
+    msg: Encoded,
+    root: int,
+    ctx: OpContext,
+    tag: int,
+    *,
+    codec: CodecOptions,
+    direct: Mapping[int, torch.Tensor] | None,
+    agree: bool,
+) -> dict[int, Encoded] | None:
+    """Every other rank's message by rank on the root (``direct``: see :func:`gather_direct`;
+    ``agree``: the rooted op's vote), None elsewhere."""
+    with link(engine, ctx, tag, root=root, codec=codec, agree=agree) as lk:
         if engine.rank != root:
             lk.send(root, msg)
             return None
@@ -112,7 +124,7 @@ def barrier(engine: Engine, ctx: OpContext, tag: int, *, codec: CodecOptions) ->
 
 # -- user point-to-point ---------------------------------------------------------------------------
 def send(engine: Engine, msg: Encoded, dst: int, tag: int, ctx: OpContext) -> None:
-    parts = outgoing(msg, user_envelope(engine)).parts
+    parts = outgoing(msg, user_envelope(engine.comm, engine.epoch)).parts
     works: list[tuple[Any, int]] = []
     try:
         with engine.channel_lock("send", dst, tag):
@@ -151,7 +163,13 @@ def recv(
             raise _poisoned(engine, src, tag, ctx)
         if inc is None:
             inc = Incoming(
-                engine, src, tag, ctx, expect=user_envelope(engine), codec=codec, direct=direct
+                engine,
+                src,
+                tag,
+                ctx,
+                expect=user_envelope(engine.comm, engine.epoch),
+                codec=codec,
+                direct=direct,
             )
         try:
             inc.advance(ctx)

@@ -3,7 +3,8 @@
 * :func:`encode` / :func:`decode`: header + list of buffers, for scatter/gather transports.
   Tensors, ndarrays and bytes travel as raw bytes, without copies where memory allows.
 * :func:`dumps` / :func:`loads`: the same as one contiguous frame.
-* :func:`check_header` / :func:`message_sizes`: what a receiver checks before it allocates;
+* :func:`check_header` / :func:`message_sizes` (and :func:`check_header_length` for an announced
+  header length): what a receiver checks before it allocates;
   :func:`decode_array` for receive paths that only ever expect one tensor.
 * :class:`CodecOptions`: pickle opt-in (off: nothing is ever unpickled), decoding limits
   (depth, message bytes, buffer count), zstd/lz4 compression, opt-in lossy PNG for images,
@@ -22,8 +23,8 @@ from .frames import (
     Encoded,
     Header,
     Kind,
-    buffer_sizes,
     check_header,
+    check_header_length,
     header_length,
     header_limit,
     message_sizes,
@@ -45,8 +46,8 @@ __all__ = [
     "Kind",
     "TensorMeta",
     "alloc_buffer",
-    "buffer_sizes",
     "check_header",
+    "check_header_length",
     "header_limit",
     "decode",
     "decode_array",

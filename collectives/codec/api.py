@@ -81,13 +81,17 @@ def _finish(kind: Kind, body: bytes, buffers: list[OutBuffer], options: CodecOpt
     return Encoded(Header(kind, tuple(entries), body).to_bytes(), views)
 
 
-def decode(header: Buffer, buffers: Sequence[Buffer], options: CodecOptions = DEFAULT) -> Any:
+def decode(
+    header: Buffer | Header, buffers: Sequence[Buffer], options: CodecOptions = DEFAULT
+) -> Any:
     """Rebuild the object from a header and its buffers; CodecError on anything malformed.
 
     The header is held to ``options``' limits before any buffer is touched, and a pickle message
     is refused unless ``options.allow_pickle``.  Writable buffers (bytearray, numpy,
     :func:`alloc_buffer`) are wrapped without copying; data in read-only buffers (bytes) is
-    copied once so that results are writable.
+    copied once so that results are writable.  ``header`` may be the :class:`Header` a receiver
+    already checked (:attr:`Encoded.checked`): it is then not parsed again, only held to the
+    limits.
     """
     parsed = check_header(header, options)
     if parsed.kind is Kind.PICKLE and not options.allow_pickle:
@@ -99,7 +103,9 @@ def decode(header: Buffer, buffers: Sequence[Buffer], options: CodecOptions = DE
     return _decode(parsed, buffers, options)
 
 
-def decode_array(header: Buffer, buffers: Sequence[Buffer], options: CodecOptions = DEFAULT) -> Any:
+def decode_array(
+    header: Buffer | Header, buffers: Sequence[Buffer], options: CodecOptions = DEFAULT
+) -> Any:
     """:func:`decode` for receive paths that expect one tensor or ndarray and nothing else.
 
     Any other kind of message is refused before a buffer is read or decompressed.

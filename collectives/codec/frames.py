@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from collectives.errors import CodecError
+from collectives.errors import CodecError, RemoteProtocolError
 
 from .options import DEFAULT, CodecOptions
 
@@ -97,6 +97,11 @@ class Header:
     entries: tuple[BufferEntry, ...]
     body: bytes
 
+    @property
+    def wire_sizes(self) -> list[int]:
+        """Byte length of each buffer as sent."""
+        return [e.wire_len for e in self.entries]
+
     def to_bytes(self) -> bytes:
         unpadded = FIXED_PREFIX + _ENTRY.size * len(self.entries) + len(self.body)
         pad = -unpadded % ALIGN
@@ -118,10 +123,8 @@ class Header:
         if view.nbytes != total:
             raise CodecError(f"codec: header is {view.nbytes} bytes but declares {total}")
         _, _, kind_code, pad, _, _, count = _PREFIX.unpack_from(view)
-        if max_buffers is not None and count > max_buffers:
-            raise CodecError(
-                f"codec: message has {count} buffers, more than max_buffers={max_buffers}"
-            )
+        if max_buffers is not None:
+            _check_count(count, max_buffers)
         kind = Kind(kind_code)  # header_length validated it
         body_end = total - pad
         body_start = FIXED_PREFIX + _ENTRY.size * count
@@ -148,6 +151,11 @@ class Header:
             raise CodecError(f"codec: unexpected {len(self.body)} body bytes in header")
         if self.kind is Kind.TREE and any(e.native for e in self.entries):
             raise CodecError("codec: tree message must not carry pickle buffers")
+
+
+def _check_count(count: int, max_buffers: int) -> None:
+    if count > max_buffers:
+        raise CodecError(f"codec: message has {count} buffers, more than max_buffers={max_buffers}")
 
 
 def _parse_entry(view: memoryview, index: int) -> BufferEntry:
@@ -209,13 +217,30 @@ def header_limit(options: CodecOptions = DEFAULT) -> int:
     return min(room, MAX_HEADER_BYTES)
 
 
-def check_header(header: Buffer, options: CodecOptions = DEFAULT) -> Header:
+def check_header_length(length: int, options: CodecOptions, src: int) -> int:
+    """``length``, the codec header length rank ``src`` announced, once it is within
+    :func:`header_limit`; :class:`RemoteProtocolError` otherwise (nothing is allocated)."""
+    limit = header_limit(options)
+    if length > limit:
+        raise RemoteProtocolError(
+            f"rank {src} announced a {length}-byte codec header (limit {limit}, from "
+            f"CodecOptions.max_buffers={options.max_buffers})"
+        )
+    return length
+
+
+def check_header(header: Buffer | Header, options: CodecOptions = DEFAULT) -> Header:
     """Parse a received header and hold it to ``options``' limits; CodecError if it breaks one.
 
     Only the header is read, and nothing it announces is allocated: call this before receiving or
-    decompressing a message's buffers.
+    decompressing a message's buffers.  A :class:`Header` this returned earlier (kept by a
+    receiver, :attr:`Encoded.checked`) is not parsed again, only held to ``options``' limits.
     """
-    parsed = Header.parse(header, options.max_buffers)
+    if isinstance(header, Header):
+        parsed = header
+        _check_count(len(parsed.entries), options.max_buffers)
+    else:
+        parsed = Header.parse(header, options.max_buffers)
     limit = options.max_message_bytes
     wire = sum(e.wire_len for e in parsed.entries)
     if wire > limit:
@@ -233,15 +258,7 @@ def check_header(header: Buffer, options: CodecOptions = DEFAULT) -> Header:
 
 def message_sizes(header: Buffer, options: CodecOptions = DEFAULT) -> list[int]:
     """Byte length of each buffer as sent, checked by :func:`check_header`: safe to preallocate."""
-    return [e.wire_len for e in check_header(header, options).entries]
-
-
-def buffer_sizes(header: Buffer) -> list[int]:
-    """Byte length of each buffer as sent, with only structural checks.
-
-    Receivers should call :func:`message_sizes`, which also applies the size limits.
-    """
-    return [e.wire_len for e in Header.parse(header).entries]
+    return check_header(header, options).wire_sizes
 
 
 @dataclass
@@ -250,6 +267,9 @@ class Encoded:
 
     header: bytes
     buffers: list[memoryview] = field(default_factory=list)
+    # ``header`` as the receiving transport parsed and checked it (:func:`check_header`, with the
+    # receiver's options), so that decoding does not parse it again; None: not checked yet.
+    checked: Header | None = field(default=None, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:

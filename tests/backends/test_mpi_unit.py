@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -30,8 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # -- pytest side -----------------------------------------------------------------------------------
 def _mpiexec() -> str | None:
-    found = Path(sys.executable).parent / "mpiexec"
-    return str(found) if found.exists() else shutil.which("mpiexec")
+    from collectives.errors import BackendUnavailableError
+    from collectives.testing.spmd import mpiexec
+
+    try:
+        return mpiexec()
+    except BackendUnavailableError:
+        return None
 
 
 @functools.cache

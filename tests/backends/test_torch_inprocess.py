@@ -198,8 +198,8 @@ def test_an_envelope_announcing_a_header_beyond_the_codec_limits_is_refused() ->
 
     from collectives.backends import envelope
     from collectives.backends.envelope import Envelope
-    from collectives.backends.torch_messages import Incoming, header_limit, outgoing
-    from collectives.codec import CodecOptions, encode
+    from collectives.backends.torch_messages import Incoming, outgoing
+    from collectives.codec import CodecOptions, encode, header_limit
     from collectives.errors import CollectiveMismatchError, RemoteProtocolError
 
     mine = Envelope("send", 0, comm=7)

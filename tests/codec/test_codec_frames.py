@@ -19,19 +19,21 @@ from collectives.codec import (
     MAX_HEADER_BYTES,
     CodecOptions,
     Encoded,
-    buffer_sizes,
     check_header,
+    check_header_length,
     decode,
+    decode_array,
     dumps,
     encode,
     header_length,
+    header_limit,
     loads,
     message_sizes,
     pack,
     unpack,
 )
 from collectives.codec.frames import CODEC_NONE, BufferEntry, Header, Kind
-from collectives.errors import CodecError, ConfigurationError
+from collectives.errors import CodecError, ConfigurationError, RemoteProtocolError
 
 from .helpers import CI
 
@@ -70,7 +72,7 @@ def test_header_is_aligned_and_self_describing() -> None:
     enc = encode({"t": torch.arange(10), "n": np.ones(3)})
     assert len(enc.header) % 16 == 0
     assert header_length(enc.header[:FIXED_PREFIX]) == len(enc.header)
-    assert buffer_sizes(enc.header) == [b.nbytes for b in enc.buffers]
+    assert message_sizes(enc.header) == [b.nbytes for b in enc.buffers]
     assert enc.nbytes == len(pack(enc))
     again = unpack(pack(enc))
     assert again.header == enc.header
@@ -83,7 +85,7 @@ def test_stream_reader_protocol() -> None:
     prefix = frame[:FIXED_PREFIX]
     header = frame[: header_length(prefix)]
     pos, buffers = len(header), []
-    for size in buffer_sizes(header):
+    for size in message_sizes(header):
         buffers.append(frame[pos : pos + size])
         pos += size
     assert pos == len(frame)
@@ -143,7 +145,7 @@ def test_absurd_sizes_are_refused_before_allocating() -> None:
     entry = BufferEntry(CODEC_NONE, False, 1 << 45, 1 << 45)
     header = Header(Kind.BYTES, (entry,), b"\0").to_bytes()
     with pytest.raises(CodecError, match="absurd"):
-        buffer_sizes(header)
+        message_sizes(header)
     entry = BufferEntry(1, False, 10, 1 << 39)  # zstd cannot expand 10 bytes to 512 GiB
     header = Header(Kind.BYTES, (entry,), b"\0").to_bytes()
     with pytest.raises(CodecError, match="ratio"):
@@ -215,19 +217,43 @@ def test_random_bytes_are_refused(blob: bytes) -> None:
         loads(b"CLCD\x01" + blob)
 
 
-def test_check_header_returns_the_parsed_header_and_sizes_match_buffer_sizes() -> None:
+def test_check_header_returns_the_parsed_header_and_message_sizes() -> None:
     enc = encode({"t": torch.arange(10), "n": np.ones(3), "b": b"x" * 5000})
     parsed = check_header(enc.header)
     assert parsed.kind is Kind.TREE and len(parsed.entries) == 4
-    assert message_sizes(enc.header) == buffer_sizes(enc.header) == [b.nbytes for b in enc.buffers]
+    sizes = [b.nbytes for b in enc.buffers]
+    assert message_sizes(enc.header) == parsed.wire_sizes == sizes
     exact = sum(b.nbytes for b in enc.buffers)
-    assert message_sizes(enc.header, CodecOptions(max_message_bytes=exact)) == buffer_sizes(
-        enc.header
-    )
+    assert message_sizes(enc.header, CodecOptions(max_message_bytes=exact)) == sizes
     with pytest.raises(CodecError, match="max_message_bytes"):
         message_sizes(enc.header, CodecOptions(max_message_bytes=exact - 1))
     with pytest.raises(CodecError, match="max_buffers=3"):
         check_header(enc.header, CodecOptions(max_buffers=3))
+
+
+def test_an_already_checked_header_is_still_held_to_the_decoders_limits() -> None:
+    enc = encode({"t": torch.arange(10), "b": b"x" * 5000})
+    parsed = check_header(enc.header)
+    assert check_header(parsed) is parsed
+    assert decode(parsed, enc.buffers)["b"] == b"x" * 5000
+    exact = sum(b.nbytes for b in enc.buffers)
+    with pytest.raises(CodecError, match="max_message_bytes"):
+        decode(parsed, enc.buffers, CodecOptions(max_message_bytes=exact - 1))
+    with pytest.raises(CodecError, match="max_buffers=1"):
+        decode(parsed, enc.buffers, CodecOptions(max_buffers=1))
+    with pytest.raises(CodecError, match="expected a tensor"):
+        decode_array(parsed, enc.buffers)
+    tensor = encode(torch.arange(4))
+    got = decode_array(check_header(tensor.header), tensor.buffers)
+    assert torch.equal(got, torch.arange(4))
+
+
+def test_an_announced_header_length_is_checked_before_allocating() -> None:
+    options = CodecOptions(max_buffers=10)
+    limit = header_limit(options)
+    assert check_header_length(limit, options, src=3) == limit
+    with pytest.raises(RemoteProtocolError, match="rank 3 announced"):
+        check_header_length(limit + 1, options, src=3)
 
 
 @pytest.mark.parametrize(

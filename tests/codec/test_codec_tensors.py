@@ -14,11 +14,11 @@ from collectives.codec import (
     CodecOptions,
     TensorMeta,
     alloc_buffer,
-    buffer_sizes,
     decode,
     dumps,
     encode,
     loads,
+    message_sizes,
     tensor_bytes,
 )
 from collectives.errors import CodecError
@@ -37,7 +37,7 @@ def _receive(frame: bytes) -> tuple[bytes, list[memoryview]]:
 
     enc = unpack(frame)
     buffers = []
-    for src, size in zip(enc.buffers, buffer_sizes(enc.header), strict=True):
+    for src, size in zip(enc.buffers, message_sizes(enc.header), strict=True):
         buf = alloc_buffer(size)
         buf[:] = src
         buffers.append(buf)

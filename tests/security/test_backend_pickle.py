@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -86,11 +85,10 @@ def _run_gloo(scenarios: str, marker: Path) -> str:
 
 
 def _run_mpi(scenarios: str, marker: Path) -> str:
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    found = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
-    assert found, "mpiexec not found: pip install mpi4py mpich"
+    from collectives.testing.spmd import mpiexec
+
     proc = subprocess.run(
-        [found, "-n", str(SIZE), sys.executable, __file__, "mpi", scenarios],
+        [mpiexec(), "-n", str(SIZE), sys.executable, __file__, "mpi", scenarios],
         check=False,
         cwd=ROOT,
         env=_env(marker),
@@ -308,8 +306,9 @@ def _forged(comm: Any, backend: str) -> None:
     import torch
 
     from collectives.backends.base import OpContext
+    from collectives.backends.envelope import user_envelope
     from collectives.backends.torch_engine import user_tag
-    from collectives.backends.torch_messages import ENVELOPE_BYTES, INLINE_AT, user_envelope
+    from collectives.backends.torch_messages import ENVELOPE_BYTES, INLINE_AT
     from collectives.codec import encode
     from collectives.codec.frames import BufferEntry, Header, Kind
     from collectives.deadline import Deadline
@@ -324,7 +323,7 @@ def _forged(comm: Any, backend: str) -> None:
     for tag, (what, inline, header_len) in enumerate(forged, start=20):
         if comm.rank == 0:
             env = np.zeros(ENVELOPE_BYTES, dtype=np.uint8)
-            user_envelope(engine).pack_into(env.data)
+            user_envelope(engine.comm, engine.epoch).pack_into(env.data)
             np.frombuffer(env.data, dtype=np.uint32)[14] = header_len  # codec header length
             env[INLINE_AT : INLINE_AT + len(inline)] = np.frombuffer(inline, dtype=np.uint8)
             ctx = OpContext("send", 0, Deadline.start(TIMEOUT_S, "send", 0))

@@ -115,6 +115,51 @@ def test_waiting_receive_gets_the_payload_in_one_copy(
     assert torch.equal(out, src)
 
 
+def test_a_claimed_landing_is_returned_before_a_later_queued_message(
+    pair: list[LocalBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sender T1 claims the waiting receive's buffer and copies slowly; meanwhile T2 (same
+    sender, channel) finds no landing and queues.  The receive must return T1's message (posted
+    first), only once T1's copy is complete, and leave T2's for the next receive."""
+    a, b = pair
+    real = local._copy_into
+    copying, release = threading.Event(), threading.Event()
+
+    def slow_first(out: memoryview, buf: memoryview) -> None:
+        if not copying.is_set():  # T1's copy straight into the receiver's buffer
+            copying.set()
+            assert release.wait(5)
+        real(out, buf)
+
+    monkeypatch.setattr(local, "_copy_into", slow_first)
+    out = torch.zeros(256, dtype=torch.float32)
+    into = byte_view(out)
+    assert into is not None
+    got: list[tuple[Envelope, Encoded]] = []
+    receiver = threading.Thread(target=lambda: got.append(b._take(0, "c", _dl(), into)))
+    receiver.start()
+    deadline = time.monotonic() + 5
+    while (1, 0, "c") not in b._world.landings:  # the receive is posted
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    first, second = torch.full((256,), 1.0), torch.full((256,), 2.0)
+    t1 = threading.Thread(target=a._post, args=(1, "c", a.envelope("x", 0), encode(first), _dl()))
+    t1.start()
+    assert copying.wait(5)
+    a._post(1, "c", a.envelope("x", 1), encode(second), _dl())  # T2: queued behind T1
+    receiver.join(0.5)  # the receive must still be waiting for T1's copy
+    returned_early = not receiver.is_alive()
+    release.set()
+    t1.join(5)
+    receiver.join(5)
+    assert not returned_early, "the receive returned while T1 was still writing its buffer"
+    env, msg = got[0]
+    assert env.seq == 0 and torch.equal(_value(msg), first) and torch.equal(out, first)
+    env, msg = b._take(0, "c", _dl())
+    assert env.seq == 1 and torch.equal(_value(msg), second)
+    assert not b._has_message(0, "c")
+
+
 def test_message_that_arrives_first_still_lands_in_the_buffer(
     pair: list[LocalBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:
