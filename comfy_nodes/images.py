@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from .folders import contained_file, relative_name
 
 
 def resolve_image_path(name: str, what: str = "ClusterBroadcastLoadedImage") -> Path:
@@ -21,24 +23,15 @@ def resolve_image_path(name: str, what: str = "ClusterBroadcastLoadedImage") -> 
             f"{what}: images are loaded from ComfyUI's input folder, and ComfyUI's folder_paths "
             "is not importable here"
         ) from None
-    text = name.strip()
-    bare, base = folder_paths.annotated_filepath(text)
+    bare, base = folder_paths.annotated_filepath(name.strip())
     folder = Path(base if base is not None else folder_paths.get_input_directory())
-    pure = PurePosixPath(str(bare).replace("\\", "/"))
-    if (
-        not str(bare).strip()
-        or pure.is_absolute()
-        or PureWindowsPath(bare).drive
-        or (".." in pure.parts)
-    ):
+    pure = relative_name(str(bare))
+    if pure is None:
         raise ValueError(
             f"{what}: {name!r} is not an image name; give a file name in ComfyUI's input folder "
             f"{folder} (optionally annotated [input], [output] or [temp]), not a path"
         )
-    root = folder.resolve()
-    file = Path(folder_paths.get_annotated_filepath(text)).resolve()
-    if not file.is_relative_to(root):
-        raise ValueError(f"{what}: {name!r} leads outside ComfyUI's folder {folder}")
+    file = contained_file(folder, str(bare), what, name, "ComfyUI's folder")
     if not file.is_file():
         raise FileNotFoundError(
             f"{what}: no image {str(pure)!r} in {folder} (on the leader, rank 0)"

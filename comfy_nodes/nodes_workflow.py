@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import cluster
-from . import workflow as workflows
+from . import cluster, workflow
 from .nodes_base import _HIDDEN_ID, ANY, _ClusterNode, _Node
 
 
@@ -50,8 +49,8 @@ class ClusterExecuteWorkflow(_ClusterNode):
     def run(self, workflow_path: str, input_overrides: str = "", trigger: Any = None) -> tuple[str]:
         if not cluster.is_leader():
             return ("",)
-        loaded = workflows.load_named_workflow(workflow_path, what=type(self).__name__)
-        prompt = workflows.apply_overrides(loaded, input_overrides)
+        loaded = workflow.load_named_workflow(workflow_path, what=type(self).__name__)
+        prompt = workflow.apply_overrides(loaded, input_overrides)
         return (cluster.call_queue_prompt_hook(prompt, type(self).__name__),)
 
 
@@ -88,7 +87,7 @@ class ClusterExecuteCurrentWorkflow(_ClusterNode):
             return ("", remaining)
         if prompt is None or unique_id is None:
             raise RuntimeError(f"{type(self).__name__}: ComfyUI passed no current prompt")
-        nxt = workflows.next_iteration(prompt, str(unique_id), vary_seed)
+        nxt = workflow.next_iteration(prompt, str(unique_id), vary_seed)
         assert nxt is not None
         return (cluster.call_queue_prompt_hook(nxt, type(self).__name__), remaining)
 
@@ -154,5 +153,5 @@ class ClusterUseSubgraph(_ClusterNode):
             return ("",)
         if prompt is None:
             raise RuntimeError(f"{type(self).__name__}: ComfyUI passed no current prompt")
-        sub = workflows.subgraph_prompt(prompt, name)
+        sub = workflow.subgraph_prompt(prompt, name)
         return (cluster.call_queue_prompt_hook(sub, type(self).__name__),)

@@ -11,8 +11,10 @@ import copy
 import importlib
 import json
 from collections.abc import Iterable, Mapping
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
+
+from .folders import contained_file, relative_name
 
 Prompt = dict[str, Any]
 
@@ -70,18 +72,15 @@ def workflow_file(name: str, folder: Path, what: str = "workflow") -> Path:
     text = name.strip()
     if not text:
         raise ValueError(f"{what}: no workflow name given (a file name in {folder})")
-    pure = PurePosixPath(text.replace("\\", "/"))
-    if pure.is_absolute() or PureWindowsPath(text).drive or ".." in pure.parts:
+    pure = relative_name(text)
+    if pure is None:
         raise ValueError(
             f"{what}: {name!r} is not a workflow name; give a file name relative to the user "
             f"workflows folder {folder} (no absolute paths, no '..')"
         )
     if pure.suffix.lower() != ".json":
         pure = pure.with_name(pure.name + ".json")
-    root = folder.resolve()
-    file = (root / pure).resolve()
-    if not file.is_relative_to(root):
-        raise ValueError(f"{what}: {name!r} leads outside the user workflows folder {folder}")
+    file = contained_file(folder, str(pure), what, name, "the user workflows folder")
     if not file.is_file():
         raise WorkflowNotFoundError(f"{what}: no workflow {str(pure)!r} in {folder}")
     return file

@@ -31,7 +31,7 @@ from comfy_nodes.server import prompts
 from comfy_nodes.server.control import Delivery, Verdict, hand_over, take_over
 from comfy_nodes.server.handoffs import Handoffs
 from comfy_nodes.server.membership import Membership
-from comfy_nodes.server.peers import PeerAuth
+from comfy_nodes.server.peers import PeerAuth, PeerClient
 from comfy_nodes.server.routes import control_routes
 from comfy_nodes.server.settings import Settings
 
@@ -54,20 +54,27 @@ def install(server: Any) -> Membership | None:
     if _installed is not None:
         return _installed
     settings = Settings.from_env()
-    _register_routes(server, settings)
+    auth = PeerAuth(settings.key if settings is not None else None)  # one, for routes and client
+    _register_routes(server, settings, auth)
     if settings is None:
         return None  # a single instance: cluster nodes are identities, nothing to wire
     from comfy.cli_args import args  # type: ignore[import-not-found,unused-ignore]
 
+    # The control routes are served wherever ComfyUI listens, not only on the advertised host.
+    settings.check_listen(args.listen)
     _init_mpi_early(settings.backend)
-    membership = Membership(settings, f"http://{settings.advertise_host}:{args.port}")
+    membership = Membership(
+        settings,
+        f"http://{settings.advertise_host}:{args.port}",
+        PeerClient(auth, settings.rank),
+    )
     _installed = membership
     cluster.comm_provider = membership.wait_ready
     import comfy.utils  # type: ignore[import-not-found,unused-ignore]
 
     cluster.progress_bar = comfy.utils.ProgressBar
     cluster.interrupt_check = _interrupt_pressed
-    cluster.abort_hook = lambda comm, reason: abort_everywhere(membership, reason, comm)
+    cluster.abort_hook = lambda comm, reason: membership.abort_everywhere(reason, comm)
     cluster.failure_hook = lambda comm, err: membership.fail(
         f"{type(err).__name__}: {err}", comm=comm
     )
@@ -251,7 +258,7 @@ def _propagate_interrupts(membership: Membership) -> None:
     def interrupt_processing(value: bool = True) -> None:
         original(value)
         if value and cluster.current_prompt is not None:
-            abort_everywhere(membership, f"interrupted on rank {membership.settings.rank}")
+            membership.abort_everywhere(f"interrupted on rank {membership.settings.rank}")
 
     comfy_nodes_module.interrupt_processing = interrupt_processing
 
@@ -272,8 +279,7 @@ def _propagate_interrupts(membership: Membership) -> None:
             why = error.get("exception_message", "") if isinstance(error, dict) else str(error)
             # With the prompt's communicator: if the cluster has moved to a new world since,
             # only the old one is aborted.
-            abort_everywhere(
-                membership,
+            membership.abort_everywhere(
                 f"rank {membership.settings.rank} failed at node {node} ({kind}): {why.strip()}",
                 cluster.peek_comm(),
             )
@@ -284,13 +290,8 @@ def _propagate_interrupts(membership: Membership) -> None:
     executor_class.handle_execution_error = handle_execution_error
 
 
-def abort_everywhere(membership: Membership, reason: str, comm: Communicator | None = None) -> None:
-    """Abort this world on every rank (see :meth:`Membership.abort_everywhere`)."""
-    membership.abort_everywhere(reason, comm)
-
-
 # -- routes ---------------------------------------------------------------------------------------
-def _register_routes(server: Any, settings: Settings | None) -> None:
+def _register_routes(server: Any, settings: Settings | None, auth: PeerAuth) -> None:
     from aiohttp import web
 
     routes: Any = server.routes  # aiohttp's RouteTableDef: its decorators are untyped
@@ -320,6 +321,5 @@ def _register_routes(server: Any, settings: Settings | None) -> None:
 
     routes.get("/cluster/status")(status)
     routes.post("/cluster/queue")(queue)
-    auth = PeerAuth(settings.key if settings is not None else None)
     for method, path, handler in control_routes(auth, lambda: _installed):
         routes.route(method, path)(handler)

@@ -8,8 +8,11 @@ fails the prompt it was part of, and once restarted it simply joins the next wor
 wait (up to the join timeout) for a world to be complete, and say which ranks are missing.
 
 Every message between ranks is signed (comfy_nodes.server.peers) and names its sender; who may
-send what is one table in comfy_nodes.server.routes.  A world that is left is aborted and closed,
-so a failed prompt's communicator and its pending transfers are freed.
+send what is one table in comfy_nodes.server.routes.  A world that is left is aborted at once
+(under the lock that leaves it, so no join can meet its torch group still registered) and closed
+in the background, so a failed prompt's communicator and its pending transfers are freed.  One
+join runs at a time in a process: from ``collectives.init`` until its world is installed or
+discarded.  A follower whose join fails tells the leader, which then announces the next world.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class ClusterNotReadyError(RuntimeError):
 
 class Membership:
     def __init__(self, settings: Settings, my_url: str, client: PeerClient | None = None) -> None:
+        """``client``: this rank's signed requests (install() passes the one whose PeerAuth also
+        checks the routes); by default one of its own, from ``settings.key``."""
         self.settings = settings
         self.my_url = my_url
         self.client = client or PeerClient(PeerAuth(settings.key), settings.rank)
@@ -45,6 +50,10 @@ class Membership:
         self.last_error = ""
         self._comm: Communicator | None = None
         self._cond = threading.Condition()
+        # One join at a time: held from collectives.init until that world is installed or
+        # discarded, so a superseded join's torch group is gone before the next join looks.
+        self._join_lock = threading.Lock()
+        self._joining: Communicator | None = None  # the world being joined (allgather of urls)
         self._on_ready: list[Callable[[Communicator, int], None]] = []
 
     # -- public ----------------------------------------------------------------------------------
@@ -86,53 +95,70 @@ class Membership:
         with self._cond:
             return self._comm is comm
 
-    def fail(self, reason: str, *, comm: Communicator | None = None) -> None:
+    def fail(
+        self, reason: str, *, comm: Communicator | None = None, epoch: int | None = None
+    ) -> None:
         """The current world is broken.  The leader starts the next one; a follower asks it to.
 
         ``comm``: the communicator the failure happened on.  A failure of an earlier world (a
         node of a failed prompt still finishing its collective on the old communicator) says
-        nothing about the current one and is only logged.
+        nothing about the current one and is only logged.  ``epoch``: the world a peer's report
+        is about (compared under the lock); a report for another world is ignored, and one for
+        the world the leader is joining (a follower could not join it) starts the next world.
         """
         with self._cond:
             if comm is not None and comm is not self._comm:
                 log.info("a failure of an earlier world, ignored: %s", reason)
                 return
-            comm, epoch = self._comm, self.epoch
+            if epoch is not None and epoch != self.epoch:
+                log.info("a failure of world %d (this rank is at %d), ignored", epoch, self.epoch)
+                return
+            comm, current = self._comm, self.epoch
             if comm is None and self.state != "ready":
-                return  # already re-forming
-            self._leave_world()
-            self.state = "failed"
-            self.last_error = reason
-        log.warning("cluster world %d failed: %s", epoch, reason)
+                # Already re-forming; unless a follower reports that it could not join the world
+                # the leader is joining: nobody else would end that one, so the leader does.
+                if epoch is None or self.state != "joining" or not self.settings.is_leader:
+                    return
+            else:
+                self._leave_world(reason)
+                self.state = "failed"
+                self.last_error = reason
+        log.warning("cluster world %d failed: %s", current, reason)
         if comm is not None:
-            _discard(comm, reason)
+            _discard(comm)
         if self.settings.is_leader:
-            self.rejoin(epoch + 1, reason)
+            self.rejoin(current + 1, reason)
         elif self.settings.leader_url:
             self.client.post_async(
-                self.settings.leader_url, "/cluster/failed", {"epoch": epoch, "reason": reason}
+                self.settings.leader_url, "/cluster/failed", {"epoch": current, "reason": reason}
             )
 
-    def abort_everywhere(self, reason: str, comm: Communicator | None = None) -> None:
+    def abort_everywhere(
+        self, reason: str, comm: Communicator | None = None, *, epoch: int | None = None
+    ) -> None:
         """Abort this world on every rank: the leader tells each follower, a follower the leader.
 
         ``comm``: the communicator the request came from; if the cluster has formed a new world
         since (a node of the interrupted prompt still polling), only that old one is aborted.
+        ``epoch``: the world a peer's abort is about; nothing happens unless it is this rank's
+        current world (compared under the lock).
         """
         if comm is not None and not self.is_current(comm):
             comm.abort(reason)
             return
-        if self.state != "ready":
-            return  # already failed and re-forming: the others know
         s = self.settings
-        body = {"epoch": self.epoch, "reason": reason}
+        with self._cond:
+            if self.state != "ready" or (epoch is not None and epoch != self.epoch):
+                return  # already failed and re-forming (the others know), or another world
+            current, urls = self.epoch, dict(self.urls)
+        body = {"epoch": current, "reason": reason}
         if s.is_leader:
-            for rank, url in sorted(self.urls.items()):
+            for rank, url in sorted(urls.items()):
                 if rank != s.rank:
                     self.client.post_async(url, "/cluster/abort", body)
         elif s.leader_url:
             self.client.post_async(s.leader_url, "/cluster/abort", body)
-        self.fail(reason)
+        self.fail(reason, epoch=current)
 
     def announced(self, epoch: int, reason: str) -> tuple[bool, str]:
         """A follower heard the leader announce world ``epoch``: join it if it is the leader's
@@ -165,18 +191,21 @@ class Membership:
             return None
         return epoch if type(epoch) is int else None
 
-    def _leave_world(self) -> Communicator | None:
-        """Drop the current world (caller holds ``_cond``); its communicator, for aborting.
+    def _leave_world(self, reason: str) -> Communicator | None:
+        """Drop the current world and abort its communicator (caller holds ``_cond``); the
+        communicator, for closing (:func:`_discard`).
 
-        The prompt running on it (if any) fails there; its failure must not be reported as one
-        of the next world.  (A follower hears "abort this world" and "join the next" in either
-        order, so both ``fail`` and ``rejoin`` leave through here.)
+        Aborted here, under the lock, so that its torch group is deregistered before anyone can
+        start the next join.  The prompt running on it (if any) fails there; its failure must
+        not be reported as one of the next world.  (A follower hears "abort this world" and
+        "join the next" in either order, so both ``fail`` and ``rejoin`` leave through here.)
         """
         old, self._comm = self._comm, None
         cluster.set_comm(None)
         cluster.current_prompt = None
         if old is not None:
             cluster.forget(old)
+            old.abort(reason)
         return old
 
     def rejoin(self, epoch: int, reason: str = "") -> None:
@@ -184,13 +213,17 @@ class Membership:
         with self._cond:
             if epoch <= self.epoch and self.state in ("joining", "ready"):
                 return  # that world (or a newer one) is forming already
-            old = self._leave_world()
+            why = reason or f"moving to cluster epoch {epoch}"
+            old = self._leave_world(why)
+            if self._joining is not None:  # a join of an older world, past init: end it now
+                self._joining.abort(f"superseded by cluster epoch {epoch}")
             self.epoch = epoch
             self.state = "joining"
+            urls = dict(self.urls)
         if old is not None:
-            _discard(old, reason or f"moving to cluster epoch {epoch}")
+            _discard(old)
         if self.settings.is_leader:
-            for rank, url in sorted(self.urls.items()):
+            for rank, url in sorted(urls.items()):
                 if rank != self.settings.rank:
                     self.client.post_async(
                         url, "/cluster/rejoin", {"epoch": epoch, "reason": reason}
@@ -206,47 +239,84 @@ class Membership:
         self.rejoin(epoch)
 
     def _join(self, epoch: int) -> None:
+        s = self.settings
+        with self._join_lock:
+            with self._cond:
+                if self.epoch != epoch:
+                    return  # superseded before it began: no world to form
+            comm: Communicator | None = None
+            try:
+                comm = self._init_world(epoch)
+                with self._cond:
+                    if self.epoch != epoch:
+                        raise _Superseded(f"cluster epoch {self.epoch} was announced")
+                    self._joining = comm  # a newer announcement aborts it (rejoin)
+                urls = comm.allgather(self.my_url, timeout=s.op_timeout)
+            except Exception as err:  # joining failed (or was superseded): say why
+                with self._cond:
+                    self._joining = None
+                error = f"joining world {epoch} failed: {type(err).__name__}: {err}"
+                if comm is not None:
+                    _abandon(comm, error)  # torch's group must not outlive this join
+            else:
+                error = ""
+                with self._cond:
+                    self._joining = None
+                    installed = self.epoch == epoch  # else a newer world was announced meanwhile
+                    if installed:
+                        self._comm = comm
+                        self.urls = dict(enumerate(urls))
+                        self.state = "ready"
+                        self.last_error = ""
+                        cluster.set_comm(comm)
+                        self._cond.notify_all()
+                if not installed:
+                    _abandon(comm, "superseded")
+                    return
+        if error or comm is None:
+            self._join_failed(epoch, error)
+            return
+        log.info("cluster world %d ready: rank %d of %d (%s)", epoch, s.rank, s.size, comm.backend)
+        for callback in self._on_ready:
+            callback(comm, epoch)
+
+    def _init_world(self, epoch: int) -> Communicator:
+        """This rank's communicator of world ``epoch`` (waits for every rank to check in)."""
         import collectives
         from collectives.options import CommOptions
 
         s = self.settings
-        try:
-            comm = collectives.init(
-                s.backend,
-                rank=s.rank,
-                size=s.size,
-                world=f"comfy-cluster-e{epoch}",
-                # Rendezvous waits for late ranks as long as a follower may take to start.
-                timeout=max(s.join_timeout, 3600.0),
-            )
-            comm.options = CommOptions(timeout=s.op_timeout, codec=comm.options.codec)
-            cluster.without_pickle(comm)
-            urls = comm.allgather(self.my_url, timeout=s.op_timeout)
-        except Exception as err:  # joining failed: say why, and keep trying on the leader
-            with self._cond:
-                if self.epoch != epoch:
-                    return
-                self.state = "failed"
-                self.last_error = f"joining world {epoch} failed: {type(err).__name__}: {err}"
-                self._cond.notify_all()
-            log.error("%s", self.last_error)
-            if s.is_leader:
-                time.sleep(1.0)
-                self.rejoin(epoch + 1, self.last_error)
-            return
+        comm = collectives.init(
+            s.backend,
+            rank=s.rank,
+            size=s.size,
+            world=f"comfy-cluster-e{epoch}",
+            # Rendezvous waits for late ranks as long as a follower may take to start.
+            timeout=max(s.join_timeout, 3600.0),
+        )
+        # Never pickling: cluster.set_comm makes sure of it once the world is installed (the
+        # allgather of URLs before that sends strings only).
+        comm.options = CommOptions(timeout=s.op_timeout, codec=comm.options.codec)
+        return comm
+
+    def _join_failed(self, epoch: int, error: str) -> None:
+        """Joining world ``epoch`` failed: the leader starts the next world, a follower tells the
+        leader (which then does).  Nothing, if a newer world was announced meanwhile."""
+        s = self.settings
         with self._cond:
-            if self.epoch != epoch:  # a newer world was announced while we were joining
-                _discard(comm, "superseded")
+            if self.epoch != epoch:
                 return
-            self._comm = comm
-            self.urls = dict(enumerate(urls))
-            self.state = "ready"
-            self.last_error = ""
-            cluster.set_comm(comm)
+            self.state = "failed"
+            self.last_error = error
             self._cond.notify_all()
-        log.info("cluster world %d ready: rank %d of %d (%s)", epoch, s.rank, s.size, comm.backend)
-        for callback in self._on_ready:
-            callback(comm, epoch)
+        log.error("%s", error)
+        if s.is_leader:
+            time.sleep(1.0)
+            self.rejoin(epoch + 1, error)
+        elif s.leader_url:
+            self.client.post_async(
+                s.leader_url, "/cluster/failed", {"epoch": epoch, "reason": error}
+            )
 
     def _current_epoch(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -281,10 +351,20 @@ def _missing_ranks(world: str) -> list[int]:
     return waiting_for(world)
 
 
-def _discard(comm: Communicator, reason: str) -> None:
-    """Abort ``comm`` now (its pending ops fail with ``reason``) and close it in the background,
-    releasing its backend and whatever transfers were still queued on it."""
+class _Superseded(Exception):
+    """A newer world was announced while this rank was joining."""
+
+
+def _abandon(comm: Communicator, reason: str) -> None:
+    """Abort ``comm`` now (its torch group is deregistered, its pending ops fail with
+    ``reason``) and close it in the background."""
     comm.abort(reason)
+    _discard(comm)
+
+
+def _discard(comm: Communicator) -> None:
+    """Close an aborted ``comm`` in the background, releasing its backend and whatever transfers
+    were still queued on it."""
 
     def close() -> None:
         try:

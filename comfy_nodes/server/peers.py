@@ -25,6 +25,10 @@ from collectives.errors import AuthenticationError
 
 log = logging.getLogger("comfy_cluster")
 
+MAX_REASON_CHARS = 4000
+"""The longest ``reason`` a control route takes (comfy_nodes.server.routes refuses longer ones
+with 400, which is not retried): senders clip theirs to it."""
+
 WINDOW_S = 30.0
 """How far apart the ranks' clocks may be (and how long a captured request could be replayed,
 were nonces not remembered)."""
@@ -82,7 +86,11 @@ class PeerClient:
         self, base_url: str, path: str, body: dict[str, Any], attempts: int = 20
     ) -> threading.Thread:
         """POST ``body`` (plus this rank) in the background; retried while the peer is
-        unreachable or failing (5xx), not when it refuses (4xx: logged)."""
+        unreachable or failing (5xx), not when it refuses (4xx: logged).  A ``reason`` longer
+        than the routes take is clipped."""
+        reason = body.get("reason")
+        if isinstance(reason, str) and len(reason) > MAX_REASON_CHARS:
+            body = {**body, "reason": reason[: MAX_REASON_CHARS - 3] + "..."}
         data = json.dumps({**body, "rank": self.rank}).encode()
 
         def send() -> None:

@@ -21,8 +21,10 @@ nothing.  Each request is checked in this order, and refused without any effect:
    else 400 (the ``rank`` is the sender's, under the credential's MAC);
 3. the table above: 409 when this rank does not take the message, 403 when the sender may not
    send it;
-4. the epoch: a message about another world than this rank's is ignored (200), and a rejoin
-   must name the leader's next world (409 otherwise; see ``Membership.announced``).
+4. the epoch: a message about another world than this rank's is ignored (200; compared under
+   the membership's lock), and a rejoin must name the leader's next world (409 otherwise; see
+   ``Membership.announced``).  A follower's failure report about the world the leader is still
+   joining (that follower could not join it) makes the leader announce the next world.
 
 The routes meant for the browser (``/cluster/status``, ``/cluster/queue``) are not here: they
 follow ComfyUI's own trust model, like its ``/prompt``.
@@ -37,13 +39,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from collectives.auth import AUTH_HEADER
-from comfy_nodes.server.peers import PeerAuth
+from comfy_nodes.server.peers import MAX_REASON_CHARS, PeerAuth
 
 if TYPE_CHECKING:
     from comfy_nodes.server.membership import Membership
 
 MAX_BODY_BYTES = 64 * 1024
-MAX_REASON_CHARS = 4000
 LEADER, FOLLOWER = "leader", "follower"
 
 SENDERS: dict[str, dict[str, str]] = {
@@ -117,21 +118,19 @@ def _rejoin(membership: Membership, msg: Message) -> dict[str, Any]:
 
 
 def _failed(membership: Membership, msg: Message) -> dict[str, Any]:
-    if msg.epoch != membership.epoch:
-        return {"ok": True, "detail": f"not about the current world ({membership.epoch})"}
-    membership.fail(f"rank {msg.rank}: {msg.reason or 'failed'}")
-    return {"ok": True, "detail": f"world {msg.epoch} failed"}
+    # The epoch is compared under the membership's lock: a report about another world (an
+    # earlier one, or one that formed meanwhile) changes nothing.
+    membership.fail(f"rank {msg.rank}: {msg.reason or 'failed'}", epoch=msg.epoch)
+    return {"ok": True, "detail": f"failure of world {msg.epoch} noted"}
 
 
 def _abort(membership: Membership, msg: Message) -> dict[str, Any]:
-    if msg.epoch != membership.epoch:
-        return {"ok": True, "detail": f"not about the current world ({membership.epoch})"}
     reason = msg.reason or f"aborted by rank {msg.rank}"
     if membership.settings.is_leader:
-        membership.abort_everywhere(reason)
+        membership.abort_everywhere(reason, epoch=msg.epoch)
     else:
-        membership.fail(reason)
-    return {"ok": True, "detail": f"world {msg.epoch} aborted"}
+        membership.fail(reason, epoch=msg.epoch)
+    return {"ok": True, "detail": f"abort of world {msg.epoch} noted"}
 
 
 ACTIONS: dict[str, Callable[[Membership, Message], dict[str, Any]]] = {
@@ -158,15 +157,22 @@ def control_routes(
         return web.json_response({"error": message}, status=status)
 
     async def read_checked(request: Any) -> bytes:
+        too_large = Refused(413, f"{request.path}: the body is larger than {MAX_BODY_BYTES} bytes")
         if (request.content_length or 0) > MAX_BODY_BYTES:
-            raise Refused(413, f"{request.path}: the body is larger than {MAX_BODY_BYTES} bytes")
-        raw: bytes = await request.content.read(MAX_BODY_BYTES + 1)
-        if len(raw) > MAX_BODY_BYTES:
-            raise Refused(413, f"{request.path}: the body is larger than {MAX_BODY_BYTES} bytes")
-        why = auth.refusal(request.method, request.path, raw, request.headers.get(AUTH_HEADER))
+            raise too_large
+        # The whole body, however it arrived (one read returns only what is buffered so far);
+        # a body without a length (chunked) is refused as soon as it passes the cap.
+        raw = bytearray()
+        while chunk := await request.content.read(MAX_BODY_BYTES + 1 - len(raw)):
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise too_large
+        why = auth.refusal(
+            request.method, request.path, bytes(raw), request.headers.get(AUTH_HEADER)
+        )
         if why is not None:
             raise Refused(*why)
-        return raw
+        return bytes(raw)
 
     async def epoch(request: Any) -> Any:
         try:

@@ -2,7 +2,8 @@
 
 The cluster key (``COMFY_CLUSTER_KEY`` / ``COMFY_CLUSTER_KEY_FILE``) authenticates the requests
 the ranks' servers send each other.  It may be absent only when this instance is reached on
-loopback (the advertised host and the leader's URL) or with ``COMFY_CLUSTER_INSECURE=1``:
+loopback (the advertised host, the leader's URL and ComfyUI's ``--listen`` addresses: see
+:meth:`Settings.check_listen`) or with ``COMFY_CLUSTER_INSECURE=1``:
 :func:`collectives.auth.require_key` refuses anything else, naming the variable.
 """
 
@@ -63,7 +64,7 @@ class Settings:
         )
         if leader_url is not None:
             leader_host = urllib.parse.urlsplit(leader_url).hostname or ""
-            key = require_key(leader_host, f"messages to the leader ({LEADER_URL_ENV})", env)
+            _require_key(key, leader_host, f"messages to the leader ({LEADER_URL_ENV})", env)
         return cls(
             rank=rank_env.rank,
             size=rank_env.world_size,
@@ -75,3 +76,19 @@ class Settings:
             advertise_host=advertise_host,
             key=key,
         )
+
+    def check_listen(self, listen: str | None, environ: Mapping[str, str] | None = None) -> None:
+        """Refuse to serve the control routes on ComfyUI's ``--listen`` address(es) (a
+        comma-separated list) without a key, unless each is loopback (or the network is declared
+        trusted): as :func:`collectives.auth.require_key`, with the key already read."""
+        env = os.environ if environ is None else environ
+        for host in (listen or "").split(","):
+            if host.strip():
+                _require_key(self.key, host.strip(), f"ComfyUI's server (--listen {host})", env)
+
+
+def _require_key(key: ClusterKey | None, host: str, what: str, environ: Mapping[str, str]) -> None:
+    """``require_key``'s refusal for one more address, for the key read once (a key read again
+    could differ from the one in use)."""
+    if key is None:
+        require_key(host, what, environ)

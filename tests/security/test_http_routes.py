@@ -9,7 +9,9 @@ all of it the state is unchanged and the next prompt runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -19,9 +21,16 @@ from typing import Any
 import pytest
 
 from collectives.auth import AUTH_HEADER, ClusterKey, RequestSigner
+from collectives.errors import ConfigurationError
 from comfy_nodes.server.membership import Membership
-from comfy_nodes.server.peers import PeerAuth
-from comfy_nodes.server.routes import Message, Refused, check_sender
+from comfy_nodes.server.peers import PeerAuth, PeerClient
+from comfy_nodes.server.routes import (
+    MAX_BODY_BYTES,
+    MAX_REASON_CHARS,
+    Message,
+    Refused,
+    check_sender,
+)
 from comfy_nodes.server.settings import Settings
 from tests.comfy_e2e.conftest import comfy_env, comfy_python  # noqa: F401  (fixtures)
 
@@ -137,6 +146,46 @@ def test_a_rejoin_must_name_the_leaders_next_world() -> None:
     assert follower.announced(4, "the leader's next")[0] and follower.joined == [4]
     # Missed announcements (this rank was unreachable): believed when the leader confirms.
     assert follower.announced(7, "confirmed by the leader")[0] and follower.joined == [4, 7]
+
+
+def test_senders_clip_a_reason_the_routes_would_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    import comfy_nodes.server.peers as peers
+
+    sent: list[bytes] = []
+
+    class _Response:
+        def __enter__(self) -> _Response:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    def urlopen(req: urllib.request.Request, timeout: float) -> _Response:
+        assert isinstance(req.data, bytes)
+        sent.append(req.data)
+        return _Response()
+
+    monkeypatch.setattr(peers.urllib.request, "urlopen", urlopen)
+    client = PeerClient(PeerAuth(ClusterKey(KEY)), rank=1)
+    for reason in ("x" * (MAX_REASON_CHARS + 1000), "short"):
+        client.post_async("http://leader", "/cluster/failed", {"epoch": 3, "reason": reason}).join(
+            5
+        )
+    clipped, short = (Message.parse(raw, "/cluster/failed") for raw in sent)
+    assert len(clipped.reason) == MAX_REASON_CHARS and clipped.reason.startswith("xxx")
+    assert (short.rank, short.epoch, short.reason) == (1, 3, "short")
+
+
+def test_a_key_is_needed_for_every_address_comfyui_listens_on() -> None:
+    settings = _settings(1)
+    settings.check_listen("0.0.0.0,::", {})  # with a key: anything
+    keyless = dataclasses.replace(settings, key=None)
+    keyless.check_listen("127.0.0.1,::1", {})
+    keyless.check_listen(None, {})
+    keyless.check_listen("0.0.0.0", {"COMFY_CLUSTER_INSECURE": "1"})
+    for listen in ("0.0.0.0", "127.0.0.1,192.0.2.7", "::"):
+        with pytest.raises(ConfigurationError, match="--listen"):
+            keyless.check_listen(listen, {})
 
 
 # -- a real cluster -------------------------------------------------------------------------------
@@ -258,3 +307,53 @@ def test_a_real_cluster_refuses_strangers_and_runs_the_next_prompt(pair: Any) ->
         {"1": {"class_type": "ClusterInfo", "inputs": {}}}, timeout=120
     )
     assert "connected: 2/2" in outputs["1"]["text"][0]
+
+
+def _raw_post(url: str, path: str, head: str, parts: list[bytes]) -> tuple[int, str]:
+    """POST over a raw socket: ``head`` (headers, without the request line), then the body in
+    ``parts``, each its own TCP segment, a pause apart; the status and body of the answer."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{head}\r\n"
+        sock.sendall(request.encode())
+        for part in parts:
+            try:
+                sock.sendall(part)
+            except OSError:
+                break  # refused before the rest was sent
+            time.sleep(0.2)
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass  # the server closed the connection after answering
+    head_part, _, answer = data.partition(b"\r\n\r\n")
+    return int(head_part.split(b" ", 2)[1]), answer.decode("utf-8", "replace")
+
+
+@pytest.mark.comfy
+def test_a_body_split_over_segments_is_read_whole_and_a_long_chunked_one_refused(
+    pair: Any,
+) -> None:
+    leader_url = pair.url(0)
+    epoch = _ready(leader_url)["epoch"]
+    # About a world that is not the leader's: harmless, but only accepted if read whole.
+    body = json.dumps({"rank": 1, "epoch": epoch + 1000, "reason": "y" * 3000}).encode()
+    head = (
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"{AUTH_HEADER}: {_sign('/cluster/abort', body)}\r\n"
+    )
+    got = _raw_post(leader_url, "/cluster/abort", head, [body[:100], body[100:2000], body[2000:]])
+    assert got[0] == 200, got
+    # Chunked, no length: refused once past the cap (413), whatever the credential says.
+    chunk = b"z" * (MAX_BODY_BYTES // 2)
+    chunks = [b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(3)] + [b"0\r\n\r\n"]
+    head = (
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        f"{AUTH_HEADER}: {_sign('/cluster/abort', b'x')}\r\n"
+    )
+    got = _raw_post(leader_url, "/cluster/abort", head, chunks)
+    assert got[0] == 413, got
+    assert _status(leader_url)["state"] == "ready" and _status(leader_url)["epoch"] == epoch
