@@ -36,7 +36,7 @@ from collectives.errors import (
 from collectives.options import CommOptions
 from collectives.reduce_op import ReduceOp
 from collectives.work import Work
-from collectives.world import detect_backend, init
+from collectives.world import cancel_init, detect_backend, init
 
 __version__ = "0.1.0"
 
@@ -68,6 +68,7 @@ __all__ = [
     "TransportError",
     "Work",
     "available_backends",
+    "cancel_init",
     "decode",
     "detect_backend",
     "dumps",

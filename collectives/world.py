@@ -67,3 +67,16 @@ def init(
         environ=env,
     )
     return Communicator(cls.create(config), options)
+
+
+def cancel_init(world: str) -> None:
+    """Make an ``init(world=world)`` running in another thread of this process (or about to)
+    give up its rendezvous now, with :class:`~collectives.errors.RendezvousClosedError`, instead
+    of waiting for missing ranks until its timeout.
+
+    For a caller that has moved on to a newer world.  Only the gloo/nccl rendezvous waits for
+    ranks inside ``init``; on the other backends there is nothing to cancel.
+    """
+    from collectives.backends import torch_rendezvous
+
+    torch_rendezvous.cancel(world)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from collectives.auth import ClusterKey, require_key
 from collectives.errors import (
     ConfigurationError,
+    RendezvousClosedError,
     RendezvousConnectionError,
     RendezvousTimeoutError,
 )
@@ -85,6 +86,28 @@ def waiting_for(world: str) -> list[int]:
     """
     with _WAITING_LOCK:
         return list(_WAITING.get(world, ()))
+
+
+_CANCELLED: set[str] = set()
+
+
+def cancel(world: str) -> None:
+    """Make this process's rendezvous of ``world`` give up, whether it runs now or starts later.
+
+    It ends within a fraction of a second with :class:`RendezvousClosedError` instead of waiting
+    for ranks until its timeout: for a caller that has moved on to a newer world (the node pack
+    re-forming after a failure), so that the old one does not hold the process up.
+    """
+    with _WAITING_LOCK:
+        _CANCELLED.add(world)
+
+
+def _check_cancelled(world: str, rank: int) -> None:
+    with _WAITING_LOCK:
+        if world not in _CANCELLED:
+            return
+        _CANCELLED.discard(world)
+    raise RendezvousClosedError(f"rendezvous of world {world!r} on rank {rank} was cancelled")
 
 
 def _set_waiting(world: str, ranks: list[int] | None) -> None:
@@ -185,7 +208,14 @@ def join(
             if rank == 0:
                 _serve(addr, port, key, address, config.world)
             client = _connect(
-                addr, port, key, address, rank=rank, deadline=deadline, timeout=config.timeout
+                addr,
+                port,
+                key,
+                address,
+                rank=rank,
+                deadline=deadline,
+                timeout=config.timeout,
+                world=config.world,
             )
             hosts = _check_in(
                 client,
@@ -373,8 +403,10 @@ def _connect(
     rank: int,
     deadline: float,
     timeout: float,
+    world: str,
 ) -> StoreClient:
-    """A connection to rank 0's store, retried until the deadline (rank 0 may start later).
+    """A connection to rank 0's store, retried until the deadline (rank 0 may start later) or
+    until the rendezvous of ``world`` is cancelled (:func:`cancel`).
 
     A refused or unproven key (:class:`AuthenticationError`) is not retried: waiting cannot fix
     it.
@@ -382,6 +414,7 @@ def _connect(
     pause = 0.02
     last: Exception | None = None
     while True:
+        _check_cancelled(world, rank)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             why = f" (last error: {last})" if last else ""
@@ -498,6 +531,7 @@ def _check_in(
         store.set(keys[rank], _my_host().encode("utf-8"))
         missing = list(range(size))
         while True:
+            _check_cancelled(world, rank)
             remaining = deadline - time.monotonic()
             try:
                 store.wait(keys, max(min(_PROGRESS_EVERY_S, remaining), 0.0))
@@ -552,4 +586,4 @@ def _init(
         ) from None
 
 
-__all__ = ["Joined", "join", "uses_gloo", "waiting_for"]
+__all__ = ["Joined", "cancel", "join", "uses_gloo", "waiting_for"]

@@ -217,9 +217,16 @@ class Membership:
             old = self._leave_world(why)
             if self._joining is not None:  # a join of an older world, past init: end it now
                 self._joining.abort(f"superseded by cluster epoch {epoch}")
+            # A join of an older world still in its rendezvous (waiting for a rank that may never
+            # come) would hold the join lock until its timeout: make it give up now.
+            superseded = self.epoch if self.state == "joining" else None
             self.epoch = epoch
             self.state = "joining"
             urls = dict(self.urls)
+        if superseded is not None:
+            from collectives import cancel_init
+
+            cancel_init(world_name(superseded))
         if old is not None:
             _discard(old)
         if self.settings.is_leader:
@@ -290,7 +297,7 @@ class Membership:
             s.backend,
             rank=s.rank,
             size=s.size,
-            world=f"comfy-cluster-e{epoch}",
+            world=world_name(epoch),
             # Rendezvous waits for late ranks as long as a follower may take to start.
             timeout=max(s.join_timeout, 3600.0),
         )
@@ -329,7 +336,7 @@ class Membership:
 
     def _not_ready_text(self) -> str:
         s = self.settings
-        missing = _missing_ranks(f"comfy-cluster-e{self.epoch}")
+        missing = _missing_ranks(world_name(self.epoch))
         who = (
             f"rank(s) {', '.join(map(str, missing))} have not joined"
             if missing
@@ -341,6 +348,11 @@ class Membership:
             f"{s.join_timeout:g} s: {who}{extra}; start the missing ComfyUI instances, or raise "
             "COMFY_CLUSTER_JOIN_TIMEOUT"
         )
+
+
+def world_name(epoch: int) -> str:
+    """The name of the cluster's world ``epoch`` (in every message envelope and store key)."""
+    return f"comfy-cluster-e{epoch}"
 
 
 def _missing_ranks(world: str) -> list[int]:

@@ -219,3 +219,19 @@ def test_joins_are_serialised_and_a_superseded_one_is_discarded_first() -> None:
         assert membership.epoch == 5 and membership._comm is second
     finally:
         cluster.set_comm(None)
+
+
+def test_moving_on_cancels_the_rendezvous_of_the_world_still_joining(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A join of world 4 waiting in its rendezvous for a rank that never comes holds the join
+    # lock until its timeout: rejoining world 5 must make it give up.
+    cancelled: list[str] = []
+    monkeypatch.setattr(collectives, "cancel_init", cancelled.append)
+    membership, _ = _joining(1, lambda epoch: _Comm(fails=False))
+    membership._join = lambda epoch: None  # type: ignore[method-assign]
+    membership.rejoin(5, "the next world")
+    assert cancelled == ["comfy-cluster-e4"]
+    membership.state = "ready"
+    membership.rejoin(6, "after a formed world")  # nothing is joining: nothing to cancel
+    assert cancelled == ["comfy-cluster-e4"]

@@ -391,3 +391,35 @@ def test_a_failed_init_closes_its_store_connection(monkeypatch: pytest.MonkeyPat
     assert not dist.is_initialized()
     server = tr._STORES[("127.0.0.1", port)]
     _until(lambda: server.connections == 0)
+
+
+@pytest.mark.gloo
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_cancelled_rendezvous_gives_up_at_once(rank: int) -> None:
+    # Rank 0 waits at check-in for a rank that never comes; rank 1 waits for a rank 0 that never
+    # opens its store.  Either would wait its whole timeout (60 s here) unless cancelled.
+    dist = pytest.importorskip("torch.distributed")
+    import collectives
+    from collectives.backends import torch_rendezvous as tr
+    from collectives.backends.base import BackendConfig
+    from collectives.errors import RendezvousClosedError
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    world = f"cancelled-{rank}"
+    config = BackendConfig(rank=rank, size=2, environ=env, timeout=60, world=world)
+    outcome: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            tr.join(config, name="gloo", torch_backend="gloo")
+        except BaseException as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=join, daemon=True)
+    thread.start()
+    _until(lambda: tr.waiting_for(world) != [])
+    collectives.cancel_init(world)
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the cancelled rendezvous kept waiting"
+    assert len(outcome) == 1 and isinstance(outcome[0], RendezvousClosedError), outcome
+    assert not dist.is_initialized()
