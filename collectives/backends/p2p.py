@@ -64,6 +64,7 @@ import abc
 from typing import TYPE_CHECKING, Any
 
 from collectives import algorithms
+from collectives.algorithms.sync import TOKEN, dissemination
 from collectives.backends.base import Backend, OpContext
 from collectives.backends.envelope import NO_ROOT, Envelope, comm_id, op_envelope, user_envelope
 from collectives.codec import CodecOptions, Encoded, decode_array, encode
@@ -78,7 +79,6 @@ if TYPE_CHECKING:
 
 COLLECTIVE_CHANNEL = "c"
 AGREEMENT_CHANNEL = "k"
-_EMPTY = encode(b"")
 
 
 def p2p_channel(tag: int) -> str:
@@ -239,7 +239,7 @@ class _CollectiveLink:
 
     # The agreement round (see the module docstring) on its own channel.
     def agree_send(self, dst: int) -> None:
-        self._backend._post(dst, AGREEMENT_CHANNEL, self.env, _EMPTY, self.deadline)
+        self._backend._post(dst, AGREEMENT_CHANNEL, self.env, TOKEN, self.deadline)
 
     def agree_recv(self, src: int) -> None:
         self._receive(src, AGREEMENT_CHANNEL, None)
@@ -253,32 +253,31 @@ class _CollectiveLink:
 class _Agreement:
     """Dissemination exchange of a rooted collective's envelope, overlapped with its data.
 
-    Round ``k`` sends to ``rank + 2**k`` and receives from ``rank - 2**k``; after the last round
-    every rank has (transitively) checked every other rank's envelope against its own.  Round 0
-    is posted on entry, before the collective moves data; the rest run on exit.  A failed body
-    skips the rest (its error is the one that matters).
+    The rounds of :func:`collectives.algorithms.sync.dissemination`: after the last, every rank
+    has (transitively) checked every other rank's envelope against its own.  Round 0 is posted
+    on entry, before the collective moves data; the rest run on exit.  A failed body skips the
+    rest (its error is the one that matters).
     """
 
     def __init__(self, link: _CollectiveLink) -> None:
         self._link = link
+        self._rounds = dissemination(link.rank, link.size)
+        self._first: tuple[int, int] | None = None
 
     def __enter__(self) -> _CollectiveLink:
-        link = self._link
-        if link.size > 1:
-            link.agree_send((link.rank + 1) % link.size)
-        return link
+        self._first = next(self._rounds, None)
+        if self._first is not None:
+            self._link.agree_send(self._first[0])
+        return self._link
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        link = self._link
-        if exc_type is not None or link.size == 1:
+        if exc_type is not None or self._first is None:
             return
-        distance = 1
-        while True:
-            link.agree_recv((link.rank - distance) % link.size)
-            distance <<= 1
-            if distance >= link.size:
-                return
-            link.agree_send((link.rank + distance) % link.size)
+        link = self._link
+        link.agree_recv(self._first[1])
+        for dst, src in self._rounds:
+            link.agree_send(dst)
+            link.agree_recv(src)
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview | None:
