@@ -54,6 +54,19 @@ NUMPY_DTYPES = ["?", "u1", "i1", "<i2", "<i4", "<i8", "<u2", "<u4", "<u8", "<f2"
 NUMPY_DTYPES += ["<c8", "<c16", ">f4", ">i8"]
 
 
+class Custom:
+    """A class of the test's own: the codec needs pickle for it (allow_pickle)."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Custom) and other.x == self.x
+
+    def __hash__(self) -> int:
+        return self.x
+
+
 def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor holding exactly these bytes: every bit pattern, NaN payloads included."""
     if dtype == torch.bool:

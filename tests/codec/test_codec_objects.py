@@ -15,20 +15,9 @@ from hypothesis import strategies as st
 from collectives.codec import CodecOptions, Header, Kind, decode, dumps, encode, loads
 from collectives.errors import CodecError
 
-from .helpers import CI, objects, same
+from .helpers import CI, Custom, objects, same
 
 PICKLE = CodecOptions(allow_pickle=True)
-
-
-class Custom:
-    def __init__(self, x: int) -> None:
-        self.x = x
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Custom) and other.x == self.x
-
-    def __hash__(self) -> int:
-        return self.x
 
 
 def _kind(frame: bytes) -> Kind:

@@ -11,15 +11,17 @@ the test modules (a ComfyUI server takes 8-15 s to start on two cores).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,6 +90,31 @@ def make_base(root: Path, models: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "models").symlink_to(models, target_is_directory=True)
     return root
+
+
+@contextlib.contextmanager
+def running_pair(env: ComfyEnv, root: Path, cluster_env: dict[str, str]) -> Iterator[Any]:
+    """A 2-rank ComfyUI cluster on gloo under ``root`` (its log in ``root/cluster.log``), with
+    ``cluster_env`` in every rank's environment; ready when entered, stopped on exit."""
+    from launchers.comfyui import ComfyClusterConfig, start_comfy_cluster
+
+    config = ComfyClusterConfig(
+        nproc=2,
+        port=free_port_range(2),
+        base_directory=str(make_base(root / "base", env.models)),
+        python=env.python,
+        backend="gloo",
+        extra_custom_nodes=[str(TEST_NODES)],
+        ready_timeout_s=240,
+        env=cluster_env,
+    )
+    with (root / "cluster.log").open("w", buffering=1) as log:
+        comfy = start_comfy_cluster(config, stdout=log)
+        try:
+            comfy.wait_ready()
+            yield comfy
+        finally:
+            comfy.stop()
 
 
 _taken: set[int] = set()

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from launchers.comfyui import ComfyCluster, ComfyClusterConfig, start_comfy_cluster
+from launchers.comfyui import ComfyCluster
 from tests.comfy_e2e.comfy_client import ComfyClient, ComfyError
-from tests.comfy_e2e.conftest import TEST_NODES, ComfyEnv, free_port_range, make_base
+from tests.comfy_e2e.conftest import ComfyEnv, running_pair
 
 pytestmark = pytest.mark.comfy
 
@@ -20,23 +20,9 @@ JOIN_TIMEOUT_S = 6.0
 @pytest.fixture(scope="module")
 def pair(comfy_env: ComfyEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyCluster]:
     root = tmp_path_factory.mktemp("pair")
-    config = ComfyClusterConfig(
-        nproc=2,
-        port=free_port_range(2),
-        base_directory=str(make_base(root / "base", comfy_env.models)),
-        python=comfy_env.python,
-        backend="gloo",
-        extra_custom_nodes=[str(TEST_NODES)],
-        ready_timeout_s=240,
-        env={"COMFY_CLUSTER_TIMEOUT": "30", "COMFY_CLUSTER_JOIN_TIMEOUT": str(JOIN_TIMEOUT_S)},
-    )
-    with (root / "cluster.log").open("w", buffering=1) as log:
-        comfy = start_comfy_cluster(config, stdout=log)
-        try:
-            comfy.wait_ready()
-            yield comfy
-        finally:
-            comfy.stop()
+    cluster_env = {"COMFY_CLUSTER_TIMEOUT": "30", "COMFY_CLUSTER_JOIN_TIMEOUT": str(JOIN_TIMEOUT_S)}
+    with running_pair(comfy_env, root, cluster_env) as comfy:
+        yield comfy
 
 
 def _status(leader: ComfyClient) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -10,6 +11,7 @@ import torch
 from collectives import Communicator
 from collectives.testing import run_local
 from comfy_nodes.cluster import comm_override
+from comfy_nodes.server.settings import Settings
 
 T = TypeVar("T")
 
@@ -40,3 +42,19 @@ def run_node(name: str, *args: Any, **kwargs: Any) -> Any:
 
     cls = NODE_CLASS_MAPPINGS[name]
     return getattr(cls(), cls.FUNCTION)(*args, **kwargs)
+
+
+def local_settings(rank: int = 1, size: int = 2, **changes: Any) -> Settings:
+    """A rank's cluster settings on the ``local`` backend with short timeouts and no leader URL
+    (no HTTP), for membership tests; ``changes`` overrides any field."""
+    settings = Settings(
+        rank=rank,
+        size=size,
+        backend="local",
+        op_timeout=5.0,
+        join_timeout=5.0,
+        idle_timeout=5.0,
+        leader_url=None,
+        advertise_host="127.0.0.1",
+    )
+    return dataclasses.replace(settings, **changes)

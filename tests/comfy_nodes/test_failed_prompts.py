@@ -12,9 +12,8 @@ import collectives
 from collectives import Communicator
 from comfy_nodes import cluster
 from comfy_nodes.server.membership import Membership
-from comfy_nodes.server.settings import Settings
 
-from .helpers import run_node
+from .helpers import local_settings, run_node
 
 MIB = 1 << 20
 
@@ -68,16 +67,7 @@ def test_a_hundred_failed_prompts_leave_memory_flat() -> None:
 
 
 def test_leaving_a_world_drops_its_transfers_and_closes_it() -> None:
-    settings = Settings(
-        rank=1,
-        size=2,
-        backend="local",
-        op_timeout=5.0,
-        join_timeout=5.0,
-        idle_timeout=5.0,
-        leader_url=None,
-        advertise_host="127.0.0.1",
-    )
+    settings = local_settings()
     membership = Membership(settings, "http://127.0.0.1:1")
     comm: Communicator = collectives.init("local")
     membership._comm, membership.state, membership.epoch = comm, "ready", 1

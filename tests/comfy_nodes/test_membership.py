@@ -19,24 +19,11 @@ import collectives
 from collectives.errors import CommunicatorAbortedError
 from comfy_nodes import cluster
 from comfy_nodes.server.membership import Membership
-from comfy_nodes.server.settings import Settings
-
-
-def _settings(rank: int = 1) -> Settings:
-    return Settings(
-        rank=rank,
-        size=2,
-        backend="local",
-        op_timeout=5.0,
-        join_timeout=5.0,
-        idle_timeout=5.0,
-        leader_url=None,  # no HTTP: the messages to the leader are not under test here
-        advertise_host="127.0.0.1",
-    )
+from tests.comfy_nodes.helpers import local_settings
 
 
 def _follower_in_a_world() -> tuple[Membership, collectives.Communicator]:
-    membership = Membership(_settings(), "http://127.0.0.1:1")
+    membership = Membership(local_settings(), "http://127.0.0.1:1")
     current = collectives.init("local")
     membership._comm, membership.state, membership.epoch = current, "ready", 2
     return membership, current
@@ -136,7 +123,7 @@ class _Posted(list[tuple[str, str, dict[str, Any]]]):
 
 
 def _joining(rank: int, init: Any) -> tuple[Membership, _Posted]:
-    settings = _settings(rank)
+    settings = local_settings(rank)
     if rank != 0:
         settings = dataclasses.replace(settings, leader_url="http://127.0.0.1:1")
     membership = Membership(settings, "http://127.0.0.1:2")

@@ -42,7 +42,7 @@ from collectives.codec import (
 )
 from collectives.codec.frames import CODEC_NONE, CODEC_ZSTD, BufferEntry
 from collectives.errors import CodecError
-from tests.codec.helpers import arrays, same, tensors
+from tests.codec.helpers import Custom, arrays, same, tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 PICKLE = CodecOptions(allow_pickle=True)
@@ -71,17 +71,6 @@ class Exploit:
 
     def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
         return _pwn, (self.path,)
-
-
-class Custom:
-    def __init__(self, x: int) -> None:
-        self.x = x
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Custom) and other.x == self.x
-
-    def __hash__(self) -> int:
-        return self.x
 
 
 def _message(kind: Kind, stream: bytes, codec: int = CODEC_NONE, raw_len: int = -1) -> Encoded:

@@ -33,23 +33,14 @@ from comfy_nodes.server.routes import (
 )
 from comfy_nodes.server.settings import Settings
 from tests.comfy_e2e.conftest import comfy_env, comfy_python  # noqa: F401  (fixtures)
+from tests.comfy_nodes.helpers import local_settings
 
 KEY = "test-cluster-key-" + "x" * 24
 WRONG_KEY = "another-cluster-key-" + "y" * 24
 
 
 def _settings(rank: int, size: int = 2, leader_url: str | None = None) -> Settings:
-    return Settings(
-        rank=rank,
-        size=size,
-        backend="local",
-        op_timeout=5.0,
-        join_timeout=5.0,
-        idle_timeout=5.0,
-        leader_url=leader_url,
-        advertise_host="127.0.0.1",
-        key=ClusterKey(KEY),
-    )
+    return local_settings(rank, size, leader_url=leader_url, key=ClusterKey(KEY))
 
 
 class _Recorded(Membership):
@@ -194,27 +185,13 @@ def pair(
     comfy_env: Any,  # noqa: F811
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Any]:
-    from launchers.comfyui import ComfyClusterConfig, start_comfy_cluster
-    from tests.comfy_e2e.conftest import TEST_NODES, free_port_range, make_base
+    from tests.comfy_e2e.conftest import running_pair
 
     root = tmp_path_factory.mktemp("secure-pair")
-    config = ComfyClusterConfig(
-        nproc=2,
-        port=free_port_range(2),
-        base_directory=str(make_base(root / "base", comfy_env.models)),
-        python=comfy_env.python,
-        backend="gloo",
-        extra_custom_nodes=[str(TEST_NODES)],
-        ready_timeout_s=240,
-        env={"COMFY_CLUSTER_TIMEOUT": "30", "COMFY_CLUSTER_KEY": KEY},
-    )
-    with (root / "cluster.log").open("w", buffering=1) as log:
-        comfy = start_comfy_cluster(config, stdout=log)
-        try:
-            comfy.wait_ready()
-            yield comfy
-        finally:
-            comfy.stop()
+    with running_pair(
+        comfy_env, root, {"COMFY_CLUSTER_TIMEOUT": "30", "COMFY_CLUSTER_KEY": KEY}
+    ) as comfy:
+        yield comfy
 
 
 def _request(

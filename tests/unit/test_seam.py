@@ -40,6 +40,21 @@ def _dl(seconds: float = 5.0) -> Deadline:
     return Deadline.start(seconds, "test", 0)
 
 
+def _posted_receive(
+    b: LocalBackend, into: memoryview
+) -> tuple[threading.Thread, list[tuple[Envelope, Encoded]]]:
+    """Rank 1 receiving from rank 0 on channel "c" into ``into``, in a thread, once its receive
+    is posted (a landing waits for the sender); what it took lands in the list."""
+    got: list[tuple[Envelope, Encoded]] = []
+    receiver = threading.Thread(target=lambda: got.append(b._take(0, "c", _dl(), into)))
+    receiver.start()
+    deadline = time.monotonic() + 5
+    while (1, 0, "c") not in b._world.landings:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    return receiver, got
+
+
 def _expired() -> Deadline:
     return Deadline(time.monotonic() - 1.0, 1.0, "test", 0)
 
@@ -98,13 +113,7 @@ def test_waiting_receive_gets_the_payload_in_one_copy(
     ptr = out.data_ptr()
     into = byte_view(out)
     assert into is not None
-    got: list[tuple[Envelope, Encoded]] = []
-    receiver = threading.Thread(target=lambda: got.append(b._take(0, "c", _dl(), into)))
-    receiver.start()
-    deadline = time.monotonic() + 5
-    while (1, 0, "c") not in b._world.landings:  # the receive is posted
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    receiver, got = _posted_receive(b, into)
     src = torch.arange(1000).to(torch.bfloat16)
     a._post(1, "c", a.envelope("x", 0), encode(src), _dl())
     receiver.join(5)
@@ -135,13 +144,7 @@ def test_a_claimed_landing_is_returned_before_a_later_queued_message(
     out = torch.zeros(256, dtype=torch.float32)
     into = byte_view(out)
     assert into is not None
-    got: list[tuple[Envelope, Encoded]] = []
-    receiver = threading.Thread(target=lambda: got.append(b._take(0, "c", _dl(), into)))
-    receiver.start()
-    deadline = time.monotonic() + 5
-    while (1, 0, "c") not in b._world.landings:  # the receive is posted
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    receiver, got = _posted_receive(b, into)
     first, second = torch.full((256,), 1.0), torch.full((256,), 2.0)
     t1 = threading.Thread(target=a._post, args=(1, "c", a.envelope("x", 0), encode(first), _dl()))
     t1.start()
