@@ -564,32 +564,6 @@ class TorchBackend(Backend):
         return {r: "lost" if r in lost else "ok" for r in range(self.size) if r != self.rank}
 
 
-class NcclBackend(TorchBackend):
-    """torch.distributed with NCCL for CUDA tensors and gloo for CPU tensors and objects.
-
-    One default group ``cpu:gloo,cuda:nccl``; rank ``r`` uses CUDA device ``LOCAL_RANK``.
-    Waiting polls ``is_completed()`` (NCCL's ``wait(timeout)`` would tear down the communicator).
-    """
-
-    name: ClassVar[str] = "nccl"
-    torch_backend: ClassVar[str] = "cpu:gloo,cuda:nccl"
-    uses_cuda: ClassVar[bool] = True
-
-    @classmethod
-    def _missing(cls) -> str | None:
-        missing = super()._missing()
-        if missing is not None:
-            return missing
-        import torch
-        import torch.distributed as dist
-
-        if not dist.is_nccl_available():
-            return "this torch build has no NCCL: install a CUDA build of torch"
-        if not torch.cuda.is_available():
-            return "no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)"
-        return None
-
-
 def _close_at_exit(ref: weakref.ref[TorchBackend]) -> None:
     backend = ref()
     if backend is not None:
@@ -597,6 +571,5 @@ def _close_at_exit(ref: weakref.ref[TorchBackend]) -> None:
 
 
 register_backend("gloo", TorchBackend)
-register_backend("nccl", NcclBackend)
 
-__all__ = ["NcclBackend", "TorchBackend"]
+__all__ = ["TorchBackend"]

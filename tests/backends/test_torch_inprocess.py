@@ -29,7 +29,8 @@ def _config(**kw: Any) -> Any:
 def test_registered_and_available() -> None:
     importlib.import_module("torch.distributed")  # installed by setup.sh: fail if absent
     from collectives.backends.base import get_backend_class, registered_backends
-    from collectives.backends.torch_dist import NcclBackend, TorchBackend
+    from collectives.backends.torch_dist import TorchBackend
+    from collectives.backends.torch_nccl import NcclBackend
 
     backends = registered_backends()
     assert backends["gloo"] is True
