@@ -3,8 +3,12 @@
 Backends without a native collective (the in-process and UDP backends, and the MPI/torch
 backends for dtypes their engines cannot reduce) run these.  Each function talks through a
 :class:`Link`, which the backend binds to one operation: its identity (for mismatch detection) and
-its deadline.  Shapes follow MPICH's classic choices: binomial trees for broadcast and reduce,
-a ring for allgather, direct sends for gather and scatter, dissemination for the barrier.
+its deadline.  Small messages take latency-bound shapes: a binomial tree for broadcast and
+reduce, recursive doubling for allreduce.  Large ones take bandwidth-bound shapes, so no rank
+sends or receives more than about two copies of the payload whatever the world size: broadcast
+as scatter + ring allgather (:mod:`.large_broadcast`), allreduce and reduce as a ring
+reduce-scatter followed by a ring allgather or a gather (:mod:`.ring_reduce`).  Allgather is a
+ring, gather and scatter are direct, the barrier is dissemination.
 """
 
 from collectives.algorithms.link import Link

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from collectives.codec import Encoded
+    from collectives.codec import CodecOptions, Encoded
     from collectives.deadline import Deadline
 
 
@@ -20,12 +20,17 @@ class Link(Protocol):
     :meth:`collectives.backends.p2p.P2PBackend._take`): the message returned may or may not live
     there, so callers still place it.  ``decode_tensor`` decodes a received block with the
     backend's codec options, refusing anything but a tensor before decoding.  ``has_message``
-    lets an algorithm name *every* silent rank in its timeout error.
+    lets an algorithm name *every* silent rank in its timeout error.  ``codec``: this rank's
+    decoding options, whose limits a receiver holds an announced size to before allocating.
+
+    ``send`` may keep a reference to the message's buffers until the collective ends (the
+    torch link sends by reference), so the algorithms never write a buffer they have sent.
     """
 
     rank: int
     size: int
     deadline: Deadline
+    codec: CodecOptions
 
     def send(self, dst: int, msg: Encoded) -> None: ...
 

@@ -1,11 +1,25 @@
-"""Binomial-tree reduce and reduce-then-broadcast allreduce on tensors."""
+"""Reduce and allreduce of tensors: trees and recursive doubling for small tensors, the ring
+(:mod:`~collectives.algorithms.ring_reduce`) for large ones.
+
+Every result is bit-identical on every rank, for every :class:`ReduceOp` and dtype, because each
+element is reduced along one fixed tree of ranks that does not depend on who computes it:
+
+* tree reduce: a node combines its own value with its children's, in a fixed child order;
+* recursive doubling: both partners of a round compute ``(lower half's value) op (upper half's
+  value)`` from the same two operands, so they hold the same bytes after every round (the
+  operand order is fixed even for ops that commute, so NaN payloads and signed zeros agree too);
+* the ring: see :mod:`~collectives.algorithms.ring_reduce`.
+
+AVG sums along the same tree and divides once (``finish_``) the identical sums.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from collectives.algorithms import ring_reduce
+from collectives.algorithms.blocks import recv_tensor
 from collectives.algorithms.link import Link, binomial_parent_children
-from collectives.algorithms.rooted import broadcast
 from collectives.codec import encode
 from collectives.errors import RemoteProtocolError
 from collectives.reduce_op import ReduceOp, combine_, finish_
@@ -17,8 +31,13 @@ if TYPE_CHECKING:
 def reduce_tensor(link: Link, tensor: torch.Tensor, root: int, op: ReduceOp) -> None:
     """Reduce into ``tensor`` on the root.  Other ranks' tensors are left unchanged.
 
-    Children are combined in a fixed order, so a given world size always rounds the same way.
+    Small tensors go up a binomial tree (log2(size) steps, the root combines log2(size) whole
+    tensors); large ones are reduce-scattered on the ring and gathered to the root, so no rank
+    receives more than about two tensors' worth.
     """
+    if link.size > 1 and ring_reduce.use_ring(_nbytes(tensor), link.size):
+        ring_reduce.reduce(link, tensor, root, op)
+        return
     size = link.size
     vrank = (link.rank - root) % size
     parent, children = binomial_parent_children(vrank, size)
@@ -41,18 +60,71 @@ def reduce_tensor(link: Link, tensor: torch.Tensor, root: int, op: ReduceOp) -> 
 def allreduce_tensor(
     link: Link, tensor: torch.Tensor, op: ReduceOp, into: memoryview | None = None
 ) -> None:
-    """Reduce to rank 0, then broadcast: every rank ends with bit-identical values.
+    """Reduce ``tensor`` over every rank, in place; every rank ends with identical bytes.
 
-    ``into``: a byte view of ``tensor``, where the result may land without a copy.
+    Large tensors: ring reduce-scatter + allgather (each rank moves 2(size-1)/size of the
+    tensor each way).  Small ones: recursive doubling (ceil(log2(size)) + 2 steps at most).
+    ``into`` (a byte view of ``tensor``) is accepted for the callers' sake; the blocks find
+    their own places in ``tensor``.
     """
-    reduce_tensor(link, tensor, 0, op)
-    msg = broadcast(link, encode(tensor) if link.rank == 0 else None, 0, into=into)
-    if link.rank != 0:
-        result = link.decode_tensor(msg, 0)
-        if result.shape != tensor.shape or result.dtype != tensor.dtype:
-            raise RemoteProtocolError(
-                f"{link.deadline.op}: rank 0 broadcast a {result.dtype} {tuple(result.shape)} "
-                f"result for this rank's {tensor.dtype} {tuple(tensor.shape)}"
-            )
-        if result.data_ptr() != tensor.data_ptr() or result.device != tensor.device:
-            tensor.copy_(result)
+    del into
+    if link.size == 1:
+        finish_(tensor, op, 1)
+    elif ring_reduce.use_ring(_nbytes(tensor), link.size):
+        ring_reduce.allreduce(link, tensor, op)
+    else:
+        _recursive_doubling(link, tensor, op)
+
+
+def _recursive_doubling(link: Link, tensor: torch.Tensor, op: ReduceOp) -> None:
+    """Recursive doubling over the largest power of two ``pof2`` <= size.
+
+    The ``rem = size - pof2`` extra ranks fold in first: among ranks ``0 .. 2*rem-1``, even rank
+    ``r`` hands its value to ``r + 1`` (which combines ``x[r] op x[r+1]``) and sits out, then
+    gets the result back at the end.  Nothing sent is written afterwards: each combine makes a
+    new tensor.
+    """
+    rank, size = link.rank, link.size
+    pof2 = 1 << (size.bit_length() - 1)
+    rem = size - pof2
+    if rank < 2 * rem and rank % 2 == 0:
+        link.send(rank + 1, encode(tensor.clone()))  # ``tensor`` gets the result below
+        recv_tensor(link, rank + 1, tensor)
+        return
+    value = tensor
+    if rank < 2 * rem:
+        value = _combined(_recv_like(link, rank - 1, tensor), tensor, op)
+        vrank = rank // 2
+    else:
+        vrank = rank - rem
+    mask = 1
+    while mask < pof2:
+        partner_v = vrank ^ mask
+        partner = 2 * partner_v + 1 if partner_v < rem else partner_v + rem
+        link.send(partner, encode(value if value is not tensor else tensor.clone()))
+        other = _recv_like(link, partner, tensor)
+        value = _combined(value, other, op) if vrank < partner_v else _combined(other, value, op)
+        mask <<= 1
+    finish_(value, op, size)  # ``value`` is the last combine's new tensor: not sent yet
+    tensor.copy_(value)
+    if rank < 2 * rem:
+        link.send(rank - 1, encode(value))
+
+
+def _recv_like(link: Link, src: int, like: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    recv_tensor(link, src, out)
+    return out
+
+
+def _combined(lower: torch.Tensor, upper: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+    """``lower op upper`` as a new tensor (neither operand is written)."""
+    out = lower.clone()
+    combine_(out, upper, op)
+    return out
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -1,10 +1,12 @@
-"""Rooted collectives: binomial-tree broadcast, direct gather and scatter."""
+"""Rooted collectives: broadcast (binomial tree, or :mod:`.large_broadcast` for large messages),
+direct gather and scatter."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from collectives.algorithms import large_broadcast
 from collectives.algorithms.link import Link, binomial_parent_children
 
 if TYPE_CHECKING:
@@ -14,19 +16,36 @@ if TYPE_CHECKING:
 def broadcast(
     link: Link, msg: Encoded | None, root: int, into: memoryview | None = None
 ) -> Encoded:
-    """Binomial tree: the root sends log2(size) messages, never size - 1 in a row.
+    """The root's ``msg`` on every rank.
 
-    ``into``: where a non-root's copy may land (see :class:`Link`); it is forwarded from there.
+    Below :data:`~.large_broadcast.HEAD_BYTES` (or with two ranks) the message goes whole down a
+    binomial tree: log2(size) sequential hops, the root sends log2(size) copies.  Larger ones
+    take :mod:`~.large_broadcast`: the root sends about two copies whatever the world size.
+
+    ``into``: where a non-root's payload may land (see :class:`Link`); it is forwarded from
+    there.  It is offered to the first receive only when a whole small message could fit it, so
+    a large broadcast's head never lands in the caller's buffer.
     """
     size = link.size
     vrank = (link.rank - root) % size
     parent, children = binomial_parent_children(vrank, size)
-    if parent is not None:
-        msg = link.recv((parent + root) % size, into)
-    assert msg is not None, "the root must provide the message"
-    for child in children:
-        link.send((child + root) % size, msg)
-    return msg
+    targets = [(child + root) % size for child in children]
+    if parent is None:
+        assert msg is not None, "the root must provide the message"
+        if large_broadcast.is_large(msg.nbytes, size):
+            large_broadcast.send_from_root(link, msg, root, targets)
+            return msg
+        for dst in targets:
+            link.send(dst, msg)
+        return msg
+    src = (parent + root) % size
+    small = into is not None and into.nbytes < large_broadcast.HEAD_BYTES
+    first = link.recv(src, into if small else None)
+    for dst in targets:
+        link.send(dst, first)  # the whole message, or the head of a large one
+    if large_broadcast.is_large(first.nbytes, size):
+        return large_broadcast.receive(link, first, src, root, into)
+    return first
 
 
 def gather(
@@ -49,9 +68,11 @@ def scatter(
     if link.rank != root:
         return link.recv(root, into)
     assert msgs is not None and len(msgs) == link.size
-    for dst in range(link.size):
-        if dst != root:
-            link.send(dst, msgs[dst])
+    # Each block is posted to its own rank only, nearest first after the root (the order every
+    # rank's own turn comes in a ring of ranks), with no fence between them: the posts are eager.
+    for k in range(1, link.size):
+        dst = (root + k) % link.size
+        link.send(dst, msgs[dst])
     return msgs[root]
 
 

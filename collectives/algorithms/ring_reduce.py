@@ -1,0 +1,112 @@
+"""Ring reduce-scatter and ring allgather of a tensor's blocks: the bandwidth-optimal allreduce
+(each rank sends and receives 2(size-1)/size of the tensor) and the large-message reduce.
+
+Blocks.  The tensor, flattened, is cut into ``size`` blocks of nearly equal element counts
+(:func:`~collectives.algorithms.blocks.split`); rank ``r`` ends the reduce-scatter owning the
+fully reduced block ``r``.
+
+Why every rank ends with the same bytes.  Block ``b`` is reduced along one chain: rank ``b+1``
+sends its own values, each next rank combines *received partial (op) own values* and passes the
+result on, and rank ``b`` combines last.  So every element of block ``b`` is
+``((x[b+1] op x[b+2]) op ...) op x[b]``, computed once, on rank ``b``; the allgather then only
+copies those bytes.  The order depends on the element's block and the world size, never on the
+rank that reads the result, so floating-point sums are bit-identical everywhere (they may differ
+in the last bit from another algorithm's order, as any reduction order may).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from collectives.algorithms.blocks import recv_tensor, split
+from collectives.codec import encode
+from collectives.reduce_op import ReduceOp, combine_, finish_
+
+if TYPE_CHECKING:
+    import torch
+
+    from collectives.algorithms.link import Link
+
+RING_MIN_BYTES = 256 << 10
+"""Tensors from this size up reduce on the ring; smaller ones by recursive doubling."""
+RING_MIN_BLOCK_BYTES = 4 << 10
+"""...provided each ring step still moves this much: a ring takes 2(size-1) steps, and below a
+few KiB per step their latency costs more than the bandwidth the ring saves."""
+
+
+def use_ring(nbytes: int, size: int) -> bool:
+    """Whether a reduction of ``nbytes`` over ``size`` ranks runs on the ring (every rank
+    decides alike: the tensors of a collective have the same size everywhere)."""
+    return size > 1 and nbytes >= max(RING_MIN_BYTES, size * RING_MIN_BLOCK_BYTES)
+
+
+def reduce_scatter(
+    link: Link, flat: torch.Tensor, op: ReduceOp
+) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """The blocks of ``flat`` (1-d, read only) and this rank's block reduced over every rank and
+    finished (AVG divided), as a new tensor."""
+    import torch
+
+    size, rank = link.size, link.rank
+    assert size > 1, "a ring needs two ranks"
+    parts = split(flat.numel(), size)
+    right, left = (rank + 1) % size, (rank - 1) % size
+    start, stop = parts[(rank - 1) % size]
+    # A copy: the caller may overwrite its blocks (allreduce lands results in them) while this
+    # message may still be sent by reference.
+    link.send(right, encode(flat[start:stop].clone()))
+    for step in range(size - 1):
+        start, stop = parts[(rank - step - 2) % size]
+        partial = torch.empty(stop - start, dtype=flat.dtype, device=flat.device)
+        recv_tensor(link, left, partial)
+        combine_(partial, flat[start:stop], op)
+        if step < size - 2:
+            link.send(right, encode(partial))
+    finish_(partial, op, size)
+    return parts, partial
+
+
+def allgather_blocks(
+    link: Link, flat: torch.Tensor, parts: list[tuple[int, int]], mine: torch.Tensor
+) -> None:
+    """Every rank's reduced block into ``flat`` (1-d, this rank's own block is ``mine``)."""
+    size, rank = link.size, link.rank
+    right, left = (rank + 1) % size, (rank - 1) % size
+    start, stop = parts[rank]
+    flat[start:stop].copy_(mine)
+    for step in range(size - 1):
+        start, stop = parts[(rank - step) % size]
+        link.send(right, encode(flat[start:stop]))  # written once already, never again
+        start, stop = parts[(rank - step - 1) % size]
+        recv_tensor(link, left, flat[start:stop])
+
+
+def allreduce(link: Link, tensor: torch.Tensor, op: ReduceOp) -> None:
+    """Reduce-scatter then allgather, in place in ``tensor``."""
+    work = tensor if tensor.is_contiguous() else tensor.contiguous()
+    flat = work.view(-1)
+    parts, mine = reduce_scatter(link, flat, op)
+    allgather_blocks(link, flat, parts, mine)
+    if work is not tensor:
+        tensor.copy_(work)
+
+
+def reduce(link: Link, tensor: torch.Tensor, root: int, op: ReduceOp) -> None:
+    """Reduce-scatter, then every rank sends its block to ``root`` (direct, into place).  The
+    root sends and receives about one tensor, every other rank about two."""
+    source = tensor if tensor.is_contiguous() else tensor.contiguous()
+    parts, mine = reduce_scatter(link, source.view(-1), op)
+    if link.rank != root:
+        link.send(root, encode(mine))
+        return
+    work = source  # the caller's tensor, or already a private contiguous copy of it
+    flat = work.view(-1)
+    for k in range(link.size):
+        src = (root + k) % link.size
+        start, stop = parts[src]
+        if src == root:
+            flat[start:stop].copy_(mine)
+        else:
+            recv_tensor(link, src, flat[start:stop])
+    if work is not tensor:
+        tensor.copy_(work)

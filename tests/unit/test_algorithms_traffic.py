@@ -1,0 +1,148 @@
+"""How many bytes each rank posts in the large-message algorithms (not how long they take).
+
+A :class:`LocalBackend` subclass counts every byte each rank posts on the collective channel
+(envelope agreement messages excluded), which is what a network transport would put on the wire.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from collectives.algorithms import large_broadcast
+from collectives.backends.base import BackendConfig, OpContext
+from collectives.backends.envelope import Envelope
+from collectives.backends.local import LocalBackend
+from collectives.backends.p2p import COLLECTIVE_CHANNEL
+from collectives.codec import Encoded, decode, encode
+from collectives.deadline import Deadline
+from collectives.reduce_op import ReduceOp
+
+MiB = 1 << 20
+
+
+class CountingBackend(LocalBackend):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.posted = 0
+
+    def _post(self, dst: int, channel: str, env: Envelope, msg: Encoded, dl: Deadline) -> None:
+        if channel == COLLECTIVE_CHANNEL:
+            self.posted += msg.nbytes
+        super()._post(dst, channel, env, msg, dl)
+
+
+def _spmd(size: int, fn: Callable[[CountingBackend, OpContext], Any]) -> list[int]:
+    """Run ``fn`` on every rank of a fresh counting world; bytes each rank posted."""
+    name = f"traffic-{uuid.uuid4().hex}"
+    backends = [
+        CountingBackend.create(BackendConfig(rank=r, size=size, world=name)) for r in range(size)
+    ]
+    errors: list[BaseException] = []
+
+    def main(b: CountingBackend) -> None:
+        try:
+            fn(b, OpContext("op", 1, Deadline.start(60.0, "op", 1)))
+        except BaseException as err:  # reported below, on the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=main, args=(b,), daemon=True) for b in backends]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    for b in backends:
+        b.close()
+    if errors:
+        raise errors[0]
+    return [b.posted for b in backends]
+
+
+@pytest.mark.parametrize("size", [3, 5, 8])
+def test_large_broadcast_into_root_sends_about_two_copies(size: int) -> None:
+    payload = 4 * MiB
+    root = size - 2
+    results: dict[int, bool] = {}
+
+    def fn(b: CountingBackend, ctx: OpContext) -> None:
+        want = torch.arange(payload // 4, dtype=torch.float32)
+        buf = want.clone() if b.rank == root else torch.zeros_like(want)
+        b.broadcast_into(buf, root, ctx)
+        results[b.rank] = bool(torch.equal(buf, want))
+
+    posted = _spmd(size, fn)
+    assert results == dict.fromkeys(range(size), True)
+    # The tree would have the root send ceil(log2(size)) copies; the large path sends the head
+    # to its children, then (size-1)/size of the tail twice (scatter, then the ring).
+    head_copies = (size - 1).bit_length()
+    tail = payload - large_broadcast.HEAD_BYTES
+    bound = head_copies * large_broadcast.HEAD_BYTES + 2 * tail * (size - 1) / size
+    assert posted[root] <= bound * 1.01
+    assert posted[root] <= 2.3 * payload
+    assert max(posted) <= 2.3 * payload
+
+
+def test_large_object_broadcast_root_sends_about_two_copies() -> None:
+    size, root = 8, 0
+    obj = {"x": torch.ones(MiB), "y": b"z" * MiB, "n": [1, 2, 3]}  # ~5 MiB in 2 buffers
+    nbytes = encode(obj).nbytes
+    ok: dict[int, bool] = {}
+
+    def fn(b: CountingBackend, ctx: OpContext) -> None:
+        got = decode(*_parts(b.broadcast(encode(obj) if b.rank == root else None, root, ctx)))
+        ok[b.rank] = torch.equal(got["x"], obj["x"]) and got["y"] == obj["y"]
+
+    posted = _spmd(size, fn)
+    assert ok == dict.fromkeys(range(size), True)
+    assert posted[root] <= 2.3 * nbytes
+    assert posted[root] < 3 * nbytes  # what the binomial tree would send with 8 ranks
+
+
+def _parts(msg: Encoded) -> tuple[bytes, list[memoryview]]:
+    return msg.header, msg.buffers
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 8])
+def test_large_allreduce_moves_2_n_minus_1_over_n_of_the_tensor(size: int) -> None:
+    numel = MiB + 3  # 4 MiB of float32, not divisible by the world size
+    results: dict[int, bytes] = {}
+
+    def fn(b: CountingBackend, ctx: OpContext) -> None:
+        t = torch.full((numel,), float(b.rank))
+        b.allreduce(t, ReduceOp.SUM, ctx)
+        results[b.rank] = bytes(t.numpy())
+
+    posted = _spmd(size, fn)
+    want = torch.full((numel,), float(size * (size - 1) // 2))
+    assert all(r == bytes(want.numpy()) for r in results.values())
+    ideal = 2 * (size - 1) / size * numel * 4
+    for sent in posted:
+        assert ideal <= sent <= ideal * 1.01  # codec headers are the only extra
+
+
+@pytest.mark.parametrize("size", [3, 6])
+def test_large_reduce_root_receives_about_one_tensor(size: int) -> None:
+    numel = MiB
+    root = 1
+    got: dict[int, bool] = {}
+
+    def fn(b: CountingBackend, ctx: OpContext) -> None:
+        t = torch.full((numel,), float(b.rank + 1))
+        b.reduce(t, root, ReduceOp.SUM, ctx)
+        if b.rank == root:
+            got[root] = bool((t == size * (size + 1) // 2).all())
+
+    posted = _spmd(size, fn)
+    assert got == {root: True}
+    tensor = numel * 4
+    # Every rank sends (size-1)/size of the tensor in the reduce-scatter; non-roots then send
+    # their block (1/size) to the root.
+    for rank, sent in enumerate(posted):
+        ideal = tensor * (size - 1) / size + (0 if rank == root else tensor / size)
+        assert ideal <= sent <= ideal * 1.01
