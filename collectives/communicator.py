@@ -108,6 +108,11 @@ class Communicator(BufferOps):
         """Health of every other rank as the backend sees it: "ok", "lost" or "unknown"."""
         return self._backend.peers()
 
+    def stats(self) -> dict[str, Any]:
+        """The backend's counters (the udp backend: datagrams, drops by cause, retransmissions,
+        socket buffer sizes, GSO/GRO); empty for backends that keep none."""
+        return self._backend.stats()
+
     def __repr__(self) -> str:
         return f"<Communicator backend={self.backend} rank={self.rank}/{self.size}>"
 

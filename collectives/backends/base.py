@@ -13,7 +13,7 @@ import abc
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from collectives.codec.options import CodecOptions
 from collectives.deadline import Deadline
@@ -216,6 +216,10 @@ class Backend(abc.ABC):
     def peers(self) -> dict[int, str]:
         """Health of each peer as the engine sees it ("ok", "lost", "unknown")."""
         return {r: "ok" for r in range(self.size) if r != self.rank}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the engine (datagrams, drops, socket buffers...); empty where it has none."""
+        return {}
 
 
 _REGISTRY: dict[str, type[Backend]] = {}

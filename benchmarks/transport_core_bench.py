@@ -1,0 +1,92 @@
+"""Throughput of the udp transport's sans-IO core alone: two Endpoints in memory, no sockets.
+
+Moves one large message from rank 0 to rank 1, handing each GSO batch to the receiver whole (as
+a GRO read would), under the real clock (so pacing and timers behave as in a driver), and prints
+GB/s per ``max_datagram``.  It measures the Python work per datagram and per frame (header
+packing, sealing, reassembly, ACK processing): the ceiling of the udp backend on one core.
+
+    .venv/bin/python -m benchmarks.transport_core_bench [--mib 256] [--datagram 1200 65000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from collectives.auth import ClusterKey
+from collectives.transport import Endpoint, MessageReceived, MessageSent, TransportConfig
+
+ADDRS = [("127.0.0.1", 1), ("127.0.0.1", 2)]
+
+
+def transfer(nbytes: int, config: TransportConfig, key: ClusterKey | None) -> float:
+    """Seconds to move ``nbytes`` from rank 0 to rank 1 and see ``MessageSent``."""
+    into = memoryview(bytearray(nbytes))
+
+    def allocate(peer: int, channel: int, meta: bytes, n: int) -> memoryview:
+        return into[:n]  # a waiting receive buffer, as the driver's landing gives it
+
+    clock = time.perf_counter
+    eps = [
+        Endpoint(rank=r, size=2, comm_id=1, epoch=0, key=key, config=config, now=clock(),
+                 allocate=allocate)
+        for r in range(2)
+    ]  # fmt: skip
+    eps[0].add_peer(1, ADDRS[1], clock())
+    eps[1].add_peer(0, None, clock())
+    body = memoryview(bytearray(b"\x5a" * nbytes))
+    start = clock()
+    eps[0].send(1, 0, b"bench", [body], start)
+    sent = received = False
+    while not (sent and received):
+        moved = 0
+        for src, ep in enumerate(eps):
+            for addr, payload, seg in ep.datagrams_to_send(clock()):
+                eps[ADDRS.index(addr)].receive(payload, ADDRS[src], clock(), seg)
+                moved += 1
+        for ep in eps:
+            timer = ep.get_timer()
+            if timer is not None and timer <= clock():
+                ep.handle_timer(clock())
+            while (event := ep.next_event()) is not None:
+                sent |= isinstance(event, MessageSent)
+                received |= isinstance(event, MessageReceived)
+        if not moved:
+            timers = [t for ep in eps if (t := ep.get_timer()) is not None]
+            if timers and min(timers) > clock():
+                time.sleep(max(0.0, min(min(timers) - clock(), 0.001)))  # as a driver would
+        if clock() - start > 600:
+            raise TimeoutError("transfer did not finish in 600 s")
+    elapsed = clock() - start
+    if into[:16] != body[:16] or into[-16:] != body[-16:]:
+        raise AssertionError("the body arrived corrupted")
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256, help="message size in MiB")
+    parser.add_argument("--datagram", type=int, nargs="+", default=[1200, 65000])
+    parser.add_argument("--frame-kib", type=int, default=64, help="frame_bytes in KiB")
+    parser.add_argument("--window-mib", type=int, default=16, help="window_bytes in MiB")
+    parser.add_argument("--insecure", action="store_true", help="no encryption")
+    args = parser.parse_args(argv)
+    nbytes = args.mib * 1024 * 1024
+    key = None if args.insecure else ClusterKey("transport-core-bench-key-0123456789")
+    print(f"moving {args.mib} MiB between two in-memory endpoints", flush=True)
+    for size in args.datagram:
+        config = TransportConfig(
+            max_datagram=size,
+            frame_bytes=args.frame_kib * 1024,
+            window_bytes=args.window_mib * 1024 * 1024,
+            insecure=args.insecure,
+        )
+        seconds = transfer(nbytes, config, key)
+        print(f"max_datagram={size:>5}: {seconds:6.2f} s  {nbytes / seconds / 1e9:5.2f} GB/s",
+              flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

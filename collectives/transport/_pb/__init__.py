@@ -1,0 +1,1 @@
+"""Generated protobuf code (scripts/gen_proto.py from proto/transport.proto); do not edit."""

@@ -1,0 +1,396 @@
+"""Congestion control: a model-based controller in the spirit of BBR.
+
+Why not a loss-based controller (Reno, CUBIC): they halve the window on every loss, so 1 % random
+loss on a long WAN path (a VPN, a lossy radio hop) caps throughput at a small fraction of the
+link.  A cluster moving model weights over such a path needs the link rate, not the rate loss
+allows.  So, as BBR does, the sender builds a model of the path from what ACKs show:
+
+* ``btlbw``: the bottleneck bandwidth, the maximum delivery rate seen over the last ~10 round
+  trips (a maximum, because queueing and ACK jitter only ever make a sample look slower);
+* ``min_rtt``: the propagation delay, the minimum RTT over ~10 s (a minimum, because queueing
+  only ever makes a sample look longer);
+
+and then paces at ``gain * btlbw`` with a window of about ``2 * btlbw * min_rtt`` (2 BDP), cycling
+the gain (1.25, 0.75, then six rounds of 1) so that it keeps finding out whether more bandwidth has
+appeared, and draining the queue it made doing so.
+
+Loss.  Random loss does not touch the model.  When loss happens after the bottleneck (it used
+link capacity and then vanished), delivery samples show ``link * (1 - loss)``; pacing at that
+would leave the link idle by the loss fraction.  So the controller also keeps ``loss_rate``, the
+loss rate of round trips that built no queue (whose RTT stayed near ``min_rtt``): loss there is
+not ours, since we were not overfilling anything, and the send rate is ``btlbw / (1 - loss_rate)``
+(capped), applied only while the last round trip stayed queue-free (so the max filter's upward
+bias under noisy loss cannot grow a standing queue: that queue switches it off again).  Loss in
+round trips with a standing queue is not counted there, so the controller cannot talk itself
+into overrunning a queue.  Only a round trip losing far more than that
+(BBRv2's idea) bounds the data in flight (``inflight_hi``), which then grows back, faster and
+faster, while loss stays normal.
+
+All of this is driven by :class:`RateSample` values that :mod:`.recovery` computes per ACK.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from .rtt import WindowedFilter
+
+__all__ = ["Bbr", "BbrState", "Congestion", "RateSample"]
+
+
+@dataclass(slots=True, frozen=True)
+class RateSample:
+    """What one ACK taught the sender (delivery-rate estimation, BBR style).
+
+    ``delivery_rate`` is bytes delivered over the interval that the newest acknowledged packet
+    spans (the longer of its send and its ACK interval, so neither a send burst nor an ACK
+    compression inflates it); None when no valid interval exists.
+    """
+
+    delivery_rate: float | None
+    is_app_limited: bool
+    #: Total bytes delivered when the newest acknowledged packet was sent (round counting).
+    prior_delivered: int
+    #: Total bytes delivered so far, this ACK included.
+    delivered_total: int
+    newly_acked: int
+    newly_lost: int
+    prior_in_flight: int
+    bytes_in_flight: int
+    #: The RTT sample of this ACK with the peer's ACK delay removed; None when it gave none.
+    rtt: float | None
+
+
+class Congestion(Protocol):
+    """What :class:`~collectives.transport.recovery.Recovery` needs from a controller."""
+
+    @property
+    def cwnd(self) -> int:
+        """Bytes that may be in flight."""
+        ...
+
+    @property
+    def pacing_rate(self) -> float:
+        """Bytes per second; ``inf`` for no pacing."""
+        ...
+
+    def on_sent(self, size: int, bytes_in_flight: int, now: float) -> None:
+        """A packet of ``size`` went out; ``bytes_in_flight`` includes it."""
+        ...
+
+    def on_ack(self, sample: RateSample, now: float) -> None:
+        """An ACK acknowledged or declared lost at least one packet."""
+        ...
+
+    def on_loss(self, lost_bytes: int, bytes_in_flight: int, now: float) -> None:
+        """Packets were declared lost outside an ACK (by the loss timer)."""
+        ...
+
+    def on_timeout(self, pto_count: int, now: float) -> None:
+        """A probe timeout fired (``pto_count`` consecutive ones so far)."""
+        ...
+
+
+class BbrState(Enum):
+    STARTUP = "startup"
+    DRAIN = "drain"
+    PROBE_BW = "probe_bw"
+    PROBE_RTT = "probe_rtt"
+
+
+#: 2/ln(2): the smallest gain that doubles the delivery rate every round trip in STARTUP.
+STARTUP_GAIN = 2.885
+#: Probe up, drain what that queued, then cruise; one phase per min_rtt.
+PROBE_BW_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+PROBE_BW_CWND_GAIN = 2.0
+#: Rounds of the bandwidth max filter: longer than one gain cycle, so a probe is always in it.
+BTLBW_WINDOW_ROUNDS = 10
+#: STARTUP ends when the bandwidth grew less than this factor for FULL_BW_ROUNDS rounds.
+FULL_BW_GROWTH = 1.25
+FULL_BW_ROUNDS = 3
+MIN_RTT_WINDOW = 10.0
+PROBE_RTT_DURATION = 0.2
+#: Random loss above this is treated as congestion anyway: no path worth using loses more, and
+#: compensating more would let a lossy queue hide behind it.
+MAX_LOSS_COMPENSATION = 0.15
+#: A round losing more than this (and more than twice its normal loss plus 10 %) is congestion.
+HIGH_LOSS = 0.25
+#: ... and only when at least this many packets were lost: a few losses in a tiny round say
+#: nothing about the path.
+HIGH_LOSS_MIN_PACKETS = 3
+#: EWMA weight per clean round of the loss-rate estimate.
+LOSS_RATE_GAIN = 1 / 8
+#: Back-off factor of inflight_hi below the inflight that lost too much.
+INFLIGHT_HI_BETA = 0.85
+
+
+class Bbr:
+    """The model-based controller described in the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        max_datagram: int = 1200,
+        initial_rtt: float = 0.1,
+        initial_window_packets: int = 32,
+        now: float = 0.0,
+    ) -> None:
+        self.max_datagram = max_datagram
+        self.initial_rtt = initial_rtt
+        self.initial_cwnd = initial_window_packets * max_datagram
+        self.min_cwnd = 4 * max_datagram
+        self.cwnd = self.initial_cwnd
+        self.pacing_rate = STARTUP_GAIN * self.initial_cwnd / initial_rtt
+        self._bw_filter = WindowedFilter(BTLBW_WINDOW_ROUNDS, maximum=True)
+        self.btlbw = 0.0
+        self.min_rtt = math.inf
+        self._min_rtt_stamp = now
+        self.loss_rate = 0.0
+        self.inflight_hi = math.inf
+        self._inflight_hi_step = max_datagram
+        self._reset(now)
+
+    def _reset(self, now: float) -> None:
+        self.state = BbrState.STARTUP
+        self.pacing_gain = STARTUP_GAIN
+        self.cwnd_gain = STARTUP_GAIN
+        self.filled_pipe = False
+        self._full_bw = 0.0
+        self._full_bw_count = 0
+        self.round_count = 0
+        self._next_round_delivered = 0
+        self._cycle_index = 0
+        self._cycle_stamp = now
+        self._probe_rtt_done_at: float | None = None
+        self._probe_rtt_round = 0
+        self._queue_free = self._round_queue_free()
+        self._round_acked = 0
+        self._round_lost = 0
+        self._round_max_rtt = 0.0
+        self._round_max_inflight = 0
+        self._round_gain = STARTUP_GAIN
+        self._queue_free = False
+
+    # -- the model -------------------------------------------------------------------------------
+
+    @property
+    def send_bw(self) -> float:
+        """The rate that keeps the bottleneck busy: delivered rate plus what random loss eats."""
+        return self.btlbw / (1.0 - min(self.loss_rate, MAX_LOSS_COMPENSATION))
+
+    def _path_rtt(self) -> float:
+        return self.min_rtt if math.isfinite(self.min_rtt) else self.initial_rtt
+
+    def bdp(self, gain: float = 1.0) -> int:
+        """``gain`` times the bandwidth-delay product, in bytes (the initial window before any
+        bandwidth sample exists)."""
+        if self.btlbw <= 0:
+            return int(gain * self.initial_cwnd)
+        return int(gain * self.send_bw * self._path_rtt())
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def on_sent(self, size: int, bytes_in_flight: int, now: float) -> None:
+        self._round_max_inflight = max(self._round_max_inflight, bytes_in_flight)
+
+    def on_loss(self, lost_bytes: int, bytes_in_flight: int, now: float) -> None:
+        self._round_lost += lost_bytes
+
+    def on_timeout(self, pto_count: int, now: float) -> None:
+        # Three probe timeouts in a row: the path stopped answering (RFC 9002's persistent
+        # congestion).  Whatever it is when it answers again, the old model is no guide: start
+        # over, with the window we would open a new session with.
+        if pto_count >= 3 and self.filled_pipe:
+            self._bw_filter = WindowedFilter(BTLBW_WINDOW_ROUNDS, maximum=True)
+            self.btlbw = 0.0
+            self.inflight_hi = math.inf
+            self.cwnd = self.initial_cwnd
+            self.pacing_rate = STARTUP_GAIN * self.initial_cwnd / self._path_rtt()
+            self._reset(now)
+
+    def on_ack(self, sample: RateSample, now: float) -> None:
+        self._round_acked += sample.newly_acked
+        self._round_lost += sample.newly_lost
+        if sample.rtt is not None:
+            self._round_max_rtt = max(self._round_max_rtt, sample.rtt)
+        round_start = False
+        if sample.newly_acked and sample.prior_delivered >= self._next_round_delivered:
+            self._end_round(sample)
+            self._next_round_delivered = sample.delivered_total
+            self.round_count += 1
+            round_start = True
+        self._update_btlbw(sample)
+        min_rtt_expired = self._update_min_rtt(sample, now)
+        if self.state is BbrState.STARTUP and round_start:
+            self._check_full_pipe(sample)
+        if self.state is BbrState.STARTUP and self.filled_pipe:
+            self.state = BbrState.DRAIN
+            self.pacing_gain = 1.0 / STARTUP_GAIN
+            self.cwnd_gain = STARTUP_GAIN
+        if self.state is BbrState.DRAIN and sample.bytes_in_flight <= self.bdp():
+            self._enter_probe_bw(now)
+        if self.state is BbrState.PROBE_BW:
+            self._advance_cycle(sample, now)
+        self._update_probe_rtt(sample, now, min_rtt_expired, round_start)
+        self._set_outputs()
+
+    # -- round accounting and loss -----------------------------------------------------------
+
+    def _end_round(self, sample: RateSample) -> None:
+        acked, lost = self._round_acked, self._round_lost
+        total = acked + lost
+        if total > 0:
+            rate = lost / total
+            if self._is_loss_excessive(rate, lost):
+                self._on_high_loss()
+            else:
+                self._grow_inflight_hi()
+                if self._round_was_clean():
+                    self.loss_rate += LOSS_RATE_GAIN * (rate - self.loss_rate)
+        self._queue_free = self._round_queue_free()
+        self._round_acked = 0
+        self._round_lost = 0
+        self._round_max_rtt = 0.0
+        self._round_max_inflight = sample.bytes_in_flight
+        self._round_gain = self.pacing_gain
+
+    def _is_loss_excessive(self, rate: float, lost: int) -> bool:
+        threshold = max(HIGH_LOSS, 2 * self.loss_rate + 0.1)
+        return rate > threshold and lost >= HIGH_LOSS_MIN_PACKETS * self.max_datagram
+
+    def _round_was_clean(self) -> bool:
+        """No queue of ours during the round: RTT near the minimum and no probing gain."""
+        if not self.filled_pipe or self._round_gain > 1.0:
+            return False
+        return self._round_queue_free()
+
+    def _round_queue_free(self) -> bool:
+        if not math.isfinite(self.min_rtt):
+            return False
+        slack = max(0.25 * self.min_rtt, 0.002)
+        return 0 < self._round_max_rtt <= self.min_rtt + slack
+
+    def _on_high_loss(self) -> None:
+        # The inflight that lost too much was too much; a BDP is never too much (it is what
+        # the link holds with no queue at all), so the bound never starves the pacing rate.
+        bound = max(INFLIGHT_HI_BETA * self._round_max_inflight, self.bdp(), self.min_cwnd)
+        self.inflight_hi = min(self.inflight_hi, bound)
+        self._inflight_hi_step = self.max_datagram
+        if self.state is BbrState.STARTUP:
+            # Overflowing a queue is as clear a sign of a full pipe as a bandwidth plateau.
+            self.filled_pipe = True
+
+    def _grow_inflight_hi(self) -> None:
+        if not math.isfinite(self.inflight_hi):
+            return
+        if self._round_max_inflight + self.max_datagram < self.inflight_hi:
+            return  # not using the bound: nothing learnt about it
+        self.inflight_hi += self._inflight_hi_step
+        self._inflight_hi_step *= 2
+        if self.inflight_hi >= PROBE_BW_CWND_GAIN * self.bdp():
+            self.inflight_hi = math.inf  # as big as the window itself: no longer a bound
+
+    # -- the model's filters -------------------------------------------------------------------
+
+    def _update_btlbw(self, sample: RateSample) -> None:
+        rate = sample.delivery_rate
+        if rate is None or rate <= 0:
+            return
+        # An app-limited sample shows what the application offered, not what the path can
+        # carry, so it may raise the estimate but never lower it.
+        if sample.is_app_limited and rate < self.btlbw:
+            return
+        self.btlbw = self._bw_filter.update(rate, self.round_count)
+
+    def _update_min_rtt(self, sample: RateSample, now: float) -> bool:
+        expired = now - self._min_rtt_stamp > MIN_RTT_WINDOW
+        rtt = sample.rtt
+        if rtt is not None and (rtt <= self.min_rtt or expired):
+            self.min_rtt = rtt
+            self._min_rtt_stamp = now
+        return expired
+
+    def _check_full_pipe(self, sample: RateSample) -> None:
+        if self.filled_pipe or sample.is_app_limited:
+            return
+        if self.btlbw >= self._full_bw * FULL_BW_GROWTH:
+            self._full_bw = self.btlbw
+            self._full_bw_count = 0
+            return
+        self._full_bw_count += 1
+        if self._full_bw_count >= FULL_BW_ROUNDS:
+            self.filled_pipe = True
+
+    # -- PROBE_BW and PROBE_RTT ---------------------------------------------------------------
+
+    def _enter_probe_bw(self, now: float) -> None:
+        self.state = BbrState.PROBE_BW
+        self.cwnd_gain = PROBE_BW_CWND_GAIN
+        # Start in a cruise phase: the drain that just ended was the probe-down already.
+        self._cycle_index = 2
+        self.pacing_gain = PROBE_BW_GAINS[self._cycle_index]
+        self._cycle_stamp = now
+
+    def _advance_cycle(self, sample: RateSample, now: float) -> None:
+        elapsed = now - self._cycle_stamp
+        rtt = self._path_rtt()
+        full_length = elapsed > rtt
+        gain = self.pacing_gain
+        if gain > 1.0:
+            # Probe until the extra inflight is actually out there (or loss says it is too
+            # much); give up waiting after a few RTTs if the window bounds it.
+            reached = sample.prior_in_flight >= self.bdp(gain) or sample.newly_lost > 0
+            advance = (full_length and reached) or elapsed > 3 * rtt
+        elif gain < 1.0:
+            advance = full_length or sample.bytes_in_flight <= self.bdp()
+        else:
+            advance = full_length
+        if advance:
+            self._cycle_index = (self._cycle_index + 1) % len(PROBE_BW_GAINS)
+            self.pacing_gain = PROBE_BW_GAINS[self._cycle_index]
+            self._cycle_stamp = now
+
+    def _update_probe_rtt(
+        self, sample: RateSample, now: float, min_rtt_expired: bool, round_start: bool
+    ) -> None:
+        if min_rtt_expired and self.state is not BbrState.PROBE_RTT and self.filled_pipe:
+            self.state = BbrState.PROBE_RTT
+            self.pacing_gain = 1.0
+            self.cwnd_gain = 1.0
+            self._probe_rtt_done_at = None
+        if self.state is not BbrState.PROBE_RTT:
+            return
+        if self._probe_rtt_done_at is None:
+            if sample.bytes_in_flight <= self._probe_rtt_cwnd():
+                self._probe_rtt_done_at = now + max(PROBE_RTT_DURATION, self._path_rtt())
+                self._probe_rtt_round = self.round_count + 1
+            return
+        if now >= self._probe_rtt_done_at and self.round_count >= self._probe_rtt_round:
+            self._min_rtt_stamp = now
+            self._enter_probe_bw(now)
+
+    def _probe_rtt_cwnd(self) -> int:
+        # Half a BDP rather than BBRv1's four packets: enough to drain a queue we built, without
+        # emptying the pipe (a bulk transfer loses about 1 % of its time, not 2 %).
+        return max(self.min_cwnd, self.bdp(0.5))
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def _set_outputs(self) -> None:
+        if self.btlbw > 0:
+            bw = self.send_bw if self._queue_free else self.btlbw
+            rate = self.pacing_gain * bw
+            # Until the pipe is full, never slow down: early samples undershoot the path.
+            self.pacing_rate = rate if self.filled_pipe else max(self.pacing_rate, rate)
+        if self.state is BbrState.PROBE_RTT:
+            cwnd = self._probe_rtt_cwnd()
+        else:
+            cwnd = max(self.bdp(self.cwnd_gain), self.min_cwnd)
+            if not self.filled_pipe:
+                cwnd = max(cwnd, self.cwnd, self.initial_cwnd)
+        if math.isfinite(self.inflight_hi):
+            cwnd = min(cwnd, int(self.inflight_hi))
+        self.cwnd = max(cwnd, self.min_cwnd)

@@ -1,0 +1,383 @@
+"""The public face of the sans-IO core: one :class:`Endpoint` per rank and world incarnation.
+
+No sockets, no clock, no threads: every input carries ``now`` (the driver's monotonic clock) and
+every output is a return value (datagram batches, a timer, events).  The driver owns IO; see
+docs/udp-transport.md for the contract, which this file implements.  Bad datagrams never raise:
+each is dropped and counted in :meth:`Endpoint.stats`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from collectives.auth import ClusterKey
+from collectives.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    InvalidArgumentError,
+    LocalProtocolError,
+)
+from collectives.transport import handshake
+from collectives.transport._pb import transport_pb2 as pb
+from collectives.transport.config import TransportConfig
+from collectives.transport.crypto import NONCE_SIZE, cluster_tag, session_ciphers
+from collectives.transport.events import Address, Event, PeerConnected
+from collectives.transport.frames import ChunkKind
+from collectives.transport.header import (
+    HEADER_SIZE,
+    Header,
+    HeaderError,
+    PacketType,
+    parse_header,
+)
+from collectives.transport.outbound import Batch
+from collectives.transport.receiving import Allocator, default_allocate
+from collectives.transport.sending import OutMessage
+from collectives.transport.session import Session
+from collectives.transport.states import Input, State, allowed
+
+COUNTERS = (
+    "datagrams_in",
+    "datagrams_out",
+    "bytes_in",
+    "bytes_out",
+    "frames_sealed",
+    "frames_opened",
+    "retransmitted_segments",
+    "dropped_malformed",
+    "dropped_wrong_cluster",
+    "dropped_foreign",
+    "dropped_unknown_session",
+    "dropped_auth",
+    "dropped_replay",
+    "dropped_duplicate",
+    "dropped_overload",
+    "handshakes",
+    "peers_lost",
+)
+
+_U32 = (1 << 32) - 1
+
+
+class Endpoint:
+    """This rank's end of every session of one world (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        size: int,
+        comm_id: int,
+        epoch: int,
+        key: ClusterKey | None,
+        config: TransportConfig,
+        now: float,
+        allocate: Allocator | None = None,
+        random: Callable[[int], bytes] = secrets.token_bytes,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if key is None and not config.insecure:
+            raise ConfigurationError(
+                "the udp transport needs the cluster key (COMFY_CLUSTER_KEY), or "
+                "TransportConfig(insecure=True) on a network you trust"
+            )
+        if not 0 <= rank < size:
+            raise InvalidArgumentError(f"rank {rank} is not in a world of {size}")
+        self.rank = rank
+        self.size = size
+        self.comm_id = comm_id
+        self.epoch = epoch
+        self.config = config
+        self._key = key
+        self._tag = cluster_tag(key)
+        self._tag_int = int.from_bytes(self._tag, "big")
+        self._allocate = allocate or default_allocate
+        self._random = random
+        self._wall = wall_clock
+        self._sessions: dict[int, Session] = {}
+        self._by_id: dict[int, Session] = {}
+        self._events: deque[Event] = deque()
+        self._counters = dict.fromkeys(COUNTERS, 0)
+        self._guard = handshake.ReplayGuard(config.hello_window)
+        self._message_ids: dict[int, int] = {}
+        self._channel_seq: dict[tuple[int, int], int] = {}
+        self._closed = False
+        self._now = now  # the latest time given: no timer is ever asked for before it
+
+    # -- peers ------------------------------------------------------------------------------------
+
+    def add_peer(self, peer: int, addr: Address | None, now: float) -> None:
+        """Declare ``peer``; the lower rank of each pair opens the session (see the design)."""
+        self._check_peer(peer)
+        session = self._sessions.get(peer)
+        if session is not None:
+            if session.addr is None and addr is not None:
+                session.addr = addr
+            return
+        is_client = self.rank < peer
+        if is_client and addr is None:
+            raise InvalidArgumentError(
+                f"rank {self.rank} opens the session to rank {peer} and needs its address"
+            )
+        session = self._new_session(peer, is_client, addr, now)
+        if is_client:
+            session.client_nonce = self._random(NONCE_SIZE)
+            hello = pb.Hello(
+                cluster_tag=self._tag_int,
+                from_rank=self.rank,
+                to_rank=peer,
+                comm_id=self.comm_id,
+                epoch=self.epoch,
+                client_nonce=session.client_nonce,
+                client_session_id=session.local_id,
+                timestamp=self._wall(),
+                window_bytes=self.config.window_bytes,
+            )
+            session.hello = handshake.build(self._key, self._tag, PacketType.HELLO, 0, hello)
+            session.hello_next = now
+            session.fire(Input.OPEN)
+        else:
+            session.fire(Input.AWAIT)
+
+    def _check_peer(self, peer: int) -> None:
+        if not 0 <= peer < self.size or peer == self.rank:
+            raise InvalidArgumentError(
+                f"rank {self.rank}: peer {peer} is not another rank of a world of {self.size}"
+            )
+
+    def _new_session(self, peer: int, is_client: bool, addr: Address | None, now: float) -> Session:
+        session = Session(
+            peer=peer,
+            is_client=is_client,
+            addr=addr,
+            local_id=self._new_session_id(),
+            config=self.config,
+            tag=self._tag,
+            comm_id=self.comm_id,
+            epoch=self.epoch,
+            now=now,
+            allocate=self._allocate,
+            emit=self._events.append,
+            counters=self._counters,
+        )
+        self._sessions[peer] = session
+        self._by_id[session.local_id] = session
+        return session
+
+    def _new_session_id(self) -> int:
+        while True:
+            sid = int.from_bytes(self._random(8), "big")
+            if sid and sid not in self._by_id:
+                return sid
+
+    # -- messages ---------------------------------------------------------------------------------
+
+    def send(
+        self, peer: int, channel: int, meta: bytes, body: Sequence[memoryview], now: float
+    ) -> int:
+        """Queue one message; the caller keeps ``body`` unchanged until ``MessageSent``."""
+        if self._closed:
+            raise LocalProtocolError(f"rank {self.rank}: send on a closed transport endpoint")
+        self._check_peer(peer)
+        session = self._sessions.get(peer)
+        if session is None:
+            raise InvalidArgumentError(f"rank {self.rank}: peer {peer} was never added")
+        if session.state is State.LOST:
+            raise ConnectionLostError(f"rank {self.rank}: peer {peer} is gone", [peer])
+        if len(meta) > self.config.max_meta:
+            raise InvalidArgumentError(
+                f"meta of {len(meta)} bytes is over max_meta={self.config.max_meta}"
+            )
+        if not 0 <= channel <= _U32:
+            raise InvalidArgumentError(f"channel {channel} is not a 32-bit unsigned number")
+        message_id = self._message_ids.get(peer, 0) + 1
+        self._message_ids[peer] = message_id
+        seq = self._channel_seq.get((peer, channel), 0)
+        self._channel_seq[peer, channel] = seq + 1
+        session.queue(OutMessage(message_id, channel, seq, bytes(meta), body))
+        return message_id
+
+    # -- datagrams in -----------------------------------------------------------------------------
+
+    def receive(
+        self,
+        data: bytes | bytearray | memoryview,
+        addr: Address,
+        now: float,
+        segment_size: int | None = None,
+    ) -> None:
+        """One datagram, or a GRO batch of ``segment_size``-byte datagrams; never raises."""
+        self._tick(now)
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        n = len(view)
+        if segment_size is None or segment_size <= 0 or segment_size >= n:
+            self._datagram(view, addr, now)
+            return
+        for at in range(0, n, segment_size):
+            self._datagram(view[at : at + segment_size], addr, now)
+
+    def _datagram(self, view: memoryview, addr: Address, now: float) -> None:
+        counters = self._counters
+        counters["datagrams_in"] += 1
+        counters["bytes_in"] += len(view)
+        try:
+            header = parse_header(view)
+        except HeaderError:
+            counters["dropped_malformed"] += 1
+            return
+        if header.cluster_tag != self._tag:
+            counters["dropped_wrong_cluster"] += 1
+            return
+        if header.type == PacketType.SEGMENT:
+            session = self._by_id.get(header.session_id)
+            if session is None:
+                counters["dropped_unknown_session"] += 1
+                return
+            session.on_segment(header, view[HEADER_SIZE:], addr, now)
+        elif header.type == PacketType.HELLO:
+            self._on_hello(header, view, addr, now)
+        else:
+            self._on_hello_ack(header, view, addr, now)
+
+    def _foreign(self, msg: pb.Hello | pb.HelloAck, from_rank_ok: bool) -> bool:
+        return (
+            msg.cluster_tag != self._tag_int
+            or msg.to_rank != self.rank
+            or not from_rank_ok
+            or msg.comm_id != self.comm_id
+            or msg.epoch != self.epoch
+        )
+
+    def _on_hello(self, header: Header, view: memoryview, addr: Address, now: float) -> None:
+        counters = self._counters
+        msg = handshake.open_body(self._key, view, header) if header.session_id == 0 else None
+        if msg is None or len(msg.client_nonce) != NONCE_SIZE or msg.client_session_id == 0:
+            counters["dropped_auth"] += 1
+            return
+        if self._foreign(msg, 0 <= msg.from_rank < self.rank):
+            counters["dropped_foreign"] += 1
+            return
+        if self._closed:
+            return
+        session = self._sessions.get(msg.from_rank)
+        if session is not None and session.client_nonce == msg.client_nonce:
+            session.hello_ack_due = session.hello_ack is not None  # our answer was lost
+            return
+        if session is not None and (session.confirmed or not allowed(session.state, Input.HELLO)):
+            counters["dropped_replay"] += 1  # a stale HELLO: the live session stays
+            return
+        if not self._guard.accept(msg.client_nonce, msg.timestamp, self._wall()):
+            counters["dropped_replay"] += 1
+            return
+        if session is None:  # the peer was not declared yet: its HELLO declares it
+            session = self._new_session(msg.from_rank, False, addr, now)
+            session.fire(Input.AWAIT)
+        else:  # fresh keys, fresh id: nothing of an unconfirmed attempt stays valid
+            del self._by_id[session.local_id]
+            session.local_id = self._new_session_id()
+            self._by_id[session.local_id] = session
+        server_nonce = self._random(NONCE_SIZE)
+        c2s, s2c = session_ciphers(
+            self._key, msg.client_nonce, server_nonce, self.comm_id, self.epoch
+        )
+        session.client_nonce = msg.client_nonce
+        session.addr = addr
+        session.establish(s2c, c2s, msg.client_session_id, msg.window_bytes, now)
+        answer = pb.HelloAck(
+            cluster_tag=self._tag_int,
+            from_rank=self.rank,
+            to_rank=msg.from_rank,
+            comm_id=self.comm_id,
+            epoch=self.epoch,
+            client_nonce=msg.client_nonce,
+            server_nonce=server_nonce,
+            server_session_id=session.local_id,
+            window_bytes=self.config.window_bytes,
+        )
+        session.hello_ack = handshake.build(
+            self._key, self._tag, PacketType.HELLO_ACK, msg.client_session_id, answer
+        )
+        session.hello_ack_due = True
+        first = session.state is State.WAITING
+        session.fire(Input.HELLO)
+        counters["handshakes"] += 1
+        if first:
+            self._events.append(PeerConnected(session.peer, addr))
+
+    def _on_hello_ack(self, header: Header, view: memoryview, addr: Address, now: float) -> None:
+        counters = self._counters
+        session = self._by_id.get(header.session_id)
+        if session is None or not session.is_client:
+            counters["dropped_unknown_session"] += 1
+            return
+        msg = handshake.open_body(self._key, view, header)
+        if msg is None or len(msg.server_nonce) != NONCE_SIZE or msg.server_session_id == 0:
+            counters["dropped_auth"] += 1
+            return
+        if self._foreign(msg, msg.from_rank == session.peer) or (
+            msg.client_nonce != session.client_nonce
+        ):
+            counters["dropped_foreign"] += 1
+            return
+        if not allowed(session.state, Input.HELLO_ACK):
+            counters["dropped_duplicate"] += 1
+            return
+        c2s, s2c = session_ciphers(
+            self._key, session.client_nonce, msg.server_nonce, self.comm_id, self.epoch
+        )
+        session.establish(c2s, s2c, msg.server_session_id, msg.window_bytes, now)
+        session.addr = addr
+        session.fire(Input.HELLO_ACK)
+        counters["handshakes"] += 1
+        self._events.append(PeerConnected(session.peer, addr))
+
+    # -- outputs ----------------------------------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list[Batch]:
+        """``(addr, payload, segment_size)`` batches that congestion control and pacing allow."""
+        self._tick(now)
+        out: list[Batch] = []
+        for session in self._sessions.values():
+            session.produce(now, out)
+        return out
+
+    def get_timer(self) -> float | None:
+        """Absolute time of the next :meth:`handle_timer` call, or None."""
+        timers = [t for s in self._sessions.values() if (t := s.timer()) is not None]
+        # A deadline that passed while we handled a datagram is due now, not in the past.
+        return max(min(timers), self._now) if timers else None
+
+    def handle_timer(self, now: float) -> None:
+        self._tick(now)
+        for session in list(self._sessions.values()):
+            session.on_timer(now)
+
+    def _tick(self, now: float) -> None:
+        self._now = max(self._now, now)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def close(self, now: float) -> None:
+        """CLOSE to every peer (with the next datagrams); later sends raise."""
+        self._shut(ChunkKind.CLOSE, "")
+
+    def abort(self, reason: str, now: float) -> None:
+        """ABORT to every peer, then closed."""
+        self._shut(ChunkKind.ABORT, reason)
+
+    def _shut(self, kind: ChunkKind, reason: str) -> None:
+        self._closed = True
+        for session in self._sessions.values():
+            session.close(kind, reason)
+
+    def stats(self) -> dict[str, int]:
+        """The counters of docs/udp-transport.md ("Counters"), plus packets in flight."""
+        out = dict(self._counters)
+        out["sessions"] = sum(s.state is State.ESTABLISHED for s in self._sessions.values())
+        return out

@@ -1,0 +1,145 @@
+"""Chunks: what a sealed frame's plaintext is made of ("Wire format" in docs/udp-transport.md).
+
+A frame's plaintext is a sequence of chunks.  A DATA chunk has a fixed binary header (parsed with
+one ``struct`` call: it sits on the bulk path) followed by bytes of one message's stream, which
+is its meta followed by its body; the chunk at stream offset 0 holds the whole meta.  A control
+chunk (ACK, CREDIT, PING, CLOSE, ABORT) is a small kind+length header and a protobuf message.
+Frames are authenticated before they are parsed, so a malformed chunk means a buggy peer, not an
+attacker: :class:`FrameError` then drops the whole frame.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any, NamedTuple
+
+from collectives.transport._pb import transport_pb2 as pb
+
+# kind, flags, meta length, channel, comm id, epoch, channel sequence, message id, stream offset,
+# chunk length, body length.  64-bit offsets and lengths: bodies over 2 (or 4) GiB are fine.
+DATA_HEADER = struct.Struct(">BBHIQQQQQIQ")
+DATA_HEADER_SIZE = DATA_HEADER.size
+_CONTROL_HEADER = struct.Struct(">BxxxI")
+CONTROL_HEADER_SIZE = _CONTROL_HEADER.size
+_U64 = (1 << 64) - 1
+
+
+class ChunkKind(enum.IntEnum):
+    DATA = 1
+    ACK = 2
+    CREDIT = 3
+    PING = 4
+    CLOSE = 5
+    ABORT = 6
+
+
+_CONTROL_TYPES: dict[int, Any] = {
+    ChunkKind.ACK: pb.Ack,
+    ChunkKind.CREDIT: pb.Credit,
+    ChunkKind.PING: pb.Ping,
+    ChunkKind.CLOSE: pb.Close,
+    ChunkKind.ABORT: pb.Abort,
+}
+
+
+class FrameError(ValueError):
+    """An authenticated frame whose chunks do not parse (a peer bug)."""
+
+
+class DataChunk(NamedTuple):
+    channel: int
+    comm_id: int
+    epoch: int
+    seq: int
+    message_id: int
+    offset: int  # in the message's stream: meta, then body
+    meta_len: int
+    body_len: int
+    data: memoryview
+
+
+class ControlChunk(NamedTuple):
+    kind: ChunkKind
+    msg: Any  # the protobuf message of its kind
+
+
+Chunk = DataChunk | ControlChunk
+
+
+def control_chunk(kind: ChunkKind, msg: Any) -> bytes:
+    body: bytes = msg.SerializeToString()
+    return _CONTROL_HEADER.pack(kind, len(body)) + body
+
+
+def pack_data_header(
+    buf: bytearray | memoryview,
+    pos: int,
+    *,
+    channel: int,
+    comm_id: int,
+    epoch: int,
+    seq: int,
+    message_id: int,
+    offset: int,
+    length: int,
+    meta_len: int,
+    body_len: int,
+) -> None:
+    DATA_HEADER.pack_into(
+        buf,
+        pos,
+        ChunkKind.DATA,
+        0,
+        meta_len,
+        channel,
+        comm_id & _U64,
+        epoch & _U64,
+        seq,
+        message_id,
+        offset,
+        length,
+        body_len,
+    )
+
+
+def parse_chunks(plain: memoryview) -> list[Chunk]:
+    """Every chunk of an authenticated frame's plaintext, in order."""
+    chunks: list[Chunk] = []
+    pos, end = 0, len(plain)
+    unpack_data = DATA_HEADER.unpack_from
+    while pos < end:
+        kind = plain[pos]
+        if kind == ChunkKind.DATA:
+            if end - pos < DATA_HEADER_SIZE:
+                raise FrameError("truncated data chunk header")
+            (_, _, meta_len, channel, comm, epoch, seq, mid, offset, length, body_len) = (
+                unpack_data(plain, pos)
+            )
+            pos += DATA_HEADER_SIZE
+            total = meta_len + body_len
+            if length > end - pos or offset + length > total or (offset == 0 and length < meta_len):
+                raise FrameError("data chunk outside its message or frame")
+            if length == 0 and total != 0:
+                raise FrameError("empty data chunk")
+            data = plain[pos : pos + length]
+            pos += length
+            chunks.append(
+                DataChunk(channel, comm, epoch, seq, mid, offset, meta_len, body_len, data)
+            )
+            continue
+        msg_type = _CONTROL_TYPES.get(kind)
+        if msg_type is None or end - pos < CONTROL_HEADER_SIZE:
+            raise FrameError(f"unknown or truncated chunk of kind {kind}")
+        _, length = _CONTROL_HEADER.unpack_from(plain, pos)
+        pos += CONTROL_HEADER_SIZE
+        if length > end - pos:
+            raise FrameError("control chunk longer than its frame")
+        msg = msg_type()
+        try:
+            msg.ParseFromString(plain[pos : pos + length])
+        except Exception as err:  # protobuf's DecodeError
+            raise FrameError(f"control chunk of kind {kind} does not parse") from err
+        pos += length
+        chunks.append(ControlChunk(ChunkKind(kind), msg))
+    return chunks

@@ -1,0 +1,211 @@
+"""One session's send direction: queued messages, sealed frames in flight, loss recovery.
+
+Two levels (docs/udp-transport.md, "Loss recovery"): :class:`~.recovery.Recovery` counts
+*segments* (each datagram is a :class:`~.recovery.SentPacket` whose ``data`` is ``(frame,
+index)``), so RTT, loss and congestion work per datagram; memory is released per *frame*, once
+every segment of it is in an ACK's ``acked`` ranges (frames the receiver authenticated), and
+``MessageSent`` follows when every frame carrying a message is released.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import cast
+
+from collectives.transport.config import TransportConfig
+from collectives.transport.events import Address, Event, MessageSent
+from collectives.transport.ranges import RangeSet
+from collectives.transport.recovery import Recovery, SentPacket
+from collectives.transport.sending import FrameBuilder, OutMessage, SentFrame
+
+Batch = tuple[Address, memoryview | bytes, int]
+
+
+class Outbound:
+    """The sender half of an established session."""
+
+    def __init__(
+        self,
+        *,
+        peer: int,
+        builder: FrameBuilder,
+        config: TransportConfig,
+        credit_limit: int,
+        remote_id: int,
+        now: float,
+        emit: Callable[[Event], None],
+        counters: dict[str, int],
+    ) -> None:
+        self._peer = peer
+        self._builder = builder
+        self._config = config
+        self._remote_id = remote_id
+        self._emit = emit
+        self._counters = counters
+        self.recovery = Recovery(
+            config.initial_rtt, config.max_ack_delay, now, max_datagram=config.max_datagram
+        )
+        self.queue: deque[OutMessage] = deque()
+        self.frames: dict[int, SentFrame] = {}  # by first segment number, ascending
+        self._resend: deque[SentPacket] = deque()
+        self.next_number = 0
+        self.data_sent = 0  # stream bytes framed: what credit is counted against
+        self.credit_limit = credit_limit
+        self.paced_until: float | None = None
+        self.probe = False
+        self.last_eliciting_sent = now
+        self._eliciting = False
+
+    # -- acknowledgements -------------------------------------------------------------------------
+
+    def on_ack(
+        self,
+        acked: list[tuple[int, int]],
+        pending: list[tuple[int, int]],
+        rejected: Iterable[int],
+        ack_delay: float,
+        now: float,
+    ) -> None:
+        result = self.recovery.on_ack([*acked, *pending], ack_delay, now)
+        self._resend.extend(p for p in result.lost if p.data is not None)
+        for first in rejected:
+            frame = self.frames.get(first)
+            if frame is not None:  # resent whole: the receiver dropped what it had of it
+                self._resend.extend(self._packet(frame, i) for i in range(frame.count))
+        if acked:
+            self._release(RangeSet(max_ranges=len(acked) + 1, ranges=acked), acked[-1][1])
+
+    def _release(self, acked: RangeSet, stop: int) -> None:
+        frames = self.frames
+        done: list[int] = []
+        for first, frame in frames.items():
+            if first >= stop:
+                break
+            if acked.covers(first, first + frame.count):
+                done.append(first)
+        for first in done:
+            frame = frames.pop(first)
+            for msg in frame.messages:
+                msg.frames_pending -= 1
+                if msg.frames_pending == 0 and msg.framed:
+                    self._emit(MessageSent(self._peer, msg.message_id))
+
+    def on_timeout(self, now: float) -> None:
+        result = self.recovery.on_timeout(now)
+        self._resend.extend(p for p in result.lost if p.data is not None)
+        if result.probe:
+            self.probe = True
+
+    def timer(self) -> float | None:
+        deadlines = [t for t in (self.recovery.loss_time(), self.paced_until) if t is not None]
+        return min(deadlines) if deadlines else None
+
+    @property
+    def credit_blocked(self) -> bool:
+        return bool(self.queue) and self.data_sent >= self.credit_limit
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing unacknowledged."""
+        return not self.queue and not self.frames
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def _packet(self, frame: SentFrame, index: int) -> SentPacket:
+        return SentPacket(frame.first + index, frame.size(index), data=(frame, index))
+
+    def produce(self, addr: Address, controls: list[bytes], now: float, out: list[Batch]) -> None:
+        """Append what may go out now: resends first, then frames of control chunks and data."""
+        self.paced_until = None
+        recovery = self.recovery
+        probe, self.probe = self.probe, False
+        if probe and not self._resend and not self.queue:
+            oldest = recovery.oldest_unacked()
+            if oldest is not None:
+                self._resend.append(oldest)
+        self._send_resends(addr, now, out, probe)
+        plain_cap = self._builder.plain_cap
+        while True:
+            credit = self.credit_limit - self.data_sent
+            want_data = bool(self.queue) and credit > 0
+            if want_data and not probe:
+                if not recovery.can_send(plain_cap):
+                    want_data = False
+                else:
+                    at = recovery.next_send_time(now, plain_cap)
+                    if at > now:
+                        self.paced_until = at
+                        want_data = False
+            if not want_data and not controls:
+                break
+            plain_len, touched, data = self._builder.fill(
+                controls, self.queue, credit if want_data else 0
+            )
+            controls = []
+            probe = False
+            first = self.next_number
+            frame = self._builder.seal(plain_len, first, self._remote_id)
+            self.next_number += frame.count
+            self._counters["frames_sealed"] += 1
+            self.data_sent += data
+            eliciting = bool(touched) or self._eliciting
+            self._eliciting = False
+            if eliciting:
+                frame.messages = touched
+                frame.data_bytes = data
+                for msg in touched:
+                    msg.frames_pending += 1
+                self.frames[first] = frame
+                for i in range(frame.count):
+                    recovery.on_sent(self._packet(frame, i), now)
+                self.last_eliciting_sent = now
+            self._emit_batches(addr, frame, 0, frame.count, out)
+            if not touched:
+                break
+        if not self.queue and not self._resend:
+            recovery.on_app_limited()
+
+    def mark_eliciting(self) -> None:
+        """The next frame carries a chunk that needs an answer (PING): track it for loss."""
+        self._eliciting = True
+
+    def _send_resends(self, addr: Address, now: float, out: list[Batch], probe: bool) -> None:
+        recovery = self.recovery
+        resend = self._resend
+        while resend:
+            pkt = resend[0]
+            frame, index = cast("tuple[SentFrame, int]", pkt.data)
+            if self.frames.get(frame.first) is not frame:
+                resend.popleft()  # released meanwhile (a spurious loss)
+                continue
+            if not probe and not recovery.can_send(pkt.size):
+                break
+            probe = False
+            resend.popleft()
+            # Consecutive segments of one frame go out as one GSO batch.
+            stop = index + 1
+            group = [pkt]
+            while resend and stop < frame.count:
+                nxt = resend[0]
+                if nxt.data != (frame, stop):
+                    break
+                group.append(resend.popleft())
+                stop += 1
+            for p in group:
+                recovery.on_resent(p, now)
+            self._counters["retransmitted_segments"] += len(group)
+            self._emit_batches(addr, frame, index, stop, out)
+            self.last_eliciting_sent = now
+
+    def _emit_batches(
+        self, addr: Address, frame: SentFrame, start: int, stop: int, out: list[Batch]
+    ) -> None:
+        per_batch = max(1, self._config.max_batch_bytes // frame.stride)
+        counters = self._counters
+        for lo in range(start, stop, per_batch):
+            hi = min(stop, lo + per_batch)
+            payload = frame.datagrams(lo, hi)
+            out.append((addr, payload, frame.stride if hi - lo > 1 else len(payload)))
+            counters["datagrams_out"] += hi - lo
+            counters["bytes_out"] += len(payload)

@@ -1,0 +1,183 @@
+"""The receive side of a session: partial frames, and messages out of chunks in FIFO order.
+
+A frame is authenticated only when all its segments are in, so its segments wait in a
+:class:`PartialFrame` (sessions are established, so the id is known; the total held is bounded by
+the caller).  Once opened, its DATA chunks go to an :class:`Inbox`, which calls ``allocate`` and
+reports whole messages per ``(peer, channel)`` in the order the sender sent them; bytes that come
+before their message's meta (a frame resent late) are staged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from collectives.transport.events import Event, MessageReceived
+from collectives.transport.frames import DataChunk, FrameError
+from collectives.transport.header import Header, segment_layout
+
+Allocator = Callable[[int, int, bytes, int], memoryview]
+
+
+def default_allocate(peer: int, channel: int, meta: bytes, body_len: int) -> memoryview:
+    return memoryview(bytearray(body_len))
+
+
+class PartialFrame:
+    """The segments of one frame that arrived so far."""
+
+    __slots__ = ("buf", "count", "first", "have", "length", "missing", "per", "started")
+
+    def __init__(self, header: Header, now: float) -> None:
+        self.first = header.first_number
+        self.count = header.segments
+        self.length = header.frame_length
+        self.per = segment_layout(self.length, self.count)
+        self.buf = bytearray(self.length)
+        self.have = bytearray(self.count)
+        self.missing = self.count
+        self.started = now
+
+    def fits(self, header: Header, payload_len: int) -> bool:
+        """Whether a segment with this header belongs to this frame's layout."""
+        if header.segments != self.count or header.frame_length != self.length:
+            return False
+        return payload_len == self.segment_length(header.segment)
+
+    def segment_length(self, index: int) -> int:
+        if index == self.count - 1:
+            return self.length - index * self.per
+        return self.per
+
+    def put(self, index: int, payload: memoryview) -> bool:
+        """Store segment ``index``; False if it was here already."""
+        if self.have[index]:
+            return False
+        self.have[index] = 1
+        self.missing -= 1
+        at = index * self.per
+        self.buf[at : at + len(payload)] = payload
+        return True
+
+
+def layout_ok(header: Header, payload_len: int, max_frame: int) -> bool:
+    """Whether a segment's header describes a frame this side could have been sent.
+
+    Cheap checks before anything is held: the frame is not over the size bound, every segment
+    would be non-empty, and this one has the length its index implies.
+    """
+    length, count = header.frame_length, header.segments
+    if not 0 < length <= max_frame or count > length:
+        return False
+    per = segment_layout(length, count)
+    last = length - (count - 1) * per
+    if last <= 0:
+        return False
+    expected = last if header.segment == count - 1 else per
+    return payload_len == expected
+
+
+class _InMessage:
+    __slots__ = ("body", "body_len", "message_id", "meta", "meta_len", "received", "staged")
+
+    def __init__(self) -> None:
+        self.meta: bytes | None = None
+        self.meta_len = -1
+        self.body_len = -1
+        self.message_id = -1
+        self.body: memoryview | None = None
+        self.staged: list[tuple[int, bytes]] = []
+        self.received = 0  # stream bytes (meta included) that arrived
+
+
+class _Channel:
+    __slots__ = ("allocate_next", "deliver_next", "messages")
+
+    def __init__(self) -> None:
+        self.allocate_next = 0
+        self.deliver_next = 0
+        self.messages: dict[int, _InMessage] = {}
+
+
+class Inbox:
+    """Messages from one peer, assembled from authenticated DATA chunks."""
+
+    def __init__(self, peer: int, allocate: Allocator, emit: Callable[[Event], None]) -> None:
+        self._peer = peer
+        self._allocate = allocate
+        self._emit = emit
+        self._channels: dict[int, _Channel] = {}
+        self.staged_bytes = 0
+        self.released = 0  # stream bytes placed in the caller's buffers: credit to hand back
+
+    def on_chunk(self, chunk: DataChunk) -> None:
+        """Take one chunk; raises :class:`FrameError` when it contradicts what came before."""
+        chan = self._channels.get(chunk.channel)
+        if chan is None:
+            chan = self._channels[chunk.channel] = _Channel()
+        if chunk.seq < chan.deliver_next:
+            raise FrameError(f"chunk of message {chunk.seq}, which was delivered already")
+        msg = chan.messages.get(chunk.seq)
+        if msg is None:
+            msg = chan.messages[chunk.seq] = _InMessage()
+        if msg.body_len < 0:
+            msg.body_len, msg.meta_len, msg.message_id = (
+                chunk.body_len,
+                chunk.meta_len,
+                chunk.message_id,
+            )
+        elif (msg.body_len, msg.meta_len, msg.message_id) != (
+            chunk.body_len,
+            chunk.meta_len,
+            chunk.message_id,
+        ):
+            raise FrameError(f"chunks of message {chunk.seq} disagree about its size")
+        n = len(chunk.data)
+        if msg.received + n > msg.meta_len + msg.body_len:
+            raise FrameError(f"message {chunk.seq} got more bytes than it has")
+        msg.received += n
+        offset, data = chunk.offset, chunk.data
+        if offset == 0:
+            msg.meta = bytes(data[: msg.meta_len])
+            self.released += msg.meta_len
+            offset, data = msg.meta_len, data[msg.meta_len :]
+        if len(data):
+            if msg.body is not None:
+                at = offset - msg.meta_len
+                msg.body[at : at + len(data)] = data
+                self.released += len(data)
+            else:
+                msg.staged.append((offset, bytes(data)))
+                self.staged_bytes += len(data)
+        if chunk.seq == chan.allocate_next or msg.received == msg.meta_len + msg.body_len:
+            self._advance(chunk.channel, chan)
+
+    def _advance(self, channel: int, chan: _Channel) -> None:
+        # Allocate in FIFO order as metas become known, then deliver in FIFO order as messages
+        # complete; a later message never overtakes an earlier one of the same channel.
+        messages = chan.messages
+        while True:
+            msg = messages.get(chan.allocate_next)
+            if msg is None or msg.meta is None:
+                break
+            body = self._allocate(self._peer, channel, msg.meta, msg.body_len)
+            if body.nbytes != msg.body_len:
+                raise ValueError(
+                    f"allocate returned {body.nbytes} bytes for a body of {msg.body_len}"
+                )
+            body = body.cast("B") if body.format != "B" or body.ndim != 1 else body
+            for offset, data in msg.staged:
+                at = offset - msg.meta_len
+                body[at : at + len(data)] = data
+                self.staged_bytes -= len(data)
+                self.released += len(data)
+            msg.staged = []
+            msg.body = body
+            chan.allocate_next += 1
+        while True:
+            msg = messages.get(chan.deliver_next)
+            if msg is None or msg.body is None or msg.received != msg.meta_len + msg.body_len:
+                break
+            del messages[chan.deliver_next]
+            chan.deliver_next += 1
+            assert msg.meta is not None
+            self._emit(MessageReceived(self._peer, channel, msg.message_id, msg.meta, msg.body))

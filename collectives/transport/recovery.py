@@ -1,0 +1,415 @@
+"""Loss detection, probe timeouts and delivery-rate sampling for one direction of a session.
+
+This follows RFC 9002 (QUIC loss recovery) with one twist the design needs: a lost segment is
+resent with the *same* packet number (its sealed bytes cannot change, see "Loss recovery: two
+levels" in docs/udp-transport.md).  Packet numbers therefore do not order transmissions, so
+every transmission also gets a private send sequence number, and the RFC's packet threshold
+("three later packets were acknowledged") is measured in that sequence.  An ACK of a resent
+number is ambiguous (which transmission arrived?), so, as Karn's algorithm prescribes, it gives no
+RTT sample and does not advance the "largest acknowledged" that loss detection counts from.
+
+Data structures, chosen for ACKs over windows of thousands of packets:
+
+* ``_unacked``: number -> packet, everything not yet acknowledged (in flight or declared lost and
+  waiting to be resent), and ``_numbers``, the same numbers sorted, so an ACK range finds its
+  packets with two bisects instead of walking every number it covers;
+* ``_outstanding``: send sequence -> packet, in send order, of the packets neither acknowledged
+  nor declared lost.  Both loss thresholds are monotonic in send order, so loss detection pops
+  from the front and stops at the first packet that is not lost: O(lost + 1) per ACK.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .congestion import Bbr, Congestion, RateSample
+from .pacing import Pacer
+from .rtt import GRANULARITY, RttEstimator
+
+__all__ = ["AckResult", "Recovery", "SentPacket", "TimeoutResult"]
+
+#: RFC 9002 kPacketThreshold: reordering tolerated before a packet counts as lost.
+PACKET_THRESHOLD = 3
+#: RFC 9002 kTimeThreshold, as a multiple of the RTT.
+TIME_THRESHOLD = 9 / 8
+#: Probe timeouts back off exponentially up to this many doublings.
+MAX_PTO_BACKOFF = 10
+
+
+@dataclass(slots=True, eq=False)
+class SentPacket:
+    """One transmitted datagram, as recovery tracks it.
+
+    ``data`` is the caller's handle for resending it; recovery never looks inside.  The
+    ``delivered*``/``first_sent_at``/``app_limited`` fields are the delivery-rate state stamped at
+    send time, ``seq`` and ``lost`` recovery's own bookkeeping.
+    """
+
+    number: int
+    size: int
+    sent_at: float = 0.0
+    ack_eliciting: bool = True
+    in_flight: bool = True
+    retransmitted: bool = False
+    delivered: int = 0
+    delivered_at: float = 0.0
+    first_sent_at: float = 0.0
+    app_limited: bool = False
+    data: object = None
+    seq: int = field(default=-1, repr=False)
+    lost: bool = field(default=False, repr=False)
+
+
+@dataclass(slots=True, frozen=True)
+class AckResult:
+    acked: list[SentPacket]
+    lost: list[SentPacket]
+    rtt_sample: float | None
+
+
+@dataclass(slots=True, frozen=True)
+class TimeoutResult:
+    lost: list[SentPacket]
+    #: A probe timeout fired: send one or two ack-eliciting packets now, even past the window
+    #: and the pacer (new data if any, else a resend of :meth:`Recovery.oldest_unacked`).
+    probe: bool
+
+
+class Recovery:
+    """Sender-side recovery state of one session direction (not thread-safe)."""
+
+    def __init__(
+        self,
+        initial_rtt: float,
+        max_ack_delay: float,
+        now: float,
+        congestion: Congestion | None = None,
+        max_datagram: int = 1200,
+    ) -> None:
+        self.rtt = RttEstimator(initial_rtt)
+        self.max_ack_delay = max_ack_delay
+        self.max_datagram = max_datagram
+        self.congestion: Congestion = (
+            congestion
+            if congestion is not None
+            else Bbr(max_datagram=max_datagram, initial_rtt=initial_rtt, now=now)
+        )
+        self.pacer = Pacer(self.congestion.pacing_rate)
+        self.bytes_in_flight = 0
+        self.pto_count = 0
+        self.last_ack_time: float | None = None
+        #: Counters for stats(): packets declared lost, and those of them acknowledged later.
+        self.packets_lost = 0
+        self.spurious_losses = 0
+        self._unacked: dict[int, SentPacket] = {}
+        self._numbers: list[int] = []
+        self._outstanding: OrderedDict[int, SentPacket] = OrderedDict()
+        self._next_seq = 0
+        self._largest_acked_seq = -1
+        self._loss_deadline: float | None = None
+        self._last_ack_eliciting_at: float | None = None
+        self._ack_eliciting_outstanding = 0
+        self._now = now
+        # Delivery-rate estimation state (the "connection" half of each rate sample).
+        self.delivered = 0
+        self._delivered_at = now
+        self._first_sent_at = now
+        self._app_limited_until = 0
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def on_sent(self, pkt: SentPacket, now: float) -> None:
+        """Record the first transmission of ``pkt`` (its number must be new)."""
+        if pkt.number in self._unacked:
+            raise ValueError(f"packet {pkt.number} is already tracked; use on_resent")
+        self._add_number(pkt.number)
+        self._track(pkt, now)
+
+    def on_resent(self, pkt: SentPacket, now: float) -> None:
+        """Record that ``pkt``'s number went out again with the same bytes.
+
+        Works whatever the packet's state: declared lost (the usual case), still in flight (a
+        probe), or already acknowledged (a frame the receiver could not authenticate, resent
+        whole).
+        """
+        old = self._unacked.get(pkt.number)
+        if old is None:
+            self._add_number(pkt.number)
+        elif not old.lost:
+            self._forget_outstanding(old)
+        pkt.retransmitted = True
+        pkt.lost = False
+        self._track(pkt, now)
+
+    def _track(self, pkt: SentPacket, now: float) -> None:
+        self._advance(now)
+        if self.bytes_in_flight == 0:
+            # The rate interval must not span an idle period the sender chose.
+            self._first_sent_at = now
+            self._delivered_at = now
+        pkt.sent_at = now
+        pkt.seq = self._next_seq
+        self._next_seq += 1
+        pkt.delivered = self.delivered
+        pkt.delivered_at = self._delivered_at
+        pkt.first_sent_at = self._first_sent_at
+        pkt.app_limited = self._app_limited_until > 0
+        self._unacked[pkt.number] = pkt
+        self._outstanding[pkt.seq] = pkt
+        if pkt.ack_eliciting:
+            self._ack_eliciting_outstanding += 1
+            self._last_ack_eliciting_at = now
+        if pkt.in_flight:
+            self.bytes_in_flight += pkt.size
+            self.pacer.on_sent(pkt.size, now)
+            self.congestion.on_sent(pkt.size, self.bytes_in_flight, now)
+
+    def can_send(self, size: int) -> bool:
+        """Whether the congestion window has room for ``size`` more bytes.
+
+        An empty pipe always has room, so a window smaller than one send cannot deadlock.
+        """
+        return self.bytes_in_flight == 0 or self.bytes_in_flight + size <= self.congestion.cwnd
+
+    def next_send_time(self, now: float, size: int | None = None) -> float:
+        """When the pacer lets the next ``size`` bytes (default one datagram) out; >= ``now``."""
+        self._advance(now)
+        return self.pacer.next_send_time(now, self.max_datagram if size is None else size)
+
+    def on_app_limited(self) -> None:
+        """The caller ran out of data to send while the window had room.
+
+        Rate samples taken until the data now in flight is delivered then show the application's
+        rate, not the path's, and must not lower the bandwidth estimate.
+        """
+        if self.bytes_in_flight + self.max_datagram <= self.congestion.cwnd:
+            self._app_limited_until = max(self.delivered + self.bytes_in_flight, 1)
+
+    # -- acknowledgements ------------------------------------------------------------------------
+
+    def on_ack(self, ranges: Iterable[tuple[int, int]], ack_delay: float, now: float) -> AckResult:
+        """Process one ACK: ``ranges`` of received numbers (half-open, any order, may overlap)."""
+        self._advance(now)
+        self.last_ack_time = now
+        numbers = self._numbers
+        acked: list[SentPacket] = []
+        largest = -1
+        for start, stop in ranges:
+            largest = max(largest, stop - 1)
+            lo = bisect_left(numbers, start)
+            hi = bisect_left(numbers, stop, lo)
+            if lo < hi:
+                for number in numbers[lo:hi]:
+                    acked.append(self._unacked.pop(number))
+                del numbers[lo:hi]
+        if not acked:
+            return AckResult([], [], None)
+        self.pto_count = 0
+        prior_in_flight = self.bytes_in_flight
+        newly_acked = 0
+        newest: SentPacket | None = None  # of the delivery-rate sample
+        sample_pkt: SentPacket | None = None  # of the RTT sample
+        for pkt in acked:
+            if pkt.lost:
+                self.spurious_losses += 1
+            else:
+                self._forget_outstanding(pkt)
+            if not pkt.retransmitted:
+                self._largest_acked_seq = max(self._largest_acked_seq, pkt.seq)
+                if pkt.number == largest and pkt.ack_eliciting:
+                    sample_pkt = pkt
+            if pkt.in_flight:
+                newly_acked += pkt.size
+                self.delivered += pkt.size
+                self._delivered_at = now
+                if (
+                    newest is None
+                    or pkt.delivered > newest.delivered
+                    or (pkt.delivered == newest.delivered and pkt.sent_at > newest.sent_at)
+                ):
+                    newest = pkt
+
+        rtt_sample: float | None = None
+        path_rtt: float | None = None
+        if sample_pkt is not None:
+            rtt_sample = now - sample_pkt.sent_at
+            self.rtt.update(rtt_sample, ack_delay, now)
+            # Congestion control wants the path's delay: the receiver's own delay (bounded by
+            # what it promised) removed, unless that leaves nothing plausible.
+            delay = min(max(ack_delay, 0.0), self.max_ack_delay)
+            path_rtt = rtt_sample - delay if rtt_sample - delay >= GRANULARITY else rtt_sample
+
+        lost = self._detect_lost(now)
+        lost_bytes = sum(p.size for p in lost if p.in_flight)
+        if newest is not None or lost_bytes:
+            self.congestion.on_ack(
+                self._rate_sample(newest, newly_acked, lost_bytes, prior_in_flight, path_rtt),
+                now,
+            )
+            self.pacer.set_rate(self.congestion.pacing_rate, now)
+        return AckResult(acked, lost, rtt_sample)
+
+    def _rate_sample(
+        self,
+        newest: SentPacket | None,
+        newly_acked: int,
+        lost_bytes: int,
+        prior_in_flight: int,
+        path_rtt: float | None,
+    ) -> RateSample:
+        if self._app_limited_until and self.delivered > self._app_limited_until:
+            self._app_limited_until = 0
+        rate: float | None = None
+        prior_delivered = self.delivered
+        app_limited = False
+        if newest is not None:
+            prior_delivered = newest.delivered
+            app_limited = newest.app_limited
+            send_elapsed = newest.sent_at - newest.first_sent_at
+            ack_elapsed = self._delivered_at - newest.delivered_at
+            self._first_sent_at = newest.sent_at
+            # The longer interval: a burst of sends or a burst of ACKs (compression) would make
+            # the other one too short and the rate too high.  Shorter than the minimum RTT means
+            # the sample covers less than one round trip of data: not a rate.
+            interval = max(send_elapsed, ack_elapsed)
+            if interval > 0 and interval >= self.rtt.min_rtt:
+                rate = (self.delivered - newest.delivered) / interval
+        return RateSample(
+            delivery_rate=rate,
+            is_app_limited=app_limited,
+            prior_delivered=prior_delivered,
+            delivered_total=self.delivered,
+            newly_acked=newly_acked,
+            newly_lost=lost_bytes,
+            prior_in_flight=prior_in_flight,
+            bytes_in_flight=self.bytes_in_flight,
+            rtt=path_rtt,
+        )
+
+    # -- loss detection and timers ---------------------------------------------------------------
+
+    def _loss_delay(self) -> float:
+        return max(TIME_THRESHOLD * max(self.rtt.smoothed, self.rtt.latest), GRANULARITY)
+
+    def _detect_lost(self, now: float) -> list[SentPacket]:
+        self._loss_deadline = None
+        largest = self._largest_acked_seq
+        outstanding = self._outstanding
+        if largest < 0 or not outstanding:
+            return []
+        loss_delay = self._loss_delay()
+        lost: list[SentPacket] = []
+        while outstanding:
+            seq, pkt = next(iter(outstanding.items()))
+            if seq >= largest:
+                break  # nothing acknowledged was sent after it: not a candidate
+            # Compare the deadline itself with ``now`` (not ``sent_at`` with ``now - delay``):
+            # the timer fires at exactly that float, and it must then find the packet lost.
+            deadline = pkt.sent_at + loss_delay
+            if largest - seq < PACKET_THRESHOLD and deadline > now:
+                self._loss_deadline = deadline
+                break
+            self._forget_outstanding(pkt)
+            pkt.lost = True
+            lost.append(pkt)
+            if not pkt.ack_eliciting:
+                # Nobody resends a packet that carried only ACKs; keep nothing of it.
+                del self._unacked[pkt.number]
+                self._remove_number(pkt.number)
+        self.packets_lost += len(lost)
+        return lost
+
+    def loss_time(self) -> float | None:
+        """When :meth:`on_timeout` must run next (None: no timer).
+
+        Never earlier than the latest ``now`` this object was given: a deadline in the past
+        would make a driver spin; it is due immediately instead.
+        """
+        deadline = self._loss_deadline
+        last_sent = self._last_ack_eliciting_at
+        if deadline is None and self._ack_eliciting_outstanding and last_sent is not None:
+            deadline = last_sent + self._pto_interval()
+        if deadline is None:
+            return None
+        return max(deadline, self._now)
+
+    def _pto_interval(self) -> float:
+        backoff = 1 << min(self.pto_count, MAX_PTO_BACKOFF)
+        return self.rtt.pto(self.max_ack_delay) * backoff
+
+    def on_timeout(self, now: float) -> TimeoutResult:
+        """Run the timer ``loss_time()`` asked for (harmless if called early)."""
+        self._advance(now)
+        if self._loss_deadline is not None:
+            if now < self._loss_deadline:
+                return TimeoutResult([], False)
+            lost = self._detect_lost(now)
+            lost_bytes = sum(p.size for p in lost if p.in_flight)
+            if lost_bytes:
+                self.congestion.on_loss(lost_bytes, self.bytes_in_flight, now)
+            return TimeoutResult(lost, False)
+        deadline = self.loss_time()
+        if deadline is None or now < deadline:
+            return TimeoutResult([], False)
+        self.pto_count += 1
+        self.congestion.on_timeout(self.pto_count, now)
+        self.pacer.set_rate(self.congestion.pacing_rate, now)
+        return TimeoutResult([], True)
+
+    def oldest_unacked(self) -> SentPacket | None:
+        """The earliest-sent ack-eliciting packet still in flight: what a probe should resend."""
+        for pkt in self._outstanding.values():
+            if pkt.ack_eliciting:
+                return pkt
+        return None
+
+    def discard(self, number: int) -> SentPacket | None:
+        """Stop tracking ``number`` (the caller gave up on it); returns the packet, if tracked."""
+        pkt = self._unacked.pop(number, None)
+        if pkt is None:
+            return None
+        if not pkt.lost:
+            self._forget_outstanding(pkt)
+        self._remove_number(number)
+        return pkt
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def cwnd(self) -> int:
+        return self.congestion.cwnd
+
+    @property
+    def pacing_rate(self) -> float:
+        return self.congestion.pacing_rate
+
+    def __len__(self) -> int:
+        """Packets tracked: in flight or lost and not yet resent."""
+        return len(self._unacked)
+
+    def _advance(self, now: float) -> None:
+        self._now = max(self._now, now)
+
+    def _forget_outstanding(self, pkt: SentPacket) -> None:
+        if self._outstanding.pop(pkt.seq, None) is None:
+            return
+        if pkt.ack_eliciting:
+            self._ack_eliciting_outstanding -= 1
+        if pkt.in_flight:
+            self.bytes_in_flight -= pkt.size
+
+    def _add_number(self, number: int) -> None:
+        numbers = self._numbers
+        if not numbers or number > numbers[-1]:
+            numbers.append(number)
+        else:
+            insort(numbers, number)
+
+    def _remove_number(self, number: int) -> None:
+        numbers = self._numbers
+        i = bisect_left(numbers, number)
+        if i < len(numbers) and numbers[i] == number:
+            del numbers[i]

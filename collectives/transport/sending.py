@@ -1,0 +1,211 @@
+"""The send side of a session: messages into frames, frames into datagrams.
+
+Copies: each body byte is copied once into a frame's plaintext, sealed once (``encrypt_into``)
+into a scratch buffer and copied once into the frame's *image*: its datagrams laid out back to
+back, headers included, exactly as a GSO ``sendmsg`` wants them.  The image is kept until every
+segment of the frame is acknowledged, and a lost segment is resent as a slice of it: the same
+bytes under the same packet number.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+from collectives.transport.crypto import Cipher
+from collectives.transport.frames import DATA_HEADER_SIZE, pack_data_header
+from collectives.transport.header import (
+    HEADER_SIZE,
+    Header,
+    PacketType,
+    pack_header_into,
+    segment_layout,
+    segments_for,
+)
+
+
+class OutMessage:
+    """One queued message and how far it has been framed."""
+
+    __slots__ = (
+        "body_len",
+        "channel",
+        "frames_pending",
+        "message_id",
+        "meta",
+        "pos",
+        "seq",
+        "total",
+        "view_index",
+        "view_offset",
+        "views",
+    )
+
+    def __init__(
+        self, message_id: int, channel: int, seq: int, meta: bytes, body: Sequence[memoryview]
+    ) -> None:
+        self.message_id = message_id
+        self.channel = channel
+        self.seq = seq
+        self.meta = meta
+        views = [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in body]
+        self.views = [v for v in views if v.nbytes]
+        self.body_len = sum(v.nbytes for v in self.views)
+        self.total = len(meta) + self.body_len
+        self.pos = 0  # stream offset (meta, then body) of the next byte to frame
+        self.view_index = 0
+        self.view_offset = 0
+        self.frames_pending = 0  # frames holding its bytes not yet acknowledged
+
+    @property
+    def framed(self) -> bool:
+        return self.pos >= self.total
+
+    def copy_into(self, out: memoryview, n: int) -> None:
+        """Copy the next ``n`` stream bytes into ``out`` and advance."""
+        dst = 0
+        meta_left = len(self.meta) - self.pos
+        if meta_left > 0:
+            k = min(meta_left, n)
+            out[:k] = self.meta[self.pos : self.pos + k]
+            dst = k
+        views = self.views
+        i, off = self.view_index, self.view_offset
+        while dst < n:
+            view = views[i]
+            k = min(n - dst, view.nbytes - off)
+            out[dst : dst + k] = view[off : off + k]
+            dst += k
+            off += k
+            if off == view.nbytes:
+                i, off = i + 1, 0
+        self.view_index, self.view_offset = i, off
+        self.pos += n
+
+
+class SentFrame:
+    """A sealed frame's datagrams, kept until every segment of it is acknowledged."""
+
+    __slots__ = ("count", "data_bytes", "first", "image", "messages", "per", "stride")
+
+    def __init__(self, first: int, count: int, per: int, image: bytearray) -> None:
+        self.first = first
+        self.count = count
+        self.per = per
+        self.stride = HEADER_SIZE + per
+        self.image = image
+        self.messages: list[OutMessage] = []
+        self.data_bytes = 0
+
+    def datagrams(self, start: int, stop: int) -> memoryview:
+        """Segments ``[start, stop)`` (indices), contiguous: one GSO batch."""
+        end = min(stop * self.stride, len(self.image))
+        return memoryview(self.image)[start * self.stride : end]
+
+    def size(self, index: int) -> int:
+        """Bytes of datagram ``index``."""
+        return min(self.stride, len(self.image) - index * self.stride)
+
+
+class FrameBuilder:
+    """Fills and seals frames for one direction of one session."""
+
+    def __init__(
+        self,
+        *,
+        cipher: Cipher,
+        tag: bytes,
+        max_datagram: int,
+        frame_bytes: int,
+        comm_id: int,
+        epoch: int,
+    ) -> None:
+        self._cipher = cipher
+        self._tag = tag
+        self._max_datagram = max_datagram
+        cap = max_datagram - HEADER_SIZE
+        # Fill frames to a whole number of full datagrams: then every datagram but a message's
+        # last is max_datagram bytes.
+        per_frame = max(1, frame_bytes // cap)
+        self.plain_cap = min(frame_bytes, per_frame * cap - cipher.overhead)
+        self._plain = bytearray(self.plain_cap)
+        self._sealed = bytearray(self.plain_cap + cipher.overhead)
+        self._comm_id = comm_id
+        self._epoch = epoch
+
+    def fill(
+        self, controls: Sequence[bytes], queue: deque[OutMessage], credit: int
+    ) -> tuple[int, list[OutMessage], int]:
+        """Write ``controls`` then as much queued data as fits and ``credit`` allows.
+
+        Returns ``(plaintext length, messages touched, data bytes)``; messages completely framed
+        leave ``queue``.
+        """
+        plain = memoryview(self._plain)
+        pos = 0
+        for chunk in controls:
+            plain[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+        touched: list[OutMessage] = []
+        data = 0
+        while queue:
+            msg = queue[0]
+            room = self.plain_cap - pos - DATA_HEADER_SIZE
+            meta_len = len(msg.meta)
+            n = min(room, msg.total - msg.pos, credit - data)
+            if msg.pos == 0 and n < meta_len + min(1, msg.body_len):
+                break  # a message's first chunk carries its whole meta (and a body byte)
+            if n <= 0 and msg.total > 0:
+                break
+            pack_data_header(
+                plain,
+                pos,
+                channel=msg.channel,
+                comm_id=self._comm_id,
+                epoch=self._epoch,
+                seq=msg.seq,
+                message_id=msg.message_id,
+                offset=msg.pos,
+                length=n,
+                meta_len=meta_len,
+                body_len=msg.body_len,
+            )
+            pos += DATA_HEADER_SIZE
+            msg.copy_into(plain[pos : pos + n], n)
+            pos += n
+            data += n
+            touched.append(msg)
+            if msg.framed:
+                queue.popleft()
+            else:
+                break  # the frame is full (or the credit spent)
+        return pos, touched, data
+
+    def seal(self, plain_len: int, first: int, session_id: int) -> SentFrame:
+        """Seal the filled plaintext as the frame whose first segment number is ``first``."""
+        sealed_len = plain_len + self._cipher.overhead
+        count = segments_for(sealed_len, self._max_datagram)
+        per = segment_layout(sealed_len, count)
+        aad = Header(PacketType.SEGMENT, 0, self._tag, session_id, first, 0, count, sealed_len)
+        sealed = memoryview(self._sealed)[:sealed_len]
+        self._cipher.seal_into(first, aad.pack(), memoryview(self._plain)[:plain_len], sealed)
+        image = bytearray(count * HEADER_SIZE + sealed_len)
+        stride = HEADER_SIZE + per
+        tag = self._tag
+        for i in range(count):
+            at = i * stride
+            pack_header_into(
+                image,
+                at,
+                1,
+                PacketType.SEGMENT,
+                0,
+                tag,
+                session_id,
+                first + i,
+                i,
+                count,
+                sealed_len,
+            )
+            image[at + HEADER_SIZE : at + stride] = sealed[i * per : (i + 1) * per]
+        return SentFrame(first, count, per, image)

@@ -1,0 +1,389 @@
+"""One peer's session: handshake state, the receive direction, and its half of the timers.
+
+The state machine is in :mod:`.states`; the send direction in :mod:`.outbound` (created when the
+handshake completes, since it needs the session keys).  What the receive direction keeps:
+
+* partial frames of this session (bounded by ``2 * window_bytes + frame_bytes``), keyed by their
+  first segment number, dropped and reported ``rejected`` when they fail authentication;
+* the :class:`~.crypto.ReplayWindow` of authenticated segment numbers, which is also the
+  ``acked`` list of our ACKs;
+* an :class:`~.receiving.Inbox` that turns DATA chunks into messages, FIFO per channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from collectives.transport._pb import transport_pb2 as pb
+from collectives.transport.config import TransportConfig
+from collectives.transport.crypto import Cipher, ReplayWindow
+from collectives.transport.events import Address, Event, PeerAddressChanged, PeerLost
+from collectives.transport.frames import (
+    ChunkKind,
+    ControlChunk,
+    DataChunk,
+    FrameError,
+    control_chunk,
+    parse_chunks,
+)
+from collectives.transport.header import Header, PacketType
+from collectives.transport.outbound import Batch, Outbound
+from collectives.transport.receiving import Allocator, Inbox, PartialFrame, layout_ok
+from collectives.transport.sending import FrameBuilder, OutMessage
+from collectives.transport.states import Input, State, allowed, next_state
+
+_ACK_RANGES = 64  # newest ranges per list in one ACK: older ones were reported before
+# Ack-eliciting segments that make an ACK go out at once (RFC 9000's two packets): a window's
+# worth of frames would otherwise wait max_ack_delay per round trip while cwnd is small.
+_ACK_EVERY = 2
+
+
+class Session:
+    """Everything this endpoint knows about one peer."""
+
+    def __init__(
+        self,
+        *,
+        peer: int,
+        is_client: bool,
+        addr: Address | None,
+        local_id: int,
+        config: TransportConfig,
+        tag: bytes,
+        comm_id: int,
+        epoch: int,
+        now: float,
+        allocate: Allocator,
+        emit: Callable[[Event], None],
+        counters: dict[str, int],
+    ) -> None:
+        self.peer = peer
+        self.is_client = is_client
+        self.addr = addr
+        self.local_id = local_id  # what the peer writes in datagrams to us
+        self.remote_id = 0
+        self.state = State.IDLE
+        self.confirmed = False  # an authenticated frame came under the current keys
+        self._config = config
+        self._tag = tag
+        self._comm_id = comm_id
+        self._epoch = epoch
+        self._emit = emit
+        self._counters = counters
+        self.created = now
+        self.last_heard = now
+        # Handshake: the client's HELLO (resent until answered), the server's answer (resent when
+        # the same HELLO comes again).
+        self.client_nonce = b""
+        self.hello: bytes | None = None
+        self.hello_next = now
+        self.hello_tries = 0
+        self.hello_ack: bytes | None = None
+        self.hello_ack_due = False
+        # Receive direction.
+        self._rx: Cipher | None = None
+        self._max_frame = config.frame_bytes + 1024
+        self._plain = bytearray(self._max_frame)
+        self._partial: dict[int, PartialFrame] = {}
+        self._partial_bytes = 0
+        self._partial_budget = 2 * config.window_bytes + config.frame_bytes
+        self._replay = ReplayWindow()
+        self._rejected: set[int] = set()
+        self._inbox = Inbox(peer, allocate, emit)
+        self._credit_granted = config.window_bytes
+        self._unacked_eliciting = 0
+        self._ack_deadline: float | None = None
+        self._ack_now = False
+        self._newest_at = now
+        self._ping = False
+        self._closing: bytes | None = None
+        self.out: Outbound | None = None
+        self._early: list[OutMessage] = []  # sent before the handshake finished
+
+    def fire(self, event: Input) -> None:
+        self.state = next_state(self.state, event)
+
+    # -- handshake results ------------------------------------------------------------------------
+
+    def establish(
+        self, tx: Cipher, rx: Cipher, remote_id: int, peer_window: int, now: float
+    ) -> None:
+        """Install fresh keys (a completed handshake); forgets everything sealed under old ones."""
+        config = self._config
+        builder = FrameBuilder(
+            cipher=tx,
+            tag=self._tag,
+            max_datagram=config.max_datagram,
+            frame_bytes=config.frame_bytes,
+            comm_id=self._comm_id,
+            epoch=self._epoch,
+        )
+        pending = list(self.out.queue) if self.out is not None else self._early
+        self._early = []
+        self.out = Outbound(
+            peer=self.peer,
+            builder=builder,
+            config=config,
+            credit_limit=peer_window,
+            remote_id=remote_id,
+            now=now,
+            emit=self._emit,
+            counters=self._counters,
+        )
+        if pending:
+            self.out.queue.extend(pending)
+        self.remote_id = remote_id
+        self._rx = rx
+        self._partial.clear()
+        self._partial_bytes = 0
+        self._replay = ReplayWindow()
+        self._rejected.clear()
+        self.last_heard = now
+        self.confirmed = self.is_client
+        if self.is_client:
+            self._ping = True  # lets the server confirm the keys and start sending
+
+    def queue(self, msg: OutMessage) -> None:
+        if self.out is None:
+            self._early.append(msg)
+        else:
+            self.out.queue.append(msg)
+
+    def lose(self, reason: str) -> None:
+        """The peer is gone: report it once and stop."""
+        if allowed(self.state, Input.PEER_GONE):
+            self.fire(Input.PEER_GONE)
+            self._counters["peers_lost"] += 1
+            self._emit(PeerLost(self.peer, reason))
+
+    def close(self, kind: ChunkKind, reason: str) -> None:
+        """Leave; the peer hears CLOSE or ABORT with the next (and last) frame."""
+        if not allowed(self.state, Input.CLOSE_LOCAL):
+            return
+        if self.state is State.ESTABLISHED:  # best effort: an unconfirmed peer may not hear it
+            msg = pb.Close(reason=reason) if kind is ChunkKind.CLOSE else pb.Abort(reason=reason)
+            self._closing = control_chunk(kind, msg)
+        self.fire(Input.CLOSE_LOCAL)
+
+    # -- receive direction ------------------------------------------------------------------------
+
+    def on_segment(self, header: Header, payload: memoryview, addr: Address, now: float) -> None:
+        counters = self._counters
+        if self.state is not State.ESTABLISHED or self._rx is None:
+            counters["dropped_unknown_session"] += 1
+            return
+        number = header.packet_number
+        if number in self._replay:
+            counters["dropped_duplicate" if number >= self._replay.floor else "dropped_replay"] += 1
+            self._ack_now = True  # the peer resent: our ACK may have been lost
+            return
+        if not layout_ok(header, len(payload), self._max_frame):
+            counters["dropped_malformed"] += 1
+            return
+        first = header.first_number
+        if header.segments == 1:
+            self._open(header, payload, addr, now)
+            return
+        frame = self._partial.get(first)
+        if frame is None:
+            if self._replay.seen_any(first, first + header.segments):
+                counters["dropped_duplicate"] += 1
+                return
+            if self._partial_bytes + header.frame_length > self._partial_budget:
+                counters["dropped_overload"] += 1
+                return
+            frame = self._partial[first] = PartialFrame(header, now)
+            self._partial_bytes += header.frame_length
+            self._rejected.discard(first)
+        elif not frame.fits(header, len(payload)):
+            counters["dropped_malformed"] += 1
+            return
+        if not frame.put(header.segment, payload):
+            counters["dropped_duplicate"] += 1
+            self._ack_now = True
+            return
+        if frame.missing == 0:
+            del self._partial[first]
+            self._partial_bytes -= frame.length
+            self._open(header, memoryview(frame.buf), addr, now)
+
+    def _open(self, header: Header, sealed: memoryview, addr: Address, now: float) -> None:
+        rx = self._rx
+        assert rx is not None
+        first, count = header.first_number, header.segments
+        plain_len = header.frame_length - rx.overhead
+        aad = Header(
+            PacketType.SEGMENT, 0, self._tag, self.local_id, first, 0, count, header.frame_length
+        ).pack()
+        plain = memoryview(self._plain)[: max(plain_len, 0)]
+        if plain_len < 0 or not rx.open_into(first, aad, sealed, plain):
+            self._counters["dropped_auth"] += 1
+            if len(self._rejected) < _ACK_RANGES:
+                self._rejected.add(first)
+            self._ack_now = True
+            return
+        self._replay.add(first, first + count)
+        self._counters["frames_opened"] += 1
+        self.last_heard = self._newest_at = now
+        self.confirmed = True
+        if addr != self.addr:
+            old, self.addr = self.addr, addr
+            self._emit(PeerAddressChanged(self.peer, old, addr))
+        try:
+            self._take_chunks(parse_chunks(plain), count, now)
+        except FrameError as err:
+            self._counters["dropped_malformed"] += 1
+            self.lose(f"protocol error: {err}")
+
+    def _take_chunks(
+        self, chunks: list[DataChunk | ControlChunk], segments: int, now: float
+    ) -> None:
+        eliciting = False
+        for chunk in chunks:
+            if isinstance(chunk, DataChunk):
+                if chunk.comm_id != self._comm_id or chunk.epoch != self._epoch:
+                    raise FrameError("data chunk of another communicator or epoch")
+                self._inbox.on_chunk(chunk)
+                eliciting = True
+                continue
+            kind, msg = chunk
+            if kind is ChunkKind.ACK:
+                if self.out is not None:
+                    self.out.on_ack(
+                        [(r.start, r.stop) for r in msg.acked if r.start < r.stop],
+                        [(r.start, r.stop) for r in msg.pending if r.start < r.stop],
+                        msg.rejected,
+                        max(0.0, msg.ack_delay),
+                        now,
+                    )
+            elif kind is ChunkKind.CREDIT:
+                if self.out is not None:
+                    self.out.credit_limit = max(self.out.credit_limit, msg.limit)
+            elif kind is ChunkKind.PING:
+                eliciting = True
+            else:  # CLOSE or ABORT
+                what = "closed" if kind is ChunkKind.CLOSE else "aborted"
+                self.lose(f"peer {what}: {msg.reason}" if msg.reason else f"peer {what}")
+                return
+        if eliciting:
+            self._unacked_eliciting += segments
+            if self._unacked_eliciting >= _ACK_EVERY:
+                self._ack_now = True
+            elif self._ack_deadline is None:
+                self._ack_deadline = now + self._config.max_ack_delay
+
+    # -- what to send -----------------------------------------------------------------------------
+
+    def _controls(self, now: float) -> list[bytes]:
+        controls: list[bytes] = []
+        inbox = self._inbox
+        window = self._config.window_bytes
+        credit_due = inbox.released + window - self._credit_granted >= window // 4
+        if (
+            self._ack_now
+            or credit_due
+            or (self._ack_deadline is not None and now >= (self._ack_deadline))
+        ):
+            controls.append(control_chunk(ChunkKind.ACK, self._ack(now)))
+            self._ack_now = False
+            self._ack_deadline = None
+            self._unacked_eliciting = 0
+            # Credit rides on every ACK: a lost grant is repeated by the next one.
+            self._credit_granted = inbox.released + window
+            controls.append(control_chunk(ChunkKind.CREDIT, pb.Credit(limit=self._credit_granted)))
+        if self._ping:
+            self._ping = False
+            controls.append(control_chunk(ChunkKind.PING, pb.Ping()))
+            assert self.out is not None
+            self.out.mark_eliciting()
+        return controls
+
+    def _ack(self, now: float) -> pb.Ack:
+        ack = pb.Ack(ack_delay=max(0.0, now - self._newest_at))
+        for start, stop in self._replay.intervals(_ACK_RANGES):
+            ack.acked.add(start=start, stop=stop)
+        room = _ACK_RANGES
+        for frame in self._partial.values():
+            for start, stop in _runs(frame):
+                if room == 0:
+                    break
+                ack.pending.add(start=start, stop=stop)
+                room -= 1
+        ack.rejected.extend(sorted(self._rejected))
+        return ack
+
+    def produce(self, now: float, out: list[Batch]) -> None:
+        """Append the datagrams this session may send now."""
+        addr = self.addr
+        if addr is None:
+            return
+        if self.state is State.HELLO_SENT and self.hello is not None and now >= self.hello_next:
+            out.append((addr, self.hello, len(self.hello)))
+            self.hello_tries += 1
+            self.hello_next = now + self._config.hello_interval * 2 ** min(self.hello_tries, 6)
+        if self.hello_ack_due and self.hello_ack is not None:
+            self.hello_ack_due = False
+            out.append((addr, self.hello_ack, len(self.hello_ack)))
+        if self._closing is not None and self.out is not None:
+            self.out.produce(addr, [self._closing], now, out)
+            self._closing = None
+            return
+        if self.state is not State.ESTABLISHED or not self.confirmed or self.out is None:
+            return
+        if self.out.probe and self.out.credit_blocked:
+            self._ping = True  # the probe asks for an ACK, which carries the credit we wait for
+        self.out.produce(addr, self._controls(now), now, out)
+
+    # -- timers -----------------------------------------------------------------------------------
+
+    def timer(self) -> float | None:
+        state = self.state
+        if state in (State.CLOSED, State.LOST):
+            return None
+        deadlines = [self.last_heard + self._config.peer_timeout]
+        if state is State.HELLO_SENT:
+            deadlines.append(self.hello_next)
+        if state is State.ESTABLISHED and self.out is not None and self.confirmed:
+            if self._ack_deadline is not None:
+                deadlines.append(self._ack_deadline)
+            out_timer = self.out.timer()
+            if out_timer is not None:
+                deadlines.append(out_timer)
+            deadlines.append(self.out.last_eliciting_sent + self._config.heartbeat_interval)
+        return min(deadlines)
+
+    def on_timer(self, now: float) -> None:
+        if self.state in (State.CLOSED, State.LOST):
+            return
+        if now >= self.last_heard + self._config.peer_timeout:
+            what = "no answer" if self.state is not State.ESTABLISHED else "nothing heard"
+            self.lose(f"{what} for {self._config.peer_timeout:g} s")
+            return
+        out = self.out
+        if self.state is not State.ESTABLISHED or out is None or not self.confirmed:
+            return
+        loss_time = out.recovery.loss_time()
+        if loss_time is not None and now >= loss_time:
+            out.on_timeout(now)
+        if now >= out.last_eliciting_sent + self._config.heartbeat_interval:
+            self._ping = True
+            out.last_eliciting_sent = now  # one PING per interval, answered or not
+        if self._ack_deadline is not None and now >= self._ack_deadline:
+            self._ack_now = True
+            self._ack_deadline = None
+
+
+def _runs(frame: PartialFrame) -> list[tuple[int, int]]:
+    """Segment-number ranges of the segments a partial frame holds."""
+    runs: list[tuple[int, int]] = []
+    have = frame.have
+    i, n = 0, frame.count
+    while i < n:
+        i = have.find(1, i)
+        if i < 0:
+            break
+        j = have.find(0, i)
+        j = n if j < 0 else j
+        runs.append((frame.first + i, frame.first + j))
+        i = j
+    return runs
