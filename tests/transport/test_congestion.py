@@ -225,8 +225,8 @@ class Sim:
                 assert isinstance(payload, int)
                 self.on_arrive(payload)
             elif kind == "ack":
-                ranges, delay = payload  # type: ignore[misc]
-                self.on_ack(ranges, delay)
+                assert isinstance(payload, tuple)
+                self.on_ack(payload[0], payload[1])
             elif kind == "ack_timer":
                 if self.unacked_arrivals and t >= self.ack_timer_at:
                     self.send_ack()

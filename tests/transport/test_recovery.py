@@ -43,7 +43,7 @@ def make(cc: Recorder | None = None, rtt: float = 0.1, max_ack_delay: float = 0.
 
 
 def send(rec: Recovery, numbers: range | list[int], now: float, **kw: bool) -> list[SentPacket]:
-    pkts = [SentPacket(number=n, size=MSS, **kw) for n in numbers]  # type: ignore[arg-type]
+    pkts = [SentPacket(number=n, size=MSS, **kw) for n in numbers]
     for p in pkts:
         rec.on_sent(p, now)
     return pkts
