@@ -59,5 +59,11 @@ register(
 )
 register("codec", "benchmarks.codec_bench", "the message codec: encode/decode throughput")
 register("e2e", "benchmarks.e2e_bench", "end to end: a workflow spread over a cluster")
+register(
+    "p2p",
+    "benchmarks.p2p_bench",
+    "point-to-point goodput: ours vs the engine's send/recv and plain TCP/UDP sockets",
+)
+register("wan", "benchmarks.wan_bench", "the udp backend over an emulated WAN (loss, delay)")
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "register"]

@@ -3,7 +3,9 @@
 * gloo: plain ``torch.distributed`` calls on the process group the backend set up;
 * mpi: mpi4py's buffer API (``Bcast``, ``Gather``...) on ``tensor.numpy()``, on the backend's own
   MPI communicator;
-* local: a plain memcpy of the bytes the rank receives: the floor no in-process transport beats.
+* local: a plain memcpy of the bytes the rank receives: the floor no in-process transport beats;
+* udp: plain TCP sockets moving the bytes the op delivers (``_raw_sockets``): our own transport
+  has no engine underneath, so the floor it is held to is what plain sockets do.
 
 Each engine also supplies the barrier that starts every timed repetition and the max-reduction
 the ranks use to agree on iteration counts, so neither of those goes through the code under test.
@@ -123,6 +125,11 @@ class GlooRaw(RawEngine):
             "allreduce": lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group),
             "reduce": lambda: dist.reduce(t, dst=ROOT, op=dist.ReduceOp.SUM, group=group),
             "barrier": self.barrier,
+            "p2p": _by_rank(
+                b.rank,
+                lambda: dist.send(t, 1, group=group),
+                lambda: dist.recv(t, 0, group=group),
+            ),
         }
         return calls[op]
 
@@ -175,6 +182,7 @@ class MpiRaw(RawEngine):
                 else (lambda: c.Reduce(a, None, op=mpi.SUM, root=ROOT))
             ),
             "barrier": c.Barrier,
+            "p2p": _by_rank(b.rank, lambda: c.Send(a, 1), lambda: c.Recv(a, 0)),
         }
         return calls[op]
 
@@ -190,6 +198,11 @@ class MpiRaw(RawEngine):
             "communicator": self._where,
             "mpi_library": self._mpi.Get_library_version().strip().splitlines()[0],
         }
+
+
+def _by_rank(rank: int, sender: Call, receiver: Call) -> Call:
+    """p2p: rank 0 sends, rank 1 receives, any other rank sits the cell out."""
+    return {0: sender, 1: receiver}.get(rank, lambda: None)
 
 
 class LocalShared:
@@ -221,6 +234,7 @@ class MemcpyRaw(RawEngine):
             "allgather": True,
             "allreduce": True,
             "reduce": b.is_root,
+            "p2p": b.rank == 1,
         }[op]
         if dst is None or not receives:
             return lambda: None
@@ -248,4 +262,9 @@ def raw_engine(comm: Communicator, shared: LocalShared | None = None) -> RawEngi
         if shared is None:
             raise ValueError("the local backend's raw engine needs the ranks' shared state")
         return MemcpyRaw(comm, shared)
+    if comm.backend == "udp":
+        # No engine underneath: it is held to plain TCP sockets moving the same bytes.
+        from benchmarks._raw_sockets import TcpRaw
+
+        return TcpRaw(comm)
     raise ValueError(f"no raw engine to compare the {comm.backend!r} backend with")

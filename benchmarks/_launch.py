@@ -105,7 +105,7 @@ def run_world(spec: WorkerSpec, size: int, progress: Progress | None, timeout: f
         spec = replace(spec, out=str(out))
         spec.save(out / "spec.json")
         command = world_command(spec.backend, size, out / "spec.json", timeout)
-        code, tail, timed_out = _run_and_follow(command, out, progress, timeout)
+        code, tail, timed_out = _run_and_follow(command, out, progress, timeout, spec.env)
         reports = [
             json.loads(path.read_text())
             for rank in range(size)
@@ -117,10 +117,15 @@ def run_world(spec: WorkerSpec, size: int, progress: Progress | None, timeout: f
 
 
 def _run_and_follow(
-    command: list[str], out: Path, progress: Progress | None, timeout: float
+    command: list[str],
+    out: Path,
+    progress: Progress | None,
+    timeout: float,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[int, str, bool]:
     """Run ``command`` to its end or ``timeout``; (exit status, log tail, timed out)."""
     env = dict(os.environ)
+    env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     # Two cores, several ranks: intra-op threads would only fight the ranks for them.
     env.setdefault("OMP_NUM_THREADS", "1")

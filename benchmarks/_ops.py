@@ -32,6 +32,8 @@ class OpSpec:
     delivered: Callable[[int, int], int]
     # The N-block buffer: who needs it ("all", "root" or "" for none).
     blocks: str = ""
+    # p2p (rank 0 to rank 1) is the ``p2p`` subcommand's goodput cell, not a collective.
+    collective: bool = True
 
 
 OPS: dict[str, OpSpec] = {
@@ -44,8 +46,10 @@ OPS: dict[str, OpSpec] = {
         OpSpec("allreduce", True, False, lambda s, n: 2 * s * (n - 1)),
         OpSpec("reduce", True, False, lambda s, n: s * (n - 1)),
         OpSpec("barrier", False, False, lambda s, n: 0),
+        OpSpec("p2p", True, False, lambda s, n: s, collective=False),
     )
 }
+COLLECTIVE_OPS = [name for name, spec in OPS.items() if spec.collective]
 
 
 def float32_tensor(nbytes: int, fill: float = 0.0) -> torch.Tensor:
@@ -97,8 +101,17 @@ def ours_inplace(comm: Communicator, op: str, b: Buffers) -> Call:
         "allreduce": lambda: comm.allreduce(t, op="sum"),
         "reduce": lambda: comm.reduce(t, root=ROOT),
         "barrier": comm.barrier,
+        "p2p": _p2p(comm, t),
     }
     return calls[op]
+
+
+def _p2p(comm: Communicator, t: torch.Tensor) -> Call:
+    if comm.rank == 0:
+        return lambda: comm.send_buffer(t, 1)
+    if comm.rank == 1:
+        return lambda: comm.recv_into(t, 0)
+    return lambda: None
 
 
 def ours_object(comm: Communicator, op: str, b: Buffers) -> Call:
@@ -131,6 +144,8 @@ def check_results(comm: Communicator, op: str, b: Buffers, apis: list[str]) -> N
             ok = bool(t.eq(rank + 1).all())
         elif op in ("gather", "allgather"):
             ok = big is None or _blocks_numbered(big, n)
+        elif op == "p2p":
+            ok = rank != 1 or bool(t.eq(1).all())
         elif op == "allreduce" or (op == "reduce" and b.is_root):
             ok = bool(t.eq(n).all())
         else:
@@ -153,7 +168,7 @@ def check_results(comm: Communicator, op: str, b: Buffers, apis: list[str]) -> N
 
 def _mark(op: str, b: Buffers) -> None:
     t, big = b.tensor, b.blocks
-    if op == "broadcast":
+    if op in ("broadcast", "p2p"):
         t.fill_(1.0 if b.is_root else 0.0)
     elif op == "scatter":
         t.zero_()

@@ -23,6 +23,9 @@ from benchmarks._timing import median
 from benchmarks._units import format_seconds, format_size
 
 SCHEMA = "collectives-bench/1"
+BASELINES = ("raw-tcp", "raw-udp")
+# A backend whose raw engine is one of the baselines already (timed once, not twice).
+RAW_IS_BASELINE = {"udp": "raw-tcp"}
 TARGET_RATIO = 1.1  # ours vs raw, for tensors of at least TARGET_FROM bytes
 TARGET_FROM = 1 << 20
 TARGET_BACKENDS = ("mpi", "gloo")
@@ -58,6 +61,9 @@ def rows_of(run: WorldRun) -> list[dict[str, Any]]:
             }
         raw = stats["raw"]
         raw_done = _completion_times(raw["samples"])
+        base = {name: stats[name] for name in BASELINES if name in stats}
+        if run.backend in RAW_IS_BASELINE:
+            base[RAW_IS_BASELINE[run.backend]] = raw
         delivered = OPS[op].delivered(nbytes, n)
         for variant, api in _API_OF.items():
             if variant not in stats:
@@ -84,6 +90,24 @@ def rows_of(run: WorldRun) -> list[dict[str, Any]]:
                     "busiest_rank": {"ours": ours["busiest"], "raw": raw["busiest"]},
                     "rank_medians_s": {"ours": ours["medians"], "raw": raw["medians"]},
                     "samples_s": {"ours": ours["samples"], "raw": raw["samples"]},
+                    # Plain sockets moving the same bytes, timed in the same processes.
+                    "baseline_s": {name: st["time"] for name, st in base.items()},
+                    "baseline_agg_gbps": {
+                        name: _gbps(delivered, st["time"]) for name, st in base.items()
+                    },
+                    "ratio_vs_baseline": {
+                        name: ours["time"] / st["time"] if st["time"] > 0 else None
+                        for name, st in base.items()
+                    },
+                    "ratio_vs_baseline_paired": {
+                        name: _paired_ratio(
+                            _completion_times(ours["samples"]), _completion_times(st["samples"])
+                        )
+                        for name, st in base.items()
+                    },
+                    "baseline_samples_s": {
+                        name: st["samples"] for name, st in base.items() if name in stats
+                    },
                 }
             )
     return rows
@@ -237,6 +261,7 @@ def document(
                 "error": run.error,
                 "shutdown_error": run.shutdown_error,
                 "engine": run.reports[0].get("engine", {}) if run.reports else {},
+                "baselines": run.reports[0].get("baselines", {}) if run.reports else {},
                 "tuning": run.reports[0].get("tuning", {}) if run.reports else {},
                 "broadcast_plan": run.reports[0].get("broadcast_plan") if run.reports else None,
             }

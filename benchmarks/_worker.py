@@ -18,12 +18,13 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks._engines import LocalShared, RawEngine, raw_engine
 from benchmarks._ops import OPS, Call, check_results, make_buffers, ours_inplace, ours_object
+from benchmarks._rawnet import SEGMENT
 from benchmarks._timing import TimingPlan, time_interleaved
 from benchmarks._units import format_size
 
@@ -45,6 +46,11 @@ class WorkerSpec:
     cell_seconds: float
     op_timeout: float
     out: str = ""
+    # Plain-socket engines timed as extra variants next to ours (``_raw_sockets.BASELINES``).
+    baselines: list[str] = field(default_factory=list)
+    segment: int = SEGMENT  # raw-udp datagram payload
+    # Set in the ranks' environment before they start (COMFY_CLUSTER_UDP_MTU for --mtu).
+    env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> WorkerSpec:
@@ -59,9 +65,17 @@ class WorkerSpec:
 
 
 def variants(
-    comm: Communicator, engine: RawEngine, op: str, nbytes: int, apis: list[str]
+    comm: Communicator,
+    engine: RawEngine,
+    op: str,
+    nbytes: int,
+    apis: list[str],
+    baselines: dict[str, RawEngine] | None = None,
 ) -> tuple[dict[str, Call], Any]:
-    """The calls to time for one cell, keyed by variant, plus the buffers they keep alive."""
+    """The calls to time for one cell, keyed by variant, plus the buffers they keep alive.
+
+    Baselines share the buffers too; they run after ``check_results`` zeroed them, and what they
+    leave behind is never read."""
     spec = OPS[op]
     buffers = make_buffers(spec, nbytes, comm.rank, comm.size)
     calls: dict[str, Call] = {}
@@ -70,6 +84,8 @@ def variants(
     if "object" in apis and spec.object_api:
         calls[OURS_OBJECT] = ours_object(comm, op, buffers)
     calls[RAW] = engine.prepare(op, buffers)
+    for name, baseline in (baselines or {}).items():
+        calls[name] = baseline.prepare(op, buffers)
     check_results(comm, op, buffers, apis)
     return calls, buffers
 
@@ -80,6 +96,7 @@ def run_rank(
     spec: WorkerSpec,
     progress: Progress | None = None,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    baselines: dict[str, RawEngine] | None = None,
 ) -> dict[str, Any]:
     """Time every cell of ``spec`` on this rank; the rank's report (see ``_report``).
 
@@ -93,6 +110,7 @@ def run_rank(
         "size": comm.size,
         "backend": comm.backend,
         "engine": engine.info(),
+        "baselines": {name: b.info() for name, b in (baselines or {}).items()},
         # Engine settings our backend chose (MPICH algorithms, see mpi_tuning): the raw calls
         # run in the same process, so a reader must know what differs between the two.
         "tuning": dict(getattr(comm.engine, "tuning", {})),
@@ -107,7 +125,7 @@ def run_rank(
         if progress is not None and comm.rank == 0:
             progress(index + 1, len(cells), f"{op} {format_size(nbytes)}")
         try:
-            calls, buffers = variants(comm, engine, op, nbytes, spec.apis)
+            calls, buffers = variants(comm, engine, op, nbytes, spec.apis, baselines)
             times = time_interleaved(calls, engine.barrier, engine.agree_max, plan, nbytes)
             del calls, buffers
         except Exception:
@@ -183,13 +201,18 @@ def main(argv: list[str] | None = None) -> int:
 
     comm = collectives.init(spec.backend, timeout=spec.op_timeout)
     path = out / f"rank{comm.rank}.json"
+    engine = raw_engine(comm)
+    from benchmarks._raw_sockets import baseline_engines
+
+    baselines = baseline_engines(comm, spec.baselines, engine, spec.segment)
 
     def save(report: dict[str, Any]) -> None:
         partial = path.with_suffix(".part")
         partial.write_text(json.dumps(report))
         partial.replace(path)  # the parent never reads half a file
 
-    report = run_rank(comm, raw_engine(comm), spec, _file_progress(out / "progress"), save)
+    progress = _file_progress(out / "progress")
+    report = run_rank(comm, engine, spec, progress, save, baselines)
     save(report)
     if report["error"] is not None:
         # The other ranks may be stuck in the collective this one left: exiting non-zero makes

@@ -2,12 +2,15 @@
 
     python -m benchmarks collectives --backend gloo --world 2,4 --sizes 1M,16M
     python -m benchmarks collectives --backend mpi --world 2 --ops broadcast --sizes 128M
+    python -m benchmarks collectives --backend udp,gloo,mpi --world 2,4 --sizes 1K,1M,128M
 
-This process starts the world itself (``mpiexec`` for mpi, ``python -m launchers`` for gloo,
-threads for local).  In every rank and for every op x size, our call and the raw engine's call
-(torch.distributed for gloo, mpi4py's buffer API for mpi, a memcpy for local) are timed in
-alternation on the same buffers; see ``_timing`` for the method.  Prints a table, writes JSON
-with every sample and a PNG.
+This process starts the world itself (``mpiexec`` for mpi, ``python -m launchers`` for gloo and
+udp, threads for local).  In every rank and for every op x size, our call and the raw engine's
+call (torch.distributed for gloo, mpi4py's buffer API for mpi, plain TCP sockets for udp, a
+memcpy for local) are timed in alternation on the same buffers, and with them the plain-socket
+baselines (``--baselines``: raw-tcp, raw-udp); see ``_timing`` for the method.  Prints a table
+per backend, then each backend against gloo, MPI and the raw sockets; writes JSON with every
+sample and PNGs.
 """
 
 from __future__ import annotations
@@ -23,17 +26,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks._compare import compare, comparison_table, plot_ratios
 from benchmarks._launch import REPO, WorldRun, run_world
-from benchmarks._ops import OPS
-from benchmarks._report import document, machine_info, rows_of, table
+from benchmarks._ops import COLLECTIVE_OPS
+from benchmarks._rawnet import SEGMENT
+from benchmarks._report import BASELINES, document, machine_info, rows_of, table
 from benchmarks._units import format_size, parse_sizes
 from benchmarks._worker import Progress, WorkerSpec
 
-BACKENDS = ("gloo", "mpi", "local")
+WORLD_BACKENDS = ("udp", "gloo", "mpi", "local")
+BACKENDS = WORLD_BACKENDS + BASELINES
+HOST_BACKEND = "gloo"  # runs the baselines when only raw-* names were asked for
 APIS = ("inplace", "object")
-RAW_ENGINE = {"gloo": "torch.distributed gloo", "mpi": "mpi4py buffer API", "local": "memcpy"}
+RAW_ENGINE = {
+    "gloo": "torch.distributed gloo",
+    "mpi": "mpi4py buffer API",
+    "local": "memcpy",
+    "udp": "plain TCP sockets (raw-tcp)",
+}
 DEFAULT_SIZES = "1K,64K,1M,16M,128M"
 RESULTS = REPO / "benchmarks" / "results"
+MTU_ENV = "COMFY_CLUSTER_UDP_MTU"
 
 
 def _choices(text: str, allowed: Sequence[str], what: str) -> list[str]:
@@ -56,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         required=True,
         type=lambda s: _choices(s, BACKENDS, "backend"),
-        help="gloo, mpi or local (comma list runs each)",
+        help="udp, gloo, mpi or local (comma list runs each); raw-tcp/raw-udp add baselines",
     )
+    add_socket_options(parser, default_baselines=",".join(BASELINES))
     parser.add_argument(
         "--world",
         default=[2],
@@ -73,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ops",
-        default=list(OPS),
-        type=lambda s: _choices(s, list(OPS), "op"),
-        help=f"default: {','.join(OPS)}",
+        default=list(COLLECTIVE_OPS),
+        type=lambda s: _choices(s, COLLECTIVE_OPS, "op"),
+        help=f"default: {','.join(COLLECTIVE_OPS)}",
     )
     parser.add_argument(
         "--api",
@@ -121,6 +135,62 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop a world that runs longer (default: %(default)s)",
     )
     return parser
+
+
+def add_socket_options(parser: argparse.ArgumentParser, default_baselines: str) -> None:
+    parser.add_argument(
+        "--baselines",
+        default=default_baselines,
+        type=_baselines,
+        metavar="raw-tcp,raw-udp|none",
+        help="plain-socket engines timed next to ours in every world "
+        f"(default: {default_baselines or 'none'}; not in the threaded local world)",
+    )
+    parser.add_argument(
+        "--mtu",
+        type=int,
+        metavar="BYTES",
+        help=f"datagram payload: the udp backend's ({MTU_ENV}; 1200 is its WAN mode) and "
+        f"raw-udp's (default: the backend's own; raw-udp {SEGMENT})",
+    )
+
+
+def _baselines(text: str) -> list[str]:
+    return [] if text in ("", "none") else _choices(text, BASELINES, "baseline")
+
+
+def plan_worlds(backends: list[str], baselines: list[str]) -> tuple[list[str], list[str]]:
+    """(world backends to run, baselines to time in them): raw-* names in ``--backend`` are
+    baselines too, and a list of baselines alone runs in a gloo world."""
+    picked = [b for b in backends if b in WORLD_BACKENDS]
+    extra = [b for b in backends if b in BASELINES and b not in baselines]
+    return (picked or [HOST_BACKEND]), [b for b in BASELINES if b in baselines + extra]
+
+
+def run_all(
+    backends: list[str],
+    worlds: list[int],
+    make_spec: Any,
+    timeout: float,
+) -> list[WorldRun]:
+    """Every (backend, N) world in turn, with the progress line; failures reported, not fatal."""
+    progress = _ProgressLine()
+    runs: list[WorldRun] = []
+    for backend in backends:
+        spec: WorkerSpec = make_spec(backend)
+        for size in worlds:
+            run = run_world(spec, size, progress.world(backend, size), timeout)
+            progress.done()
+            runs.append(run)
+            if run.error is not None:
+                print(f"{backend} N={size} failed: {run.error}", file=sys.stderr)
+            elif run.shutdown_error is not None:
+                print(f"{backend} N={size}: warning: {run.shutdown_error}", file=sys.stderr)
+    return runs
+
+
+def world_env(backend: str, mtu: int | None) -> dict[str, str]:
+    return {MTU_ENV: str(mtu)} if backend == "udp" and mtu is not None else {}
 
 
 def _world_sizes(text: str) -> list[int]:
@@ -183,8 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now().astimezone()
     clock = time.monotonic()
     machine = machine_info()  # load average before we add to it
+    backends, baselines = plan_worlds(args.backend, args.baselines)
     settings: dict[str, Any] = {
-        "backends": args.backend,
+        "backends": backends,
+        "baselines": baselines,
+        "mtu": args.mtu,
         "worlds": args.world,
         "sizes": args.sizes,
         "ops": args.ops,
@@ -193,10 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cell_seconds": args.cell_seconds,
     }
 
-    progress = _ProgressLine()
-    runs: list[WorldRun] = []
-    for backend in args.backend:
-        spec = WorkerSpec(
+    def make_spec(backend: str) -> WorkerSpec:
+        return WorkerSpec(
             backend=backend,
             ops=args.ops,
             sizes=args.sizes,
@@ -204,24 +275,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             iters=args.iters,
             cell_seconds=args.cell_seconds,
             op_timeout=args.op_timeout,
+            # Threads share one interpreter: sockets driven from them would measure the GIL.
+            baselines=[] if backend == "local" else baselines,
+            segment=args.mtu or SEGMENT,
+            env=world_env(backend, args.mtu),
         )
-        for size in args.world:
-            run = run_world(spec, size, progress.world(backend, size), args.timeout)
-            progress.done()
-            runs.append(run)
-            if run.error is not None:
-                print(f"{backend} N={size} failed: {run.error}", file=sys.stderr)
-            elif run.shutdown_error is not None:
-                print(f"{backend} N={size}: warning: {run.shutdown_error}", file=sys.stderr)
+
+    runs = run_all(backends, args.world, make_spec, args.timeout)
 
     if hasattr(os, "getloadavg"):
         machine["loadavg_at_end"] = list(os.getloadavg())
     rows = [row for run in runs for row in rows_of(run)]
     seconds = time.monotonic() - clock
-    for backend in args.backend:
+    for backend in backends:
         mine = [r for r in rows if r["backend"] == backend]
         if mine:
             print(table(mine, args.ops, RAW_ENGINE[backend], backend))
+            print()
+    entries = compare(rows)
+    for backend in backends:
+        if any(e["backend"] == backend for e in entries):
+            print(comparison_table(entries, args.ops, backend))
             print()
     for run in runs:
         first = run.reports[0] if run.reports else {}
@@ -235,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     json_path = args.json or RESULTS / f"collectives-{started:%Y%m%d-%H%M%S}.json"
     doc = document(["collectives", *args_list], settings, runs, rows, started, seconds, machine)
+    doc["comparison"] = entries
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(_finite(doc), indent=1))
     print(f"wrote {json_path}")
@@ -243,9 +318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         png_path = args.png or json_path.with_suffix(".png")
         sizes = ", ".join(format_size(s) for s in args.sizes)
-        title = f"ours (solid) vs raw (dashed): {', '.join(args.backend)}; sizes {sizes}"
+        title = f"ours (solid) vs raw (dashed): {', '.join(backends)}; sizes {sizes}"
         plot(rows, args.ops, png_path, title)
         print(f"wrote {png_path}")
+        subject = "udp" if "udp" in backends else backends[0]
+        ratio_path = png_path.with_name(png_path.stem + "-ratios.png")
+        if plot_ratios(entries, args.ops, subject, ratio_path, f"{subject}: ours / reference"):
+            print(f"wrote {ratio_path}")
     return 0 if all(run.error is None for run in runs) else 1
 
 

@@ -96,3 +96,191 @@ def test_gloo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 )
 def test_mpi(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _check_document(_bench(tmp_path, capsys, "mpi", "--no-png"), "mpi")
+
+
+# -- plain-socket baselines, the udp backend, p2p ----------------------------------------------
+
+
+def _udp_unavailable() -> str | None:
+    """Why the udp backend cannot run here (the registry's own words), or None."""
+    from collectives.backends.base import get_backend_class
+
+    try:
+        get_backend_class("udp")
+    except Exception as exc:
+        return f"no usable 'udp' backend in collectives' registry: {exc}"
+    return None
+
+
+udp_available = pytest.mark.skipif(
+    _udp_unavailable() is not None, reason=_udp_unavailable() or "udp available"
+)
+
+
+def _threaded_meshes(size: int, build: Any) -> list[Any]:
+    """``size`` meshes in this process, one per thread, their port exchange a thread barrier."""
+    import threading
+
+    slots: list[Any] = [None] * size
+    meshes: list[Any] = [None] * size
+    gate = threading.Barrier(size)
+
+    def rank_main(rank: int) -> None:
+        def exchange(value: Any) -> list[Any]:
+            slots[rank] = value
+            gate.wait()
+            seen = list(slots)
+            gate.wait()
+            return seen
+
+        meshes[rank] = build(rank, size, exchange)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return meshes
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_raw_sockets_deliver_the_bytes(transport: str) -> None:
+    """The baselines time real transfers: an allgather over 3 ranks lands every block intact
+    (3 MiB and an odd tail, so GSO batches, partial windows and short datagrams all occur)."""
+    import threading
+
+    import numpy as np
+
+    from benchmarks import _rawnet
+
+    size, nbytes = 3, (3 << 20) + 1001
+    build = _rawnet.TcpMesh.build if transport == "tcp" else _rawnet.UdpMesh.build
+    pump: Any = _rawnet.pump_tcp if transport == "tcp" else _rawnet.pump_udp
+    meshes = _threaded_meshes(size, build)
+    rng = np.random.default_rng(7)
+    sources = [rng.integers(0, 256, nbytes, dtype=np.uint8) for _ in range(size)]
+    landed = [np.zeros(size * nbytes, dtype=np.uint8) for _ in range(size)]
+    errors: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        flat = _rawnet.byte_view(landed[rank])
+        views = {
+            "tensor": [_rawnet.byte_view(sources[rank])],
+            "blocks": [flat[i * nbytes : (i + 1) * nbytes] for i in range(size)],
+        }
+        try:
+            for phase in _rawnet.phases_for("allgather", rank, size, 0, views):
+                pump(meshes[rank], phase)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for mesh in meshes:
+        mesh.close()
+    assert not errors, errors
+    for rank in range(size):
+        for peer in range(size):
+            if peer != rank:
+                block = landed[rank][peer * nbytes : (peer + 1) * nbytes]
+                assert np.array_equal(block, sources[peer]), (rank, peer)
+
+
+def _baseline_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = [r for r in doc["results"] if r["api"] == "inplace"]
+    assert rows
+    for row in rows:
+        for name in ("raw-tcp", "raw-udp"):
+            assert _finite_positive(row["baseline_s"][name]), (name, row["baseline_s"])
+            assert _finite_positive(row["ratio_vs_baseline"][name])
+    return rows
+
+
+@pytest.mark.gloo
+@pytest.mark.skipif(
+    not collectives.available_backends().get("gloo"), reason="gloo backend not available"
+)
+def test_collectives_with_baselines_and_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "base.json"
+    code = benchmarks_main(
+        [
+            "collectives", "--backend", "gloo,raw-tcp,raw-udp", "--world", "2",
+            "--sizes", "1K,64K", "--ops", "broadcast,gather,allreduce,barrier", "--api",
+            "inplace", "--iters", "3", "--json", str(out), "--timeout", "120",
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-3000:] + printed.err[-3000:]
+    assert "| op | N | size | ours | vs gloo | vs MPI | vs raw TCP | vs raw UDP |" in printed.out
+    assert "[7/7] barrier" in printed.err  # progress
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["baselines"] == ["raw-tcp", "raw-udp"]
+    assert set(doc["runs"][0]["baselines"]) == {"raw-tcp", "raw-udp"}
+    _baseline_rows(doc)
+    assert {e["op"] for e in doc["comparison"]} == {"broadcast", "gather", "allreduce", "barrier"}
+    assert (tmp_path / "base.png").read_bytes().startswith(PNG_MAGIC)
+    assert (tmp_path / "base-ratios.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.gloo
+@pytest.mark.skipif(
+    not collectives.available_backends().get("gloo"), reason="gloo backend not available"
+)
+def test_p2p_goodput(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p2p.json"
+    code = benchmarks_main(
+        [
+            "p2p", "--backend", "gloo,raw-tcp,raw-udp", "--sizes", "4K,1M", "--iters", "3",
+            "--json", str(out), "--timeout", "120",
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-3000:] + printed.err[-3000:]
+    assert "| backend | size | ours | ours GB/s |" in printed.out
+    doc = json.loads(out.read_text())
+    rows = _baseline_rows(doc)
+    assert [(r["op"], r["size"], r["world"]) for r in rows] == [
+        ("p2p", 4096, 2),
+        ("p2p", 1 << 20, 2),
+    ]
+    assert (tmp_path / "p2p.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_subcommands_registered() -> None:
+    from benchmarks import SUBCOMMANDS
+
+    assert SUBCOMMANDS["p2p"].module == "benchmarks.p2p_bench"
+    assert SUBCOMMANDS["wan"].module == "benchmarks.wan_bench"
+
+
+@udp_available
+def test_udp_collectives(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = _bench(tmp_path, capsys, "udp", "--no-png")
+    _check_document(doc, "udp")
+    assert doc["runs"][0]["engine"]["engine"] == "plain TCP sockets"
+    for row in doc["results"]:
+        # udp's own raw engine is raw-tcp: timed once, reported under both names.
+        assert row["baseline_s"]["raw-tcp"] == row["raw_s"]
+        assert _finite_positive(row["baseline_s"]["raw-udp"])
+
+
+@udp_available
+def test_udp_p2p_wan_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "udp-p2p.json"
+    code = benchmarks_main(
+        [
+            "p2p", "--backend", "udp,raw-udp", "--mtu", "1200", "--sizes", "64K", "--iters",
+            "3", "--json", str(out), "--no-png", "--timeout", "120",
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-3000:] + printed.err[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["mtu"] == 1200
+    [row] = doc["results"]
+    assert row["backend"] == "udp" and _finite_positive(row["ours_gbps"])
