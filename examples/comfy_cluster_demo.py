@@ -76,7 +76,7 @@ def main() -> int:
         port=args.port,
         base_directory=str(base),
         python=python,
-        backend="gloo",
+        backend="udp",
         extra_custom_nodes=[str(REPO / "tools/comfyui/test_nodes")],
     )
     with log_path.open("w", buffering=1) as log:

@@ -9,4 +9,5 @@ tools/comfyui/install.sh
 .venv/bin/python examples/comfy_cluster_demo.py --ranks 4 --images 8 "$@"
 echo "== the collectives library alone: 4 ranks, scatter / blur / gather =="
 .venv/bin/mpiexec -n 4 .venv/bin/python examples/demo.py --backend mpi
+.venv/bin/python -m launchers --nproc 4 -- .venv/bin/python examples/demo.py  # udp, the default
 .venv/bin/python -m launchers --nproc 4 --backend gloo -- .venv/bin/python examples/demo.py

@@ -94,7 +94,7 @@ def make_base(root: Path, models: Path) -> Path:
 
 @contextlib.contextmanager
 def running_pair(env: ComfyEnv, root: Path, cluster_env: dict[str, str]) -> Iterator[Any]:
-    """A 2-rank ComfyUI cluster on gloo under ``root`` (its log in ``root/cluster.log``), with
+    """A 2-rank ComfyUI cluster on udp under ``root`` (its log in ``root/cluster.log``), with
     ``cluster_env`` in every rank's environment; ready when entered, stopped on exit."""
     from launchers.comfyui import ComfyClusterConfig, start_comfy_cluster
 
@@ -103,7 +103,7 @@ def running_pair(env: ComfyEnv, root: Path, cluster_env: dict[str, str]) -> Iter
         port=free_port_range(2),
         base_directory=str(make_base(root / "base", env.models)),
         python=env.python,
-        backend="gloo",
+        backend="udp",
         extra_custom_nodes=[str(TEST_NODES)],
         ready_timeout_s=240,
         env=cluster_env,

@@ -72,7 +72,7 @@ def cluster(comfy_env: ComfyEnv, tmp_path_factory: pytest.TempPathFactory) -> It
         port=free_port_range(RANKS),
         base_directory=str(make_base(root / "base", comfy_env.models)),
         python=comfy_env.python,
-        backend="gloo",
+        backend="udp",
         extra_custom_nodes=[str(TEST_NODES)],
         ready_timeout_s=READY_TIMEOUT_S,
         env={"COMFY_CLUSTER_TIMEOUT": str(OP_TIMEOUT_S), "COMFY_CLUSTER_JOIN_TIMEOUT": "120"},
