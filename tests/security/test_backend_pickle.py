@@ -152,6 +152,16 @@ class _Refusals:
             return
         raise AssertionError(f"rank {self.rank}: {path} accepted a pickle ({got!r})")
 
+    def expect_no_data(self, path: str, call: Callable[[], object]) -> None:
+        """A rank the attacker does not talk to directly: it must fail (refusal or timeout)."""
+        from collectives.errors import CodecError, CollectiveMismatchError, CollectiveTimeoutError
+
+        try:
+            got = call()
+        except (CodecError, CollectiveMismatchError, CollectiveTimeoutError):
+            return
+        raise AssertionError(f"rank {self.rank}: {path} returned {got!r} after a peer's pickle")
+
 
 def _pickle(comm: Any, backend: str) -> None:
     """Rank 0 sends pickles down every receive path; ranks 1 and 2 must refuse them all.
@@ -226,22 +236,26 @@ def _pickle(comm: Any, backend: str) -> None:
     else:
         c.gatherv_into(blocks, mine, root=1, timeout=t)
 
-    # a reduction gloo cannot do (float8): the shared algorithm, whose broadcast comes from rank 0
+    # a reduction gloo cannot do (float8): the shared algorithm (recursive doubling; with three
+    # ranks rank 0 exchanges with rank 1 only, so rank 1 refuses the pickle and rank 2, waiting
+    # for rank 1, fails by timeout or refusal: never with data)
     if backend == "gloo":
         c = fresh()
         f8 = torch.zeros(4, dtype=torch.float8_e4m3fn)
         if rank == 0:
             with _swapped([(reduction, "encode")], send_pickle):
                 _settle(lambda: c.allreduce(f8, timeout=t))
-        else:
+        elif rank == 1:
             refused.expect("allreduce (float8)", lambda: c.allreduce(f8, timeout=t))
+        else:
+            refused.expect_no_data("allreduce (float8)", lambda: c.allreduce(f8, timeout=t))
 
     assert not Path(marker).exists(), "a peer's pickle was executed"
     if rank != 0:
         want = ["recv", "recv_into", "broadcast", "scatter", "allgather"]
         if rank == 1:
             want += ["gather", "gatherv_into"]
-        if backend == "gloo":
+        if backend == "gloo" and rank == 1:
             want.append("allreduce (float8)")
         assert sorted(refused.seen) == sorted(want), refused.seen
 
