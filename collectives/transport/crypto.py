@@ -163,6 +163,16 @@ class ReplayWindow:
             self.floor = stops[0]
             del starts[0], stops[0]
 
+    def holding(self, numbers: set[int]) -> list[tuple[int, int]]:
+        """The intervals that hold any of ``numbers`` (those below ``floor`` have none)."""
+        starts, stops = self._starts, self._stops
+        out: set[tuple[int, int]] = set()
+        for number in numbers:
+            i = bisect.bisect_right(starts, number) - 1
+            if i >= 0 and number < stops[i]:
+                out.add((starts[i], stops[i]))
+        return sorted(out)
+
     def intervals(self, limit: int) -> list[tuple[int, int]]:
         """The newest ``limit`` intervals, ascending (the oldest ones were long acknowledged)."""
         return list(zip(self._starts[-limit:], self._stops[-limit:], strict=True))

@@ -218,8 +218,27 @@ class Endpoint:
         if segment_size is None or segment_size <= 0 or segment_size >= n:
             self._datagram(view, addr, now)
             return
+        if self._batch(view, segment_size, addr, now):
+            return
         for at in range(0, n, segment_size):
             self._datagram(view[at : at + segment_size], addr, now)
+
+    def _batch(self, view: memoryview, segment_size: int, addr: Address, now: float) -> bool:
+        """A GRO batch of consecutive segments of one frame, taken in one pass (True), else
+        False and nothing done: the caller takes it datagram by datagram."""
+        try:
+            header = parse_header(view)
+        except HeaderError:
+            return False
+        if header.type != PacketType.SEGMENT or header.cluster_tag != self._tag:
+            return False
+        session = self._by_id.get(header.session_id)
+        if session is None or not session.on_batch(header, view, segment_size, addr, now):
+            return False
+        counters = self._counters
+        counters["datagrams_in"] += -(-len(view) // segment_size)
+        counters["bytes_in"] += len(view)
+        return True
 
     def _datagram(self, view: memoryview, addr: Address, now: float) -> None:
         counters = self._counters

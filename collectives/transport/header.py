@@ -10,6 +10,8 @@ import enum
 import struct
 from typing import NamedTuple
 
+import numpy as np
+
 VERSION = 1
 
 _HEADER = struct.Struct(">BBH4sQQHHI")
@@ -86,3 +88,23 @@ def segment_layout(frame_length: int, count: int) -> int:
 def segments_for(frame_length: int, max_datagram: int) -> int:
     """How many datagrams of at most ``max_datagram`` bytes carry a sealed frame."""
     return max(1, -(-frame_length // (max_datagram - HEADER_SIZE)))
+
+
+_INDEX = np.arange(65536, dtype=np.uint64)  # segment indices (a frame has at most 65535)
+_NUMBER_AT = 16  # offsets in the header of the packet number (8 bytes) and segment index (2)
+_SEGMENT_AT = 24
+
+
+def segment_heads(head: bytes | memoryview, start: int, rows: int) -> np.ndarray:
+    """Headers of segments ``start .. start + rows`` of a frame, from segment ``start``'s
+    ``head``: the same but for the packet number and index.  One numpy pass instead of a
+    ``struct`` call per datagram, for building GSO images and checking GRO batches."""
+    out = np.empty((rows, HEADER_SIZE), dtype=np.uint8)
+    out[:] = np.frombuffer(head, dtype=np.uint8, count=HEADER_SIZE)
+    number = int.from_bytes(head[_NUMBER_AT : _NUMBER_AT + 8], "big")
+    step = _INDEX[:rows]
+    numbers = (step + np.uint64(number)).astype(">u8")
+    out[:, _NUMBER_AT : _NUMBER_AT + 8] = numbers.view(np.uint8).reshape(rows, 8)
+    index = (step + np.uint64(start)).astype(">u2")
+    out[:, _SEGMENT_AT : _SEGMENT_AT + 2] = index.view(np.uint8).reshape(rows, 2)
+    return out

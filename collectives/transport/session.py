@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from collectives.transport._pb import transport_pb2 as pb
 from collectives.transport.config import TransportConfig
 from collectives.transport.crypto import Cipher, ReplayWindow
@@ -26,16 +28,30 @@ from collectives.transport.frames import (
     control_chunk,
     parse_chunks,
 )
-from collectives.transport.header import Header, PacketType
+from collectives.transport.header import (
+    HEADER_SIZE,
+    Header,
+    PacketType,
+    segment_heads,
+    segment_layout,
+)
 from collectives.transport.outbound import Batch, Outbound
 from collectives.transport.receiving import Allocator, Inbox, PartialFrame, layout_ok
 from collectives.transport.sending import FrameBuilder, OutMessage
 from collectives.transport.states import Input, State, allowed, next_state
 
 _ACK_RANGES = 64  # newest ranges per list in one ACK: older ones were reported before
-# Ack-eliciting segments that make an ACK go out at once (RFC 9000's two packets): a window's
+# Ack-eliciting frames that make an ACK go out at once (RFC 9000's two packets): a window's
 # worth of frames would otherwise wait max_ack_delay per round trip while cwnd is small.
 _ACK_EVERY = 2
+# Segments of still incomplete frames that make an ACK go out at once: their ``pending`` ranges
+# are what lets the sender resend only the missing segments of a large frame, so they must not
+# wait for the frame to complete; but one ACK per two 1200-byte datagrams would cost more than
+# the data, so they are batched (and a gap in the numbers, a likely loss, sends one at once).
+_ACK_EVERY_SEGMENTS = 16
+# Numbers a sender resent although we hold them: the intervals holding them ride on the next
+# ACKs even when older than the newest _ACK_RANGES (that ACK was lost or crowded out).
+_ASKED_MAX = 64
 
 
 class Session:
@@ -84,6 +100,7 @@ class Session:
         self._rx: Cipher | None = None
         self._max_frame = config.frame_bytes + 1024
         self._plain = bytearray(self._max_frame)
+        self._sealed = bytearray(self._max_frame)  # a whole frame out of one GRO batch
         self._partial: dict[int, PartialFrame] = {}
         self._partial_bytes = 0
         self._partial_budget = 2 * config.window_bytes + config.frame_bytes
@@ -92,9 +109,13 @@ class Session:
         self._inbox = Inbox(peer, allocate, emit)
         self._credit_granted = config.window_bytes
         self._unacked_eliciting = 0
+        self._unacked_segments = 0
         self._ack_deadline: float | None = None
         self._ack_now = False
         self._newest_at = now
+        self._highest_seen = -1  # highest segment number that arrived (gap detection)
+        self._asked: set[int] = set()
+        self.latest = now  # the latest time given: no deadline is ever reported before it
         self._ping = False
         self._closing: bytes | None = None
         self.out: Outbound | None = None
@@ -169,6 +190,7 @@ class Session:
 
     def on_segment(self, header: Header, payload: memoryview, addr: Address, now: float) -> None:
         counters = self._counters
+        self.latest = max(self.latest, now)
         if self.state is not State.ESTABLISHED or self._rx is None:
             counters["dropped_unknown_session"] += 1
             return
@@ -176,6 +198,8 @@ class Session:
         if number in self._replay:
             counters["dropped_duplicate" if number >= self._replay.floor else "dropped_replay"] += 1
             self._ack_now = True  # the peer resent: our ACK may have been lost
+            if number >= self._replay.floor and len(self._asked) < _ASKED_MAX:
+                self._asked.add(number)
             return
         if not layout_ok(header, len(payload), self._max_frame):
             counters["dropped_malformed"] += 1
@@ -206,6 +230,82 @@ class Session:
             del self._partial[first]
             self._partial_bytes -= frame.length
             self._open(header, memoryview(frame.buf), addr, now)
+            return
+        self._note_pending(number, now)
+
+    def on_batch(
+        self, header: Header, view: memoryview, seg: int, addr: Address, now: float
+    ) -> bool:
+        """A GRO batch: if it is consecutive new segments of one frame (every header what the
+        first one implies), place them all in one pass and return True; else change nothing
+        and return False (the caller then takes the batch datagram by datagram)."""
+        self.latest = max(self.latest, now)
+        if self.state is not State.ESTABLISHED or self._rx is None:
+            return False
+        n = len(view)
+        k = -(-n // seg)
+        start, count, length = header.segment, header.segments, header.frame_length
+        if start + k > count or not 0 < length <= self._max_frame or count > length:
+            return False
+        per = segment_layout(length, count)
+        stride = HEADER_SIZE + per
+        stop = start + k
+        last_len = length - (count - 1) * per if stop == count else per
+        if seg != stride or last_len <= 0 or n != (k - 1) * stride + HEADER_SIZE + last_len:
+            return False
+        first = header.first_number
+        if self._replay.seen_any(first + start, first + stop):
+            return False
+        img = np.frombuffer(view, dtype=np.uint8)
+        heads = segment_heads(view[:HEADER_SIZE], start, k)
+        rows = img[: (k - 1) * stride].reshape(k - 1, stride)
+        tail = (k - 1) * stride
+        if not (
+            np.array_equal(rows[:, :HEADER_SIZE], heads[: k - 1])
+            and np.array_equal(img[tail : tail + HEADER_SIZE], heads[k - 1])
+        ):
+            return False
+        frame = self._partial.get(first)
+        if frame is None:
+            if start == 0 and stop == count:  # a whole frame: no partial state at all
+                buf = np.frombuffer(self._sealed, dtype=np.uint8)
+                _gather(buf, rows, img[tail + HEADER_SIZE :], per)
+                self._open(header, memoryview(self._sealed)[:length], addr, now)
+                return True
+            if self._replay.seen_any(first, first + count):
+                return False
+            if self._partial_bytes + length > self._partial_budget:
+                return False
+            frame = self._partial[first] = PartialFrame(header, now)
+            self._partial_bytes += length
+            self._rejected.discard(first)
+        elif frame.count != count or frame.length != length or any(frame.have[start:stop]):
+            return False
+        buf = np.frombuffer(frame.buf, dtype=np.uint8)[start * per :]
+        _gather(buf, rows, img[tail + HEADER_SIZE :], per)
+        frame.have[start:stop] = b"\x01" * k
+        frame.missing -= k
+        if frame.missing == 0:
+            del self._partial[first]
+            self._partial_bytes -= frame.length
+            self._open(header, memoryview(frame.buf), addr, now)
+            return True
+        self._note_pending(first + start, now, k)
+        return True
+
+    def _note_pending(self, number: int, now: float, segments: int = 1) -> None:
+        """Segments of a frame still incomplete arrived (the first is ``number``): they are
+        reported ``pending`` at the normal ACK cadence, so the sender counts them delivered and
+        resends only what is missing."""
+        self._newest_at = now
+        self._unacked_segments += segments
+        if number > self._highest_seen + 1 and self._highest_seen >= 0:
+            self._ack_now = True  # a gap: likely a loss the sender should hear of at once
+        self._highest_seen = max(self._highest_seen, number + segments - 1)
+        if self._unacked_segments >= _ACK_EVERY_SEGMENTS:
+            self._ack_now = True
+        elif self._ack_deadline is None:
+            self._ack_deadline = now + self._config.max_ack_delay
 
     def _open(self, header: Header, sealed: memoryview, addr: Address, now: float) -> None:
         rx = self._rx
@@ -218,14 +318,19 @@ class Session:
         plain = memoryview(self._plain)[: max(plain_len, 0)]
         if plain_len < 0 or not rx.open_into(first, aad, sealed, plain):
             self._counters["dropped_auth"] += 1
-            if len(self._rejected) < _ACK_RANGES:
-                self._rejected.add(first)
-            self._ack_now = True
+            self._reject(first)
             return
         self._replay.add(first, first + count)
+        self._rejected.discard(first)  # a resend of a frame we rejected authenticated
+        self._highest_seen = max(self._highest_seen, first + count - 1)
         self._counters["frames_opened"] += 1
         self.last_heard = self._newest_at = now
-        self.confirmed = True
+        if not self.confirmed:
+            self.confirmed = True
+            if self.out is not None:
+                # The heartbeat counts from confirmation: a server that waited longer than
+                # heartbeat_interval for the client's first frame must not owe a past PING.
+                self.out.last_eliciting_sent = max(self.out.last_eliciting_sent, now)
         if addr != self.addr:
             old, self.addr = self.addr, addr
             self._emit(PeerAddressChanged(self.peer, old, addr))
@@ -234,6 +339,13 @@ class Session:
         except FrameError as err:
             self._counters["dropped_malformed"] += 1
             self.lose(f"protocol error: {err}")
+
+    def _reject(self, first: int) -> None:
+        """Report the frame starting at ``first`` as dropped: the sender resends it whole (its
+        segments may have been reported ``pending``, which the sender counts as delivered)."""
+        if len(self._rejected) < _ACK_RANGES:
+            self._rejected.add(first)
+        self._ack_now = True
 
     def _take_chunks(
         self, chunks: list[DataChunk | ControlChunk], segments: int, now: float
@@ -245,6 +357,10 @@ class Session:
                     raise FrameError("data chunk of another communicator or epoch")
                 self._inbox.on_chunk(chunk)
                 eliciting = True
+                if chunk.offset + len(chunk.data) == chunk.meta_len + chunk.body_len:
+                    # A message's last bytes: its sender now waits for MessageSent (and may
+                    # have nothing more in flight), so it must not wait max_ack_delay.
+                    self._ack_now = True
                 continue
             kind, msg = chunk
             if kind is ChunkKind.ACK:
@@ -261,13 +377,18 @@ class Session:
                     self.out.credit_limit = max(self.out.credit_limit, msg.limit)
             elif kind is ChunkKind.PING:
                 eliciting = True
+                self._ack_now = True  # a probe or a heartbeat: its sender waits for the answer
             else:  # CLOSE or ABORT
                 what = "closed" if kind is ChunkKind.CLOSE else "aborted"
                 self.lose(f"peer {what}: {msg.reason}" if msg.reason else f"peer {what}")
                 return
         if eliciting:
-            self._unacked_eliciting += segments
-            if self._unacked_eliciting >= _ACK_EVERY:
+            self._unacked_eliciting += 1
+            self._unacked_segments += segments
+            if (
+                self._unacked_eliciting >= _ACK_EVERY
+                or self._unacked_segments >= _ACK_EVERY_SEGMENTS
+            ):
                 self._ack_now = True
             elif self._ack_deadline is None:
                 self._ack_deadline = now + self._config.max_ack_delay
@@ -288,6 +409,7 @@ class Session:
             self._ack_now = False
             self._ack_deadline = None
             self._unacked_eliciting = 0
+            self._unacked_segments = 0
             # Credit rides on every ACK: a lost grant is repeated by the next one.
             self._credit_granted = inbox.released + window
             controls.append(control_chunk(ChunkKind.CREDIT, pb.Credit(limit=self._credit_granted)))
@@ -300,7 +422,12 @@ class Session:
 
     def _ack(self, now: float) -> pb.Ack:
         ack = pb.Ack(ack_delay=max(0.0, now - self._newest_at))
-        for start, stop in self._replay.intervals(_ACK_RANGES):
+        intervals = self._replay.intervals(_ACK_RANGES)
+        if self._asked:
+            # Intervals the sender showed it has not heard of (it resent into them).
+            intervals = sorted({*intervals, *self._replay.holding(self._asked)})
+            self._asked.clear()
+        for start, stop in intervals:
             ack.acked.add(start=start, stop=stop)
         room = _ACK_RANGES
         for frame in self._partial.values():
@@ -314,6 +441,7 @@ class Session:
 
     def produce(self, now: float, out: list[Batch]) -> None:
         """Append the datagrams this session may send now."""
+        self.latest = max(self.latest, now)
         addr = self.addr
         if addr is None:
             return
@@ -350,9 +478,11 @@ class Session:
             if out_timer is not None:
                 deadlines.append(out_timer)
             deadlines.append(self.out.last_eliciting_sent + self._config.heartbeat_interval)
-        return min(deadlines)
+        # A deadline that passed while we handled other input is due now, never in the past.
+        return max(min(deadlines), self.latest)
 
     def on_timer(self, now: float) -> None:
+        self.latest = max(self.latest, now)
         if self.state in (State.CLOSED, State.LOST):
             return
         if now >= self.last_heard + self._config.peer_timeout:
@@ -387,3 +517,11 @@ def _runs(frame: PartialFrame) -> list[tuple[int, int]]:
         runs.append((frame.first + i, frame.first + j))
         i = j
     return runs
+
+
+def _gather(buf: np.ndarray, rows: np.ndarray, tail: np.ndarray, per: int) -> None:
+    """Copy the payloads of a GRO batch (``rows``: full datagrams, header included; ``tail``:
+    the last datagram's payload) back to back into ``buf``."""
+    full = len(rows)
+    buf[: full * per].reshape(full, per)[:] = rows[:, HEADER_SIZE:]
+    buf[full * per : full * per + len(tail)] = tail
