@@ -1,32 +1,38 @@
-"""The IO driver of the ``udp`` backend: one thread per communicator around the sans-IO core.
+"""The IO driver of the ``udp`` backend: a progress engine around the sans-IO core.
 
-Who runs what:
+Who runs what (a *turn*: feed every datagram the socket has to ``Endpoint.receive``, run
+``handle_timer`` when due, hand out the core's events, send what it lets out):
 
-* The **IO thread** owns the socket's receive side and the clock: it polls the socket and a
-  wakeup pipe, feeds every datagram to ``Endpoint.receive``, calls ``handle_timer`` when
-  ``get_timer()`` is due (retransmissions, ACKs, pacing, heartbeats: they go on while nobody
-  calls in), turns the core's events into mailbox entries and wakes the waiting callers.
+* A **waiting caller** (a ``take``, or a post waiting for its acknowledgement) drives the
+  engine itself: it takes turns, and between them waits in ``select`` on the socket, bounded by
+  the core's timer and its own deadline.  The message it waits for is read, decrypted and handed
+  over by its own thread: no thread hand-off on the hot path (a condition variable hand-off
+  costs 10-25 us, a wakeup of a sleeping IO thread more).  When several callers wait, one polls
+  (the *poller*) and wakes the rest when events come; the next takes over when it leaves.
 * A **posting caller** queues its message and sends what the core lets out at once, from its
-  own thread: the hot send path has no thread hand-off.  It wakes the IO thread only when the
-  core's timer moved earlier than the thread's sleep.
+  own thread.  It wakes whoever waits in ``select`` only when the core's timer moved earlier.
+* The **IO thread** takes turns only while no caller waits (ACKs, resends, heartbeats, pacing
+  go on while nobody calls in).  While callers drive it is parked and looks again every
+  :data:`_IO_GRACE_S`: nobody wakes it per op (a wakeup and the GIL cost more than a small op).
 
-Every touch of the core happens under one lock (the core is not thread-safe); syscalls that
-may wait (``poll``) and reads (``recvmsg``) happen outside it.  Sends run under it, so the order
-the core emits datagrams in is the order they leave in.
+One lock guards the core (it is not thread-safe); ``select`` is the only syscall made without
+it, so datagrams leave in the order the core emits them.  Waits use ``select`` (microsecond
+timeouts, where ``poll`` counts milliseconds) with 1 us timer slack on the driving threads.
 
 Receiving: the core calls :meth:`Engine._allocate` once per message, in FIFO order per
 ``(peer, channel)``, when its meta is complete.  The codec header in the meta is checked there
 (:func:`collectives.codec.check_header` with the receiver's options) before anything is
 allocated, and the body goes straight into a waiting ``_take``'s buffer when it is that
 receive's next message and :func:`~collectives.backends.p2p.lands_in` says it fits; otherwise
-into a fresh :func:`~collectives.codec.alloc_buffer`.  A message whose meta is malformed still
-drains (the bytes are the peer's credit) into a scratch buffer and is handed to ``_take`` as
-the :class:`RemoteProtocolError` it is; one that also announces more than
-``max_message_bytes`` makes the allocator raise the core's ``FrameError``: the core then drops
-that peer's session as a protocol breach (``PeerLost``) and nothing is allocated.
+into a pool buffer (large) or a fresh one; a receive with a buffer that comes later gets a copy
+(memcpy: a tenth of the cost of first-touch page faults) and the pool its buffer back.  A message
+whose meta is malformed still drains (the bytes are the peer's credit) into a scratch buffer and
+is handed to ``_take`` as the :class:`RemoteProtocolError` it is; one that also announces more
+than ``max_message_bytes`` makes the allocator raise the core's ``FrameError``: the core then
+drops that peer's session as a protocol breach (``PeerLost``) and nothing is allocated.
 
-A buffer handed to a landing that then times out may still be written until the communicator is
-aborted (an op that timed out is fatal to the communicator, so nobody reads it meanwhile).
+A landing buffer whose receive timed out may still be written until the communicator is aborted
+(a timed-out op is fatal to the communicator, so nobody reads it meanwhile).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
 from collectives.backends.envelope import Envelope
 from collectives.backends.p2p import lands_in
+from collectives.backends.udp_socket import RECV_BYTES, BufferPool, fine_timer_slack
 from collectives.codec import CodecOptions, Encoded, Header, alloc_buffer, check_header
 from collectives.errors import (
     CodecError,
@@ -71,9 +78,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_READS_PER_ROUND = 64  # datagrams read before the core gets them: one lock round per batch
-_IDLE_POLL_S = 1.0  # the longest poll without a timer (a lost wakeup costs at most this)
-_FINE_TIMER_S = 0.002  # below this a timer is waited for with sleep(), not poll()
+_READS_PER_TURN = 64  # reads fed to the core before its timers and sends get a look-in
+_IDLE_WAIT_S = 1.0  # the longest wait without a timer (a lost wakeup costs at most this)
+_IO_GRACE_S = 0.002  # how long the IO thread leaves the socket to callers after the last one
+_BUSY_S = 1.0  # a rank that posted or read within this is busy (see _run)
+_POOL_MIN = 64 << 10  # smaller bodies are cheap to allocate: not pooled
+_PEER_CLOSED = "peer closed"  # the core's PeerLost reason of a CLOSE (not an ABORT)
 
 Key = tuple[int, int]  # (peer, channel)
 Taken = tuple[Envelope, Encoded]
@@ -100,6 +110,18 @@ class _Incoming:
     sizes: list[int]
     landing: Landing | None
     error: CollectivesError | None
+    pooled: bool = False
+
+
+@dataclass
+class _Queued:
+    """A whole message waiting for its ``take``; ``pooled``: its body is a pool buffer."""
+
+    taken: Taken
+    pooled: bool
+
+
+_tuned = threading.local()
 
 
 class Engine:
@@ -121,8 +143,9 @@ class Engine:
         self._codec = codec
         self.clock = clock
         self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-        self.boxes: dict[Key, deque[Taken | CollectivesError]] = {}
+        self.cond = threading.Condition(self.lock)  # callers: events came, or the poller left
+        self._io_cond = threading.Condition(self.lock)  # the IO thread: no caller drives now
+        self.boxes: dict[Key, deque[_Queued | CollectivesError]] = {}
         self._incoming: dict[Key, deque[_Incoming]] = {}
         self.landings: dict[Key, Landing] = {}
         self.outstanding: dict[int, set[int]] = {p: set() for p in range(size) if p != rank}
@@ -138,8 +161,23 @@ class Engine:
             "wakeups": 0,
             "address_changes": 0,
             "landed": 0,  # messages written straight into a waiting receive's buffer
+            "copied_in": 0,  # messages copied into a receive's buffer that came later
+            "caller_turns": 0,  # turns taken by waiting callers
+            "io_turns": 0,  # turns taken by the IO thread
         }
-        self._sleep_until = math.inf
+        self._pool = BufferPool()
+        self._rbuf = bytearray(RECV_BYTES + 1)
+        self._rview = memoryview(self._rbuf)
+        self._drivers = 0  # callers inside _drive
+        self._poller = False  # a caller is taking turns (the others wait on ``cond``)
+        # When the thread in ``select`` will wake by itself (-inf: nobody is in select), so a
+        # poster knows whether an earlier timer needs a wakeup.
+        self._poll_until = -math.inf
+        self._io_until = -math.inf
+        self._sock_fd = sock.fileno()
+        # The core's timer as of its last input (every touch of the core ends by reading it).
+        self._timer: float | None = -math.inf  # -inf: not asked yet (a first turn asks)
+        self._last_active = -math.inf  # when this rank last posted or read
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -156,20 +194,31 @@ class Engine:
             mid = self.ep.send(peer, channel, meta, body, now)
             self.outstanding[peer].add(mid)
             self._pump(now)
-            timer = self.ep.get_timer()
-        if timer is not None and timer < self._sleep_until:
+            self._last_active = now
+            timer = self._timer = self.ep.get_timer()
+            wake = timer is not None and timer < self._wake_at()
+        if wake:
             self.wake()
         return mid
 
+    def _wake_at(self) -> float:
+        """When the thread that takes the next turn wakes by itself (holding the lock)."""
+        if self._poller:
+            return self._poll_until
+        return self._io_until if self._drivers == 0 else -math.inf
+
     def wait_sent(self, peer: int, mid: int, dl: Deadline) -> None:
         """Wait (within ``dl``) until the core is done with message ``mid``'s buffers."""
+        outstanding = self.outstanding[peer]
+
+        def done() -> bool:
+            # A peer that closed (not aborted) took what it wanted: the core stopped sending to
+            # it, so the buffers are free, and the post was eager anyway.  Its CLOSE can overtake
+            # the ACK of our last bytes, after it took the message they carried.
+            return mid not in outstanding or self.lost.get(peer, "").startswith(_PEER_CLOSED)
+
         with self.lock:
-            while mid in self.outstanding[peer]:
-                self.check_usable(peer, dl.op)
-                remaining = dl.remaining()
-                if remaining <= 0:
-                    raise dl.error([peer], "the peer did not acknowledge the data")
-                self.cond.wait(remaining)
+            self._drive(done, peer, dl, "the peer did not acknowledge")
 
     def take(self, src: int, channel: int, dl: Deadline, into: memoryview | None) -> Taken:
         """The next message from ``src`` on ``channel`` (see ``P2PBackend._take``)."""
@@ -179,27 +228,81 @@ class Engine:
             landing = None
             if into is not None and not queue and not self._incoming.get(key):
                 landing = self.landings[key] = Landing(into)
+
+            def ready() -> bool:
+                if landing is not None and landing.claimed:
+                    # The body is landing in ``into``: it is this receive's message, ahead of
+                    # anything queued meanwhile.
+                    return landing.result is not None
+                return bool(queue)
+
             try:
-                while True:
-                    if landing is not None and landing.claimed:
-                        # The body is landing in ``into``: it is this receive's message, ahead
-                        # of anything queued meanwhile.
-                        if landing.result is not None:
-                            return _unwrap(landing.result)
-                    elif queue:
-                        return _unwrap(queue.popleft())
-                    self._check_alive(src, dl.op, waiting=True)
-                    remaining = dl.remaining()
-                    if remaining <= 0:
-                        raise dl.error([src])
-                    self.cond.wait(remaining)
+                self._drive(ready, src, dl, None)
             finally:
                 if landing is not None and self.landings.get(key) is landing:
                     del self.landings[key]
+            if landing is not None and landing.claimed:
+                assert landing.result is not None
+                return _unwrap(landing.result)
+            item = queue.popleft()
+        if isinstance(item, CollectivesError):
+            raise item
+        return self._hand_over(item, into)
+
+    def _hand_over(self, item: _Queued, into: memoryview | None) -> Taken:
+        """A queued message for a ``take`` (outside the lock): copied into ``into`` when it
+        fits there, its pool buffer then reused."""
+        env, msg = item.taken
+        if into is not None and len(msg.buffers) == 1 and lands_in(msg.header, into.nbytes):
+            into[:] = msg.buffers[0]
+            if item.pooled:
+                self._pool.put(msg.buffers[0])
+            self.counters["copied_in"] += 1
+            return env, Encoded(msg.header, [into], msg.checked)
+        return item.taken
 
     def has_message(self, src: int, channel: int) -> bool:
         with self.lock:
             return bool(self.boxes.get((src, channel)))
+
+    def _drive(self, ready: Callable[[], bool], peer: int, dl: Deadline, what: str | None) -> None:
+        """Make progress until ``ready()`` (holding the lock; see the module docstring): take
+        turns as the poller, or wait for the one who is.  Raises at ``dl``, when ``peer`` is
+        lost, on abort and close."""
+        if not getattr(_tuned, "done", False):
+            _tuned.done = True
+            fine_timer_slack()
+        self._drivers += 1
+        try:
+            while not ready():
+                self.check_usable(peer, dl.op)
+                remaining = dl.remaining()
+                if remaining <= 0:
+                    raise dl.error([peer]) if what is None else dl.error([peer], what)
+                if self._poller:
+                    self.cond.wait(remaining)
+                    continue
+                self._poller = True
+                try:
+                    self.counters["caller_turns"] += 1
+                    if self._turn() or ready():
+                        continue  # more to read, or done: no wait
+                    timer = self._timer
+                    until = self.clock() + min(remaining, _IDLE_WAIT_S)
+                    self._poll_until = until if timer is None else min(until, timer)
+                    self._block(self._poll_until)
+                finally:
+                    self._poll_until = -math.inf
+                    self._poller = False
+        except CollectivesError:
+            raise
+        except Exception as err:  # the core or the socket broke: fail every waiter, loudly
+            self._failed(err)
+            raise CommunicatorAbortedError(f"rank {self.rank}: {self.aborted}") from err
+        finally:
+            self._drivers -= 1
+            if self._drivers:
+                self.cond.notify_all()  # one of the others becomes the poller
 
     def wait_connected(self, deadline: float, timeout: float) -> None:
         """Wait until the handshake with every peer is done; name the ones that never answer."""
@@ -235,9 +338,6 @@ class Engine:
                 f"{op} on rank {self.rank}: rank {peer} is gone ({self.lost[peer]})", ranks=(peer,)
             )
 
-    def _check_alive(self, peer: int, op: str, *, waiting: bool) -> None:
-        self.check_usable(peer, op)
-
     # -- lifetime --------------------------------------------------------------------------------
     def abort(self, reason: str) -> None:
         with self.lock:
@@ -248,7 +348,9 @@ class Engine:
             with contextlib.suppress(Exception):
                 self.ep.abort(reason, now)
                 self._pump(now)
+                self._timer = self.ep.get_timer()
             self.cond.notify_all()
+        self.wake()  # a poller in select sees the abort at once
 
     def close(self, linger: float) -> None:
         """Let sent messages be acknowledged (up to ``linger`` s), say CLOSE, stop the thread.
@@ -269,8 +371,10 @@ class Engine:
                 with contextlib.suppress(Exception):
                     self.ep.close(now)
                     self._pump(now)
+                    self._timer = self.ep.get_timer()
             self._stopping = True
             self.cond.notify_all()
+            self._io_cond.notify()
         self.wake()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
@@ -299,58 +403,80 @@ class Engine:
 
     # -- the IO thread ---------------------------------------------------------------------------
     def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        sock_fd = self.sock.fileno()
-        poller.register(sock_fd, select.POLLIN)
-        writing = False
-        busy = False
+        fine_timer_slack()
         try:
-            while True:
-                with self.lock:
-                    if self._stopping:
-                        return
-                    timer = self.ep.get_timer()
-                    now = self.clock()
-                    wait = _IDLE_POLL_S if timer is None else min(max(timer - now, 0.0), 1.0)
-                    self._sleep_until = now + wait
-                    want_write = bool(self._unsent)
-                if want_write != writing:
-                    writing = want_write
-                    mask = select.POLLIN | (select.POLLOUT if writing else 0)
-                    poller.modify(sock_fd, mask)
-                if busy:
-                    ready = poller.poll(0)
-                elif wait < _FINE_TIMER_S:
-                    # poll() counts whole milliseconds; a pacing gap is often tens of µs.
-                    ready = poller.poll(0)
-                    if not ready and wait > 0:
-                        time.sleep(wait)
-                else:
-                    ready = poller.poll(math.floor(wait * 1000))
-                if any(fd == self._wake_r for fd, _ in ready):
-                    self.counters["wakeups"] += 1
-                    with contextlib.suppress(OSError):
-                        os.read(self._wake_r, 4096)
-                reads = self.sock.receive(_READS_PER_ROUND)
-                busy = len(reads) == _READS_PER_ROUND
-                with self.lock:
-                    self._sleep_until = -math.inf  # awake: callers need not wake us
-                    if self._stopping:
-                        return
-                    now = self.clock()
-                    for data, addr, segment in reads:
-                        self.ep.receive(data, addr, now, segment)
-                    self.counters["reads"] += len(reads)
-                    timer = self.ep.get_timer()
-                    if timer is not None and timer <= now:
-                        self.ep.handle_timer(now)
-                    self._pump(now)
-        except Exception as err:  # the core or the socket broke: fail every waiter, loudly
-            log.exception("udp rank %d: the IO thread failed", self.rank)
             with self.lock:
-                self.aborted = self.aborted or f"the udp IO thread failed: {err!r}"
-                self.cond.notify_all()
+                while not self._stopping:
+                    if self._drivers:
+                        # A caller drives.  Nobody wakes us when the last one leaves (in a
+                        # loop of ops the next comes back within microseconds): the grace is
+                        # how late an idle rank reads and acks.
+                        self._io_cond.wait(_IO_GRACE_S)
+                        continue
+                    self.counters["io_turns"] += 1
+                    if self._turn():
+                        self._block(0.0)  # more to read: let posters at the lock first
+                        continue
+                    # While the rank is busy the thread looks every grace period, so a post
+                    # wakes it only for a timer due sooner (a pacing gap); idle, it sleeps.
+                    timer, now = self._timer, self.clock()
+                    busy = now - self._last_active < _BUSY_S
+                    until = now + (_IO_GRACE_S if busy else _IDLE_WAIT_S)
+                    self._io_until = until if timer is None else min(until, timer)
+                    try:
+                        self._block(self._io_until)
+                    finally:
+                        self._io_until = -math.inf
+        except Exception as err:  # the core or the socket broke: fail every waiter, loudly
+            with self.lock:
+                self._failed(err)
+
+    def _failed(self, err: Exception) -> None:
+        log.error("udp rank %d: the IO driver failed", self.rank, exc_info=err)
+        self.aborted = self.aborted or f"the udp IO driver failed: {err!r}"
+        self.cond.notify_all()
+
+    def _turn(self) -> bool:
+        """Read what the socket has, feed the core, run its timer, pump (holding the lock);
+        whether reads were left (the turn stopped at :data:`_READS_PER_TURN`)."""
+        ep, sock, buf, view = self.ep, self.sock, self._rbuf, self._rview
+        now = self.clock()
+        timer = self._timer
+        due = timer is not None and timer <= now
+        reads = 0
+        while reads < _READS_PER_TURN:
+            got = sock.read_into(buf)
+            if got is None:
+                break
+            reads += 1
+            n, addr, segment = got
+            if n >= 0:
+                ep.receive(view[:n], addr, now, segment)
+        if due:
+            ep.handle_timer(now)
+        elif not reads and not self._unsent:
+            return False  # nothing reached the core since it last spoke: it has nothing new
+        if reads:
+            self.counters["reads"] += reads
+            self._last_active = now
+        self._pump(now)
+        self._timer = ep.get_timer()
+        return reads == _READS_PER_TURN
+
+    def _block(self, until: float) -> None:
+        """Wait (lock released) until the socket is readable (writable, when sends wait for
+        room), a wakeup comes, or ``until``."""
+        timeout = max(until - self.clock(), 0.0)
+        fd, wake_r = self._sock_fd, self._wake_r
+        self.lock.release()
+        try:
+            ready, _, _ = select.select([fd, wake_r], [fd] if self._unsent else [], [], timeout)
+        finally:
+            self.lock.acquire()
+        if wake_r in ready:
+            self.counters["wakeups"] += 1
+            with contextlib.suppress(OSError):
+                os.read(wake_r, 4096)
 
     def _pump(self, now: float) -> None:
         """Hand out the core's events, then send what it lets out (holding the lock)."""
@@ -435,7 +561,10 @@ class Engine:
             self.counters["landed"] += 1
             return landing.into
         incoming.append(item)
-        return alloc_buffer(body_len)
+        if body_len < _POOL_MIN or item.error is not None:
+            return alloc_buffer(body_len)
+        item.pooled = True
+        return self._pool.get(body_len)
 
     def _received(self, event: MessageReceived) -> None:
         key = (event.peer, event.channel)
@@ -446,7 +575,7 @@ class Engine:
             )
             return
         item = incoming.popleft()
-        result: Taken | CollectivesError
+        result: _Queued | CollectivesError
         if item.error is not None or item.env is None:
             result = item.error or CodecError(f"malformed message from rank {event.peer}")
         else:
@@ -454,9 +583,9 @@ class Engine:
             for size in item.sizes:
                 buffers.append(event.body[offset : offset + size])
                 offset += size
-            result = (item.env, Encoded(item.header, buffers, item.checked))
+            result = _Queued((item.env, Encoded(item.header, buffers, item.checked)), item.pooled)
         if item.landing is not None:
-            item.landing.result = result
+            item.landing.result = result if isinstance(result, CollectivesError) else result.taken
         else:
             self.boxes.setdefault(key, deque()).append(result)
 

@@ -454,3 +454,65 @@ def test_backend_class_is_registered() -> None:
     from collectives.backends.base import get_backend_class
 
     assert get_backend_class("udp") is UdpBackend
+
+
+def _late_receive(comm: Communicator) -> Any:
+    import torch
+
+    data = torch.arange(1 << 20, dtype=torch.int32).view(torch.uint8)  # 4 MiB: pool-sized
+    if comm.rank == 0:
+        for _ in range(2):
+            comm.send_buffer(data, 1)  # acknowledged: rank 1's IO thread read it all
+        comm.barrier()
+        return None
+    comm.barrier()  # both messages are whole in rank 1's mailbox before either receive
+    out = torch.zeros_like(data)
+    got = []
+    for _ in range(2):
+        out.zero_()
+        comm.recv_into(out, 0)
+        got.append(torch.equal(out, data))
+    stats = comm.stats()
+    return got, stats["copied_in"], stats["landed"]
+
+
+def test_a_receive_that_comes_late_gets_a_copy_in_its_buffer() -> None:
+    got, copied, landed = run_world(2, keyed(2), _late_receive)[1]
+    assert got == [True, True]
+    assert copied == 2 and landed == 0
+
+
+def _callers_drive(comm: Communicator) -> Any:
+    for _ in range(20):
+        comm.broadcast(b"x" * 100)
+    return comm.stats()["caller_turns"]
+
+
+def test_a_waiting_caller_reads_the_socket_itself() -> None:
+    assert all(turns > 0 for turns in run_world(2, keyed(2), _callers_drive))
+
+
+def _peer_closed(comm: Communicator) -> Any:
+    comm.barrier()
+    engine = comm.engine._engine  # type: ignore[attr-defined]
+    if comm.rank == 1:
+        time.sleep(1.0)
+        return None
+    engine.sock.send_batch = lambda addr, payload, segment: payload.nbytes  # nothing arrives
+    mid = engine.send(1, 9, b"", [memoryview(b"z" * 100)])
+
+    def closed() -> None:
+        time.sleep(0.3)
+        with engine.lock:
+            engine.lost[1] = "peer closed"  # what the core reports on the peer's CLOSE
+        engine.wake()
+
+    threading.Thread(target=closed, daemon=True).start()
+    engine.wait_sent(1, mid, _dl(10.0))  # the peer left in order: the post is done
+    with pytest.raises(ConnectionLostError):
+        engine.take(1, 9, _dl(10.0), None)
+    return True
+
+
+def test_a_post_to_a_peer_that_closed_is_done() -> None:
+    assert run_world(2, keyed(2), _peer_closed)[0] is True
