@@ -48,10 +48,12 @@ def _non_negative(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks e2e",
-        description="Start an N-rank ComfyUI cluster (gloo, CPU) for every N, time workflows "
+        description="Start an N-rank ComfyUI cluster (CPU) for every N, time workflows "
         "queued on the leader; print tables, write JSON (all samples) and a PNG.",
     )
     add = parser.add_argument
+    add("--backend", default="udp", choices=("udp", "gloo", "mpi"),
+        help="the cluster's backend (default: %(default)s, the launcher's default)")  # fmt: skip
     add("--ranks", type=_positive_ints, default=[1, 2, 4], metavar="N[,N...]",
         help="cluster sizes (default: 1,2,4); speedups need 1 among them")  # fmt: skip
     add("--images", type=int, default=8, metavar="B",

@@ -3,9 +3,9 @@
     python -m benchmarks e2e --ranks 1,2,4 --images 8 --sleep-per-image 0.5 --size 512
 
 For each rank count N this process starts N ComfyUI servers (``start_comfy_cluster``, backend
-gloo, on the CPU, the tiny models of tools/comfyui/make_tiny_sd.py built once), waits until the
-leader's ``/cluster/status`` says ``ready`` and queues prompts on the leader's ordinary
-``POST /prompt``, one at a time.  Measured, after one warm-up run of every variant:
+``--backend``, udp by default, on the CPU, the tiny models of tools/comfyui/make_tiny_sd.py built
+once), waits until the leader's ``/cluster/status`` says ``ready`` and queues prompts on the
+leader's ordinary ``POST /prompt``, one at a time.  Measured, after one warm-up run of each variant:
 
 1. **scaling**: IndexedImages -> ClusterFanOutImage -> SleepPerImage -> ClusterFanInImages ->
    SaveTensor, a stand-in for per-image GPU work whose cost is known exactly (``images x sleep``
@@ -274,7 +274,7 @@ def run_cluster(
         port=_free_ports(ranks),
         base_directory=str(base),
         python=python,
-        backend="gloo",
+        backend=args.backend,
         gpus="none",
         extra_custom_nodes=[str(TEST_NODES)],
         ready_timeout_s=args.ready_timeout,

@@ -294,7 +294,7 @@ def document(
         "measurements": args.only,
         "settle_s": args.settle,
         "threads_per_rank": "auto" if args.threads_per_rank is None else args.threads_per_rank,
-        "backend": "gloo",
+        "backend": args.backend,
         "device": "cpu",
         "op_timeout_s": args.op_timeout,
     }
@@ -399,7 +399,7 @@ def plot(rows: dict[str, list[Row]], args: argparse.Namespace, path: Path) -> No
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle("python -m benchmarks e2e: gloo, CPU, loopback", fontsize=10)
+    fig.suptitle(f"python -m benchmarks e2e: {args.backend}, CPU, loopback", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
