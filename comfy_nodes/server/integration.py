@@ -7,11 +7,20 @@
 * ``POST /cluster/queue`` (leader): the same, forced, returning the prompt id;
 * ``GET /cluster/status`` (for the browser, like ``/cluster/queue``: ComfyUI's own trust model;
   it shows the key's fingerprint, never the key);
+* ``GET /cluster/panel`` (the cluster panel's first view; then it listens to the websocket),
+  ``POST /cluster/interrupt`` and ``POST /cluster/free`` (leader: on every rank), all for the
+  browser (comfy_nodes.server.panel);
 * ``GET /cluster/epoch``, ``POST /cluster/rejoin``, ``POST /cluster/failed``,
-  ``POST /cluster/abort``: membership and interrupt propagation between ranks, signed and checked
+  ``POST /cluster/abort``, ``POST /cluster/heartbeat``, ``POST /cluster/command``: membership,
+  interrupt propagation and the panel's reports between ranks, signed and checked
   (comfy_nodes.server.routes);
 * an aiohttp start-up hook that joins the cluster in a background thread, and on followers runs
-  the control thread that takes over each prompt the leader hands out.
+  the control thread that takes over each prompt the leader hands out; and starts the panel's
+  heartbeat thread.
+
+Per-prompt fan-out weights (the panel's, from the browser's settings) come with a prompt as
+``extra_data.cluster_weights`` (``"3,1"``) and fill every ``weights`` input the workflow left
+empty, before the prompt is handed to the followers; a node's own weights still win.
 """
 
 from __future__ import annotations
@@ -27,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 from comfy_nodes import cluster
 from comfy_nodes.nodes import NODE_CLASS_MAPPINGS
 from comfy_nodes.nodes_base import _ClusterNode
+from comfy_nodes.partition import parse_weights
 from comfy_nodes.server import prompts
 from comfy_nodes.server.control import Delivery, Verdict, hand_over, take_over
 from comfy_nodes.server.handoffs import Handoffs
 from comfy_nodes.server.membership import Membership
+from comfy_nodes.server.panel import Panel
 from comfy_nodes.server.peers import PeerAuth, PeerClient
 from comfy_nodes.server.routes import control_routes
 from comfy_nodes.server.settings import Settings
@@ -45,12 +56,26 @@ COLLECTIVE_CLASSES = frozenset(
     for name, cls in NODE_CLASS_MAPPINGS.items()
     if issubclass(cls, _ClusterNode) and name != prompts.SYNC_CLASS
 )
+
+
+@functools.cache
+def weighted_classes() -> frozenset[str]:
+    """The pack's nodes with a ``weights`` input (asked once, when a prompt first needs it: some
+    nodes' INPUT_TYPES list ComfyUI's folders)."""
+    return frozenset(
+        name
+        for name, cls in NODE_CLASS_MAPPINGS.items()
+        if "weights" in cls.INPUT_TYPES().get("optional", {})
+    )
+
+
 _installed: Membership | None = None
+_panel: Panel | None = None
 
 
 def install(server: Any) -> Membership | None:
     """Wire the cluster into a running ComfyUI ``PromptServer``; idempotent."""
-    global _installed
+    global _installed, _panel
     if _installed is not None:
         return _installed
     settings = Settings.from_env()
@@ -69,6 +94,8 @@ def install(server: Any) -> Membership | None:
         PeerClient(auth, settings.rank),
     )
     _installed = membership
+    _panel = panel = Panel(server, membership)
+    _observe_progress(server, panel)
     cluster.comm_provider = membership.wait_ready
     import comfy.utils  # type: ignore[import-not-found,unused-ignore]
 
@@ -93,6 +120,7 @@ def install(server: Any) -> Membership | None:
 
     async def join_on_startup(app: Any) -> None:
         membership.start()
+        panel.start()
 
     server.app.on_startup.append(join_on_startup)
     return membership
@@ -128,7 +156,24 @@ def _init_mpi_early(backend: str | None) -> None:
 def _prepared(json_data: dict[str, Any]) -> dict[str, Any]:
     prompt_id = str(json_data.get("prompt_id") or uuid.uuid4())
     cp = prompts.prepare(json_data["prompt"], COLLECTIVE_CLASSES, prompt_id)
-    return {**json_data, "prompt": cp.prompt, "prompt_id": prompt_id}
+    extra = json_data.get("extra_data")
+    weights = extra.get("cluster_weights") if isinstance(extra, dict) else None
+    prompt = with_weights(cp.prompt, weights) if isinstance(weights, str) else cp.prompt
+    return {**json_data, "prompt": prompt, "prompt_id": prompt_id}
+
+
+def with_weights(prompt: dict[str, Any], weights: str) -> dict[str, Any]:
+    """``prompt`` with ``weights`` in every ``weights`` input left empty (the prompt is already
+    a copy: prompts.prepare).  Invalid weights are written too: the node that reads them fails
+    with its own message, on every rank alike (POST /cluster/queue refuses them up front)."""
+    if not weights.strip():
+        return prompt
+    for node in prompt.values():
+        if isinstance(node, dict) and node.get("class_type") in weighted_classes():
+            inputs = node.setdefault("inputs", {})
+            if not str(inputs.get("weights") or "").strip():
+                inputs["weights"] = weights.strip()
+    return prompt
 
 
 def _deliver(membership: Membership, prompt_id: str, prompt: dict[str, Any]) -> Communicator:
@@ -290,6 +335,19 @@ def _propagate_interrupts(membership: Membership) -> None:
     executor_class.handle_execution_error = handle_execution_error
 
 
+# -- the panel ------------------------------------------------------------------------------------
+def _observe_progress(server: Any, panel: Panel) -> None:
+    # ComfyUI reports a prompt's progress only as websocket events: the panel reads them on
+    # their way out, so that the leader can show every rank's progress.
+    original = server.send_sync
+
+    def send_sync(event: Any, data: Any, sid: Any = None) -> Any:
+        panel.progress.observe(str(event), data)
+        return original(event, data, sid)
+
+    server.send_sync = send_sync
+
+
 # -- routes ---------------------------------------------------------------------------------------
 def _register_routes(server: Any, settings: Settings | None, auth: PeerAuth) -> None:
     from aiohttp import web
@@ -313,13 +371,43 @@ def _register_routes(server: Any, settings: Settings | None, auth: PeerAuth) -> 
                 {"error": f"rank {settings.rank} is a follower: queue on the leader"}, status=400
             )
         try:
+            extra = data.get("extra_data")
+            weights = extra.get("cluster_weights") if isinstance(extra, dict) else None
+            if weights is not None and settings is not None:
+                if not isinstance(weights, str):
+                    raise TypeError("extra_data.cluster_weights must be a string like '3,1'")
+                if weights.strip():
+                    parse_weights(weights, settings.size)
             prepared = _prepared(data) if prompts.HEAD_ID not in data["prompt"] else data
         except (ValueError, TypeError, KeyError) as err:
             return web.json_response({"error": f"{type(err).__name__}: {err}"}, status=400)
         result = await _validate_and_queue(server, prepared)
         return web.json_response(result, status=400 if "error" in result else 200)
 
+    async def panel_view(request: Any) -> Any:
+        if _panel is None:
+            return web.json_response({"rank": 0, "size": 1, "is_leader": True, "rows": []})
+        view = await asyncio.get_running_loop().run_in_executor(None, _panel.snapshot)
+        return web.json_response(view)
+
+    def everywhere(action: str) -> Any:
+        async def handler(request: Any) -> Any:
+            if _panel is None:
+                return web.json_response({"error": "this ComfyUI is not a cluster"}, status=400)
+            if not _panel.settings.is_leader:
+                rank = _panel.settings.rank
+                return web.json_response(
+                    {"error": f"rank {rank} is a follower: use the leader's panel"}, status=400
+                )
+            done = await asyncio.get_running_loop().run_in_executor(None, _panel.everywhere, action)
+            return web.json_response(done)
+
+        return handler
+
     routes.get("/cluster/status")(status)
     routes.post("/cluster/queue")(queue)
-    for method, path, handler in control_routes(auth, lambda: _installed):
+    routes.get("/cluster/panel")(panel_view)
+    routes.post("/cluster/interrupt")(everywhere("interrupt"))
+    routes.post("/cluster/free")(everywhere("free"))
+    for method, path, handler in control_routes(auth, lambda: _installed, lambda: _panel):
         routes.route(method, path)(handler)

@@ -12,6 +12,11 @@ in it is refused, h11 style):
     POST /cluster/abort  a follower             the leader
     ==================== ====================== ======================
 
+Two more carry the cluster panel's traffic (comfy_nodes.server.panel) and change no membership
+state: ``POST /cluster/heartbeat`` (the leader takes it from a follower: its status report, under
+``status``, any epoch) and ``POST /cluster/command`` (a follower takes it from the leader:
+``action`` "interrupt" or "free").
+
 and ``GET /cluster/epoch`` (a restarting follower asks the leader where the cluster is) changes
 nothing.  Each request is checked in this order, and refused without any effect:
 
@@ -36,7 +41,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from collectives.auth import AUTH_HEADER
 from comfy_nodes.server.peers import MAX_REASON_CHARS, PeerAuth
@@ -51,6 +56,8 @@ SENDERS: dict[str, dict[str, str]] = {
     "/cluster/rejoin": {FOLLOWER: LEADER},
     "/cluster/failed": {LEADER: FOLLOWER},
     "/cluster/abort": {LEADER: FOLLOWER, FOLLOWER: LEADER},
+    "/cluster/heartbeat": {LEADER: FOLLOWER},
+    "/cluster/command": {FOLLOWER: LEADER},
 }
 """route -> the receiver's role -> the role its sender must have."""
 
@@ -70,6 +77,7 @@ class Message:
     rank: int
     epoch: int
     reason: str
+    extra: dict[str, Any] | None = None  # the body's other keys (a heartbeat's status)
 
     @classmethod
     def parse(cls, raw: bytes, path: str) -> Message:
@@ -87,7 +95,8 @@ class Message:
         if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
             raise Refused(400, f"{path}: 'reason' must be a string of at most {MAX_REASON_CHARS}")
         assert isinstance(rank, int) and isinstance(epoch, int)
-        return cls(rank, epoch, reason)
+        extra = {k: v for k, v in data.items() if k not in ("rank", "epoch", "reason")}
+        return cls(rank, epoch, reason, extra)
 
 
 def _role(rank: int) -> str:
@@ -140,16 +149,33 @@ ACTIONS: dict[str, Callable[[Membership, Message], dict[str, Any]]] = {
 }
 
 
+class PanelHooks(Protocol):
+    """What the cluster panel does with its two messages (comfy_nodes.server.panel.Panel)."""
+
+    def heartbeat(self, msg: Message) -> dict[str, Any]: ...
+
+    def command(self, msg: Message) -> dict[str, Any]: ...
+
+
+PANEL_ACTIONS: dict[str, Callable[[PanelHooks, Message], dict[str, Any]]] = {
+    "/cluster/heartbeat": lambda panel, msg: panel.heartbeat(msg),
+    "/cluster/command": lambda panel, msg: panel.command(msg),
+}
+
+
 Handler = Callable[[Any], Awaitable[Any]]
 
 
 def control_routes(
-    auth: PeerAuth, membership: Callable[[], Membership | None]
+    auth: PeerAuth,
+    membership: Callable[[], Membership | None],
+    panel: Callable[[], PanelHooks | None] = lambda: None,
 ) -> list[tuple[str, str, Handler]]:
     """(method, path, aiohttp handler) of every rank-to-rank route.
 
     ``membership``: this rank's, or None on a ComfyUI that is not part of a cluster (then the
-    routes still check credentials and bodies, and change nothing).
+    routes still check credentials and bodies, and change nothing).  ``panel``: this rank's
+    cluster panel, or None (then its routes answer 409).
     """
     from aiohttp import web
 
@@ -183,8 +209,6 @@ def control_routes(
         return web.json_response({"epoch": max(m.epoch, 0) if m is not None else 0})
 
     def post(path: str) -> Handler:
-        action = ACTIONS[path]
-
         async def handler(request: Any) -> Any:
             try:
                 msg = Message.parse(await read_checked(request), path)
@@ -192,12 +216,22 @@ def control_routes(
                 if m is None:
                     raise Refused(409, "this ComfyUI is not part of a cluster")
                 check_sender(path, m, msg)
+                action = _bind(path, m)
                 # The action may ask the leader a question (a rejoin): off the event loop.
-                result = await asyncio.get_running_loop().run_in_executor(None, action, m, msg)
+                result = await asyncio.get_running_loop().run_in_executor(None, action, msg)
             except Refused as err:
                 return refused(err.status, str(err))
             return web.json_response(result)
 
         return handler
 
-    return [("GET", "/cluster/epoch", epoch)] + [("POST", p, post(p)) for p in ACTIONS]
+    def _bind(path: str, m: Membership) -> Callable[[Message], dict[str, Any]]:
+        if path in ACTIONS:
+            return lambda msg: ACTIONS[path](m, msg)
+        p = panel()
+        if p is None:
+            raise Refused(409, f"{path}: this rank runs no cluster panel")
+        return lambda msg: PANEL_ACTIONS[path](p, msg)
+
+    posts = [*ACTIONS, *PANEL_ACTIONS]
+    return [("GET", "/cluster/epoch", epoch)] + [("POST", p, post(p)) for p in posts]

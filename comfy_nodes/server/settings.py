@@ -23,6 +23,8 @@ JOIN_TIMEOUT_ENV = "COMFY_CLUSTER_JOIN_TIMEOUT"
 IDLE_TIMEOUT_ENV = "COMFY_CLUSTER_IDLE_TIMEOUT"
 LEADER_URL_ENV = "COMFY_CLUSTER_LEADER_URL"
 ADVERTISE_ENV = "COMFY_CLUSTER_ADVERTISE_HOST"
+HEARTBEAT_ENV = "COMFY_CLUSTER_HEARTBEAT_S"
+HEARTBEAT_TIMEOUT_ENV = "COMFY_CLUSTER_HEARTBEAT_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class Settings:
     leader_url: str | None  # the leader's ComfyUI, for membership messages (rejoin, abort)
     advertise_host: str  # how other ranks reach this instance's HTTP server
     key: ClusterKey | None = None  # signs and checks requests between ranks (repr: fingerprint)
+    heartbeat_s: float = 2.0  # how often a follower reports to the leader (the cluster panel)
+    heartbeat_timeout_s: float = 20.0  # silence after which the leader calls a follower lost
 
     @property
     def is_leader(self) -> bool:
@@ -65,6 +69,14 @@ class Settings:
         if leader_url is not None:
             leader_host = urllib.parse.urlsplit(leader_url).hostname or ""
             _require_key(key, leader_host, f"messages to the leader ({LEADER_URL_ENV})", env)
+        heartbeat = seconds(HEARTBEAT_ENV, 2.0)
+        heartbeat_timeout = seconds(HEARTBEAT_TIMEOUT_ENV, 20.0)
+        if heartbeat_timeout < 2 * heartbeat:
+            # A shorter timeout would call a follower lost between two of its ordinary beats.
+            raise ConfigurationError(
+                f"{HEARTBEAT_TIMEOUT_ENV}={heartbeat_timeout:g} must be at least twice "
+                f"{HEARTBEAT_ENV}={heartbeat:g}"
+            )
         return cls(
             rank=rank_env.rank,
             size=rank_env.world_size,
@@ -75,6 +87,8 @@ class Settings:
             leader_url=leader_url,
             advertise_host=advertise_host,
             key=key,
+            heartbeat_s=heartbeat,
+            heartbeat_timeout_s=heartbeat_timeout,
         )
 
     def check_listen(self, listen: str | None, environ: Mapping[str, str] | None = None) -> None:
