@@ -32,17 +32,17 @@ All of this is driven by :class:`RateSample` values that :mod:`.recovery` comput
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .rtt import WindowedFilter
 
 __all__ = ["Bbr", "BbrState", "Congestion", "RateSample"]
 
 
-@dataclass(slots=True, frozen=True)
-class RateSample:
+# A NamedTuple rather than a frozen dataclass: one is made per ACK, and a frozen dataclass sets
+# each field through object.__setattr__ (several times the cost).
+class RateSample(NamedTuple):
     """What one ACK taught the sender (delivery-rate estimation, BBR style).
 
     ``delivery_rate`` is bytes delivered over the interval that the newest acknowledged packet

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 
 from collectives.transport._pb import transport_pb2 as pb
 
+# ChunkKind.DATA as a plain int, for the per-frame paths (IntEnum compares and packs are slower).
+DATA_KIND = 1
 # kind, flags, meta length, channel, comm id, epoch, channel sequence, message id, stream offset,
 # chunk length, body length.  64-bit offsets and lengths: bodies over 2 (or 4) GiB are fine.
 DATA_HEADER = struct.Struct(">BBHIQQQQQIQ")
@@ -41,6 +43,12 @@ _CONTROL_TYPES: dict[int, Any] = {
     ChunkKind.CLOSE: pb.Close,
     ChunkKind.ABORT: pb.Abort,
 }
+
+
+# int -> member, for parse_chunks: calling ChunkKind(kind) goes through EnumType.__call__, which
+# costs more than the rest of parsing a control chunk.
+_KINDS: dict[int, ChunkKind] = {int(k): k for k in ChunkKind}
+assert DATA_KIND == ChunkKind.DATA
 
 
 class FrameError(ValueError):
@@ -89,7 +97,7 @@ def pack_data_header(
     DATA_HEADER.pack_into(
         buf,
         pos,
-        ChunkKind.DATA,
+        DATA_KIND,
         0,
         meta_len,
         channel,
@@ -110,7 +118,7 @@ def parse_chunks(plain: memoryview) -> list[Chunk]:
     unpack_data = DATA_HEADER.unpack_from
     while pos < end:
         kind = plain[pos]
-        if kind == ChunkKind.DATA:
+        if kind == DATA_KIND:
             if end - pos < DATA_HEADER_SIZE:
                 raise FrameError("truncated data chunk header")
             (_, _, meta_len, channel, comm, epoch, seq, mid, offset, length, body_len) = (
@@ -141,5 +149,5 @@ def parse_chunks(plain: memoryview) -> list[Chunk]:
         except Exception as err:  # protobuf's DecodeError
             raise FrameError(f"control chunk of kind {kind} does not parse") from err
         pos += length
-        chunks.append(ControlChunk(ChunkKind(kind), msg))
+        chunks.append(ControlChunk(_KINDS[kind], msg))
     return chunks

@@ -17,6 +17,7 @@ VERSION = 1
 _HEADER = struct.Struct(">BBH4sQQHHI")
 HEADER_SIZE = _HEADER.size  # 32
 pack_header_into = _HEADER.pack_into
+pack_header = _HEADER.pack
 
 
 class PacketType(enum.IntEnum):

@@ -73,16 +73,23 @@ class Outbound:
             frame = self.frames.get(first)
             if frame is not None:  # resent whole: the receiver dropped what it had of it
                 self._resend.extend(self._packet(frame, i) for i in range(frame.count))
-        if acked:
-            self._release(RangeSet(max_ranges=len(acked) + 1, ranges=acked), acked[-1][1])
+        if len(acked) == 1:
+            # The bulk case: one contiguous range (every frame arrived in order).  A frame is
+            # covered when it lies inside it, which needs no RangeSet.
+            lo, hi = acked[0]
+            self._release(None, lo, hi)
+        elif acked:
+            self._release(RangeSet(max_ranges=len(acked) + 1, ranges=acked), 0, acked[-1][1])
 
-    def _release(self, acked: RangeSet, stop: int) -> None:
+    def _release(self, acked: RangeSet | None, lo: int, stop: int) -> None:
+        """Free the frames every segment of which is in ``acked`` (None: in ``[lo, stop)``)."""
         frames = self.frames
         done: list[int] = []
         for first, frame in frames.items():
             if first >= stop:
                 break
-            if acked.covers(first, first + frame.count):
+            end = first + frame.count
+            if acked.covers(first, end) if acked is not None else (lo <= first and end <= stop):
                 done.append(first)
         for first in done:
             frame = frames.pop(first)
@@ -98,8 +105,11 @@ class Outbound:
             self.probe = True
 
     def timer(self) -> float | None:
-        deadlines = [t for t in (self.recovery.loss_time(), self.paced_until) if t is not None]
-        return min(deadlines) if deadlines else None
+        loss = self.recovery.loss_time()
+        paced = self.paced_until
+        if paced is None:
+            return loss
+        return paced if loss is None or paced < loss else loss
 
     @property
     def credit_blocked(self) -> bool:
@@ -116,21 +126,33 @@ class Outbound:
         return SentPacket(frame.first + index, frame.size(index), data=(frame, index))
 
     def produce(self, addr: Address, controls: list[bytes], now: float, out: list[Batch]) -> None:
-        """Append what may go out now: resends first, then frames of control chunks and data."""
+        """Append what may go out now: resends first, then frames of control chunks and data.
+
+        One call emits as many frames as the window, the pacer and the credit allow, with what
+        the loop reads hoisted into locals: it runs once per frame on the bulk path.
+        """
         self.paced_until = None
         recovery = self.recovery
         probe, self.probe = self.probe, False
-        if probe and not self._resend and not self.queue:
+        queue = self.queue
+        if probe and not self._resend and not queue:
             oldest = recovery.oldest_unacked()
             if oldest is not None:
                 self._resend.append(oldest)
-        self._send_resends(addr, now, out, probe)
-        plain_cap = self._builder.plain_cap
+        if self._resend:
+            self._send_resends(addr, now, out, probe)
+        builder = self._builder
+        plain_cap = builder.plain_cap
+        congestion = recovery.congestion
+        counters = self._counters
+        frames = self.frames
         while True:
             credit = self.credit_limit - self.data_sent
-            want_data = bool(self.queue) and credit > 0
+            want_data = credit > 0 and bool(queue)
             if want_data and not probe:
-                if not recovery.can_send(plain_cap):
+                # recovery.can_send inlined: an empty pipe always has room.
+                flight = recovery.bytes_in_flight
+                if flight and flight + plain_cap > congestion.cwnd:
                     want_data = False
                 else:
                     at = recovery.next_send_time(now, plain_cap)
@@ -139,31 +161,39 @@ class Outbound:
                         want_data = False
             if not want_data and not controls:
                 break
-            plain_len, touched, data = self._builder.fill(
-                controls, self.queue, credit if want_data else 0
-            )
+            plain_len, touched, data = builder.fill(controls, queue, credit if want_data else 0)
             controls = []
             probe = False
             first = self.next_number
-            frame = self._builder.seal(plain_len, first, self._remote_id)
-            self.next_number += frame.count
-            self._counters["frames_sealed"] += 1
+            frame = builder.seal(plain_len, first, self._remote_id)
+            count = frame.count
+            self.next_number = first + count
+            counters["frames_sealed"] += 1
             self.data_sent += data
-            eliciting = bool(touched) or self._eliciting
-            self._eliciting = False
-            if eliciting:
+            if touched or self._eliciting:
+                self._eliciting = False
                 frame.messages = touched
                 frame.data_bytes = data
                 for msg in touched:
                     msg.frames_pending += 1
-                self.frames[first] = frame
-                for i in range(frame.count):
-                    recovery.on_sent(self._packet(frame, i), now)
+                frames[first] = frame
+                stride = frame.stride
+                last = len(frame.image) - (count - 1) * stride
+                recovery.on_sent_segments(
+                    first, count, stride, last_size=last, handle=frame, now=now
+                )
                 self.last_eliciting_sent = now
-            self._emit_batches(addr, frame, 0, frame.count, out)
+            if count == 1:
+                # One datagram, one batch: _emit_batches' general split is not needed.
+                image = frame.image
+                out.append((addr, memoryview(image), len(image)))
+                counters["datagrams_out"] += 1
+                counters["bytes_out"] += len(image)
+            else:
+                self._emit_batches(addr, frame, 0, count, out)
             if not touched:
                 break
-        if not self.queue and not self._resend:
+        if not queue and not self._resend:
             recovery.on_app_limited()
 
     def mark_eliciting(self) -> None:

@@ -23,9 +23,13 @@ DEFAULT_BURST = 64 * 1024
 
 
 class Pacer:
-    """Bytes-per-second token bucket.  ``rate = inf`` turns pacing off."""
+    """Bytes-per-second token bucket.  ``rate = inf`` turns pacing off.
 
-    __slots__ = ("_last", "_tokens", "burst", "rate")
+    Called once or twice per frame, so it is written for few calls: no helper per operation,
+    ``math.isinf`` is evaluated where the rate changes (``_off``), not on every use.
+    """
+
+    __slots__ = ("_last", "_off", "_tokens", "burst", "rate")
 
     def __init__(self, rate: float = math.inf, burst: int = DEFAULT_BURST) -> None:
         if burst <= 0:
@@ -33,46 +37,61 @@ class Pacer:
         if rate <= 0 or math.isnan(rate):
             raise ValueError(f"rate must be positive, got {rate}")
         self.rate = rate
+        self._off = math.isinf(rate)
         self.burst = burst
         self._tokens = float(burst)
         self._last: float | None = None
 
     def _refill(self, now: float) -> None:
-        if self._last is None or math.isinf(self.rate):
-            self._tokens = float(self.burst) if math.isinf(self.rate) else self._tokens
+        last = self._last
+        if last is None or self._off:
+            if self._off:
+                self._tokens = float(self.burst)
             self._last = now
             return
-        elapsed = now - self._last
-        if elapsed > 0:
-            self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        if now > last:
+            tokens = self._tokens + (now - last) * self.rate
+            self._tokens = tokens if tokens < self.burst else float(self.burst)
             self._last = now
 
     def set_rate(self, rate: float, now: float) -> None:
         """Change the rate; time before ``now`` still earns tokens at the old rate."""
+        if rate == self.rate:
+            return  # the common case once the model settles: nothing to refill for
         if rate <= 0 or math.isnan(rate):
             raise ValueError(f"rate must be positive, got {rate}")
         self._refill(now)
         self.rate = rate
+        self._off = math.isinf(rate)
 
     def next_send_time(self, now: float, size: int) -> float:
         """Earliest time (>= ``now``) at which ``size`` bytes may go out."""
-        if math.isinf(self.rate):
+        if self._off:
             return now
         self._refill(now)
-        need = min(float(size), float(self.burst))
+        burst = self.burst
+        need = float(size if size < burst else burst)
         if self._tokens >= need:
             return now
         return now + (need - self._tokens) / self.rate
 
-    def on_sent(self, size: int, now: float) -> None:
-        """Account for ``size`` bytes sent at ``now`` (the caller may have sent early)."""
-        if math.isinf(self.rate):
+    def on_sent(self, size: int, now: float, debt_cap: int | None = None) -> None:
+        """Account for ``size`` bytes sent at ``now`` (the caller may have sent early).
+
+        ``debt_cap`` replaces ``max(burst, size)`` as the most debt the send may leave: for a
+        batch of datagrams accounted at once, each of which would have been capped at
+        ``burst`` (see :meth:`.recovery.Recovery.on_sent_many`).
+        """
+        if self._off:
             return
         self._refill(now)
         # A send that waited for the pacer never owes more than its own size, so this cap only
         # bites on sends that ignored it (probes bypass pacing): those must not throttle the
         # sends after them for longer than one burst or one such send takes to earn.
-        self._tokens = max(self._tokens - size, -float(max(self.burst, size)))
+        if debt_cap is None:
+            debt_cap = size if size > self.burst else self.burst
+        tokens = self._tokens - size
+        self._tokens = tokens if tokens > -debt_cap else -float(debt_cap)
 
     @property
     def tokens(self) -> float:

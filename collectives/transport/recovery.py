@@ -24,6 +24,7 @@ from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .congestion import Bbr, Congestion, RateSample
 from .pacing import Pacer
@@ -63,15 +64,13 @@ class SentPacket:
     lost: bool = field(default=False, repr=False)
 
 
-@dataclass(slots=True, frozen=True)
-class AckResult:
+class AckResult(NamedTuple):  # immutable and cheap to make (one per ACK or timer)
     acked: list[SentPacket]
     lost: list[SentPacket]
     rtt_sample: float | None
 
 
-@dataclass(slots=True, frozen=True)
-class TimeoutResult:
+class TimeoutResult(NamedTuple):  # immutable and cheap to make (one per ACK or timer)
     lost: list[SentPacket]
     #: A probe timeout fired: send one or two ack-eliciting packets now, even past the window
     #: and the pacer (new data if any, else a resend of :meth:`Recovery.oldest_unacked`).
@@ -144,6 +143,121 @@ class Recovery:
         pkt.lost = False
         self._track(pkt, now)
 
+    def on_sent_many(self, pkts: list[SentPacket], now: float) -> None:
+        """Record the first transmission of ``pkts``, ascending numbers sent together (the
+        datagrams of one frame, each at most ``max_datagram`` bytes): the same as
+        :meth:`on_sent` for each in turn, in one pass.  Ascending numbers above every tracked
+        one keep ``_numbers`` sorted by appending.
+
+        Why it is the same: within one call nothing moves ``delivered`` or the rate-interval
+        stamps (only ACKs do), so every packet is stamped alike; Bbr's ``on_sent`` keeps only the
+        maximum ``bytes_in_flight``, which the last packet has; and the pacer's debt clamp
+        (``-max(burst, size)``) is ``-burst`` for any datagram (<= max_datagram <= burst, checked
+        below), for which subtracting
+        the sizes one by one, clamping each time, equals subtracting the total and clamping once.
+        """
+        numbers = self._numbers
+        if not pkts:
+            return
+        if (
+            (numbers and pkts[0].number <= numbers[-1])
+            or type(self.congestion) is not Bbr
+            or self.max_datagram > self.pacer.burst
+        ):
+            for pkt in pkts:  # not above every tracked number, or another controller
+                self.on_sent(pkt, now)
+            return
+        self._advance(now)
+        if self.bytes_in_flight == 0:
+            self._first_sent_at = now
+            self._delivered_at = now
+        delivered = self.delivered
+        delivered_at = self._delivered_at
+        first_sent_at = self._first_sent_at
+        app_limited = self._app_limited_until > 0
+        unacked = self._unacked
+        outstanding = self._outstanding
+        seq = self._next_seq
+        total = 0
+        eliciting = 0
+        for pkt in pkts:
+            number = pkt.number
+            if number in unacked:
+                raise ValueError(f"packet {number} is already tracked; use on_resent")
+            pkt.sent_at = now
+            pkt.seq = seq
+            pkt.delivered = delivered
+            pkt.delivered_at = delivered_at
+            pkt.first_sent_at = first_sent_at
+            pkt.app_limited = app_limited
+            unacked[number] = pkt
+            outstanding[seq] = pkt
+            seq += 1
+            numbers.append(number)
+            if pkt.ack_eliciting:
+                eliciting += 1
+            if pkt.in_flight:
+                total += pkt.size
+        self._next_seq = seq
+        if eliciting:
+            self._ack_eliciting_outstanding += eliciting
+            self._last_ack_eliciting_at = now
+        if total:
+            self.bytes_in_flight += total
+            self.pacer.on_sent(total, now, self.pacer.burst)
+            self.congestion.on_sent(total, self.bytes_in_flight, now)
+
+    def on_sent_segments(
+        self, first: int, count: int, size: int, *, last_size: int, handle: object, now: float
+    ) -> list[SentPacket]:
+        """The first transmission of one frame's ``count`` datagrams, numbered from ``first``:
+        ``size`` bytes each but the last (``last_size``), ack-eliciting, the data of datagram
+        ``i`` being ``(handle, i)``.  What :meth:`on_sent_many` does, with each packet built
+        already stamped (no default written and then overwritten) and the maps filled by bulk
+        updates: this runs once per frame of up to hundreds of datagrams.
+
+        Safe to bulk-insert: the numbers are above every tracked one (else the general path
+        runs), and ``_unacked`` holds exactly the numbers of ``_numbers``, so none is tracked.
+        """
+        numbers = self._numbers
+        if (
+            (numbers and first <= numbers[-1])
+            or type(self.congestion) is not Bbr
+            or self.max_datagram > self.pacer.burst
+        ):
+            pkts = [SentPacket(first + i, size, data=(handle, i)) for i in range(count)]
+            pkts[-1].size = last_size
+            for pkt in pkts:
+                self.on_sent(pkt, now)
+            return pkts
+        self._advance(now)
+        if self.bytes_in_flight == 0:
+            self._first_sent_at = now
+            self._delivered_at = now
+        d, d_at, f_at = self.delivered, self._delivered_at, self._first_sent_at
+        app = self._app_limited_until > 0
+        seq = self._next_seq
+        # Positional: number, size, sent_at, ack_eliciting, in_flight, retransmitted, delivered,
+        # delivered_at, first_sent_at, app_limited, data, seq.
+        pkts = [
+            SentPacket(first + i, size, now, True, True, False, d, d_at, f_at, app, (handle, i),
+                       seq + i)
+            for i in range(count)
+        ]  # fmt: skip
+        pkts[-1].size = last_size
+        self._unacked.update(zip(range(first, first + count), pkts, strict=True))
+        self._outstanding.update(zip(range(seq, seq + count), pkts, strict=True))
+        numbers.extend(range(first, first + count))
+        self._next_seq = seq + count
+        self._ack_eliciting_outstanding += count
+        self._last_ack_eliciting_at = now
+        total = (count - 1) * size + last_size
+        self.bytes_in_flight += total
+        # Every datagram is <= max_datagram <= burst (checked above): see on_sent_many.
+        self.pacer.on_sent(total, now, self.pacer.burst)
+        self.congestion.on_sent(total, self.bytes_in_flight, now)
+        return pkts
+
     def _track(self, pkt: SentPacket, now: float) -> None:
         self._advance(now)
         if self.bytes_in_flight == 0:
@@ -176,7 +290,7 @@ class Recovery:
 
     def next_send_time(self, now: float, size: int | None = None) -> float:
         """When the pacer lets the next ``size`` bytes (default one datagram) out; >= ``now``."""
-        self._advance(now)
+        self._now = now if now > self._now else self._now  # (max() is a call: slower)
         return self.pacer.next_send_time(now, self.max_datagram if size is None else size)
 
     def on_app_limited(self) -> None:
@@ -197,13 +311,13 @@ class Recovery:
         numbers = self._numbers
         acked: list[SentPacket] = []
         largest = -1
+        unacked = self._unacked
         for start, stop in ranges:
-            largest = max(largest, stop - 1)
+            largest = stop - 1 if stop - 1 > largest else largest
             lo = bisect_left(numbers, start)
             hi = bisect_left(numbers, stop, lo)
             if lo < hi:
-                for number in numbers[lo:hi]:
-                    acked.append(self._unacked.pop(number))
+                acked.extend([unacked.pop(number) for number in numbers[lo:hi]])
                 del numbers[lo:hi]
         if not acked:
             return AckResult([], [], None)
@@ -212,25 +326,40 @@ class Recovery:
         newly_acked = 0
         newest: SentPacket | None = None  # of the delivery-rate sample
         sample_pkt: SentPacket | None = None  # of the RTT sample
+        # One pass with everything hoisted into locals: an ACK of a 1200-byte-datagram window
+        # acknowledges thousands of packets.  The body is _forget_outstanding inlined.
+        outstanding = self._outstanding
+        largest_seq = self._largest_acked_seq
+        eliciting_gone = 0
+        flight_gone = 0
+        spurious = 0
         for pkt in acked:
             if pkt.lost:
-                self.spurious_losses += 1
-            else:
-                self._forget_outstanding(pkt)
+                spurious += 1
+            elif outstanding.pop(pkt.seq, None) is not None:
+                if pkt.ack_eliciting:
+                    eliciting_gone += 1
+                if pkt.in_flight:
+                    flight_gone += pkt.size
             if not pkt.retransmitted:
-                self._largest_acked_seq = max(self._largest_acked_seq, pkt.seq)
+                largest_seq = pkt.seq if pkt.seq > largest_seq else largest_seq
                 if pkt.number == largest and pkt.ack_eliciting:
                     sample_pkt = pkt
             if pkt.in_flight:
                 newly_acked += pkt.size
-                self.delivered += pkt.size
-                self._delivered_at = now
                 if (
                     newest is None
                     or pkt.delivered > newest.delivered
                     or (pkt.delivered == newest.delivered and pkt.sent_at > newest.sent_at)
                 ):
                     newest = pkt
+        self._largest_acked_seq = largest_seq
+        self._ack_eliciting_outstanding -= eliciting_gone
+        self.bytes_in_flight -= flight_gone
+        self.spurious_losses += spurious
+        if newest is not None:  # some packet was in flight (what the delivered count counts)
+            self.delivered += newly_acked
+            self._delivered_at = now
 
         rtt_sample: float | None = None
         path_rtt: float | None = None
@@ -326,15 +455,23 @@ class Recovery:
         """When :meth:`on_timeout` must run next (None: no timer).
 
         Never earlier than the latest ``now`` this object was given: a deadline in the past
-        would make a driver spin; it is due immediately instead.
+        would make a driver spin; it is due immediately instead.  Asked for after every input,
+        so :meth:`_pto_interval` is inlined here.
         """
         deadline = self._loss_deadline
-        last_sent = self._last_ack_eliciting_at
-        if deadline is None and self._ack_eliciting_outstanding and last_sent is not None:
-            deadline = last_sent + self._pto_interval()
         if deadline is None:
-            return None
-        return max(deadline, self._now)
+            last_sent = self._last_ack_eliciting_at
+            if not self._ack_eliciting_outstanding or last_sent is None:
+                return None
+            rtt = self.rtt
+            var = 4 * rtt.rttvar
+            pto = rtt.smoothed + (var if var > GRANULARITY else GRANULARITY) + self.max_ack_delay
+            count = self.pto_count
+            deadline = last_sent + pto * (
+                1 << (count if count < MAX_PTO_BACKOFF else MAX_PTO_BACKOFF)
+            )
+        now = self._now
+        return deadline if deadline > now else now
 
     def _pto_interval(self) -> float:
         backoff = 1 << min(self.pto_count, MAX_PTO_BACKOFF)
@@ -391,7 +528,7 @@ class Recovery:
         return len(self._unacked)
 
     def _advance(self, now: float) -> None:
-        self._now = max(self._now, now)
+        self._now = now if now > self._now else self._now  # (max() is a call: slower)
 
     def _forget_outstanding(self, pkt: SentPacket) -> None:
         if self._outstanding.pop(pkt.seq, None) is None:

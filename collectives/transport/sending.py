@@ -17,15 +17,17 @@ from collections.abc import Sequence
 import numpy as np
 
 from collectives.transport.crypto import Cipher
-from collectives.transport.frames import DATA_HEADER_SIZE, pack_data_header
+from collectives.transport.frames import DATA_HEADER, DATA_HEADER_SIZE, DATA_KIND
 from collectives.transport.header import (
     HEADER_SIZE,
-    Header,
+    VERSION,
     PacketType,
+    pack_header,
     segment_heads,
-    segment_layout,
-    segments_for,
 )
+
+_U64 = (1 << 64) - 1
+_SEGMENT = int(PacketType.SEGMENT)  # a plain int packs faster than the IntEnum member
 
 
 class OutMessage:
@@ -133,6 +135,12 @@ class FrameBuilder:
         per_frame = max(1, frame_bytes // cap)
         self.plain_cap = min(frame_bytes, per_frame * cap - cipher.overhead)
         self._plain = bytearray(self.plain_cap)
+        self._plain_view = memoryview(self._plain)
+        self._cap = cap
+        self._overhead = cipher.overhead
+        # comm id and epoch as the DATA chunk header's unsigned 64-bit fields.
+        comm_id &= _U64
+        epoch &= _U64
         self._sealed = bytearray(self.plain_cap + cipher.overhead)
         self._comm_id = comm_id
         self._epoch = epoch
@@ -145,41 +153,36 @@ class FrameBuilder:
         Returns ``(plaintext length, messages touched, data bytes)``; messages completely framed
         leave ``queue``.
         """
-        plain = memoryview(self._plain)
+        plain = self._plain_view
         pos = 0
         for chunk in controls:
             plain[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
         touched: list[OutMessage] = []
         data = 0
+        cap = self.plain_cap - DATA_HEADER_SIZE
+        pack = DATA_HEADER.pack_into  # pack_data_header's body: no keyword call per chunk
+        comm_id, epoch = self._comm_id, self._epoch
         while queue:
             msg = queue[0]
-            room = self.plain_cap - pos - DATA_HEADER_SIZE
             meta_len = len(msg.meta)
-            n = min(room, msg.total - msg.pos, credit - data)
+            left = msg.total - msg.pos
+            # min(room, left, credit) as compares: min() is a call, once per chunk.
+            n = cap - pos
+            n = left if left < n else n
+            n = credit - data if credit - data < n else n
             if msg.pos == 0 and n < meta_len + min(1, msg.body_len):
                 break  # a message's first chunk carries its whole meta (and a body byte)
             if n <= 0 and msg.total > 0:
                 break
-            pack_data_header(
-                plain,
-                pos,
-                channel=msg.channel,
-                comm_id=self._comm_id,
-                epoch=self._epoch,
-                seq=msg.seq,
-                message_id=msg.message_id,
-                offset=msg.pos,
-                length=n,
-                meta_len=meta_len,
-                body_len=msg.body_len,
-            )
+            pack(plain, pos, DATA_KIND, 0, meta_len, msg.channel, comm_id, epoch, msg.seq,
+                 msg.message_id, msg.pos, n, msg.body_len)  # fmt: skip
             pos += DATA_HEADER_SIZE
             msg.copy_into(plain[pos : pos + n], n)
             pos += n
             data += n
             touched.append(msg)
-            if msg.framed:
+            if msg.pos >= msg.total:  # framed
                 queue.popleft()
             else:
                 break  # the frame is full (or the credit spent)
@@ -187,21 +190,22 @@ class FrameBuilder:
 
     def seal(self, plain_len: int, first: int, session_id: int) -> SentFrame:
         """Seal the filled plaintext as the frame whose first segment number is ``first``."""
-        sealed_len = plain_len + self._cipher.overhead
-        count = segments_for(sealed_len, self._max_datagram)
-        per = segment_layout(sealed_len, count)
-        aad = Header(PacketType.SEGMENT, 0, self._tag, session_id, first, 0, count, sealed_len)
-        aad_bytes = aad.pack()
-        plain = memoryview(self._plain)[:plain_len]
+        sealed_len = plain_len + self._overhead
+        count = -(-sealed_len // self._cap) or 1  # segments_for, inlined
+        per = -(-sealed_len // count)  # segment_layout, inlined
+        # The segment-0 header is the AAD (Header(...).pack() without the tuple).
+        aad = pack_header(VERSION, _SEGMENT, 0, self._tag, session_id, first, 0, count,
+                          sealed_len)  # fmt: skip
+        plain = self._plain_view[:plain_len]
         image = bytearray(count * HEADER_SIZE + sealed_len)
         if count == 1:
-            # The segment-0 header is the AAD; the sealed bytes go straight behind it.
-            image[:HEADER_SIZE] = aad_bytes
-            self._cipher.seal_into(first, aad_bytes, plain, memoryview(image)[HEADER_SIZE:])
+            # The sealed bytes go straight behind the header.
+            image[:HEADER_SIZE] = aad
+            self._cipher.seal_into(first, aad, plain, memoryview(image)[HEADER_SIZE:])
             return SentFrame(first, count, per, image)
         sealed = memoryview(self._sealed)[:sealed_len]
-        self._cipher.seal_into(first, aad_bytes, plain, sealed)
-        _spread(image, sealed, aad_bytes, count, per)
+        self._cipher.seal_into(first, aad, plain, sealed)
+        _spread(image, sealed, aad, count, per)
         return SentFrame(first, count, per, image)
 
 

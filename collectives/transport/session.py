@@ -30,8 +30,10 @@ from collectives.transport.frames import (
 )
 from collectives.transport.header import (
     HEADER_SIZE,
+    VERSION,
     Header,
     PacketType,
+    pack_header,
     segment_heads,
     segment_layout,
 )
@@ -52,6 +54,7 @@ _ACK_EVERY_SEGMENTS = 16
 # Numbers a sender resent although we hold them: the intervals holding them ride on the next
 # ACKs even when older than the newest _ACK_RANGES (that ACK was lost or crowded out).
 _ASKED_MAX = 64
+_SEGMENT = int(PacketType.SEGMENT)  # a plain int packs faster than the IntEnum member
 
 
 class Session:
@@ -100,6 +103,7 @@ class Session:
         self._rx: Cipher | None = None
         self._max_frame = config.frame_bytes + 1024
         self._plain = bytearray(self._max_frame)
+        self._plain_view = memoryview(self._plain)
         self._sealed = bytearray(self._max_frame)  # a whole frame out of one GRO batch
         self._partial: dict[int, PartialFrame] = {}
         self._partial_bytes = 0
@@ -312,11 +316,11 @@ class Session:
         assert rx is not None
         first, count = header.first_number, header.segments
         plain_len = header.frame_length - rx.overhead
-        aad = Header(
-            PacketType.SEGMENT, 0, self._tag, self.local_id, first, 0, count, header.frame_length
-        ).pack()
-        plain = memoryview(self._plain)[: max(plain_len, 0)]
-        if plain_len < 0 or not rx.open_into(first, aad, sealed, plain):
+        # The AAD is segment 0's header (Header(...).pack() without building the tuple).
+        aad = pack_header(
+            VERSION, _SEGMENT, 0, self._tag, self.local_id, first, 0, count, header.frame_length
+        )
+        if plain_len < 0 or not rx.open_into(first, aad, sealed, self._plain_view[:plain_len]):
             self._counters["dropped_auth"] += 1
             self._reject(first)
             return
@@ -335,7 +339,7 @@ class Session:
             old, self.addr = self.addr, addr
             self._emit(PeerAddressChanged(self.peer, old, addr))
         try:
-            self._take_chunks(parse_chunks(plain), count, now)
+            self._take_chunks(parse_chunks(self._plain_view[:plain_len]), count, now)
         except FrameError as err:
             self._counters["dropped_malformed"] += 1
             self.lose(f"protocol error: {err}")
@@ -465,21 +469,35 @@ class Session:
     # -- timers -----------------------------------------------------------------------------------
 
     def timer(self) -> float | None:
+        """The earliest of this session's deadlines, never before ``latest``.
+
+        Asked for after every input, so it is a chain of compares (no list, no min/max calls);
+        each deadline is the one the matching branch of :meth:`on_timer` acts on.
+        """
         state = self.state
-        if state in (State.CLOSED, State.LOST):
+        if state is State.CLOSED or state is State.LOST:
             return None
-        deadlines = [self.last_heard + self._config.peer_timeout]
+        config = self._config
+        t = self.last_heard + config.peer_timeout
         if state is State.HELLO_SENT:
-            deadlines.append(self.hello_next)
-        if state is State.ESTABLISHED and self.out is not None and self.confirmed:
-            if self._ack_deadline is not None:
-                deadlines.append(self._ack_deadline)
-            out_timer = self.out.timer()
-            if out_timer is not None:
-                deadlines.append(out_timer)
-            deadlines.append(self.out.last_eliciting_sent + self._config.heartbeat_interval)
+            t = self.hello_next if self.hello_next < t else t
+        elif state is State.ESTABLISHED:
+            out = self.out
+            if out is not None and self.confirmed:
+                ack = self._ack_deadline
+                if ack is not None and ack < t:
+                    t = ack
+                loss = out.recovery.loss_time()
+                if loss is not None and loss < t:
+                    t = loss
+                paced = out.paced_until
+                if paced is not None and paced < t:
+                    t = paced
+                beat = out.last_eliciting_sent + config.heartbeat_interval
+                t = beat if beat < t else t
         # A deadline that passed while we handled other input is due now, never in the past.
-        return max(min(deadlines), self.latest)
+        latest = self.latest
+        return t if t > latest else latest
 
     def on_timer(self, now: float) -> None:
         self.latest = max(self.latest, now)

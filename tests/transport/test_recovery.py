@@ -324,3 +324,50 @@ def test_default_congestion_is_bbr() -> None:
     rec = Recovery(0.1, 0.025, 0.0)
     assert rec.cwnd == 32 * 1200
     assert rec.pacing_rate == pytest.approx(2.885 * 32 * 1200 / 0.1)
+
+
+def _state(rec: Recovery) -> tuple[object, ...]:
+    pkts = [
+        (p.number, p.size, p.sent_at, p.seq, p.delivered, p.delivered_at, p.first_sent_at,
+         p.app_limited, p.data)
+        for p in sorted(rec._unacked.values(), key=lambda p: p.number)
+    ]  # fmt: skip
+    return (
+        pkts,
+        rec._numbers,
+        list(rec._outstanding),
+        rec.bytes_in_flight,
+        rec.pacer.tokens,
+        rec._ack_eliciting_outstanding,
+        rec._last_ack_eliciting_at,
+        rec.congestion.cwnd,
+    )
+
+
+@pytest.mark.parametrize("count", [1, 3, 55])
+def test_batched_sends_track_exactly_what_per_packet_sends_do(count: int) -> None:
+    """on_sent_segments and on_sent_many (the bulk paths) leave the same state as on_sent per
+    datagram: same stamps, maps, bytes in flight and pacer debt (Bbr, paced, after ACKs)."""
+    recs = [Recovery(0.01, 0.0, 0.0, max_datagram=MSS) for _ in range(3)]
+    now, first = 0.0, 0
+    for frame in range(40):
+        last = MSS - 17 * (frame % 3)
+        for way, rec in enumerate(recs):
+            if way == 0:
+                pkts = [SentPacket(first + i, MSS, data=("f", i)) for i in range(count)]
+                pkts[-1].size = last
+                for p in pkts:
+                    rec.on_sent(p, now)
+            elif way == 1:
+                pkts = [SentPacket(first + i, MSS, data=("f", i)) for i in range(count)]
+                pkts[-1].size = last
+                rec.on_sent_many(pkts, now)
+            else:
+                rec.on_sent_segments(first, count, MSS, last_size=last, handle="f", now=now)
+        first += count
+        now += 0.0004
+        if frame % 2:
+            for rec in recs:
+                rec.on_ack([(0, first - count)], 0.0, now)
+        assert _state(recs[1]) == _state(recs[0])
+        assert _state(recs[2]) == _state(recs[0])
