@@ -9,15 +9,14 @@ Messages.  A message's *meta* is the 56-byte :class:`Envelope` followed by the c
 *body* is the codec buffers back to back.  Channels map to integers: ``"c"`` 0, ``"k"`` 1 and
 user tag ``t`` (any int) ``2 + zigzag(t)``, so no two tags share a channel.
 
-Posting (eager, see the seam contract).  The core references a body until it has been
-acknowledged (``MessageSent``).  A body of at most :data:`COPY_LIMIT` bytes is copied and the
-post returns at once: the copy costs less than the round trip an acknowledgement takes, and a
-small message's latency is what matters.  A bigger body is sent from the caller's buffers
-without a copy, and the post waits (within its deadline) until every byte is acknowledged: a
-copy of a large tensor into fresh memory costs about as much as sending it (page faults), while
-waiting costs one round trip after the last byte.  The receiver's IO thread acknowledges into
-its own buffers whether or not anyone takes the message, so the post still never waits for the
-peer to *take* it.
+Posting (eager, see the seam contract).  The core reads a body until its last byte is sealed
+into frames (``MessageFramed``; resends use the sealed frames).  A body of at most
+:data:`COPY_LIMIT` bytes is copied and the post returns at once: the copy costs less than
+waiting for the window to take it.  A bigger body is sent from the caller's buffers without a
+copy, and the post waits (within its deadline) until every byte is sealed: a copy of a large
+tensor into fresh memory costs about as much as sealing it (page faults), and the sealing is
+the copy the transport makes anyway.  The post never waits for an acknowledgement, nor for the
+peer to *take* the message (its IO thread receives into its own buffers).
 
 Security.  On by default: the transport uses the cluster key (``COMFY_CLUSTER_KEY`` or
 ``COMFY_CLUSTER_KEY_FILE``).  Without one, a rank whose traffic would leave loopback refuses to
@@ -200,8 +199,8 @@ class UdpBackend(P2PBackend):
             owned = [memoryview(b"".join(body))] if nbytes else []
             engine.send(dst, channel_id(channel), meta, owned)
             return
-        mid = engine.send(dst, channel_id(channel), meta, body)
-        engine.wait_sent(dst, mid, dl)
+        mid = engine.send(dst, channel_id(channel), meta, body, borrowed=True)
+        engine.wait_framed(dst, mid, dl)
 
     def _take(
         self, src: int, channel: str, dl: Deadline, into: memoryview | None = None

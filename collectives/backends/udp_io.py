@@ -19,13 +19,14 @@ One lock guards the core (it is not thread-safe); ``select`` is the only syscall
 it, so datagrams leave in the order the core emits them.  Waits use ``select`` (microsecond
 timeouts, where ``poll`` counts milliseconds) with 1 us timer slack on the driving threads.
 
-Receiving: the core calls :meth:`Engine._allocate` once per message, in FIFO order per
-``(peer, channel)``, when its meta is complete.  The codec header in the meta is checked there
-(:func:`collectives.codec.check_header` with the receiver's options) before anything is
-allocated, and the body goes straight into a waiting ``_take``'s buffer when it is that
-receive's next message and :func:`~collectives.backends.p2p.lands_in` says it fits; otherwise
-into a pool buffer (large) or a fresh one; a receive with a buffer that comes later gets a copy
-(memcpy: a tenth of the cost of first-touch page faults) and the pool its buffer back.  A message
+Receiving (in :mod:`~collectives.backends.udp_inbox`): the core calls ``Engine._allocate`` once
+per message, in FIFO order per ``(peer, channel)``, when its meta is complete.  The codec header
+in the meta is checked there (:func:`collectives.codec.check_header` with the receiver's
+options) before anything is allocated, and the body goes straight into a waiting ``_take``'s
+buffer when it is that receive's next message and :func:`~collectives.backends.p2p.lands_in`
+says it fits; otherwise into a pool buffer (large) or a fresh one; a receive with a buffer that
+comes later gets a copy (memcpy: a tenth of the cost of first-touch page faults) and the pool
+its buffer back.  A message
 whose meta is malformed still drains (the bytes are the peer's credit) into a scratch buffer and
 is handed to ``_take`` as the :class:`RemoteProtocolError` it is; one that also announces more
 than ``max_message_bytes`` makes the allocator raise the core's ``FrameError``: the core then
@@ -46,30 +47,25 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
-from collectives.backends.envelope import Envelope
-from collectives.backends.p2p import lands_in
+from collectives.backends.udp_inbox import Inbox, Key, Landing, Taken, _Incoming, _Queued, _unwrap
 from collectives.backends.udp_socket import RECV_BYTES, BufferPool, fine_timer_slack
-from collectives.codec import CodecOptions, Encoded, Header, alloc_buffer, check_header
+from collectives.codec import CodecOptions
 from collectives.errors import (
-    CodecError,
     CollectivesError,
     CommunicatorAbortedError,
     ConnectionLostError,
-    RemoteProtocolError,
     RendezvousTimeoutError,
 )
 from collectives.transport.events import (
+    MessageFramed,
     MessageReceived,
     MessageSent,
     PeerAddressChanged,
     PeerConnected,
     PeerLost,
 )
-from collectives.transport.frames import FrameError
 
 if TYPE_CHECKING:
     from collectives.backends.udp_socket import Address, UdpSocket
@@ -82,49 +78,12 @@ _READS_PER_TURN = 64  # reads fed to the core before its timers and sends get a 
 _IDLE_WAIT_S = 1.0  # the longest wait without a timer (a lost wakeup costs at most this)
 _IO_GRACE_S = 0.002  # how long the IO thread leaves the socket to callers after the last one
 _BUSY_S = 1.0  # a rank that posted or read within this is busy (see _run)
-_POOL_MIN = 64 << 10  # smaller bodies are cheap to allocate: not pooled
 _PEER_CLOSED = "peer closed"  # the core's PeerLost reason of a CLOSE (not an ABORT)
-
-Key = tuple[int, int]  # (peer, channel)
-Taken = tuple[Envelope, Encoded]
-
-
-class Landing:
-    """A waiting ``_take``'s own buffer, offered to the next message of its queue."""
-
-    __slots__ = ("claimed", "into", "result")
-
-    def __init__(self, into: memoryview) -> None:
-        self.into = into
-        self.claimed = False  # the core is writing the next message into it
-        self.result: Taken | CollectivesError | None = None
-
-
-@dataclass
-class _Incoming:
-    """A message the core allocated for and has not finished yet (kept in FIFO order)."""
-
-    env: Envelope | None
-    header: bytes
-    checked: Header | None
-    sizes: list[int]
-    landing: Landing | None
-    error: CollectivesError | None
-    pooled: bool = False
-
-
-@dataclass
-class _Queued:
-    """A whole message waiting for its ``take``; ``pooled``: its body is a pool buffer."""
-
-    taken: Taken
-    pooled: bool
-
 
 _tuned = threading.local()
 
 
-class Engine:
+class Engine(Inbox):
     """Drives one :class:`Endpoint` over one :class:`UdpSocket` (see the module docstring)."""
 
     def __init__(
@@ -149,6 +108,7 @@ class Engine:
         self._incoming: dict[Key, deque[_Incoming]] = {}
         self.landings: dict[Key, Landing] = {}
         self.outstanding: dict[int, set[int]] = {p: set() for p in range(size) if p != rank}
+        self.unframed: dict[int, set[int]] = {p: set() for p in range(size) if p != rank}
         self.connected: set[int] = set()
         self.lost: dict[int, str] = {}
         self.aborted: str | None = None
@@ -186,13 +146,24 @@ class Engine:
         self._thread.start()
 
     # -- the caller side -------------------------------------------------------------------------
-    def send(self, peer: int, channel: int, meta: bytes, body: Sequence[memoryview]) -> int:
-        """Queue one message and send what may leave now; its id (see :meth:`wait_sent`)."""
+    def send(
+        self,
+        peer: int,
+        channel: int,
+        meta: bytes,
+        body: Sequence[memoryview],
+        *,
+        borrowed: bool = False,
+    ) -> int:
+        """Queue one message and send what may leave now; its id.  ``borrowed``: ``body`` is the
+        caller's, who must wait with :meth:`wait_framed` before reusing it."""
         with self.lock:
             self.check_usable(peer, "send")
             now = self.clock()
-            mid = self.ep.send(peer, channel, meta, body, now)
+            mid = self.ep.send(peer, channel, meta, body, now, notify_framed=borrowed)
             self.outstanding[peer].add(mid)
+            if borrowed:
+                self.unframed[peer].add(mid)
             self._pump(now)
             self._last_active = now
             timer = self._timer = self.ep.get_timer()
@@ -207,8 +178,19 @@ class Engine:
             return self._poll_until
         return self._io_until if self._drivers == 0 else -math.inf
 
+    def wait_framed(self, peer: int, mid: int, dl: Deadline) -> None:
+        """Wait (within ``dl``) until the core is done with the buffers of message ``mid``
+        (sent ``borrowed``): every byte is sealed into frames, which resends use."""
+        unframed = self.unframed[peer]
+
+        def done() -> bool:
+            return mid not in unframed or self.lost.get(peer, "").startswith(_PEER_CLOSED)
+
+        with self.lock:
+            self._drive(done, peer, dl, "the peer did not open its window")
+
     def wait_sent(self, peer: int, mid: int, dl: Deadline) -> None:
-        """Wait (within ``dl``) until the core is done with message ``mid``'s buffers."""
+        """Wait (within ``dl``) until message ``mid`` is acknowledged."""
         outstanding = self.outstanding[peer]
 
         def done() -> bool:
@@ -248,18 +230,6 @@ class Engine:
         if isinstance(item, CollectivesError):
             raise item
         return self._hand_over(item, into)
-
-    def _hand_over(self, item: _Queued, into: memoryview | None) -> Taken:
-        """A queued message for a ``take`` (outside the lock): copied into ``into`` when it
-        fits there, its pool buffer then reused."""
-        env, msg = item.taken
-        if into is not None and len(msg.buffers) == 1 and lands_in(msg.header, into.nbytes):
-            into[:] = msg.buffers[0]
-            if item.pooled:
-                self._pool.put(msg.buffers[0])
-            self.counters["copied_in"] += 1
-            return env, Encoded(msg.header, [into], msg.checked)
-        return item.taken
 
     def has_message(self, src: int, channel: int) -> bool:
         with self.lock:
@@ -486,6 +456,8 @@ class Engine:
             notify = True
             if isinstance(event, MessageReceived):
                 self._received(event)
+            elif isinstance(event, MessageFramed):
+                self.unframed[event.peer].discard(event.message_id)
             elif isinstance(event, MessageSent):
                 self.outstanding[event.peer].discard(event.message_id)
             elif isinstance(event, PeerConnected):
@@ -520,80 +492,6 @@ class Engine:
             if done < view.nbytes:
                 unsent.append((addr, view[done:], segment))
                 self.counters["send_blocked"] += 1
-
-    # -- receiving -------------------------------------------------------------------------------
-    def _allocate(self, peer: int, channel: int, meta: bytes, body_len: int) -> memoryview:
-        """The core's allocator (called holding the lock; see the module docstring)."""
-        key = (peer, channel)
-        incoming = self._incoming.setdefault(key, deque())
-        codec = self._codec()
-        item = _Incoming(None, b"", None, [], None, None)
-        try:
-            item.env = Envelope.unpack_from(meta, src=peer)
-            item.header = bytes(meta[ENVELOPE_SIZE:])
-            item.checked = check_header(item.header, codec)
-            item.sizes = item.checked.wire_sizes
-            if sum(item.sizes) != body_len:
-                raise RemoteProtocolError(
-                    f"rank {peer} sent a {body_len}-byte body but its codec header announces "
-                    f"{sum(item.sizes)} bytes"
-                )
-        except CollectivesError as err:
-            if body_len > codec.max_message_bytes:
-                # Not even drained: the core drops the session as a protocol breach.
-                raise FrameError(f"rank {peer}: {err}") from None
-            item.error = err
-        landing = self.landings.get(key)
-        if (
-            item.error is None
-            and landing is not None
-            and not landing.claimed
-            and not incoming
-            and not self.boxes.get(key)
-            and len(item.sizes) == 1
-            and landing.into.nbytes == body_len
-            and lands_in(item.header, body_len)
-        ):
-            landing.claimed = True
-            del self.landings[key]
-            item.landing = landing
-            incoming.append(item)
-            self.counters["landed"] += 1
-            return landing.into
-        incoming.append(item)
-        if body_len < _POOL_MIN or item.error is not None:
-            return alloc_buffer(body_len)
-        item.pooled = True
-        return self._pool.get(body_len)
-
-    def _received(self, event: MessageReceived) -> None:
-        key = (event.peer, event.channel)
-        incoming = self._incoming.get(key)
-        if not incoming:  # the core skipped our allocator: never, unless it is broken
-            self.boxes.setdefault(key, deque()).append(
-                RemoteProtocolError(f"rank {event.peer}: a message arrived without its meta")
-            )
-            return
-        item = incoming.popleft()
-        result: _Queued | CollectivesError
-        if item.error is not None or item.env is None:
-            result = item.error or CodecError(f"malformed message from rank {event.peer}")
-        else:
-            buffers, offset = [], 0
-            for size in item.sizes:
-                buffers.append(event.body[offset : offset + size])
-                offset += size
-            result = _Queued((item.env, Encoded(item.header, buffers, item.checked)), item.pooled)
-        if item.landing is not None:
-            item.landing.result = result if isinstance(result, CollectivesError) else result.taken
-        else:
-            self.boxes.setdefault(key, deque()).append(result)
-
-
-def _unwrap(item: Taken | CollectivesError) -> Taken:
-    if isinstance(item, CollectivesError):
-        raise item
-    return item
 
 
 __all__ = ["Engine", "Landing"]

@@ -10,6 +10,7 @@ from collectives.transport.endpoint import COUNTERS, Endpoint
 from collectives.transport.events import (
     Address,
     Event,
+    MessageFramed,
     MessageReceived,
     MessageSent,
     PeerAddressChanged,
@@ -26,6 +27,7 @@ __all__ = [
     "Batch",
     "Endpoint",
     "Event",
+    "MessageFramed",
     "MessageReceived",
     "MessageSent",
     "PeerAddressChanged",

@@ -176,9 +176,18 @@ class Endpoint:
     # -- messages ---------------------------------------------------------------------------------
 
     def send(
-        self, peer: int, channel: int, meta: bytes, body: Sequence[memoryview], now: float
+        self,
+        peer: int,
+        channel: int,
+        meta: bytes,
+        body: Sequence[memoryview],
+        now: float,
+        *,
+        notify_framed: bool = False,
     ) -> int:
-        """Queue one message; the caller keeps ``body`` unchanged until ``MessageSent``."""
+        """Queue one message; the caller keeps ``body`` unchanged until ``MessageSent``, or until
+        ``MessageFramed`` when ``notify_framed`` asks for that event (the core then holds the
+        sealed frames and never reads ``body`` again)."""
         if self._closed:
             raise LocalProtocolError(f"rank {self.rank}: send on a closed transport endpoint")
         self._check_peer(peer)
@@ -197,7 +206,9 @@ class Endpoint:
         self._message_ids[peer] = message_id
         seq = self._channel_seq.get((peer, channel), 0)
         self._channel_seq[peer, channel] = seq + 1
-        session.queue(OutMessage(message_id, channel, seq, bytes(meta), body))
+        session.queue(
+            OutMessage(message_id, channel, seq, bytes(meta), body, notify_framed=notify_framed)
+        )
         return message_id
 
     # -- datagrams in -----------------------------------------------------------------------------
@@ -209,7 +220,10 @@ class Endpoint:
         now: float,
         segment_size: int | None = None,
     ) -> None:
-        """One datagram, or a GRO batch of ``segment_size``-byte datagrams; never raises."""
+        """One datagram, or a GRO batch of ``segment_size``-byte datagrams; never raises.
+
+        Keeps no reference to ``data`` once it returns (what it keeps, it copies), so a driver
+        may read every datagram into one reused buffer."""
         self._tick(now)
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:

@@ -27,6 +27,16 @@ class MessageReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageFramed:
+    """Every byte of the message is sealed into frames (asked for per message, see
+    ``Endpoint.send``): the sender's buffers are free already, since resends use the sealed
+    frames; ``MessageSent`` still follows once everything is acknowledged."""
+
+    peer: int
+    message_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class MessageSent:
     """Every byte of the message was acknowledged: the sender's buffers are free again."""
 
@@ -51,4 +61,6 @@ class PeerLost:
     reason: str
 
 
-Event = PeerConnected | MessageReceived | MessageSent | PeerAddressChanged | PeerLost
+Event = (
+    PeerConnected | MessageReceived | MessageFramed | MessageSent | PeerAddressChanged | PeerLost
+)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import cast
 
 from collectives.transport.config import TransportConfig
-from collectives.transport.events import Address, Event, MessageSent
+from collectives.transport.events import Address, Event, MessageFramed, MessageSent
 from collectives.transport.ranges import RangeSet
 from collectives.transport.recovery import Recovery, SentPacket
 from collectives.transport.sending import FrameBuilder, OutMessage, SentFrame
@@ -116,6 +116,12 @@ class Outbound:
         return bool(self.queue) and self.data_sent >= self.credit_limit
 
     @property
+    def has_data(self) -> bool:
+        """Whether data waits that the credit lets out (the window and pacer may still hold
+        it back)."""
+        return bool(self.queue) and self.data_sent < self.credit_limit
+
+    @property
     def idle(self) -> bool:
         """Nothing queued and nothing unacknowledged."""
         return not self.queue and not self.frames
@@ -176,6 +182,12 @@ class Outbound:
                 frame.data_bytes = data
                 for msg in touched:
                     msg.frames_pending += 1
+                    if msg.pos >= msg.total:
+                        # Sealed to the last byte: resends use the frames' images, so the
+                        # caller's buffers are free now; drop our references to them.
+                        msg.views = []
+                        if msg.notify_framed:
+                            self._emit(MessageFramed(self._peer, msg.message_id))
                 frames[first] = frame
                 stride = frame.stride
                 last = len(frame.image) - (count - 1) * stride

@@ -39,6 +39,7 @@ class OutMessage:
         "frames_pending",
         "message_id",
         "meta",
+        "notify_framed",
         "pos",
         "seq",
         "total",
@@ -48,7 +49,14 @@ class OutMessage:
     )
 
     def __init__(
-        self, message_id: int, channel: int, seq: int, meta: bytes, body: Sequence[memoryview]
+        self,
+        message_id: int,
+        channel: int,
+        seq: int,
+        meta: bytes,
+        body: Sequence[memoryview],
+        *,
+        notify_framed: bool = False,
     ) -> None:
         self.message_id = message_id
         self.channel = channel
@@ -62,6 +70,7 @@ class OutMessage:
         self.view_index = 0
         self.view_offset = 0
         self.frames_pending = 0  # frames holding its bytes not yet acknowledged
+        self.notify_framed = notify_framed  # emit MessageFramed once every byte is sealed
 
     @property
     def framed(self) -> bool:

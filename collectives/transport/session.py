@@ -54,6 +54,11 @@ _ACK_EVERY_SEGMENTS = 16
 # Numbers a sender resent although we hold them: the intervals holding them ride on the next
 # ACKs even when older than the newest _ACK_RANGES (that ACK was lost or crowded out).
 _ASKED_MAX = 64
+# How soon a message's last frame is acknowledged when nothing else asks for an ACK.  Not at
+# once: the ACK would be sealed and sent before the receiving caller gets its message (on its
+# critical path), and a reply or the next post usually carries it for free (ACKs ride on data
+# frames).  Short: a sender closing, or one whose window it holds, waits for it.
+_END_ACK_DELAY = 0.0005
 _SEGMENT = int(PacketType.SEGMENT)  # a plain int packs faster than the IntEnum member
 
 
@@ -362,9 +367,11 @@ class Session:
                 self._inbox.on_chunk(chunk)
                 eliciting = True
                 if chunk.offset + len(chunk.data) == chunk.meta_len + chunk.body_len:
-                    # A message's last bytes: its sender now waits for MessageSent (and may
-                    # have nothing more in flight), so it must not wait max_ack_delay.
-                    self._ack_now = True
+                    # A message's last bytes: its sender may have nothing more in flight, so
+                    # it must not wait max_ack_delay (see _END_ACK_DELAY).
+                    end = now + min(_END_ACK_DELAY, self._config.max_ack_delay)
+                    if self._ack_deadline is None or end < self._ack_deadline:
+                        self._ack_deadline = end
                 continue
             kind, msg = chunk
             if kind is ChunkKind.ACK:
@@ -404,10 +411,18 @@ class Session:
         inbox = self._inbox
         window = self._config.window_bytes
         credit_due = inbox.released + window - self._credit_granted >= window // 4
+        out = self.out
         if (
             self._ack_now
             or credit_due
             or (self._ack_deadline is not None and now >= (self._ack_deadline))
+            # Data is about to leave: the ACK rides in its frame, which saves a frame (a seal,
+            # a syscall, and the peer's work to open it) later.
+            or (
+                (self._unacked_eliciting or self._unacked_segments)
+                and out is not None
+                and out.has_data
+            )
         ):
             controls.append(control_chunk(ChunkKind.ACK, self._ack(now)))
             self._ack_now = False

@@ -1,0 +1,159 @@
+"""The receive side of the ``udp`` backend's IO driver: where message bodies land.
+
+Split from :mod:`collectives.backends.udp_io` (whose module docstring describes the rules:
+``_allocate`` runs once per message in FIFO order per ``(peer, channel)``, checks the codec
+header before anything is allocated, and lands the body in a waiting receive's buffer, a pool
+buffer or a fresh one).  :class:`Inbox` is a mixin of :class:`~collectives.backends.udp_io.Engine`:
+everything here runs holding the engine's lock except :meth:`Inbox._hand_over`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
+from collectives.backends.envelope import Envelope
+from collectives.backends.p2p import lands_in
+from collectives.backends.udp_socket import BufferPool
+from collectives.codec import CodecOptions, Encoded, Header, alloc_buffer, check_header
+from collectives.errors import CodecError, CollectivesError, RemoteProtocolError
+from collectives.transport.events import MessageReceived
+from collectives.transport.frames import FrameError
+
+_POOL_MIN = 64 << 10  # smaller bodies are cheap to allocate: not pooled
+
+Key = tuple[int, int]  # (peer, channel)
+Taken = tuple[Envelope, Encoded]
+
+
+class Landing:
+    """A waiting ``_take``'s own buffer, offered to the next message of its queue."""
+
+    __slots__ = ("claimed", "into", "result")
+
+    def __init__(self, into: memoryview) -> None:
+        self.into = into
+        self.claimed = False  # the core is writing the next message into it
+        self.result: Taken | CollectivesError | None = None
+
+
+@dataclass
+class _Incoming:
+    """A message the core allocated for and has not finished yet (kept in FIFO order)."""
+
+    env: Envelope | None
+    header: bytes
+    checked: Header | None
+    sizes: list[int]
+    landing: Landing | None
+    error: CollectivesError | None
+    pooled: bool = False
+
+
+@dataclass
+class _Queued:
+    """A whole message waiting for its ``take``; ``pooled``: its body is a pool buffer."""
+
+    taken: Taken
+    pooled: bool
+
+
+class Inbox:
+    """The engine's receive-side state and the core's allocator (a mixin of ``Engine``)."""
+
+    boxes: dict[Key, deque[_Queued | CollectivesError]]
+    landings: dict[Key, Landing]
+    counters: dict[str, int]
+    _incoming: dict[Key, deque[_Incoming]]
+    _pool: BufferPool
+    _codec: Callable[[], CodecOptions]
+
+    def _hand_over(self, item: _Queued, into: memoryview | None) -> Taken:
+        """A queued message for a ``take`` (outside the lock): copied into ``into`` when it
+        fits there, its pool buffer then reused."""
+        env, msg = item.taken
+        if into is not None and len(msg.buffers) == 1 and lands_in(msg.header, into.nbytes):
+            into[:] = msg.buffers[0]
+            if item.pooled:
+                self._pool.put(msg.buffers[0])
+            self.counters["copied_in"] += 1
+            return env, Encoded(msg.header, [into], msg.checked)
+        return item.taken
+
+    def _allocate(self, peer: int, channel: int, meta: bytes, body_len: int) -> memoryview:
+        """The core's allocator (called holding the lock; see the module docstring)."""
+        key = (peer, channel)
+        incoming = self._incoming.setdefault(key, deque())
+        codec = self._codec()
+        item = _Incoming(None, b"", None, [], None, None)
+        try:
+            item.env = Envelope.unpack_from(meta, src=peer)
+            item.header = bytes(meta[ENVELOPE_SIZE:])
+            item.checked = check_header(item.header, codec)
+            item.sizes = item.checked.wire_sizes
+            if sum(item.sizes) != body_len:
+                raise RemoteProtocolError(
+                    f"rank {peer} sent a {body_len}-byte body but its codec header announces "
+                    f"{sum(item.sizes)} bytes"
+                )
+        except CollectivesError as err:
+            if body_len > codec.max_message_bytes:
+                # Not even drained: the core drops the session as a protocol breach.
+                raise FrameError(f"rank {peer}: {err}") from None
+            item.error = err
+        landing = self.landings.get(key)
+        if (
+            item.error is None
+            and landing is not None
+            and not landing.claimed
+            and not incoming
+            and not self.boxes.get(key)
+            and len(item.sizes) == 1
+            and landing.into.nbytes == body_len
+            and lands_in(item.header, body_len)
+        ):
+            landing.claimed = True
+            del self.landings[key]
+            item.landing = landing
+            incoming.append(item)
+            self.counters["landed"] += 1
+            return landing.into
+        incoming.append(item)
+        if body_len < _POOL_MIN or item.error is not None:
+            return alloc_buffer(body_len)
+        item.pooled = True
+        return self._pool.get(body_len)
+
+    def _received(self, event: MessageReceived) -> None:
+        key = (event.peer, event.channel)
+        incoming = self._incoming.get(key)
+        if not incoming:  # the core skipped our allocator: never, unless it is broken
+            self.boxes.setdefault(key, deque()).append(
+                RemoteProtocolError(f"rank {event.peer}: a message arrived without its meta")
+            )
+            return
+        item = incoming.popleft()
+        result: _Queued | CollectivesError
+        if item.error is not None or item.env is None:
+            result = item.error or CodecError(f"malformed message from rank {event.peer}")
+        else:
+            buffers, offset = [], 0
+            for size in item.sizes:
+                buffers.append(event.body[offset : offset + size])
+                offset += size
+            result = _Queued((item.env, Encoded(item.header, buffers, item.checked)), item.pooled)
+        if item.landing is not None:
+            item.landing.result = result if isinstance(result, CollectivesError) else result.taken
+        else:
+            self.boxes.setdefault(key, deque()).append(result)
+
+
+def _unwrap(item: Taken | CollectivesError) -> Taken:
+    if isinstance(item, CollectivesError):
+        raise item
+    return item
+
+
+__all__ = ["Inbox", "Key", "Landing", "Taken"]
