@@ -26,6 +26,25 @@ into overrunning a queue.  Only a round trip losing far more than that
 (BBRv2's idea) bounds the data in flight (``inflight_hi``), which then grows back, faster and
 faster, while loss stays normal.
 
+Four more published ideas, each for a way the plain model throttles a fast or clean path:
+
+* ACK aggregation (BBR's ``extra_acked``): a receiver that batches its ACKs (a CPU-bound one on
+  loopback, or our ACK-every-16-segments policy) delivers bytes in bursts the ``btlbw * min_rtt``
+  window does not allow for, so the window runs out before the next burst of ACKs and the path
+  goes idle.  The controller measures how many bytes ACKs delivered beyond what ``btlbw`` would
+  have delivered over the same time, keeps the maximum over recent rounds, and adds it to cwnd.
+* Very short RTTs (a LAN, loopback): ``btlbw * min_rtt`` is a few tens of KB, less than a
+  couple of GSO batches, while the host's own scheduling delays are far longer than the path's
+  RTT.  Below :data:`SHORT_RTT` the window never goes below :data:`SHORT_RTT_MIN_CWND`.
+* Leaving STARTUP when the queue starts growing (HyStart++'s delay test, RFC 9406): a round whose
+  smallest RTT is clearly above ``min_rtt`` means the pipe is full and the excess is queueing;
+  waiting for the bandwidth plateau instead would keep sending at 2.9x the link for three more
+  rounds and overflow a one-BDP queue.  Random loss does not move the RTT, so unlike a loss test
+  this cannot end STARTUP early on a lossy path.
+* Skipping PROBE_RTT when it would learn nothing (Chromium's QUIC BBR): if, when the ``min_rtt``
+  estimate expires, the latest round saw RTTs within 12.5 % of it, the path has no standing
+  queue and the estimate is simply renewed, instead of halving the window for 200 ms.
+
 All of this is driven by :class:`RateSample` values that :mod:`.recovery` computes per ACK.
 """
 
@@ -103,6 +122,10 @@ class BbrState(Enum):
 
 #: 2/ln(2): the smallest gain that doubles the delivery rate every round trip in STARTUP.
 STARTUP_GAIN = 2.885
+#: STARTUP's window gain.  Measured on the simulated 100 Mbit/s path: BBRv3's 2.0 (which bounds the
+#: STARTUP queue to one BDP) removed the ~1000 tail drops at the end of STARTUP but ramped up
+#: one round trip later, which cost more whole-transfer goodput than the resends did.
+STARTUP_CWND_GAIN = STARTUP_GAIN
 #: Probe up, drain what that queued, then cruise; one phase per min_rtt.
 PROBE_BW_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 PROBE_BW_CWND_GAIN = 2.0
@@ -125,6 +148,21 @@ HIGH_LOSS_MIN_PACKETS = 3
 LOSS_RATE_GAIN = 1 / 8
 #: Back-off factor of inflight_hi below the inflight that lost too much.
 INFLIGHT_HI_BETA = 0.85
+#: A min_rtt below this is a LAN or loopback: host scheduling, not the wire, sets the real RTT.
+SHORT_RTT = 0.001
+#: The window floor there: 16 GSO batches of 64 KiB.  Queueing 1 MiB costs under a millisecond
+#: at the rates such paths carry, and less leaves the sender waiting for ACKs it batches.
+SHORT_RTT_MIN_CWND = 1 << 20
+#: Rounds over which the largest ACK aggregation is remembered.
+EXTRA_ACKED_ROUNDS = 10
+#: Aggregation is trusted up to this much time at btlbw (BBR's cap): more would be a queue.
+EXTRA_ACKED_MAX_TIME = 0.1
+#: HyStart++'s delay increase threshold: min_rtt / 8, clamped to these bounds (seconds).
+STARTUP_RTT_DIVISOR = 8
+STARTUP_RTT_MIN_THRESH = 0.004
+STARTUP_RTT_MAX_THRESH = 0.016
+#: A round with an RTT this close to min_rtt renews it without PROBE_RTT.
+SIMILAR_MIN_RTT = 1.125
 
 
 class Bbr:
@@ -151,12 +189,16 @@ class Bbr:
         self.loss_rate = 0.0
         self.inflight_hi = math.inf
         self._inflight_hi_step = max_datagram
+        self.extra_acked = 0.0
+        self._extra_filter = WindowedFilter(EXTRA_ACKED_ROUNDS, maximum=True)
+        self._agg_start = now
+        self._agg_acked = 0
         self._reset(now)
 
     def _reset(self, now: float) -> None:
         self.state = BbrState.STARTUP
         self.pacing_gain = STARTUP_GAIN
-        self.cwnd_gain = STARTUP_GAIN
+        self.cwnd_gain = STARTUP_CWND_GAIN
         self.filled_pipe = False
         self._full_bw = 0.0
         self._full_bw_count = 0
@@ -170,6 +212,8 @@ class Bbr:
         self._round_acked = 0
         self._round_lost = 0
         self._round_max_rtt = 0.0
+        self._round_min_rtt = math.inf
+        self._last_round_min_rtt = math.inf
         self._round_max_inflight = 0
         self._round_gain = STARTUP_GAIN
         self._queue_free = False
@@ -183,6 +227,12 @@ class Bbr:
 
     def _path_rtt(self) -> float:
         return self.min_rtt if math.isfinite(self.min_rtt) else self.initial_rtt
+
+    def _floor(self) -> int:
+        """The smallest window: four datagrams, or 1 MiB on a path with a tiny RTT."""
+        if self.min_rtt < SHORT_RTT:
+            return max(self.min_cwnd, SHORT_RTT_MIN_CWND)
+        return self.min_cwnd
 
     def bdp(self, gain: float = 1.0) -> int:
         """``gain`` times the bandwidth-delay product, in bytes (the initial window before any
@@ -214,8 +264,10 @@ class Bbr:
     def on_ack(self, sample: RateSample, now: float) -> None:
         self._round_acked += sample.newly_acked
         self._round_lost += sample.newly_lost
-        if sample.rtt is not None:
-            self._round_max_rtt = max(self._round_max_rtt, sample.rtt)
+        rtt = sample.rtt
+        if rtt is not None:
+            self._round_max_rtt = max(self._round_max_rtt, rtt)
+            self._round_min_rtt = min(self._round_min_rtt, rtt)
         round_start = False
         if sample.newly_acked and sample.prior_delivered >= self._next_round_delivered:
             self._end_round(sample)
@@ -223,9 +275,11 @@ class Bbr:
             self.round_count += 1
             round_start = True
         self._update_btlbw(sample)
+        self._update_extra_acked(sample, now)
         min_rtt_expired = self._update_min_rtt(sample, now)
         if self.state is BbrState.STARTUP and round_start:
             self._check_full_pipe(sample)
+            self._check_startup_delay()
         if self.state is BbrState.STARTUP and self.filled_pipe:
             self.state = BbrState.DRAIN
             self.pacing_gain = 1.0 / STARTUP_GAIN
@@ -254,6 +308,8 @@ class Bbr:
         self._round_acked = 0
         self._round_lost = 0
         self._round_max_rtt = 0.0
+        self._last_round_min_rtt = self._round_min_rtt
+        self._round_min_rtt = math.inf
         self._round_max_inflight = sample.bytes_in_flight
         self._round_gain = self.pacing_gain
 
@@ -276,7 +332,7 @@ class Bbr:
     def _on_high_loss(self) -> None:
         # The inflight that lost too much was too much; a BDP is never too much (it is what
         # the link holds with no queue at all), so the bound never starves the pacing rate.
-        bound = max(INFLIGHT_HI_BETA * self._round_max_inflight, self.bdp(), self.min_cwnd)
+        bound = max(INFLIGHT_HI_BETA * self._round_max_inflight, self.bdp(), self._floor())
         self.inflight_hi = min(self.inflight_hi, bound)
         self._inflight_hi_step = self.max_datagram
         if self.state is BbrState.STARTUP:
@@ -305,13 +361,52 @@ class Bbr:
             return
         self.btlbw = self._bw_filter.update(rate, self.round_count)
 
+    def _update_extra_acked(self, sample: RateSample, now: float) -> None:
+        """Track ACK aggregation: bytes ACKed beyond what ``btlbw`` explains (see the docstring).
+
+        An aggregation epoch runs while ACKs stay ahead of the model's clock; once they fall
+        back to (or below) what ``btlbw`` predicts for the time since it began, a new one starts.
+        """
+        # Only once the pipe is full: before, btlbw lags the real rate by design and every ACK
+        # would look like aggregation (and the window grows by other means then anyway).
+        if not self.filled_pipe or self.btlbw <= 0 or not sample.newly_acked:
+            return
+        expected = self.btlbw * (now - self._agg_start)
+        if self._agg_acked <= expected:
+            self._agg_start = now
+            self._agg_acked = 0
+            expected = 0.0
+        self._agg_acked += sample.newly_acked
+        # Never more than a window: a burst of ACKs cannot release more than was in flight.
+        extra = min(self._agg_acked - expected, float(self.cwnd))
+        self.extra_acked = self._extra_filter.update(extra, self.round_count)
+
     def _update_min_rtt(self, sample: RateSample, now: float) -> bool:
         expired = now - self._min_rtt_stamp > MIN_RTT_WINDOW
         rtt = sample.rtt
-        if rtt is not None and (rtt <= self.min_rtt or expired):
+        if rtt is not None and rtt <= self.min_rtt:
+            self.min_rtt = rtt
+            self._min_rtt_stamp = now
+            return False
+        if expired and self._last_round_min_rtt <= SIMILAR_MIN_RTT * self.min_rtt:
+            # The last round came within 12.5 % of min_rtt: no queue of ours to drain, so
+            # PROBE_RTT would only halve the window to relearn what we know.  Renew instead.
+            self._min_rtt_stamp = now
+            return False
+        if rtt is not None and expired:
             self.min_rtt = rtt
             self._min_rtt_stamp = now
         return expired
+
+    def _check_startup_delay(self) -> None:
+        """HyStart++'s delay test, on the round that just ended (see the docstring)."""
+        if self.filled_pipe or not math.isfinite(self._last_round_min_rtt):
+            return
+        thresh = min(
+            max(self.min_rtt / STARTUP_RTT_DIVISOR, STARTUP_RTT_MIN_THRESH), STARTUP_RTT_MAX_THRESH
+        )
+        if self._last_round_min_rtt >= self.min_rtt + thresh:
+            self.filled_pipe = True
 
     def _check_full_pipe(self, sample: RateSample) -> None:
         if self.filled_pipe or sample.is_app_limited:
@@ -375,7 +470,7 @@ class Bbr:
     def _probe_rtt_cwnd(self) -> int:
         # Half a BDP rather than BBRv1's four packets: enough to drain a queue we built, without
         # emptying the pipe (a bulk transfer loses about 1 % of its time, not 2 %).
-        return max(self.min_cwnd, self.bdp(0.5))
+        return max(self._floor(), self.bdp(0.5))
 
     # -- outputs -------------------------------------------------------------------------------
 
@@ -388,9 +483,12 @@ class Bbr:
         if self.state is BbrState.PROBE_RTT:
             cwnd = self._probe_rtt_cwnd()
         else:
-            cwnd = max(self.bdp(self.cwnd_gain), self.min_cwnd)
+            cwnd = self.bdp(self.cwnd_gain)
+            if self.btlbw > 0 and self.filled_pipe:
+                # Room for the ACK aggregation seen lately, up to BBR's 100 ms at btlbw.
+                cwnd += int(min(self.extra_acked, self.btlbw * EXTRA_ACKED_MAX_TIME))
             if not self.filled_pipe:
                 cwnd = max(cwnd, self.cwnd, self.initial_cwnd)
         if math.isfinite(self.inflight_hi):
             cwnd = min(cwnd, int(self.inflight_hi))
-        self.cwnd = max(cwnd, self.min_cwnd)
+        self.cwnd = max(cwnd, self._floor())

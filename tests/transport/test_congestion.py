@@ -19,6 +19,7 @@ import pytest
 
 from collectives.transport.congestion import (
     PROBE_BW_GAINS,
+    SHORT_RTT_MIN_CWND,
     STARTUP_GAIN,
     Bbr,
     BbrState,
@@ -346,7 +347,9 @@ def test_probe_bw_window_and_gain_cycle() -> None:
         feed.ack(1e7, inflight=int(1.3 * bbr.bdp()))
         gains.add(bbr.pacing_gain)
         assert bbr.pacing_rate == pytest.approx(bbr.pacing_gain * 1e7)
-        assert bbr.cwnd == int(2 * 1e7 * 0.05)
+        # Two BDPs plus the ACK aggregation: one ACK per round trip is the most there can be.
+        assert 0 < bbr.extra_acked <= 1.001 * 1e7 * 0.05
+        assert bbr.cwnd == int(2 * 1e7 * 0.05) + int(bbr.extra_acked)
     assert gains == set(PROBE_BW_GAINS)
 
 
@@ -356,6 +359,47 @@ def test_window_floor_is_four_datagrams() -> None:
         feed.ack(1e3, inflight=0)
     assert feed.bbr.btlbw == 1e3
     assert feed.bbr.cwnd == 4 * MSS
+
+
+def test_a_tiny_min_rtt_floors_the_window_at_a_mebibyte() -> None:
+    # Loopback: 30 us of path, 2 GB/s; 2 BDP would be 120 kB, less than two GSO batches.
+    feed = Feed(Bbr(max_datagram=65000, initial_rtt=0.1), rtt=30e-6)
+    for _ in range(10):
+        feed.ack(2e9)
+    assert feed.bbr.cwnd >= SHORT_RTT_MIN_CWND
+
+
+def test_ack_aggregation_widens_the_window() -> None:
+    feed = to_probe_bw(1e7)
+    bbr = feed.bbr
+    plain = 2 * bbr.bdp()
+    # A receiver that ACKs a whole round trip at once: the window must hold what the next burst
+    # of ACKs releases, on top of 2 BDP, but never more than 100 ms at btlbw.
+    for _ in range(3):
+        feed.ack(1e7)
+    assert bbr.extra_acked > 0
+    assert plain < bbr.cwnd <= plain + 0.1 * 1e7
+
+
+def test_probe_rtt_is_skipped_while_rtts_stay_near_the_minimum() -> None:
+    feed = to_probe_bw(1e7)
+    bbr = feed.bbr
+    while feed.now < 12:  # 5 % above the minimum: no queue worth draining
+        feed.ack(1e7, rtt=0.0525, dt=0.5)
+        assert bbr.state is BbrState.PROBE_BW
+    assert bbr.min_rtt == pytest.approx(0.05)
+
+
+def test_startup_ends_when_the_round_trip_time_grows() -> None:
+    feed = Feed(Bbr(max_datagram=MSS, initial_rtt=0.1))
+    rate = 1e5
+    for _ in range(3):  # still doubling, but a queue of 10 ms is building: HyStart++'s signal
+        rate *= 2
+        feed.ack(rate, inflight=10**9, rtt=0.05)
+    assert feed.bbr.state is BbrState.STARTUP
+    feed.ack(2 * rate, inflight=10**9, rtt=0.06)
+    feed.ack(4 * rate, inflight=10**9, rtt=0.06)
+    assert feed.bbr.filled_pipe
 
 
 def test_random_loss_does_not_lower_the_rate() -> None:
@@ -397,7 +441,7 @@ def test_high_loss_bounds_inflight_then_the_bound_grows_back() -> None:
     for _ in range(30):  # no more excess loss while using all the bound allows
         feed.ack(1e7, inflight=bbr.cwnd)
     assert bbr.inflight_hi == math.inf
-    assert bbr.cwnd == 2 * bbr.bdp()
+    assert bbr.cwnd == 2 * bbr.bdp() + int(bbr.extra_acked)
 
 
 def test_high_loss_in_startup_ends_startup() -> None:
@@ -426,7 +470,7 @@ def test_bandwidth_estimate_expires_after_ten_rounds() -> None:
 def test_probe_rtt_when_min_rtt_is_stale() -> None:
     feed = to_probe_bw(1e7)
     bbr = feed.bbr
-    while feed.now < 11:  # RTT never again as low as the minimum
+    while feed.now < 11:  # RTT never again as low as the minimum (nor within 12.5 % of it)
         feed.ack(1e7, rtt=0.06, dt=0.5)
     assert bbr.state is BbrState.PROBE_RTT
     assert bbr.cwnd == max(4 * MSS, bbr.bdp(0.5))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from collectives.transport.pacing import DEFAULT_BURST, Pacer
+from collectives.transport.pacing import DEFAULT_BURST, GRANULARITY, Pacer
 
 
 def test_infinite_rate_never_delays() -> None:
@@ -76,3 +76,13 @@ def test_invalid_rates_are_refused(rate: float) -> None:
         Pacer(rate=rate)
     with pytest.raises(ValueError):
         Pacer().set_rate(rate, 0.0)
+
+
+def test_the_burst_grows_to_a_millisecond_at_high_rates() -> None:
+    # Pacing finer than the timer granularity only costs wakeups: at 2 GB/s a burst is 2 MB.
+    pacer = Pacer(rate=1e6)
+    assert pacer.burst == DEFAULT_BURST
+    pacer.set_rate(2e9, now=0.0)
+    assert pacer.burst == int(2e9 * GRANULARITY)
+    pacer.set_rate(1e6, now=0.0)
+    assert pacer.burst == DEFAULT_BURST
