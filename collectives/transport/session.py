@@ -448,13 +448,19 @@ class Session:
             self._asked.clear()
         for start, stop in intervals:
             ack.acked.add(start=start, stop=stop)
+        # Pending runs newest first, like the acked list: older runs were reported before, and a
+        # sender that never hears of its newest segments counts them in flight past its window
+        # and cannot send the resends that would complete the older frames (a stall at 10 % loss).
         room = _ACK_RANGES
-        for frame in self._partial.values():
-            for start, stop in _runs(frame):
-                if room == 0:
-                    break
-                ack.pending.add(start=start, stop=stop)
-                room -= 1
+        runs: list[tuple[int, int]] = []
+        for frame in reversed(self._partial.values()):
+            if room <= 0:
+                break
+            newest = _runs(frame)[-room:]
+            runs.extend(newest)
+            room -= len(newest)
+        for start, stop in sorted(runs):
+            ack.pending.add(start=start, stop=stop)
         ack.rejected.extend(sorted(self._rejected))
         return ack
 
