@@ -88,7 +88,11 @@ async function everywhere(route, what) {
   if (!leaderOnly(what)) return;
   try {
     const { ok, body } = await postJson(route);
-    if (ok) toast("success", what, `${body.done}; sent to rank(s) ${body.sent_to.join(", ") || "none"}`, 4000);
+    // A follower that refused or did not answer did not do it: say so, rank by rank.
+    const failed = Object.entries(body?.failed ?? {}).map(([rank, why]) => `rank ${rank}: ${why}`);
+    const sent = `sent to rank(s) ${body?.sent_to?.join(", ") || "none"}`;
+    if (ok && failed.length) toast("error", `${what}: not on every rank`, [`${body.done}; ${sent}`, ...failed].join("\n"), 15000);
+    else if (ok) toast("success", what, `${body.done}; ${sent}`, 4000);
     else toast("error", `${what} failed`, describe(body), 10000);
   } catch (err) {
     toast("error", `${what} failed`, String(err), 10000);

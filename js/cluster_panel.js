@@ -74,6 +74,12 @@ function progressText(p) {
   return `${pid}${p.node ? ` node ${p.node}` : ""}${step}`;
 }
 
+// The controls this rank has handled: the panel's only proof that a follower got them.
+function commandsText(c) {
+  if (!c) return "–";
+  return Object.entries(c).map(([action, n]) => `${action} ${n}`).join(" · ");
+}
+
 function rankCard(row, leaderRank) {
   const color = STATE_COLORS[row.state] ?? "#6b7280";
   const age = row.heartbeat_age_s == null ? "never" : `${row.heartbeat_age_s.toFixed(1)} s ago`;
@@ -89,6 +95,7 @@ function rankCard(row, leaderRank) {
     ["queue", row.queue ?? "–"],
     ["progress", progressText(row.progress)],
     ["transfer", rates],
+    ["commands", commandsText(row.commands)],
   ];
   const card = el(
     "div",

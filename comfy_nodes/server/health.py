@@ -179,6 +179,7 @@ class Health:
             "queue": rep.get("queue"),
             "progress": rep.get("progress"),
             "rates": rep.get("rates"),
+            "commands": rep.get("commands"),
             "error": r.error,
             "fix": fix_for(r.error),
             "error_age_s": None if r.error_at is None else round(now - r.error_at, 1),

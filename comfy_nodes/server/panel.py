@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,9 @@ log = logging.getLogger("comfy_cluster")
 STATUS_EVENT = "cluster.status"
 TRANSITION_EVENT = "cluster.transition"
 COMMANDS = ("interrupt", "free")
+COMMAND_TIMEOUT_S = 5.0
+"""How long the leader waits for a follower to take a control (it acts at once: a late answer
+means a rank in trouble, which the user should hear about)."""
 _PROGRESS_ENDS = ("execution_success", "execution_error", "execution_interrupted")
 
 
@@ -122,6 +126,10 @@ class Panel:
         self._lock = threading.Lock()
         self.health = Health(s.size, s.heartbeat_s, s.heartbeat_timeout_s, clock())
         self.leader_error = ""  # a follower: why its last report did not reach the leader
+        # Controls handled on this rank, in its report: the free-memory flags are consumed by
+        # ComfyUI's prompt worker within a moment, so without these nobody (the leader's panel,
+        # an operator, a test) could tell that a follower ever received a command.
+        self.commands = dict.fromkeys(COMMANDS, 0)
         self._stop = threading.Event()
 
     # -- this rank's report ----------------------------------------------------------------------
@@ -160,8 +168,13 @@ class Panel:
             # A follower's executor reports no prompt end (it has no client): idle means done.
             "progress": self.progress.snapshot() if activity == "executing" else None,
             "rates": self._rates.sample(stats, now),
+            "commands": self._commands(),
             "last_error": status["last_error"],
         }
+
+    def _commands(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.commands)
 
     def _queue_length(self) -> int:
         queue = getattr(self.server, "prompt_queue", None)
@@ -215,6 +228,12 @@ class Panel:
         return {"ok": True, "done": self.run_locally(str(action))}
 
     def run_locally(self, action: str) -> str:
+        done = self._run_locally(action)
+        with self._lock:
+            self.commands[action] += 1
+        return done
+
+    def _run_locally(self, action: str) -> str:
         if action == "interrupt":
             # ComfyUI's own interrupt: it is wrapped (integration) to abort a running cluster
             # prompt on every rank, so one rank's cluster-wide interrupt reaches the others too.
@@ -228,16 +247,33 @@ class Panel:
         return "models unloaded and memory freed when idle"
 
     def everywhere(self, action: str) -> dict[str, Any]:
-        """Leader: ``action`` on this rank now and on every follower (in the background)."""
+        """Leader: ``action`` on this rank now and on every follower; which followers took it.
+
+        The followers are asked in parallel and their answers awaited (``COMMAND_TIMEOUT_S`` at
+        most): sent in the background, a follower that refused (another key) or was down would
+        still be reported to the user as done.  ``failed``: rank -> why, for the toast."""
         done = self.run_locally(action)
-        client, urls = self.membership.client, dict(self.membership.urls)
         body = {"epoch": max(self.membership.epoch, 0), "action": action}
-        sent = []
-        for rank, url in sorted(urls.items()):
-            if rank != self.settings.rank:
-                client.post_async(url, "/cluster/command", body, attempts=3)
-                sent.append(rank)
-        return {"ok": True, "done": done, "sent_to": sent}
+        followers = sorted(
+            (r, u) for r, u in dict(self.membership.urls).items() if r != self.settings.rank
+        )
+        failed: dict[str, str] = {}
+
+        def ask(rank: int, url: str) -> None:
+            try:
+                post_once(self.membership, url, "/cluster/command", body, COMMAND_TIMEOUT_S)
+            except urllib.error.HTTPError as err:  # before OSError: it is one
+                failed[str(rank)] = f"refused (HTTP {err.code}): {_error_text(err)}"
+            except (OSError, ValueError) as err:  # unreachable, or an answer that is not JSON
+                failed[str(rank)] = f"{url}: {type(err).__name__}: {err}"
+
+        threads = [threading.Thread(target=ask, args=f, daemon=True) for f in followers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        sent = [rank for rank, _ in followers if str(rank) not in failed]
+        return {"ok": not failed, "done": done, "sent_to": sent, "failed": failed}
 
     # -- the thread ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -296,6 +332,15 @@ class Panel:
         with self._lock:
             report = self.health.reported(change.rank)
         return report.get("epoch") == self.membership.epoch and report.get("membership") == "ready"
+
+
+def _error_text(err: urllib.error.HTTPError) -> str:
+    """The ``error`` a refusing route answered (comfy_nodes.server.routes), else its raw start."""
+    raw = err.read(500).decode("utf-8", "replace")
+    try:
+        return str(json.loads(raw)["error"])
+    except (ValueError, KeyError, TypeError):
+        return raw
 
 
 def post_once(

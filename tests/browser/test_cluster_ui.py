@@ -3,7 +3,9 @@
 One cluster for the module (ComfyUI starts in ~15 s on two cores), one leader page for the tests
 in order: the panel lists both ranks; weights typed in the panel go with the next prompt; the
 "Queue Cluster" button in the action bar runs a loaded cluster workflow and the leader saves the
-images; a killed follower turns "lost" within the heartbeat timeout with the error and its fix,
+images; "Interrupt all" stops a running prompt on both ranks and the next one runs; "Free memory"
+reaches both ranks; the follower's command route refuses unsigned, forged and unknown commands over
+real HTTP; a killed follower turns "lost" within the heartbeat timeout with the error and its fix,
 and turns back when restarted; a follower's own page names the leader.  Screenshots of each
 state go to the artifacts folder (printed), and the panel's to docs/images/cluster-panel.png.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,10 @@ from typing import Any
 
 import pytest
 
+from collectives.auth import AUTH_HEADER, ClusterKey
+from comfy_nodes.server.peers import PeerAuth
 from launchers.comfyui import ComfyCluster
+from tests.comfy_e2e.comfy_client import ComfyClient
 from tests.comfy_e2e.conftest import ComfyEnv, running_pair
 
 pytestmark = [pytest.mark.browser, pytest.mark.comfy]
@@ -27,6 +33,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.comfy]
 REPO = Path(__file__).resolve().parents[2]
 BEAT_S, TIMEOUT_S = 0.5, 4.0
 DOCS_SHOT = REPO / "docs" / "images" / "cluster-panel.png"
+# The test knows the key (the launcher would otherwise invent one) to sign requests as a rank.
+KEY = ClusterKey.generate()
+SLEEP_NODES, SLEEP_S = 10, 1.0
 
 
 def _node(class_type: str, **inputs: Any) -> dict[str, Any]:
@@ -50,6 +59,23 @@ def cluster_workflow(batch: int = 4) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def sleepy_workflow(sleep_nodes: int, seconds: float) -> dict[str, Any]:
+    """Two images per rank through a chain of sleeps: ComfyUI checks its interrupt flag only
+    between nodes, so one long sleep could not be interrupted; ``sleep_nodes`` short ones can."""
+    wf = {
+        "1": _node("IndexedImages", batch=4, size=8, dtype="float32"),
+        # Weights of its own: the panel's "3,1" from an earlier test would starve rank 1.
+        "2": _node("ClusterFanOutImage", image=["1", 0], weights="1,1"),
+    }
+    last = "2"
+    for i in range(sleep_nodes):
+        wf[str(10 + i)] = _node("SleepPerImage", images=[last, 0], seconds_per_image=seconds / 2)
+        last = str(10 + i)
+    wf["3"] = _node("ClusterFanInImages", images=[last, 0])
+    wf["4"] = _node("SaveTensor", value=["3", 0], name="sleepy")
+    return wf
+
+
 def _http(url: str, body: Any = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -71,6 +97,7 @@ def pair(comfy_env: ComfyEnv, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "COMFY_CLUSTER_HEARTBEAT_TIMEOUT_S": str(TIMEOUT_S),
         "COMFY_CLUSTER_TIMEOUT": "30",
         "COMFY_CLUSTER_JOIN_TIMEOUT": "120",
+        "COMFY_CLUSTER_KEY": KEY.text,
     }
     with running_pair(comfy_env, root, env) as comfy:
         for url in comfy.urls:
@@ -183,26 +210,160 @@ def _wait_history(url: str, timeout: float) -> dict[str, Any]:
     raise AssertionError(f"no finished prompt on {url} after {timeout:g} s")
 
 
+def _queue_loaded(page: Any, workflow: dict[str, Any]) -> str:
+    """Load ``workflow`` into the leader's canvas, press Queue Cluster; the prompt's id."""
+    page.evaluate(
+        "wf => (window.app ?? window.comfyAPI.app.app).loadApiJson(wf, 'sleepy.json')", workflow
+    )
+    with page.expect_response(lambda r: r.url.endswith("/cluster/queue")) as answer:
+        page.locator("button.cluster-queue-button").click()
+    body = answer.value.json()
+    assert answer.value.ok, body
+    return str(body["prompt_id"])
+
+
+def _entry(url: str, prompt_id: str, timeout: float) -> dict[str, Any]:
+    """The prompt's /history entry on the rank at ``url`` once it ended (any way)."""
+    client, deadline = ComfyClient(url), time.monotonic() + timeout
+    while (entry := client.history(prompt_id)) is None:
+        assert time.monotonic() < deadline, f"{prompt_id} not ended on {url} after {timeout:g} s"
+        time.sleep(0.1)
+    return entry
+
+
+def _commands(pair: ComfyCluster, rank: int) -> dict[str, int]:
+    """The controls ``rank`` says it has handled: its own report, from its own server."""
+    view = _http(f"{pair.url(rank)}/cluster/panel")
+    (row,) = [r for r in view["rows"] if r["rank"] == rank]
+    return dict(row["commands"])
+
+
+def _wait_world_after(pair: ComfyCluster, epoch: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _http(f"{pair.leader_url}/cluster/status")
+        if status["epoch"] > epoch and status["state"] == "ready":
+            return
+        assert time.monotonic() < deadline, f"no world after {epoch} in {timeout:g} s: {status}"
+        time.sleep(0.2)
+
+
+def test_interrupt_all_stops_a_running_prompt_on_every_rank_and_the_next_one_runs(
+    leader: Any, pair: ComfyCluster, artifacts: Path
+) -> None:
+    for rank in (0, 1):
+        _wait_state(leader, rank, ("idle",), timeout=60)
+    epoch = _http(f"{pair.leader_url}/cluster/status")["epoch"]
+    before = _commands(pair, 1)
+    queued = time.monotonic()
+    prompt_id = _queue_loaded(leader, sleepy_workflow(SLEEP_NODES, SLEEP_S))
+    for rank in (1, 0):
+        _wait_state(leader, rank, ("executing",), timeout=30)
+    leader.wait_for_timeout(1500)  # both ranks well inside the chain of sleeps
+    _shoot(leader, artifacts, "3-sleepy-prompt-running")
+    clicked = time.monotonic()
+    leader.locator("[data-testid=cluster-interrupt]").click()
+    for rank in (0, 1):
+        entry = _entry(pair.url(rank), prompt_id, timeout=SLEEP_NODES * SLEEP_S + 30)
+        took, since_queued = time.monotonic() - clicked, time.monotonic() - queued
+        status = entry["status"]
+        # Interrupted, not failed: an abort of the world alone would end a follower with an
+        # execution_error in its next collective; only the command sets its interrupt flag.
+        kinds = [m[0] for m in status["messages"]]
+        assert "execution_interrupted" in kinds and "execution_error" not in kinds, (rank, status)
+        assert took < 2 * SLEEP_S + 2, f"rank {rank} ended {took:.1f} s after the click"
+        # Even had every sleep started the moment it was queued, they would still be running.
+        assert since_queued < SLEEP_NODES * SLEEP_S, (rank, since_queued)
+    assert _commands(pair, 1)["interrupt"] == before["interrupt"] + 1
+    _shoot(leader, artifacts, "4-interrupted")
+    # The interrupt ended that world; the next prompt runs on the next one, on both ranks.
+    _wait_world_after(pair, epoch, timeout=60)
+    for rank in (0, 1):
+        _wait_state(leader, rank, ("idle",), timeout=30)
+    prompt_id = _queue_loaded(leader, sleepy_workflow(1, 0.0))
+    for rank in (0, 1):
+        status = _entry(pair.url(rank), prompt_id, timeout=60)["status"]
+        assert status["status_str"] == "success", (rank, status)
+    assert not leader.errors, leader.errors
+
+
+def _post(url: str, raw: bytes, header: str | None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json", **({AUTH_HEADER: header} if header else {})}
+    req = urllib.request.Request(url, data=raw, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def _signed(sender: int, action: str, key: ClusterKey = KEY) -> tuple[bytes, str]:
+    raw = json.dumps({"rank": sender, "epoch": 0, "action": action}).encode()
+    return raw, PeerAuth(key).headers("POST", "/cluster/command", raw)[AUTH_HEADER]
+
+
+def test_the_command_route_takes_only_the_leaders_signed_commands(pair: ComfyCluster) -> None:
+    follower, leader_url = pair.url(1) + "/cluster/command", pair.leader_url + "/cluster/command"
+    before = _commands(pair, 1)
+    raw, _ = _signed(0, "free")
+    assert _post(follower, raw, None)[0] == 401
+    assert _post(follower, *_signed(0, "free", ClusterKey.generate()))[0] == 403
+    raw, header = _signed(0, "free")
+    assert _post(follower, raw.replace(b'"free"', b'"interrupt"'), header)[0] == 403
+    assert _post(follower, *_signed(0, "reboot"))[0] == 400
+    assert _post(follower, *_signed(1, "free"))[0] == 400  # a rank commanding itself
+    assert _post(leader_url, *_signed(1, "interrupt"))[0] == 409  # the leader takes none
+    assert _commands(pair, 1) == before, "a refused command must do nothing"
+    status, body = _post(follower, *_signed(0, "free"))
+    assert status == 200 and body["ok"], body
+    assert _commands(pair, 1)["free"] == before["free"] + 1
+
+
+def test_free_memory_reaches_every_rank(leader: Any, pair: ComfyCluster, artifacts: Path) -> None:
+    before = {rank: _commands(pair, rank)["free"] for rank in (0, 1)}
+    leader.locator("[data-testid=cluster-free]").click()
+    leader.get_by_text("sent to rank(s) 1").first.wait_for(timeout=10_000)
+    deadline = time.monotonic() + 5
+    for rank in (0, 1):
+        while _commands(pair, rank)["free"] != before[rank] + 1:
+            assert time.monotonic() < deadline, f"rank {rank}: {_commands(pair, rank)}"
+            time.sleep(0.1)
+    # And the leader's panel shows it for both, from the follower's next heartbeat.
+    for rank in (0, 1):
+        cell = _card(leader, rank).locator(".cluster-commands")
+        want = f"free {before[rank] + 1}"
+        deadline = time.monotonic() + 6 * BEAT_S + 2
+        while want not in cell.inner_text():
+            assert time.monotonic() < deadline, f"rank {rank}'s card: {cell.inner_text()!r}"
+            leader.wait_for_timeout(100)
+    _shoot(leader, artifacts, "5-memory-freed")
+    assert not leader.errors, leader.errors
+
+
 def test_a_killed_follower_turns_lost_then_back(
     leader: Any, pair: ComfyCluster, artifacts: Path
 ) -> None:
     _wait_state(leader, 1, ("idle",), timeout=30)
     pair.kill_rank(1)
     unreachable = _wait_state(leader, 1, ("unreachable", "lost"), timeout=TIMEOUT_S)
-    _shoot(leader, artifacts, "3-follower-unreachable")
+    _shoot(leader, artifacts, "6-follower-unreachable")
     lost = unreachable + _wait_state(leader, 1, ("lost",), timeout=TIMEOUT_S + 2)
     # The leader notices within the timeout (plus one beat of its own clock and one of the push).
     assert lost <= TIMEOUT_S + 2 * BEAT_S + 1.5, lost
     card = _card(leader, 1)
     assert "no report from rank 1" in card.locator(".cluster-error").inner_text()
     assert "restart" in card.locator(".cluster-fix").inner_text()
-    _shoot(leader, artifacts, "4-follower-lost")
+    _shoot(leader, artifacts, "7-follower-lost")
+    # A control now cannot reach rank 1: the user is told so, not "sent to rank(s) 1".
+    leader.locator("[data-testid=cluster-free]").click()
+    leader.get_by_text("not on every rank").first.wait_for(timeout=10_000)
+    assert leader.get_by_text("rank 1: http").count(), "the toast should say why rank 1 missed it"
     pair.restart_rank(1)
     pair.wait_ready(timeout=120)
     _wait_state(leader, 1, ("starting", "idle"), timeout=60)
     _wait_state(leader, 1, ("idle",), timeout=120)  # and in the leader's next world
     _wait_state(leader, 0, ("idle",), timeout=30)
-    _shoot(leader, artifacts, "5-follower-back")
+    _shoot(leader, artifacts, "8-follower-back")
 
 
 def test_a_followers_page_names_the_leader(
@@ -214,7 +375,7 @@ def test_a_followers_page_names_the_leader(
         banner.wait_for(state="visible", timeout=20_000)
         assert pair.leader_url in banner.inner_text()
         assert "rank 1 of 2" in banner.inner_text()
-        _shoot(page, artifacts, "6-follower-banner")
+        _shoot(page, artifacts, "9-follower-banner")
         assert not page.errors, page.errors
     finally:
         page.close()
