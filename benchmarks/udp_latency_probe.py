@@ -48,6 +48,11 @@ def _rank_main(args: argparse.Namespace) -> None:
 
     from collectives.world import init
 
+    if args.pin:
+        # One CPU per rank: tells scheduler placement (a loopback wakeup pulling the peer onto
+        # the sender's CPU) apart from the transport's own cost.
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[int(os.environ["RANK"]) % len(cpus)]})
     io_profiler = None
     if args.profile and args.backend == "udp":
         io_profiler = _profile_io_thread()
@@ -145,6 +150,8 @@ def _run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
             cmd += ["--profile", args.profile]
         if args.only:
             cmd += ["--only", args.only]
+        if args.pin:
+            cmd += ["--pin"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=900)[0] for p in procs]
     if any(p.returncode for p in procs):
@@ -160,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-iters", type=int, default=8)
     ap.add_argument("--only", default="", help="labels or KINDBYTES, comma-separated")
     ap.add_argument("--profile", default="")
+    ap.add_argument("--pin", action="store_true", help="pin rank r to CPU r mod #CPUs")
     ap.add_argument("--stats", action="store_true", help="print the udp counters")
     ap.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="udp", help=argparse.SUPPRESS)

@@ -34,6 +34,12 @@ data of collectives, ``AGREEMENT_CHANNEL`` for their agreement round (below), an
 ``_has_message(src, channel)``
     Whether ``_take`` would return at once; used only to name every silent rank in a timeout.
 
+Two optional methods let a transport put several small messages in one datagram:
+``_post_soon(dst, channel, env, msg, dl)`` is ``_post`` except that the transport may hold the
+message until this rank's next ``_post``, ``_take`` or ``_flush``, and ``_flush()`` sends what
+is held.  The defaults post at once and hold nothing; the agreement round (below) uses them for
+its first token, which the collective's first data message then carries along.
+
 Envelopes are compared, never interpreted by the transport: an in-process transport may hand the
 :class:`Envelope` object over as it is, a byte transport sends :meth:`Envelope.pack` (56 bytes)
 and parses it with :meth:`Envelope.unpack_from`.  Each collective's envelope names its op, its
@@ -107,6 +113,13 @@ class P2PBackend(Backend):
     @abc.abstractmethod
     def _has_message(self, src: int, channel: str) -> bool: ...
 
+    def _post_soon(self, dst: int, channel: str, env: Envelope, msg: Encoded, dl: Deadline) -> None:
+        """``_post`` that may be held until the next ``_post``, ``_take`` or ``_flush``."""
+        self._post(dst, channel, env, msg, dl)
+
+    def _flush(self) -> None:
+        """Send what ``_post_soon`` held back (nothing, unless a transport holds)."""
+
     def envelope(self, op: str, seq: int, root: int = NO_ROOT) -> Envelope:
         """The envelope of ``op`` number ``seq`` in this communicator and epoch."""
         return op_envelope(op, seq, root, self.comm_id, self.epoch)
@@ -123,8 +136,9 @@ class P2PBackend(Backend):
         self.send(encode(tensor), dst, tag, ctx)
 
     def recv_into(self, tensor: torch.Tensor, src: int, tag: int, ctx: OpContext) -> None:
-        msg = self._take_p2p(src, tag, ctx, byte_view(tensor))
-        place_block(tensor, msg, src, ctx, codec=self.codec)
+        into = byte_view(tensor)
+        msg = self._take_p2p(src, tag, ctx, into)
+        place_block(tensor, msg, src, ctx, codec=self.codec, into=into)
 
     def _take_p2p(self, src: int, tag: int, ctx: OpContext, into: memoryview | None) -> Encoded:
         env, msg = self._take(src, p2p_channel(tag), ctx.deadline, into)
@@ -165,10 +179,11 @@ class P2PBackend(Backend):
 
     def broadcast_into(self, tensor: torch.Tensor, root: int, ctx: OpContext) -> None:
         mine = encode(tensor) if self.rank == root else None
+        into = None if mine is not None else byte_view(tensor)  # the root receives nothing
         with _Agreement(self._link(ctx, root)) as link:
-            msg = algorithms.broadcast(link, mine, root, into=byte_view(tensor))
+            msg = algorithms.broadcast(link, mine, root, into=into)
         if self.rank != root:
-            place_block(tensor, msg, root, ctx, codec=self.codec)
+            place_block(tensor, msg, root, ctx, codec=self.codec, into=into)
 
     def gather_into(
         self, out: torch.Tensor | None, tensor: torch.Tensor, root: int, ctx: OpContext
@@ -178,14 +193,14 @@ class P2PBackend(Backend):
         with _Agreement(self._link(ctx, root)) as link:
             msgs = algorithms.gather(link, encode(tensor), root, into=into)
         if msgs is not None:
-            assert blocks is not None
-            self._land_all(blocks, msgs, tensor, ctx)
+            assert blocks is not None and into is not None
+            self._land_all(blocks, msgs, tensor, ctx, into)
 
     def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: OpContext) -> None:
         blocks = out.view(self.size, *tensor.shape)
         into = [byte_view(block) for block in blocks]
         msgs = algorithms.allgather(self._link(ctx), encode(tensor), into=into)
-        self._land_all(blocks, msgs, tensor, ctx)
+        self._land_all(blocks, msgs, tensor, ctx, into)
 
     def scatter_into(
         self, out: torch.Tensor, tensor: torch.Tensor | None, root: int, ctx: OpContext
@@ -194,20 +209,26 @@ class P2PBackend(Backend):
         if self.rank == root:
             assert tensor is not None
             msgs = [encode(block) for block in tensor.view(self.size, *out.shape)]
+        into = byte_view(out)
         with _Agreement(self._link(ctx, root)) as link:
-            msg = algorithms.scatter(link, msgs, root, into=byte_view(out))
+            msg = algorithms.scatter(link, msgs, root, into=into)
         if self.rank == root:
             assert tensor is not None
             out.copy_(tensor.view(self.size, *out.shape)[root])
         else:
-            place_block(out, msg, root, ctx, codec=self.codec)
+            place_block(out, msg, root, ctx, codec=self.codec, into=into)
 
     def _land_all(
-        self, blocks: torch.Tensor, msgs: list[Encoded], tensor: torch.Tensor, ctx: OpContext
+        self,
+        blocks: torch.Tensor,
+        msgs: list[Encoded],
+        tensor: torch.Tensor,
+        ctx: OpContext,
+        into: list[memoryview | None],
     ) -> None:
         for src, msg in enumerate(msgs):
             if src != self.rank:
-                place_block(blocks[src], msg, src, ctx, codec=self.codec)
+                place_block(blocks[src], msg, src, ctx, codec=self.codec, into=into[src])
             else:
                 blocks[src].copy_(tensor)
 
@@ -238,8 +259,14 @@ class _CollectiveLink:
         return decode_tensor(msg, self.codec, self._ctx.name, src)
 
     # The agreement round (see the module docstring) on its own channel.
-    def agree_send(self, dst: int) -> None:
-        self._backend._post(dst, AGREEMENT_CHANNEL, self.env, TOKEN, self.deadline)
+    def agree_send(self, dst: int, *, soon: bool = False) -> None:
+        # ``soon``: the collective posts or takes right after, which sends the token (see
+        # ``_post_soon``); a first data message to the same peer then shares its datagram.
+        post = self._backend._post_soon if soon else self._backend._post
+        post(dst, AGREEMENT_CHANNEL, self.env, TOKEN, self.deadline)
+
+    def flush(self) -> None:
+        self._backend._flush()
 
     def agree_recv(self, src: int) -> None:
         self._receive(src, AGREEMENT_CHANNEL, None)
@@ -255,8 +282,10 @@ class _Agreement:
 
     The rounds of :func:`collectives.algorithms.sync.dissemination`: after the last, every rank
     has (transitively) checked every other rank's envelope against its own.  Round 0 is posted
-    on entry, before the collective moves data; the rest run on exit.  A failed body skips the
-    rest (its error is the one that matters).
+    on entry, before the collective moves data (held by the transport until the body's first
+    post or take, or flushed on exit); the rest run on exit.  A failed body skips the rest (its
+    error is the one that matters) but still sends round 0's token: a peer waiting for it then
+    fails on its own terms, not by a timeout here.
     """
 
     def __init__(self, link: _CollectiveLink) -> None:
@@ -267,13 +296,16 @@ class _Agreement:
     def __enter__(self) -> _CollectiveLink:
         self._first = next(self._rounds, None)
         if self._first is not None:
-            self._link.agree_send(self._first[0])
+            self._link.agree_send(self._first[0], soon=True)
         return self._link
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is not None or self._first is None:
+        if self._first is None:
             return
         link = self._link
+        if exc_type is not None:
+            link.flush()
+            return
         link.agree_recv(self._first[1])
         for dst, src in self._rounds:
             link.agree_send(dst)
@@ -297,13 +329,16 @@ def byte_view(tensor: torch.Tensor) -> memoryview | None:
 
 
 def landing_size(header: Any) -> int | None:
-    """The size of the buffer a message with this codec ``header`` may be received into (its one
-    uncompressed tensor/array buffer), or None: it lands nowhere, or it is malformed (the decoder
-    then reports it)."""
-    try:
-        parsed = Header.parse(header)
-    except CodecError:
-        return None
+    """The size of the buffer a message with this codec ``header`` (bytes, or a parsed
+    :class:`Header`) may be received into (its one uncompressed tensor/array buffer), or None:
+    it lands nowhere, or it is malformed (the decoder then reports it)."""
+    if isinstance(header, Header):
+        parsed = header  # checked by the receiver already: no second parse per message
+    else:
+        try:
+            parsed = Header.parse(header)
+        except CodecError:
+            return None
     if parsed.kind is Kind.ARRAY and parsed.entries[0].codec == CODEC_NONE:
         return parsed.entries[0].wire_len  # an array message has exactly one entry
     return None
@@ -357,11 +392,36 @@ def received_block(
     return value
 
 
+# Codec headers, with the options they were decoded under, that decode to a tensor of this dtype
+# and element count.  The outcome of a decode (its checks, the dtype, the size) follows from the
+# header and the options alone, never from an uncompressed payload's bytes, so a message that
+# landed in the caller's buffer under a known header is already in place: no decode, no checks
+# to repeat.  A loop of small ops repeats a few headers; cleared when full.
+_FITS: dict[tuple[bytes, CodecOptions], tuple[Any, int]] = {}
+_FITS_MAX = 64
+
+
 def place_block(
-    out: torch.Tensor, msg: Encoded, src: int, ctx: OpContext, *, codec: CodecOptions
+    out: torch.Tensor,
+    msg: Encoded,
+    src: int,
+    ctx: OpContext,
+    *,
+    codec: CodecOptions,
+    into: memoryview | None = None,
 ) -> None:
-    """Put a received block into ``out``; no copy when it was received straight into it."""
+    """Put a received block into ``out``; no copy when it was received straight into it.
+    ``into``: the byte view of ``out`` the receive was offered (the transport then returns it as
+    the message's only buffer when the payload landed there)."""
+    landed = into is not None and len(msg.buffers) == 1 and msg.buffers[0] is into
+    key = (bytes(msg.header), codec) if landed else None
+    if key is not None and _FITS.get(key) == (out.dtype, out.numel()):
+        return
     got = received_block(msg, out, src, ctx, codec=codec)
+    if key is not None:
+        if len(_FITS) >= _FITS_MAX:
+            _FITS.clear()
+        _FITS[key] = (got.dtype, got.numel())
     if got.data_ptr() != out.data_ptr() or got.device != out.device:
         out.copy_(got.view(out.shape))
 

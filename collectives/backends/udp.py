@@ -190,17 +190,35 @@ class UdpBackend(P2PBackend):
             raise
 
     # -- the seam --------------------------------------------------------------------------------
-    def _post(self, dst: int, channel: str, env: Envelope, msg: Encoded, dl: Deadline) -> None:
+    def _post(
+        self,
+        dst: int,
+        channel: str,
+        env: Envelope,
+        msg: Encoded,
+        dl: Deadline,
+        *,
+        hold: bool = False,
+    ) -> None:
         engine = self._require_engine(dl.op)
         meta = env.pack() + bytes(msg.header)
         body = [b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in msg.buffers]
         nbytes = sum(b.nbytes for b in body)
         if nbytes <= COPY_LIMIT:
             owned = [memoryview(b"".join(body))] if nbytes else []
-            engine.send(dst, channel_id(channel), meta, owned)
+            engine.send(dst, channel_id(channel), meta, owned, hold=hold)
             return
         mid = engine.send(dst, channel_id(channel), meta, body, borrowed=True)
         engine.wait_framed(dst, mid, dl)
+
+    def _post_soon(self, dst: int, channel: str, env: Envelope, msg: Encoded, dl: Deadline) -> None:
+        # Queued in the core without a send: the next post's frame carries it (one seal, one
+        # datagram, one wakeup of the peer instead of two), or the next take sends it.
+        self._post(dst, channel, env, msg, dl, hold=True)
+
+    def _flush(self) -> None:
+        if self._engine is not None:
+            self._engine.flush()
 
     def _take(
         self, src: int, channel: str, dl: Deadline, into: memoryview | None = None

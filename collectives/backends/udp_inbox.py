@@ -23,6 +23,9 @@ from collectives.transport.events import MessageReceived
 from collectives.transport.frames import FrameError
 
 _POOL_MIN = 64 << 10  # smaller bodies are cheap to allocate: not pooled
+# Distinct codec headers remembered as checked: a loop of ops repeats a handful of them, and a
+# parse costs more than the rest of a small message's allocation.  Cleared when full.
+_HEADER_CACHE = 64
 
 Key = tuple[int, int]  # (peer, channel)
 Taken = tuple[Envelope, Encoded]
@@ -69,12 +72,15 @@ class Inbox:
     _incoming: dict[Key, deque[_Incoming]]
     _pool: BufferPool
     _codec: Callable[[], CodecOptions]
+    # header bytes -> (the options it was checked with, the parsed header: frozen, shareable)
+    _headers: dict[bytes, tuple[CodecOptions, Header]]
 
     def _hand_over(self, item: _Queued, into: memoryview | None) -> Taken:
         """A queued message for a ``take`` (outside the lock): copied into ``into`` when it
         fits there, its pool buffer then reused."""
         env, msg = item.taken
-        if into is not None and len(msg.buffers) == 1 and lands_in(msg.header, into.nbytes):
+        header = msg.header if msg.checked is None else msg.checked  # parsed once
+        if into is not None and len(msg.buffers) == 1 and lands_in(header, into.nbytes):
             into[:] = msg.buffers[0]
             if item.pooled:
                 self._pool.put(msg.buffers[0])
@@ -90,8 +96,15 @@ class Inbox:
         item = _Incoming(None, b"", None, [], None, None)
         try:
             item.env = Envelope.unpack_from(meta, src=peer)
-            item.header = bytes(meta[ENVELOPE_SIZE:])
-            item.checked = check_header(item.header, codec)
+            item.header = header = bytes(meta[ENVELOPE_SIZE:])
+            known = self._headers.get(header)
+            if known is not None and known[0] is codec:
+                item.checked = known[1]  # the same bytes passed the same options' check
+            else:
+                item.checked = check_header(header, codec)
+                if len(self._headers) >= _HEADER_CACHE:
+                    self._headers.clear()
+                self._headers[header] = (codec, item.checked)
             item.sizes = item.checked.wire_sizes
             if sum(item.sizes) != body_len:
                 raise RemoteProtocolError(
@@ -112,7 +125,7 @@ class Inbox:
             and not self.boxes.get(key)
             and len(item.sizes) == 1
             and landing.into.nbytes == body_len
-            and lands_in(item.header, body_len)
+            and lands_in(item.header if item.checked is None else item.checked, body_len)
         ):
             landing.claimed = True
             del self.landings[key]

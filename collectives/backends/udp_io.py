@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from collectives.backends.udp_inbox import Inbox, Key, Landing, Taken, _Incoming, _Queued, _unwrap
 from collectives.backends.udp_socket import RECV_BYTES, BufferPool, fine_timer_slack
-from collectives.codec import CodecOptions
+from collectives.codec import CodecOptions, Header
 from collectives.errors import (
     CollectivesError,
     CommunicatorAbortedError,
@@ -78,6 +78,11 @@ _READS_PER_TURN = 64  # reads fed to the core before its timers and sends get a 
 _IDLE_WAIT_S = 1.0  # the longest wait without a timer (a lost wakeup costs at most this)
 _IO_GRACE_S = 0.002  # how long the IO thread leaves the socket to callers after the last one
 _BUSY_S = 1.0  # a rank that posted or read within this is busy (see _run)
+# How long a waiting caller polls the socket without sleeping before it blocks in select.  A
+# sleeping receiver costs the sender a wakeup inside its sendto and itself a scheduler round
+# trip (tens of us each, more under a hypervisor); a small op's answer usually comes sooner.
+# Bounded per wait, and only where each rank can have a CPU of its own (see _spin_budget).
+_SPIN_S = 200e-6
 _PEER_CLOSED = "peer closed"  # the core's PeerLost reason of a CLOSE (not an ABORT)
 
 _tuned = threading.local()
@@ -126,6 +131,7 @@ class Engine(Inbox):
             "io_turns": 0,  # turns taken by the IO thread
         }
         self._pool = BufferPool()
+        self._headers: dict[bytes, tuple[CodecOptions, Header]] = {}
         self._rbuf = bytearray(RECV_BYTES + 1)
         self._rview = memoryview(self._rbuf)
         self._drivers = 0  # callers inside _drive
@@ -135,9 +141,13 @@ class Engine(Inbox):
         self._poll_until = -math.inf
         self._io_until = -math.inf
         self._sock_fd = sock.fileno()
+        self._spin_s = _spin_budget(sock.address[0], size)
+        self._spin_poll = select.poll()
+        self._spin_poll.register(self._sock_fd, select.POLLIN)
         # The core's timer as of its last input (every touch of the core ends by reading it).
         self._timer: float | None = -math.inf  # -inf: not asked yet (a first turn asks)
         self._last_active = -math.inf  # when this rank last posted or read
+        self._held = False  # a ``hold`` send is queued in the core and not pumped yet
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -154,9 +164,12 @@ class Engine(Inbox):
         body: Sequence[memoryview],
         *,
         borrowed: bool = False,
+        hold: bool = False,
     ) -> int:
         """Queue one message and send what may leave now; its id.  ``borrowed``: ``body`` is the
-        caller's, who must wait with :meth:`wait_framed` before reusing it."""
+        caller's, who must wait with :meth:`wait_framed` before reusing it.  ``hold``: leave it
+        queued in the core until the next send, take, :meth:`flush` or IO turn (see
+        ``P2PBackend._post_soon``)."""
         with self.lock:
             self.check_usable(peer, "send")
             now = self.clock()
@@ -164,6 +177,9 @@ class Engine(Inbox):
             self.outstanding[peer].add(mid)
             if borrowed:
                 self.unframed[peer].add(mid)
+            if hold and not borrowed:
+                self._held = True
+                return mid
             self._pump(now)
             self._last_active = now
             timer = self._timer = self.ep.get_timer()
@@ -171,6 +187,21 @@ class Engine(Inbox):
         if wake:
             self.wake()
         return mid
+
+    def flush(self) -> None:
+        """Send what a ``hold`` send left queued."""
+        with self.lock:
+            if self._held:
+                self._release_held()
+
+    def _release_held(self) -> None:
+        """Pump what ``hold`` sends queued (holding the lock)."""
+        now = self.clock()
+        self._pump(now)
+        self._last_active = now
+        timer = self._timer = self.ep.get_timer()
+        if timer is not None and timer < self._wake_at():
+            self.wake()
 
     def _wake_at(self) -> float:
         """When the thread that takes the next turn wakes by itself (holding the lock)."""
@@ -206,6 +237,8 @@ class Engine(Inbox):
         """The next message from ``src`` on ``channel`` (see ``P2PBackend._take``)."""
         key = (src, channel)
         with self.lock:
+            if self._held:
+                self._release_held()  # before any wait: the peer may need it to answer
             queue = self.boxes.setdefault(key, deque())
             landing = None
             if into is not None and not queue and not self._incoming.get(key):
@@ -243,6 +276,7 @@ class Engine(Inbox):
             _tuned.done = True
             fine_timer_slack()
         self._drivers += 1
+        spin_until = self.clock() + self._spin_s
         try:
             while not ready():
                 self.check_usable(peer, dl.op)
@@ -258,6 +292,8 @@ class Engine(Inbox):
                     if self._turn() or ready():
                         continue  # more to read, or done: no wait
                     timer = self._timer
+                    if self._spin(spin_until if timer is None else min(spin_until, timer)):
+                        continue
                     until = self.clock() + min(remaining, _IDLE_WAIT_S)
                     self._poll_until = until if timer is None else min(until, timer)
                     self._block(self._poll_until)
@@ -329,6 +365,8 @@ class Engine(Inbox):
             if self.closed:
                 return
             end = self.clock() + linger
+            if self._held:
+                self._release_held()
             while self.aborted is None and self._unacknowledged():
                 remaining = end - self.clock()
                 if remaining <= 0:
@@ -424,7 +462,7 @@ class Engine(Inbox):
                 ep.receive(view[:n], addr, now, segment)
         if due:
             ep.handle_timer(now)
-        elif not reads and not self._unsent:
+        elif not reads and not self._unsent and not self._held:
             return False  # nothing reached the core since it last spoke: it has nothing new
         if reads:
             self.counters["reads"] += reads
@@ -432,6 +470,22 @@ class Engine(Inbox):
         self._pump(now)
         self._timer = ep.get_timer()
         return reads == _READS_PER_TURN
+
+    def _spin(self, until: float) -> bool:
+        """Poll the socket (lock released, no sleep) until it is readable or ``until``; whether
+        it is.  Posters from other threads get the lock between polls."""
+        clock, poll = self.clock, self._spin_poll.poll
+        if clock() >= until:
+            return False
+        self.lock.release()
+        try:
+            while True:
+                if poll(0):
+                    return True
+                if clock() >= until:
+                    return False
+        finally:
+            self.lock.acquire()
 
     def _block(self, until: float) -> None:
         """Wait (lock released) until the socket is readable (writable, when sends wait for
@@ -450,6 +504,7 @@ class Engine(Inbox):
 
     def _pump(self, now: float) -> None:
         """Hand out the core's events, then send what it lets out (holding the lock)."""
+        self._held = False
         ep = self.ep
         notify = False
         while (event := ep.next_event()) is not None:
@@ -492,6 +547,16 @@ class Engine(Inbox):
             if done < view.nbytes:
                 unsent.append((addr, view[done:], segment))
                 self.counters["send_blocked"] += 1
+
+
+def _spin_budget(host: str, size: int) -> float:
+    """:data:`_SPIN_S`, or 0 where ranks share CPUs: on loopback every rank is on this host,
+    and with more ranks than CPUs a spinning rank takes the CPU its peer needs to answer."""
+    from collectives.auth import is_loopback
+
+    if is_loopback(host) and size > len(os.sched_getaffinity(0)):
+        return 0.0
+    return _SPIN_S
 
 
 __all__ = ["Engine", "Landing"]
