@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -27,6 +28,9 @@ from collectives.communicator import Communicator
 from collectives.testing.conformance import CHECKS, SCENARIOS
 from collectives.testing.device_checks import DEVICE_CHECKS, bound, rank_device
 from collectives.world import init
+
+SCENARIO_CLOSE_S = 10.0
+"""How long a rank that ran a scenario lets ``close()`` deliver its last messages."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=1))
     sys.stdout.flush()
     if args.scenario:
-        # A scenario leaves the world broken on purpose; a clean shutdown could block on it.
+        # A scenario leaves the world broken on purpose, so a clean shutdown could block on it:
+        # close in a thread, bounded, then exit regardless.  Closing still matters: on a
+        # transport that delivers eagerly posted messages from the process itself (udp), a rank
+        # that exits at once takes its last messages with it, where a TCP engine's kernel would
+        # still have sent them; close() lets them be acknowledged first (as MPI_Finalize would).
+        closer = threading.Thread(target=comm.close, daemon=True)
+        closer.start()
+        closer.join(SCENARIO_CLOSE_S)
         os._exit(0)
     comm.close()
     return 0 if ok else 1
