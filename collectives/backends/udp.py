@@ -28,10 +28,13 @@ such channel and need the key (or the opt-out) even on loopback.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import logging
 import os
 import time
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +94,11 @@ class UdpBackend(P2PBackend):
         self.mode = mode
         self._closed = False
         self._peer_timeout: float | None = None
+        # Messages are delivered by this process (eager posts sit in the core until
+        # acknowledged): a program that exits without close() would take its last ones with it,
+        # where a TCP engine's kernel still sends them.  Close (bounded linger) at exit instead.
+        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -242,6 +250,7 @@ class UdpBackend(P2PBackend):
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._at_exit)
         if self._announcer is not None:
             self._announcer.stop()
         if self._engine is not None:
@@ -347,6 +356,12 @@ def _security(p: Plan, size: int, environ: Mapping[str, str]) -> tuple[ClusterKe
         f"{KEY_ENV} (the same secret on every rank) even on loopback, or {INSECURE_ENV}=1 on a "
         "network you trust"
     )
+
+
+def _close_at_exit(ref: weakref.ref[UdpBackend]) -> None:
+    backend = ref()
+    if backend is not None:
+        backend.close()
 
 
 register_backend("udp", UdpBackend)
