@@ -78,6 +78,10 @@ _READS_PER_TURN = 64  # reads fed to the core before its timers and sends get a 
 _IDLE_WAIT_S = 1.0  # the longest wait without a timer (a lost wakeup costs at most this)
 _IO_GRACE_S = 0.002  # how long the IO thread leaves the socket to callers after the last one
 _BUSY_S = 1.0  # a rank that posted or read within this is busy (see _run)
+_DROP_LOG_S = 10.0  # at most one log line per this many seconds about refused datagrams
+# Refusals that mean someone sent this rank datagrams it must not accept (duplicates and
+# overload are the network's doing and stay in comm.stats() only).
+_SUSPECT_DROPS = ("malformed", "wrong_cluster", "foreign", "unknown_session", "auth", "replay")
 # How long a waiting caller polls the socket without sleeping before it blocks in select.  A
 # sleeping receiver costs the sender a wakeup inside its sendto and itself a scheduler round
 # trip (tens of us each, more under a hypervisor); a small op's answer usually comes sooner.
@@ -147,6 +151,8 @@ class Engine(Inbox):
         # The core's timer as of its last input (every touch of the core ends by reading it).
         self._timer: float | None = -math.inf  # -inf: not asked yet (a first turn asks)
         self._last_active = -math.inf  # when this rank last posted or read
+        self._drops_logged = 0  # refused datagrams already reported in the log
+        self._drops_next = 0.0  # when the log may next report them
         self._held = False  # a ``hold`` send is queued in the core and not pumped yet
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -422,6 +428,7 @@ class Engine(Inbox):
                         self._io_cond.wait(_IO_GRACE_S)
                         continue
                     self.counters["io_turns"] += 1
+                    self._log_drops()
                     if self._turn():
                         self._block(0.0)  # more to read: let posters at the lock first
                         continue
@@ -438,6 +445,28 @@ class Engine(Inbox):
         except Exception as err:  # the core or the socket broke: fail every waiter, loudly
             with self.lock:
                 self._failed(err)
+
+    def _log_drops(self) -> None:
+        """Say in the log (rate-limited) that datagrams failed the core's checks: the counters
+        in ``comm.stats()`` tell how many, this tells an operator to look (holding the lock)."""
+        now = self.clock()
+        if now < self._drops_next:
+            return
+        self._drops_next = now + _DROP_LOG_S
+        stats = self.ep.stats()
+        drops = {name: stats.get(f"dropped_{name}", 0) for name in _SUSPECT_DROPS}
+        total = sum(drops.values())
+        if total > self._drops_logged:
+            detail = ", ".join(f"{name} {n}" for name, n in drops.items() if n)
+            log.warning(
+                "udp rank %d: refused %d datagram(s) that failed authentication or checks "
+                "(so far: %s); a peer with the wrong COMFY_CLUSTER_KEY, another cluster on "
+                "this port, or an attacker",
+                self.rank,
+                total - self._drops_logged,
+                detail,
+            )
+            self._drops_logged = total
 
     def _failed(self, err: Exception) -> None:
         log.error("udp rank %d: the IO driver failed", self.rank, exc_info=err)

@@ -258,3 +258,27 @@ def test_insecure_mode_is_only_an_explicit_opt_in() -> None:
     finally:
         for comm in comms:
             comm.close()
+
+
+def test_refused_datagrams_are_reported_in_the_log(
+    world: list[Communicator], attacker: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The counters say how many; the log tells an operator to look (once per interval)."""
+    import time
+
+    target = world[1]
+    engine = target.engine._engine  # type: ignore[attr-defined]
+    with caplog.at_level("WARNING", logger="collectives.backends.udp_io"):
+        for _ in range(3):
+            attacker.sendto(
+                _header(PacketType.SEGMENT, b"XXXX", 1) + os.urandom(64), _address(target)
+            )
+        _no_answer(attacker)
+        with engine.lock:
+            engine._drops_next = 0.0  # the next IO turn may log at once
+        engine.wake()
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and "refused" not in caplog.text:
+            time.sleep(0.05)
+    assert "refused" in caplog.text and "wrong_cluster" in caplog.text, caplog.text
+    assert "COMFY_CLUSTER_KEY" in caplog.text
