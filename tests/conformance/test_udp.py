@@ -14,6 +14,8 @@ from tests.conformance.scenario_asserts import (
 )
 from tests.conformance.worlds import check_result, run_world
 
+pytestmark = pytest.mark.udp
+
 SIZES = [1, 2, 3, 4, 5, 8]
 
 
