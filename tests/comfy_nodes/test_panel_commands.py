@@ -11,6 +11,7 @@ route is exercised over real HTTP on a running pair in tests/browser/test_cluste
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import json
 import sys
@@ -101,7 +102,11 @@ class _Rank:
 
     def post(self, raw: bytes, header: str | None, path: str = PATH) -> _Response:
         headers = {AUTH_HEADER: header} if header is not None else {}
-        response: _Response = asyncio.run(self.handler(_Request(path, raw, headers)))
+        # On a thread of its own, so the test does not depend on whether this thread already
+        # runs an event loop (a browser test's Playwright does, while its module runs).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(asyncio.run, self.handler(_Request(path, raw, headers)))
+            response: _Response = future.result(timeout=30)
         return response
 
 
