@@ -10,7 +10,9 @@ point-to-point messages (:class:`collectives.backends.p2p.P2PBackend`).
 from __future__ import annotations
 
 import abc
+import atexit
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -220,6 +222,24 @@ class Backend(abc.ABC):
     def stats(self) -> dict[str, Any]:
         """Counters of the engine (datagrams, drops, socket buffers...); empty where it has none."""
         return {}
+
+
+def close_at_exit(backend: Backend) -> Callable[[], None]:
+    """Have ``backend.close()`` run at interpreter exit (held weakly: a collected backend is
+    skipped) and return the hook, which ``close()`` passes to ``atexit.unregister``.
+
+    Backends whose engine must shut down before the interpreter finalises (gloo's worker
+    threads) or that deliver their last messages from the process itself (udp) use it.
+    """
+    ref = weakref.ref(backend)
+
+    def hook() -> None:
+        alive = ref()
+        if alive is not None:
+            alive.close()
+
+    atexit.register(hook)
+    return hook
 
 
 _REGISTRY: dict[str, type[Backend]] = {}

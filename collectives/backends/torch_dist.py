@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import importlib.util
-import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,6 +40,7 @@ from collectives.backends.base import (
     Backend,
     BackendConfig,
     OpContext,
+    close_at_exit,
     land_gathered,
     register_backend,
 )
@@ -106,8 +105,7 @@ class TorchBackend(Backend):
         # A process that exits without close() would destroy the group during interpreter
         # finalisation, where a gloo worker thread freeing a tensor aborts the process
         # ("terminate called without an active exception"): close it before that instead.
-        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
-        atexit.register(self._at_exit)
+        self._at_exit = close_at_exit(self)
 
     @property
     def process_group(self) -> ProcessGroup:
@@ -562,12 +560,6 @@ class TorchBackend(Backend):
     def peers(self) -> dict[int, str]:
         lost = self._engine.lost
         return {r: "lost" if r in lost else "ok" for r in range(self.size) if r != self.rank}
-
-
-def _close_at_exit(ref: weakref.ref[TorchBackend]) -> None:
-    backend = ref()
-    if backend is not None:
-        backend.close()
 
 
 register_backend("gloo", TorchBackend)

@@ -30,17 +30,15 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import functools
 import logging
 import os
 import time
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from collectives.auth import INSECURE_ENV, KEY_ENV, ClusterKey, insecure_allowed, require_key
 from collectives.backends import udp_peers
-from collectives.backends.base import BackendConfig, register_backend
+from collectives.backends.base import BackendConfig, close_at_exit, register_backend
 from collectives.backends.envelope import Envelope
 from collectives.backends.p2p import AGREEMENT_CHANNEL, COLLECTIVE_CHANNEL, P2PBackend
 from collectives.backends.udp_peers import Announcer, Plan
@@ -97,8 +95,7 @@ class UdpBackend(P2PBackend):
         # Messages are delivered by this process (eager posts sit in the core until
         # acknowledged): a program that exits without close() would take its last ones with it,
         # where a TCP engine's kernel still sends them.  Close (bounded linger) at exit instead.
-        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
-        atexit.register(self._at_exit)
+        self._at_exit = close_at_exit(self)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -356,12 +353,6 @@ def _security(p: Plan, size: int, environ: Mapping[str, str]) -> tuple[ClusterKe
         f"{KEY_ENV} (the same secret on every rank) even on loopback, or {INSECURE_ENV}=1 on a "
         "network you trust"
     )
-
-
-def _close_at_exit(ref: weakref.ref[UdpBackend]) -> None:
-    backend = ref()
-    if backend is not None:
-        backend.close()
 
 
 register_backend("udp", UdpBackend)
