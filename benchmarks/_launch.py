@@ -74,7 +74,7 @@ def world_command(backend: str, size: int, spec_path: Path, timeout: float) -> l
     return [
         sys.executable,
         "-m",
-        "launchers",
+        "comfyui_cluster.launchers",
         "--nproc",
         str(size),
         "--backend",

@@ -3,7 +3,7 @@
 Started by ``python -m benchmarks collectives`` (never by hand, though it can be):
 
     mpiexec -n N python -m benchmarks._worker SPEC.json
-    python -m launchers --nproc N --backend gloo -- python -m benchmarks._worker SPEC.json
+    comfycluster-launch --nproc N --backend gloo -- python -m benchmarks._worker SPEC.json
 
 ``SPEC.json`` is a :class:`WorkerSpec`; each rank writes ``<out>/rank<R>.json``.  Rank 0 appends
 one line per cell to ``<out>/progress`` so the parent can show where the run is.

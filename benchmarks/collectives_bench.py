@@ -4,7 +4,7 @@
     python -m benchmarks collectives --backend mpi --world 2 --ops broadcast --sizes 128M
     python -m benchmarks collectives --backend udp,gloo,mpi --world 2,4 --sizes 1K,1M,128M
 
-This process starts the world itself (``mpiexec`` for mpi, ``python -m launchers`` for gloo and
+This process starts the world itself (``mpiexec`` for mpi, ``comfycluster-launch`` for gloo and
 udp, threads for local).  In every rank and for every op x size, our call and the raw engine's
 call (torch.distributed for gloo, mpi4py's buffer API for mpi, plain TCP sockets for udp, a
 memcpy for local) are timed in alternation on the same buffers, and with them the plain-socket

@@ -240,7 +240,7 @@ def _tail(path: Path, lines: int = _LOG_TAIL) -> str:
 
 def _free_ports(count: int) -> int:
     """First of ``count`` consecutive free ports, below the ephemeral range (like the tests)."""
-    from launchers.config import port_in_use
+    from comfyui_cluster.launchers.config import port_in_use
 
     rng = random.Random()
     for _ in range(200):
@@ -260,7 +260,7 @@ def run_cluster(
     progress: _Progress,
     nonces: Iterator[int],
 ) -> ClusterRun:
-    from launchers.comfyui import ComfyClusterConfig, start_comfy_cluster
+    from comfyui_cluster.launchers.comfyui import ComfyClusterConfig, start_comfy_cluster
 
     threads = args.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks)
     run = ClusterRun(ranks, threads)
@@ -480,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     clock = time.monotonic()
     machine = machine_info()  # load average before we add to it
 
-    from launchers.comfyui import default_python
+    from comfyui_cluster.launchers.comfyui import default_python
 
     python = args.python or default_python()
     try:

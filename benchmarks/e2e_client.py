@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from launchers.comfyui_http import ComfyError, ComfyHTTP, check_finished
+from comfyui_cluster.launchers.comfyui_http import ComfyError, ComfyHTTP, check_finished
 
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 

@@ -23,8 +23,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from comfyui_cluster.launchers.comfyui import ComfyClusterConfig, start_comfy_cluster  # noqa: E402
 from examples.photo_demo import LOOKS, SAVE_NODE, stage_photo, workflow_b  # noqa: E402
-from launchers.comfyui import ComfyClusterConfig, start_comfy_cluster  # noqa: E402
 from tests.comfy_e2e.comfy_client import ComfyClient  # noqa: E402
 
 

@@ -6,10 +6,10 @@
   torchrun, ComfyUI_Cluster's variables, mpirun/mpiexec or Slurm.
 """
 
-from launchers.config import LaunchConfig, RankSlot
-from launchers.env import RankEnv, detect_mpi_launcher, read_rank_env
-from launchers.group import LaunchedGroup
-from launchers.launch import TIMEOUT_EXIT, child_env, launch, start
+from .config import LaunchConfig, RankSlot
+from .env import RankEnv, detect_mpi_launcher, read_rank_env
+from .group import LaunchedGroup
+from .launch import TIMEOUT_EXIT, child_env, launch, start
 
 __all__ = [
     "TIMEOUT_EXIT",

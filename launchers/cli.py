@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from collectives.errors import ConfigurationError
-from launchers.config import LaunchConfig
-from launchers.launch import launch
+
+from .config import LaunchConfig
+from .launch import launch
 
 PROG = "comfycluster-launch"
 USAGE_EXIT = 2
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     # Imported on first use, not at the top: launchers.comfyui imports this module (UsageError,
     # PROG) and registers its subcommand in SUBCOMMANDS as it is imported.
-    from launchers.comfyui import hoist_subcommand
+    from .comfyui import hoist_subcommand
 
     args = hoist_subcommand(args, SUBCOMMANDS)
     if args and args[0] in SUBCOMMANDS:

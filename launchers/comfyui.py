@@ -34,17 +34,18 @@ from types import FrameType
 from typing import NoReturn, TextIO
 
 from collectives.errors import ConfigurationError
-from launchers import cli
-from launchers.comfyui_cluster import _POLL_S, ComfyCluster, RankExitedError
-from launchers.comfyui_config import (
+
+from . import cli
+from .comfyui_cluster import _POLL_S, ComfyCluster, RankExitedError
+from .comfyui_config import (
     DEFAULT_DATABASE_URL,
     DEFAULT_PORT,
     DEFAULT_READY_TIMEOUT_S,
     ComfyClusterConfig,
     default_python,
 )
-from launchers.comfyui_start import RUNNER, comfy_command, start_comfy_cluster
-from launchers.launch import _forwarding
+from .comfyui_start import RUNNER, comfy_command, start_comfy_cluster
+from .launch import _forwarding
 
 SUBCOMMAND = "comfyui"
 TIMEOUT_EXIT = 124

@@ -18,11 +18,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
-from launchers._output import LinePump
-from launchers.comfyui_config import ComfyClusterConfig
-from launchers.comfyui_http import OPENER
-from launchers.config import RankSlot
-from launchers.group import LaunchedGroup
+from ._output import LinePump
+from .comfyui_config import ComfyClusterConfig
+from .comfyui_http import OPENER
+from .config import RankSlot
+from .group import LaunchedGroup
 
 _POLL_S = 0.25  # readiness / liveness polling interval
 _HTTP_TIMEOUT_S = 2.0

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from collectives.errors import ConfigurationError
-from launchers.comfyui_run import has_option
-from launchers.config import check_cluster_key, is_multi_node
+
+from .comfyui_run import has_option
+from .config import check_cluster_key, is_multi_node
 
 DEFAULT_PORT = 8188
 DEFAULT_DATABASE_URL = "sqlite:///:memory:"  # per process: ranks never contend for one file

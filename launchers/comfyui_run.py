@@ -385,7 +385,11 @@ def _link_node_pack(base: str) -> None:
     """Make ``base/custom_nodes`` load this node pack (what ``comfycluster-launch comfyui``
     prepares), so that ``mpirun ... --port-base`` needs no manual step.  Every rank of the job
     may do it at once: the link is made once and the others find it."""
-    from launchers.comfyui_base import prepare_base
+    if __package__:
+        from .comfyui_base import prepare_base
+    else:  # run by path (as comfycluster-launch runs it): the package is this file's folder
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+        from launchers.comfyui_base import prepare_base
 
     pack = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     try:

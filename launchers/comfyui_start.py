@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import TextIO
 
 from collectives.errors import ConfigurationError
-from launchers.comfyui_base import check_writable, default_node_pack, is_node_pack, prepare_base
-from launchers.comfyui_cluster import ComfyCluster, _Rank
-from launchers.comfyui_config import MALLOC_TUNING, ComfyClusterConfig, default_python
-from launchers.comfyui_run import (
+
+from .comfyui_base import check_writable, default_node_pack, is_node_pack, prepare_base
+from .comfyui_cluster import ComfyCluster, _Rank
+from .comfyui_config import MALLOC_TUNING, ComfyClusterConfig, default_python
+from .comfyui_run import (
     INSTALL_HINT,
     LEADER_URL_ENV,
     PORT_ENV,
@@ -33,14 +34,14 @@ from launchers.comfyui_run import (
     http_url,
     rank_state_args,
 )
-from launchers.config import (
+from .config import (
     LaunchConfig,
     RankSlot,
     pick_free_port,
     port_in_use,
     with_cluster_key,
 )
-from launchers.launch import child_env, start
+from .launch import child_env, start
 
 RUNNER = Path(__file__).with_name("comfyui_run.py")
 _PROBE_TIMEOUT_S = 60.0

@@ -21,8 +21,8 @@ import time
 from types import TracebackType
 from typing import TextIO
 
-from launchers._output import LinePump
-from launchers.config import RankSlot
+from ._output import LinePump
+from .config import RankSlot
 
 _SLICE_S = 0.05  # how often waits look up from the exit queue (signals are handled in between)
 _REAP_S = 5.0  # after SIGKILL, how long to wait for the kernel to finish a rank off

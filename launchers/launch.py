@@ -15,15 +15,16 @@ from typing import TextIO
 
 from collectives.auth import KEY_ENV
 from collectives.errors import ConfigurationError
-from launchers._output import LinePump
-from launchers.config import (
+
+from ._output import LinePump
+from .config import (
     LaunchConfig,
     RankSlot,
     lacks_cluster_key,
     pick_free_port,
     with_cluster_key,
 )
-from launchers.group import LaunchedGroup
+from .group import LaunchedGroup
 
 TIMEOUT_EXIT = 124  # what coreutils' timeout(1) returns, so scripts can tell a timeout apart
 # SIGHUP too: the ranks run in their own sessions, so a closed terminal or dropped ssh session

@@ -10,7 +10,7 @@ scripts/setup.sh
 tools/comfyui/install.sh
 echo "== the collectives library alone: 4 ranks, scatter / blur / gather =="
 .venv/bin/mpiexec -n 4 .venv/bin/python examples/demo.py --backend mpi
-.venv/bin/python -m launchers --nproc 4 -- .venv/bin/python examples/demo.py  # udp, the default
-.venv/bin/python -m launchers --nproc 4 --backend gloo -- .venv/bin/python examples/demo.py
+.venv/bin/comfycluster-launch --nproc 4 -- .venv/bin/python examples/demo.py  # udp, the default
+.venv/bin/comfycluster-launch --nproc 4 --backend gloo -- .venv/bin/python examples/demo.py
 echo "== ComfyUI: a 4-rank cluster runs workflows (a) and (b) =="
 .venv/bin/python examples/comfy_cluster_demo.py --ranks 4 --images 8 "$@"

@@ -75,7 +75,8 @@ def launch_command(backend: str, size: int, command: list[str]) -> list[str]:
     launcher = _LAUNCHERS.get(backend)
     if launcher is not None:
         return launcher(size, command)
-    launch = [sys.executable, "-m", "launchers", "--nproc", str(size), "--backend", backend]
+    launch = [sys.executable, "-m", "comfyui_cluster.launchers", "--nproc", str(size)]
+    launch += ["--backend", backend]
     return [*launch, "--", *command]
 
 

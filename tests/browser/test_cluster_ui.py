@@ -24,7 +24,7 @@ import pytest
 
 from collectives.auth import AUTH_HEADER, ClusterKey
 from comfy_nodes.server.peers import PeerAuth
-from launchers.comfyui import ComfyCluster
+from comfyui_cluster.launchers.comfyui import ComfyCluster
 from tests.comfy_e2e.comfy_client import ComfyClient
 from tests.comfy_e2e.conftest import ComfyEnv, running_pair
 

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from launchers.comfyui_http import ComfyError, ComfyHTTP, check_finished
+from comfyui_cluster.launchers.comfyui_http import ComfyError, ComfyHTTP, check_finished
 
 Prompt = Mapping[str, Mapping[str, Any]]
 """An API-format workflow: node id -> {"class_type": ..., "inputs": {...}}."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from launchers.config import port_in_use
+from comfyui_cluster.launchers.config import port_in_use
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools" / "comfyui"
@@ -96,7 +96,7 @@ def make_base(root: Path, models: Path) -> Path:
 def running_pair(env: ComfyEnv, root: Path, cluster_env: dict[str, str]) -> Iterator[Any]:
     """A 2-rank ComfyUI cluster on udp under ``root`` (its log in ``root/cluster.log``), with
     ``cluster_env`` in every rank's environment; ready when entered, stopped on exit."""
-    from launchers.comfyui import ComfyClusterConfig, start_comfy_cluster
+    from comfyui_cluster.launchers.comfyui import ComfyClusterConfig, start_comfy_cluster
 
     config = ComfyClusterConfig(
         nproc=2,
@@ -171,4 +171,4 @@ def wait_for_line(
 
 def launcher_command(*args: str) -> list[str]:
     """``comfycluster-launch`` as the dev venv runs it."""
-    return [sys.executable, "-m", "launchers", *args]
+    return [sys.executable, "-m", "comfyui_cluster.launchers", *args]

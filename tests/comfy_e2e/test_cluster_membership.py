@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from launchers.comfyui import ComfyCluster
+from comfyui_cluster.launchers.comfyui import ComfyCluster
 from tests.comfy_e2e.comfy_client import ComfyClient, ComfyError
 from tests.comfy_e2e.conftest import ComfyEnv, running_pair
 

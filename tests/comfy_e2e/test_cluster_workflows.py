@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launchers.comfyui import ComfyCluster, ComfyClusterConfig, start_comfy_cluster
+from comfyui_cluster.launchers.comfyui import ComfyCluster, ComfyClusterConfig, start_comfy_cluster
 from tests.comfy_e2e.comfy_client import ComfyClient, ComfyError
 from tests.comfy_e2e.conftest import TEST_NODES, ComfyEnv, free_port_range, make_base, tail
 

@@ -25,15 +25,20 @@ from PIL import Image
 
 import comfy_nodes
 from collectives.errors import ConfigurationError
-from launchers.comfyui import (
+from comfyui_cluster.launchers.comfyui import (
     ComfyCluster,
     ComfyClusterConfig,
     hoist_subcommand,
     start_comfy_cluster,
 )
-from launchers.comfyui import main as comfyui_main
-from launchers.comfyui_config import MALLOC_TUNING
-from launchers.comfyui_run import RunError, RunOptions, parse_run_args, plan_comfy_args
+from comfyui_cluster.launchers.comfyui import main as comfyui_main
+from comfyui_cluster.launchers.comfyui_config import MALLOC_TUNING
+from comfyui_cluster.launchers.comfyui_run import (
+    RunError,
+    RunOptions,
+    parse_run_args,
+    plan_comfy_args,
+)
 from tests.comfy_e2e.comfy_client import ComfyClient
 from tests.comfy_e2e.conftest import (
     TEST_NODES,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.comfyui_base import NODE_PACK_LINK
+from comfyui_cluster.launchers.comfyui_base import NODE_PACK_LINK
 from tests.comfy_e2e.comfy_client import ComfyClient
 from tests.comfy_e2e.conftest import REPO, ComfyEnv, free_port_range, make_base, tail
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from comfyui_cluster.launchers.comfyui import ComfyCluster
 from examples.photo_demo import (
     LOOKS,
     PADDING,
@@ -26,7 +27,6 @@ from examples.photo_demo import (
     stage_photo,
     workflow_b,
 )
-from launchers.comfyui import ComfyCluster
 from tests.comfy_e2e.comfy_client import ComfyClient
 from tests.comfy_e2e.conftest import ComfyEnv, running_pair, tail
 

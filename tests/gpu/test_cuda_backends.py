@@ -50,7 +50,16 @@ def test_nccl_refuses_more_ranks_than_gpus() -> None:
     """A rank whose LOCAL_RANK names no GPU gets one line naming the variable, not a CUDA trace."""
     n = torch.cuda.device_count() + 1
     code = "import collectives; collectives.init('nccl', timeout=20)"
-    launch = [sys.executable, "-m", "launchers", "--nproc", str(n), "--backend", "nccl", "--"]
+    launch = [
+        sys.executable,
+        "-m",
+        "comfyui_cluster.launchers",
+        "--nproc",
+        str(n),
+        "--backend",
+        "nccl",
+        "--",
+    ]
     proc = subprocess.run(
         [*launch, sys.executable, "-c", code],
         cwd=ROOT,

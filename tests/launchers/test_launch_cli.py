@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.cli import main, parse_args
+from comfyui_cluster.launchers.cli import main, parse_args
 
 PY = sys.executable
 SHOW_RANK = "import os; print(os.environ['RANK'])"
@@ -85,13 +85,13 @@ def test_python_dash_m(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(repo)]))
     ok = subprocess.run(
-        [PY, "-m", "launchers", "--nproc", "2", PY, "-c", SHOW_RANK],
+        [PY, "-m", "comfyui_cluster.launchers", "--nproc", "2", PY, "-c", SHOW_RANK],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=30, check=False,
     )  # fmt: skip
     assert ok.returncode == 0
     assert sorted(ok.stdout.splitlines()) == ["[rank 0] 0", "[rank 1] 1"]
     bad = subprocess.run(
-        [PY, "-m", "launchers", "--nproc", "two"],
+        [PY, "-m", "comfyui_cluster.launchers", "--nproc", "two"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=30, check=False,
     )  # fmt: skip
     assert bad.returncode == 2

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from collectives.errors import ConfigurationError
-from launchers import LaunchConfig, RankSlot, launch
-from launchers.config import pick_free_port, port_in_use
+from comfyui_cluster.launchers import LaunchConfig, RankSlot, launch
+from comfyui_cluster.launchers.config import pick_free_port, port_in_use
 
 
 @pytest.fixture

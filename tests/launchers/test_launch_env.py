@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from collectives.errors import ConfigurationError
-from launchers.env import RankEnv, detect_mpi_launcher, read_rank_env
+from comfyui_cluster.launchers.env import RankEnv, detect_mpi_launcher, read_rank_env
 
 
 def test_nothing_set_is_none() -> None:

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-import launchers.comfyui_start as comfyui_start
+import comfyui_cluster.launchers.comfyui_start as comfyui_start
 from collectives.auth import ClusterKey
 from collectives.errors import ConfigurationError
-from launchers import LaunchConfig, launch
-from launchers.comfyui import ComfyClusterConfig, main
-from launchers.config import with_cluster_key
+from comfyui_cluster.launchers import LaunchConfig, launch
+from comfyui_cluster.launchers.comfyui import ComfyClusterConfig, main
+from comfyui_cluster.launchers.config import with_cluster_key
 
 KNOWN = "launcher-made-key-0123456789abcdef"
 PRINT_KEY_HASH = textwrap.dedent(
@@ -135,7 +135,7 @@ def test_comfyui_ranks_get_one_key_for_start_and_restart(
 
 @pytest.mark.parametrize("blank", ["", "   ", "\n"])
 def test_a_blank_key_in_the_environment_counts_as_none(blank: str) -> None:
-    from launchers import child_env
+    from comfyui_cluster.launchers import child_env
 
     config = with_cluster_key(LaunchConfig(nproc=1, command=["true"]), {"COMFY_CLUSTER_KEY": blank})
     assert config.cluster_key is not None  # made up here...
@@ -150,7 +150,7 @@ def test_a_blank_key_in_the_environment_counts_as_none(blank: str) -> None:
 def test_launch_and_comfyui_configs_agree_on_multi_node(
     nproc: int, offset: int, world: int | None, expected: bool
 ) -> None:
-    from launchers.config import is_multi_node
+    from comfyui_cluster.launchers.config import is_multi_node
 
     config = LaunchConfig(nproc=nproc, command=["true"], rank_offset=offset, world_size=world)
     assert config.multi_node is is_multi_node(nproc, offset, world) is expected

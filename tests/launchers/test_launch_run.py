@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers import LaunchConfig, RankSlot, launch, start
+from comfyui_cluster.launchers import LaunchConfig, RankSlot, launch, start
 
 PY = sys.executable
 
@@ -212,7 +212,7 @@ def _launcher(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(repo)]))
     return subprocess.Popen(
-        [PY, "-m", "launchers", *args],
+        [PY, "-m", "comfyui_cluster.launchers", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
     )  # fmt: skip
 
@@ -251,11 +251,11 @@ def test_second_signal_kills_without_waiting_for_the_grace(tmp_path: Path) -> No
 
 
 def test_ranks_can_read_what_the_launcher_exported() -> None:
-    import launchers
+    import collectives
 
-    package_root = str(Path(launchers.__file__).resolve().parents[1])
+    package_root = str(Path(collectives.__file__).resolve().parents[1])
     path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), package_root]))
-    code = "from launchers.env import read_rank_env; print(read_rank_env())"
+    code = "from comfyui_cluster.launchers.env import read_rank_env; print(read_rank_env())"
     status, lines, _ = _run(
         LaunchConfig(nproc=2, command=_py(code), env={"PYTHONPATH": path}, master_port=29876)
     )

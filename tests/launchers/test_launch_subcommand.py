@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import launchers.cli
-import launchers.comfyui
-from launchers.cli import SUBCOMMANDS, main
-from launchers.config import LaunchConfig
+import comfyui_cluster.launchers as launchers
+from comfyui_cluster.launchers.cli import SUBCOMMANDS, main
+from comfyui_cluster.launchers.config import LaunchConfig
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[2]
@@ -106,13 +105,16 @@ def test_imports_have_no_cycle_either_way(tmp_path: Path) -> None:
     # launchers.cli alone stays free of the comfyui modules until main() needs them, and
     # importing launchers.comfyui first registers the subcommand.
     cli_first = (
-        "import sys, launchers.cli; assert 'launchers.comfyui' not in sys.modules; "
-        "from launchers.cli import SUBCOMMANDS, main; assert main(['comfyui', '--help']) == 0; "
+        "import sys, comfyui_cluster.launchers.cli; "
+        "assert 'comfyui_cluster.launchers.comfyui' not in sys.modules; "
+        "from comfyui_cluster.launchers.cli import SUBCOMMANDS, main; "
+        "assert main(['comfyui', '--help']) == 0; "
         "assert 'comfyui' in SUBCOMMANDS"
     )
     comfy_first = (
-        "import launchers.comfyui; from launchers.cli import SUBCOMMANDS; "
-        "assert SUBCOMMANDS['comfyui'] is launchers.comfyui.main"
+        "import comfyui_cluster.launchers.comfyui; "
+        "from comfyui_cluster.launchers.cli import SUBCOMMANDS; "
+        "assert SUBCOMMANDS['comfyui'] is comfyui_cluster.launchers.comfyui.main"
     )
     for code in (cli_first, comfy_first):
         done = _python(["-c", code], tmp_path)
@@ -120,7 +122,9 @@ def test_imports_have_no_cycle_either_way(tmp_path: Path) -> None:
 
 
 def test_python_dash_m_hoists_the_subcommand(tmp_path: Path) -> None:
-    done = _python(["-m", "launchers", "--nproc", "2", "comfyui", "--help"], tmp_path)
+    done = _python(
+        ["-m", "comfyui_cluster.launchers", "--nproc", "2", "comfyui", "--help"], tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(COMFY_USAGE)
 
