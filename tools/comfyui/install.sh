@@ -29,7 +29,8 @@ if [ ! -f "$STAMP" ] || [ "$LOCK" -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ] \
   # The node pack and its runtime dependencies (the package's own, plus the optional
   # compression and MPI ones), editable so the servers run this checkout's code.
   "${PIP[@]}" --no-deps -e "$REPO"
-  "${PIP[@]}" numpy msgpack cryptography "protobuf>=7.35.1,<8" zstandard lz4 mpi4py mpich
+  "${PIP[@]}" numpy msgpack cryptography "protobuf>=7.35.1,<8" "httpx>=0.27" "aioice>=0.9" \
+    zstandard lz4 mpi4py mpich
   touch "$STAMP"
 fi
 "$VENV/bin/python" "$REPO/launchers/comfyui_run.py" --probe | "$VENV/bin/python" -c '
