@@ -43,7 +43,13 @@ Four more published ideas, each for a way the plain model throttles a fast or cl
   this cannot end STARTUP early on a lossy path.
 * Skipping PROBE_RTT when it would learn nothing (Chromium's QUIC BBR): if, when the ``min_rtt``
   estimate expires, the latest round saw RTTs within 12.5 % of it, the path has no standing
-  queue and the estimate is simply renewed, instead of halving the window for 200 ms.
+  queue and the estimate is simply renewed, instead of halving the window for 200 ms.  Any RTT
+  within the queue loss compensation tolerates, seen in the last two gain cycles, counts too: the
+  probe-down phase drains that queue once a cycle, so a healthy lossy flow never pays for it.
+
+And two for lossy long paths: losses found while DRAIN empties STARTUP's overshoot do not bound
+inflight (they are STARTUP's; the inflight of the round that finds them was already drained),
+and the first queue-free round sets ``loss_rate`` outright instead of moving an EWMA from zero.
 
 All of this is driven by :class:`RateSample` values that :mod:`.recovery` computes per ACK.
 """
@@ -161,8 +167,23 @@ EXTRA_ACKED_MAX_TIME = 0.1
 STARTUP_RTT_DIVISOR = 8
 STARTUP_RTT_MIN_THRESH = 0.004
 STARTUP_RTT_MAX_THRESH = 0.016
+#: Rounds after DRAIN whose losses are still blamed on STARTUP's overshoot, not judged.
+STARTUP_LOSS_ROUNDS = 2
+#: RTT samples a round needs before its minimum is trusted mid-round (RFC 9406's N_RTT_SAMPLE).
+STARTUP_RTT_SAMPLES = 8
 #: A round with an RTT this close to min_rtt renews it without PROBE_RTT.
 SIMILAR_MIN_RTT = 1.125
+#: The queueing delay (share of min_rtt, at least 2 ms) below which a round counts as free of
+#: our own queue: loss compensation stays on, and min_rtt is renewed without PROBE_RTT.  12.5 %
+#: switched compensation off so often at 5-10 % loss that goodput fell by 2 %.
+QUEUE_FREE_SLACK = 0.25
+#: PROBE_BW gain cycles within which an RTT near min_rtt renews min_rtt when it expires.
+NEAR_MIN_RTT_CYCLES = 2
+#: The least initial window (bytes), whatever the datagram size: two frames of the default
+#: ``frame_bytes`` (64 KiB, 55 datagrams of 1200 bytes) and their control chunks.  A frame leaves
+#: only when all of it fits in the window, so a smaller window moved one frame per round trip
+#: and cost STARTUP two rounds (0.2 s of a 3 s transfer at 100 ms) before any rate sample.
+INITIAL_WINDOW_BYTES = 136 * 1024
 
 
 class Bbr:
@@ -178,7 +199,7 @@ class Bbr:
     ) -> None:
         self.max_datagram = max_datagram
         self.initial_rtt = initial_rtt
-        self.initial_cwnd = initial_window_packets * max_datagram
+        self.initial_cwnd = max(initial_window_packets * max_datagram, INITIAL_WINDOW_BYTES)
         self.min_cwnd = 4 * max_datagram
         self.cwnd = self.initial_cwnd
         self.pacing_rate = STARTUP_GAIN * self.initial_cwnd / initial_rtt
@@ -186,7 +207,10 @@ class Bbr:
         self.btlbw = 0.0
         self.min_rtt = math.inf
         self._min_rtt_stamp = now
+        self._near_min_rtt_at = now  # when an RTT sample last came within SIMILAR_MIN_RTT
         self.loss_rate = 0.0
+        self._clean_rounds = 0  # rounds that fed loss_rate
+        self._startup_losses_until = 0  # round before which losses are STARTUP's (see _end_round)
         self.inflight_hi = math.inf
         self._inflight_hi_step = max_datagram
         self.extra_acked = 0.0
@@ -213,6 +237,7 @@ class Bbr:
         self._round_lost = 0
         self._round_max_rtt = 0.0
         self._round_min_rtt = math.inf
+        self._round_rtt_samples = 0
         self._last_round_min_rtt = math.inf
         self._round_max_inflight = 0
         self._round_gain = STARTUP_GAIN
@@ -268,6 +293,7 @@ class Bbr:
         if rtt is not None:
             self._round_max_rtt = max(self._round_max_rtt, rtt)
             self._round_min_rtt = min(self._round_min_rtt, rtt)
+            self._round_rtt_samples += 1
         round_start = False
         if sample.newly_acked and sample.prior_delivered >= self._next_round_delivered:
             self._end_round(sample)
@@ -277,14 +303,17 @@ class Bbr:
         self._update_btlbw(sample)
         self._update_extra_acked(sample, now)
         min_rtt_expired = self._update_min_rtt(sample, now)
-        if self.state is BbrState.STARTUP and round_start:
-            self._check_full_pipe(sample)
-            self._check_startup_delay()
+        if self.state is BbrState.STARTUP:
+            if round_start:
+                self._check_full_pipe(sample)
+            self._check_startup_delay(round_start)
         if self.state is BbrState.STARTUP and self.filled_pipe:
             self.state = BbrState.DRAIN
             self.pacing_gain = 1.0 / STARTUP_GAIN
             self.cwnd_gain = STARTUP_GAIN
         if self.state is BbrState.DRAIN and sample.bytes_in_flight <= self.bdp():
+            # Packets sent in STARTUP may still be found lost one round later (see _end_round).
+            self._startup_losses_until = self.round_count + STARTUP_LOSS_ROUNDS
             self._enter_probe_bw(now)
         if self.state is BbrState.PROBE_BW:
             self._advance_cycle(sample, now)
@@ -298,18 +327,31 @@ class Bbr:
         total = acked + lost
         if total > 0:
             rate = lost / total
-            if self._is_loss_excessive(rate, lost):
+            if self.state is BbrState.DRAIN or self.round_count < self._startup_losses_until:
+                # Losses of STARTUP's overshoot, detected a round or two later (a queue's
+                # worth of delay): DRAIN already removes their cause, and judging them by the
+                # inflight of the round that detects them (drained by then) set inflight_hi
+                # below the BDP, which then capped a 10 %-loss flow at 85 % for seconds.
+                pass
+            elif self._is_loss_excessive(rate, lost):
                 self._on_high_loss()
             else:
                 self._grow_inflight_hi()
                 if self._round_was_clean():
-                    self.loss_rate += LOSS_RATE_GAIN * (rate - self.loss_rate)
+                    if self._clean_rounds == 0:
+                        # The first estimate replaces the initial 0 outright: an EWMA from 0
+                        # took ten rounds (a second at 100 ms) to pace for 10 % loss.
+                        self.loss_rate = rate
+                    else:
+                        self.loss_rate += LOSS_RATE_GAIN * (rate - self.loss_rate)
+                    self._clean_rounds += 1
         self._queue_free = self._round_queue_free()
         self._round_acked = 0
         self._round_lost = 0
         self._round_max_rtt = 0.0
         self._last_round_min_rtt = self._round_min_rtt
         self._round_min_rtt = math.inf
+        self._round_rtt_samples = 0
         self._round_max_inflight = sample.bytes_in_flight
         self._round_gain = self.pacing_gain
 
@@ -326,7 +368,7 @@ class Bbr:
     def _round_queue_free(self) -> bool:
         if not math.isfinite(self.min_rtt):
             return False
-        slack = max(0.25 * self.min_rtt, 0.002)
+        slack = max(QUEUE_FREE_SLACK * self.min_rtt, 0.002)
         return 0 < self._round_max_rtt <= self.min_rtt + slack
 
     def _on_high_loss(self) -> None:
@@ -386,11 +428,20 @@ class Bbr:
         rtt = sample.rtt
         if rtt is not None and rtt <= self.min_rtt:
             self.min_rtt = rtt
-            self._min_rtt_stamp = now
+            self._min_rtt_stamp = self._near_min_rtt_at = now
             return False
-        if expired and self._last_round_min_rtt <= SIMILAR_MIN_RTT * self.min_rtt:
-            # The last round came within 12.5 % of min_rtt: no queue of ours to drain, so
-            # PROBE_RTT would only halve the window to relearn what we know.  Renew instead.
+        if rtt is not None and rtt <= (1 + QUEUE_FREE_SLACK) * self.min_rtt:
+            self._near_min_rtt_at = now
+        recent = now - self._near_min_rtt_at <= NEAR_MIN_RTT_CYCLES * len(PROBE_BW_GAINS) * (
+            self._path_rtt()
+        )
+        if expired and (recent or self._last_round_min_rtt <= SIMILAR_MIN_RTT * self.min_rtt):
+            # The last round within 12.5 % of min_rtt, or any RTT lately within the queue that
+            # loss compensation tolerates (QUEUE_FREE_SLACK; probe-down phases keep it there):
+            # no standing queue of ours to drain, so PROBE_RTT would only halve the window to
+            # relearn what we know (it cost 1.5 % of a 1 %-loss transfer, one per 10 s).
+            # A path whose delay grew by less than that slack keeps the old min_rtt: its window
+            # (2 BDP) has room for it, and pacing does not depend on min_rtt.
             self._min_rtt_stamp = now
             return False
         if rtt is not None and expired:
@@ -398,14 +449,25 @@ class Bbr:
             self._min_rtt_stamp = now
         return expired
 
-    def _check_startup_delay(self) -> None:
-        """HyStart++'s delay test, on the round that just ended (see the docstring)."""
-        if self.filled_pipe or not math.isfinite(self._last_round_min_rtt):
+    def _check_startup_delay(self, round_start: bool) -> None:
+        """HyStart++'s delay test (see the docstring): on the round that just ended, and, as
+        RFC 9406 does, on every ACK once the current round has ``STARTUP_RTT_SAMPLES`` RTT
+        samples.  Waiting for the round's end lets a round of 2.9x pacing pile onto a queue
+        that is already growing: on a 100 ms path that was 1800 drops at a one-BDP queue."""
+        if self.filled_pipe:
+            return
+        if round_start:
+            rtt = self._last_round_min_rtt
+        elif self._round_rtt_samples >= STARTUP_RTT_SAMPLES:
+            rtt = self._round_min_rtt
+        else:
+            return
+        if not math.isfinite(rtt):
             return
         thresh = min(
             max(self.min_rtt / STARTUP_RTT_DIVISOR, STARTUP_RTT_MIN_THRESH), STARTUP_RTT_MAX_THRESH
         )
-        if self._last_round_min_rtt >= self.min_rtt + thresh:
+        if rtt >= self.min_rtt + thresh:
             self.filled_pipe = True
 
     def _check_full_pipe(self, sample: RateSample) -> None:

@@ -330,6 +330,7 @@ class Recovery:
         # acknowledges thousands of packets.  The body is _forget_outstanding inlined.
         outstanding = self._outstanding
         largest_seq = self._largest_acked_seq
+        min_rtt = self.rtt.min_rtt  # inf before any sample: no resend orders anything then
         eliciting_gone = 0
         flight_gone = 0
         spurious = 0
@@ -345,6 +346,13 @@ class Recovery:
                 largest_seq = pkt.seq if pkt.seq > largest_seq else largest_seq
                 if pkt.number == largest and pkt.ack_eliciting:
                     sample_pkt = pkt
+            elif now - pkt.sent_at >= min_rtt and pkt.seq > largest_seq:
+                # A resend acknowledged at least min_rtt after it left (RACK, RFC 8985 6.2):
+                # no earlier transmission can be what arrived that late only if this one did,
+                # so it orders loss detection (still no RTT sample: Karn).  Without this a
+                # transfer's tail, all resends, waits for probe timeouts one lost resend at
+                # a time, each backed off twice as long as the last.
+                largest_seq = pkt.seq
             if pkt.in_flight:
                 newly_acked += pkt.size
                 if (

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from collectives.transport.congestion import (
+    INITIAL_WINDOW_BYTES,
     PROBE_BW_GAINS,
     SHORT_RTT_MIN_CWND,
     STARTUP_GAIN,
@@ -311,8 +312,11 @@ def to_probe_bw(rate: float = 1e7) -> Feed:
 def test_initial_window_and_rate() -> None:
     bbr = Bbr(max_datagram=MSS, initial_rtt=0.2)
     assert bbr.state is BbrState.STARTUP
-    assert bbr.cwnd == 32 * MSS
-    assert bbr.pacing_rate == pytest.approx(STARTUP_GAIN * 32 * MSS / 0.2)
+    # Two default frames (64 KiB each) fit: a frame leaves only when all of it fits.
+    assert bbr.cwnd == INITIAL_WINDOW_BYTES >= 2 * (64 * 1024 + 55 * 32)
+    assert bbr.pacing_rate == pytest.approx(STARTUP_GAIN * INITIAL_WINDOW_BYTES / 0.2)
+    # With big datagrams (loopback) the window is 32 of them.
+    assert Bbr(max_datagram=60000).cwnd == 32 * 60000
 
 
 def test_startup_until_bandwidth_plateaus_then_drain_then_probe_bw() -> None:
@@ -470,15 +474,15 @@ def test_bandwidth_estimate_expires_after_ten_rounds() -> None:
 def test_probe_rtt_when_min_rtt_is_stale() -> None:
     feed = to_probe_bw(1e7)
     bbr = feed.bbr
-    while feed.now < 11:  # RTT never again as low as the minimum (nor within 12.5 % of it)
-        feed.ack(1e7, rtt=0.06, dt=0.5)
+    while feed.now < 11:  # RTT never again as low as the minimum (nor within 25 % of it)
+        feed.ack(1e7, rtt=0.07, dt=0.5)
     assert bbr.state is BbrState.PROBE_RTT
     assert bbr.cwnd == max(4 * MSS, bbr.bdp(0.5))
-    feed.ack(1e7, rtt=0.06, inflight=bbr.cwnd, dt=0.01)
-    feed.ack(1e7, rtt=0.06, inflight=bbr.cwnd, dt=0.3)
-    feed.ack(1e7, rtt=0.06, inflight=bbr.cwnd, dt=0.01)
+    feed.ack(1e7, rtt=0.07, inflight=bbr.cwnd, dt=0.01)
+    feed.ack(1e7, rtt=0.07, inflight=bbr.cwnd, dt=0.3)
+    feed.ack(1e7, rtt=0.07, inflight=bbr.cwnd, dt=0.01)
     assert bbr.state is BbrState.PROBE_BW
-    assert bbr.min_rtt == pytest.approx(0.06)  # the path's new delay
+    assert bbr.min_rtt == pytest.approx(0.07)  # the path's new delay
 
 
 def test_persistent_timeouts_restart_the_model() -> None:
@@ -488,7 +492,7 @@ def test_persistent_timeouts_restart_the_model() -> None:
     assert feed.bbr.state is BbrState.PROBE_BW
     feed.bbr.on_timeout(3, feed.now)
     assert feed.bbr.state is BbrState.STARTUP
-    assert feed.bbr.cwnd == 32 * MSS and feed.bbr.btlbw == 0
+    assert feed.bbr.cwnd == INITIAL_WINDOW_BYTES and feed.bbr.btlbw == 0
 
 
 # -- the simulation's checks -----------------------------------------------------------------------

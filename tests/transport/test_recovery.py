@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collectives.transport.congestion import RateSample
+from collectives.transport.congestion import INITIAL_WINDOW_BYTES, RateSample
 from collectives.transport.recovery import Recovery, SentPacket
 
 MSS = 1200
@@ -136,6 +136,24 @@ def test_a_resent_packet_is_judged_by_what_was_sent_after_it() -> None:
     send(rec, [8], 0.1)
     res = rec.on_ack([(8, 9)], 0.0, 0.15)
     assert numbers(res.lost) == [0]
+
+
+def test_a_resend_acknowledged_a_round_trip_later_orders_loss_detection() -> None:
+    # A transfer's tail is all resends.  Once one of them is acknowledged at least min_rtt after
+    # it left, no earlier transmission can explain that ACK, so resends sent before it are
+    # judged by it (RACK) instead of each waiting for a probe timeout, backed off in turn.
+    rec = make()
+    pkts = send(rec, range(10), 0.0)
+    assert numbers(rec.on_ack([(5, 10)], 0.0, 0.1).lost) == [0, 1, 2, 3, 4]
+    for p in pkts[:5]:
+        rec.on_resent(p, 0.2)
+    # Sooner than min_rtt after the resend: it may be the original that arrived; no verdict.
+    assert rec.on_ack([(4, 5)], 0.0, 0.25).lost == []
+    rec.on_resent(pkts[3], 0.25)  # (a probe, say) so that number 3 can be acknowledged again
+    res = rec.on_ack([(3, 4)], 0.0, 0.36)
+    assert numbers(res.acked) == [3] and res.rtt_sample is None  # still Karn: no RTT sample
+    assert numbers(res.lost) == [0, 1, 2]  # three sends before it, and 9/8 RTT old
+    assert rec.pto_count == 0
 
 
 def test_resend_while_still_in_flight_counts_once() -> None:
@@ -322,8 +340,8 @@ def test_discard_forgets_a_packet_in_any_state() -> None:
 
 def test_default_congestion_is_bbr() -> None:
     rec = Recovery(0.1, 0.025, 0.0)
-    assert rec.cwnd == 32 * 1200
-    assert rec.pacing_rate == pytest.approx(2.885 * 32 * 1200 / 0.1)
+    assert rec.cwnd == INITIAL_WINDOW_BYTES
+    assert rec.pacing_rate == pytest.approx(2.885 * INITIAL_WINDOW_BYTES / 0.1)
 
 
 def _state(rec: Recovery) -> tuple[object, ...]:
