@@ -31,7 +31,8 @@ def run(comm: Communicator, start: Callable[[], Work[Any]]) -> Any:
     """
     from collectives import CollectivesError, CollectiveTimeoutError, InvalidArgumentError
 
-    bar = cluster.progress_bar(1) if cluster.progress_bar is not None else None
+    rt = cluster.runtime()
+    bar = rt.progress_bar(1)
     try:
         work = start()
         while True:
@@ -43,17 +44,12 @@ def run(comm: Communicator, start: Callable[[], Work[Any]]) -> Any:
             except CollectiveTimeoutError:
                 if work.is_completed():
                     raise  # the collective's own deadline, not this poll
-            check = cluster.interrupt_check
-            if check is not None and check():
-                reason = f"interrupted on rank {comm.rank}"
-                if cluster.abort_hook is not None:
-                    cluster.abort_hook(comm, reason)
-                else:
-                    comm.abort(reason)
+            if rt.interrupted():
+                rt.abort(comm, f"interrupted on rank {comm.rank}")
                 cluster.raise_interrupted()
     except CollectivesError as err:
-        if not isinstance(err, InvalidArgumentError) and cluster.failure_hook is not None:
-            cluster.failure_hook(comm, err)
+        if not isinstance(err, InvalidArgumentError):
+            rt.failed(comm, err)
         raise
 
 
@@ -91,8 +87,7 @@ def _mismatch(comm: Communicator, message: str, src: int) -> Exception:
 
     comm.abort(message)
     err = CollectiveMismatchError(message, ranks=(comm.rank, src))
-    if cluster.failure_hook is not None:
-        cluster.failure_hook(comm, err)
+    cluster.runtime().failed(comm, err)
     return err
 
 
@@ -109,19 +104,21 @@ def _issue(tag: str, start: Callable[[], Work[Any]]) -> Work[Any]:
 
 def in_background(comm: Communicator, work: Work[Any], tag: str) -> bool:
     """Leave ``work`` running if this rank's prompt allows it (its tail will wait for it)."""
-    pending = cluster.background.get(comm)
+    rt = cluster.runtime()
+    pending = rt.background.get(comm)
     if pending is None:
         return False
     pending.append((work, tag))
-    if cluster.progress_bar is not None:
-        cluster.progress_bar(1).update_absolute(1)  # handed over; the tail reports failures
+    bar = rt.progress_bar(1)
+    if bar is not None:
+        bar.update_absolute(1)  # handed over; the tail reports failures
     return True
 
 
 def settle(comm: Communicator) -> None:
     """Wait for the collectives this rank left running (see :func:`in_background`); the first
     failure is raised, naming the node that issued it."""
-    pending = cluster.background.get(comm) or []
+    pending = cluster.runtime().background.get(comm) or []
     while pending:
         work, tag = pending.pop(0)
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import cluster, distribute, memory
+from . import distribute, memory
 from . import images as image_files
 from .distribute import LOSSLESS
 from .nodes_base import _CODEC, _HIDDEN_ID, _WEIGHTS, ANY, _ClusterNode, _leader_input, _Node
@@ -46,7 +46,7 @@ class ClusterInfo(_ClusterNode):
         return {"required": {}, "optional": {"trigger": (ANY,)}}
 
     def run(self, trigger: Any = None) -> dict[str, Any]:
-        status = cluster.cluster_status()
+        status = self.runtime.status()
         text = status.text()
         return {
             "ui": {"text": [text]},
@@ -108,7 +108,7 @@ class ClusterBroadcastTensor(_ClusterNode):
         }
 
     def run(self, tensor: Any = None, codec: str = LOSSLESS, unique_id: Any = None) -> tuple[Any]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         return (distribute.broadcast_value(comm, tensor, self.tag(unique_id), codec),)
 
 
@@ -156,7 +156,7 @@ class ClusterBroadcastLoadedImage(_ClusterNode):
         }
 
     def run(self, image: str, codec: str = LOSSLESS, unique_id: Any = None) -> tuple[Any, Any]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         return distribute.broadcast_loaded(
             comm,
             lambda: image_files.load_image(
@@ -184,7 +184,7 @@ class ClusterFanOutImage(_ClusterNode):
     def run(
         self, image: Any = None, weights: str = "", codec: str = LOSSLESS, unique_id: Any = None
     ) -> tuple[Any]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         return (distribute.fan_out_batch(comm, image, self.tag(unique_id), weights, codec),)
 
 
@@ -205,7 +205,7 @@ class ClusterFanInImages(_ClusterNode):
         }
 
     def run(self, images: Any, codec: str = LOSSLESS, unique_id: Any = None) -> tuple[Any]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         return (distribute.fan_in_batch(comm, images, self.tag(unique_id), codec),)
 
 
@@ -223,7 +223,7 @@ class ClusterGatherImages(_ClusterNode):
         }
 
     def run(self, images: Any, codec: str = LOSSLESS, unique_id: Any = None) -> tuple[Any]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         return (distribute.gather_batch(comm, images, self.tag(unique_id), codec),)
 
 
@@ -244,7 +244,7 @@ class ClusterFanOutLatent(_ClusterNode):
         }
 
     def run(self, samples: Any = None, weights: str = "", unique_id: Any = None) -> tuple[Any]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         return (distribute.fan_out_latent(comm, samples, self.tag(unique_id), weights),)
 
 
@@ -261,7 +261,7 @@ class ClusterFanInLatent(_ClusterNode):
         return {"required": {"samples": ("LATENT",)}, "hidden": _HIDDEN_ID}
 
     def run(self, samples: Any, unique_id: Any = None) -> tuple[Any]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         return (distribute.fan_in_latent(comm, samples, self.tag(unique_id)),)
 
 
@@ -275,7 +275,7 @@ class ClusterGatherLatents(_ClusterNode):
         return {"required": {"samples": ("LATENT",)}, "hidden": _HIDDEN_ID}
 
     def run(self, samples: Any, unique_id: Any = None) -> tuple[Any]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         return (distribute.gather_latents(comm, samples, self.tag(unique_id)),)
 
 
@@ -293,7 +293,7 @@ class ClusterFanOutMask(_ClusterNode):
         }
 
     def run(self, mask: Any = None, weights: str = "", unique_id: Any = None) -> tuple[Any]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         tag = self.tag(unique_id)
         if comm.size > 1 and mask is not None:
             mask = as_mask_batch(mask, tag)
@@ -313,7 +313,7 @@ class ClusterFanInMask(_ClusterNode):
         return {"required": {"mask": ("MASK",)}, "hidden": _HIDDEN_ID}
 
     def run(self, mask: Any, unique_id: Any = None) -> tuple[Any]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         tag = self.tag(unique_id)
         if comm.size == 1:
             return (mask,)
@@ -330,7 +330,7 @@ class ClusterGatherMasks(_ClusterNode):
         return {"required": {"mask": ("MASK",)}, "hidden": _HIDDEN_ID}
 
     def run(self, mask: Any, unique_id: Any = None) -> tuple[Any]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         tag = self.tag(unique_id)
         if comm.size == 1:
             return (mask,)

@@ -6,6 +6,7 @@ import functools
 import inspect
 from typing import Any, ClassVar
 
+from . import cluster
 from .collective import node_tag
 from .distribute import CODECS, LOSSLESS
 
@@ -58,6 +59,12 @@ class _Node:
     CATEGORY: ClassVar[str] = CATEGORY
     FUNCTION: ClassVar[str] = "run"
     DESCRIPTION: ClassVar[str] = ""
+
+    @property
+    def runtime(self) -> cluster.Runtime:
+        """The process's cluster runtime (comfy_nodes.cluster): the node's communicator, and what
+        surrounds its collectives (hand-overs, progress, interrupts, failure reports)."""
+        return cluster.runtime()
 
 
 class _ClusterNode(_Node):

@@ -30,13 +30,14 @@ class ClusterGetInstanceWorkItemFromBatch(_Node):
 
     @classmethod
     def IS_CHANGED(cls, **kwargs: Any) -> str:
-        comm = cluster.get_comm()  # cached per (rank, size): recomputed if the world changes
+        # Cached per (rank, size): recomputed if the world changes.
+        comm = cluster.runtime().communicator()
         return f"{comm.rank}/{comm.size}"
 
     def run(
         self, batch: list[Any], index_offset: list[int], weights: list[str] | None = None
     ) -> tuple[list[Any]]:
-        comm = cluster.get_comm()
+        comm = self.runtime.communicator()
         return (
             lists.instance_share(batch, comm.rank, comm.size, index_offset[0], _first(weights)),
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import cluster, collective
+from . import collective
 from .nodes_base import _ClusterNode
 
 
@@ -43,25 +43,23 @@ class ClusterSync(_ClusterNode):
         collectives: int = 0,
         prompt: dict[str, Any] | None = None,
     ) -> tuple[str]:
+        rt = self.runtime
         if mode != "start":
-            comm = cluster.peek_comm()
+            comm = rt.peek()
             try:
                 if comm is not None:
                     # The prompt is not over on this rank until what it sent has arrived.
                     collective.settle(comm)
             finally:
-                cluster.end_prompt()
-            if cluster.prompt_end_hook is not None:
-                cluster.prompt_end_hook(prompt_id)
+                rt.end_prompt()
+            rt.prompt_ended(prompt_id)
             return (prompt_id,)
-        if cluster.deliver_hook is not None and prompt is not None:
-            # Leader only.  A refusal cancels the prompt on every rank cleanly, so it is not yet
-            # "running": no abort is needed if this raises.
-            comm = cluster.deliver_hook(prompt_id, prompt)
-        elif cluster.admit_hook is not None:
-            comm = cluster.admit_hook(prompt_id)  # follower: raises for a stray prompt
-        else:
-            comm = cluster.get_comm(fresh=True)  # no server integration (in-process ranks)
+        # Leader: the hand-over.  A refusal cancels the prompt on every rank cleanly, so it is not
+        # yet "running": no abort is needed if this raises.  Follower: raises for a stray prompt.
+        # Neither (no server integration, in-process ranks): this rank's communicator.
+        comm = rt.deliver(prompt_id, prompt) if prompt is not None else None
+        if comm is None:
+            comm = rt.admit(prompt_id) or rt.communicator(fresh=True)
         if comm.size > 1:
-            cluster.begin_prompt(prompt_id, comm)
+            rt.begin_prompt(prompt_id, comm)
         return (prompt_id,)

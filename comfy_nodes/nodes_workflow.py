@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import cluster, workflow
+from . import workflow
 from .nodes_base import _HIDDEN_ID, ANY, _ClusterNode, _Node
 
 
@@ -47,11 +47,11 @@ class ClusterExecuteWorkflow(_ClusterNode):
         }
 
     def run(self, workflow_path: str, input_overrides: str = "", trigger: Any = None) -> tuple[str]:
-        if not cluster.is_leader():
+        if not self.runtime.is_leader():
             return ("",)
         loaded = workflow.load_named_workflow(workflow_path, what=type(self).__name__)
         prompt = workflow.apply_overrides(loaded, input_overrides)
-        return (cluster.call_queue_prompt_hook(prompt, type(self).__name__),)
+        return (self.runtime.queue_prompt(prompt, type(self).__name__),)
 
 
 class ClusterExecuteCurrentWorkflow(_ClusterNode):
@@ -83,13 +83,13 @@ class ClusterExecuteCurrentWorkflow(_ClusterNode):
         unique_id: Any = None,
     ) -> tuple[str, int]:
         remaining = max(0, int(iterations) - 1)
-        if not cluster.is_leader() or remaining == 0:
+        if not self.runtime.is_leader() or remaining == 0:
             return ("", remaining)
         if prompt is None or unique_id is None:
             raise RuntimeError(f"{type(self).__name__}: ComfyUI passed no current prompt")
         nxt = workflow.next_iteration(prompt, str(unique_id), vary_seed)
         assert nxt is not None
-        return (cluster.call_queue_prompt_hook(nxt, type(self).__name__), remaining)
+        return (self.runtime.queue_prompt(nxt, type(self).__name__), remaining)
 
 
 class ClusterStartSubgraph(_Node):
@@ -149,9 +149,9 @@ class ClusterUseSubgraph(_ClusterNode):
         prompt: dict[str, Any] | None = None,
         unique_id: Any = None,
     ) -> tuple[str]:
-        if not cluster.is_leader():
+        if not self.runtime.is_leader():
             return ("",)
         if prompt is None:
             raise RuntimeError(f"{type(self).__name__}: ComfyUI passed no current prompt")
         sub = workflow.subgraph_prompt(prompt, name)
-        return (cluster.call_queue_prompt_hook(sub, type(self).__name__),)
+        return (self.runtime.queue_prompt(sub, type(self).__name__),)

@@ -2,7 +2,8 @@
 
 An API-format prompt (what ComfyUI's "Export (API)" saves and ``POST /prompt`` takes) maps node
 ids to ``{"class_type": str, "inputs": {name: value or [source_id, output_index]}}``.  Everything
-here is pure data manipulation; queuing goes through :data:`comfy_nodes.cluster.queue_prompt_hook`.
+here is pure data manipulation; queuing goes through the runtime
+(:meth:`comfy_nodes.cluster.Runtime.queue_prompt`).
 """
 
 from __future__ import annotations

@@ -10,13 +10,14 @@
 * ``GET /cluster/panel`` (the cluster panel's first view; then it listens to the websocket),
   ``POST /cluster/interrupt`` and ``POST /cluster/free`` (leader: on every rank), all for the
   browser (comfy_nodes.server.panel);
-* ``GET /cluster/epoch``, ``POST /cluster/rejoin``, ``POST /cluster/failed``,
-  ``POST /cluster/abort``, ``POST /cluster/heartbeat``, ``POST /cluster/command``: membership,
-  interrupt propagation and the panel's reports between ranks, signed and checked
-  (comfy_nodes.server.routes);
-* an aiohttp start-up hook that joins the cluster in a background thread, and on followers runs
-  the control thread that takes over each prompt the leader hands out; and starts the panel's
-  heartbeat thread.
+* the rank's control endpoint (comfy_nodes.server.carrier): membership, interrupt propagation
+  and the panel's reports between ranks travel there as sealed UDP datagrams, checked against
+  one table (comfy_nodes.server.messages), never over ComfyUI's HTTP server, which has no
+  authentication of its own;
+* the nodes' runtime (comfy_nodes.server.node_runtime), installed for the whole process;
+* an aiohttp start-up hook that opens the control endpoint, joins the cluster in a background
+  thread, and on followers runs the control thread that takes over each prompt the leader hands
+  out; and starts the panel's heartbeat thread.
 
 Per-prompt fan-out weights (the panel's, from the browser's settings) come with a prompt as
 ``extra_data.cluster_weights`` (``"3,1"``) and fill every ``weights`` input the workflow left
@@ -38,13 +39,16 @@ from comfy_nodes.nodes import NODE_CLASS_MAPPINGS
 from comfy_nodes.nodes_base import _ClusterNode
 from comfy_nodes.partition import parse_weights
 from comfy_nodes.server import prompts
+from comfy_nodes.server.carrier import Address, UdpCarrier
 from comfy_nodes.server.control import Delivery, Verdict, hand_over, take_over
 from comfy_nodes.server.handoffs import Handoffs
 from comfy_nodes.server.membership import Membership
+from comfy_nodes.server.messages import FOLLOWER, dispatch, role
+from comfy_nodes.server.node_runtime import ServerRuntime
 from comfy_nodes.server.panel import Panel
-from comfy_nodes.server.peers import PeerAuth, PeerClient
-from comfy_nodes.server.routes import control_routes
-from comfy_nodes.server.settings import Settings
+from comfy_nodes.server.peers import Peers
+from comfy_nodes.server.seal import Envelope, Seal
+from comfy_nodes.server.settings import CONTROL_PORT_ENV, Settings
 
 if TYPE_CHECKING:
     from collectives import Communicator
@@ -79,46 +83,59 @@ def install(server: Any) -> Membership | None:
     if _installed is not None:
         return _installed
     settings = Settings.from_env()
-    auth = PeerAuth(settings.key if settings is not None else None)  # one, for routes and client
-    _register_routes(server, settings, auth)
+    _register_routes(server, settings)
     if settings is None:
         return None  # a single instance: cluster nodes are identities, nothing to wire
     from comfy.cli_args import args  # type: ignore[import-not-found,unused-ignore]
 
-    # The control routes are served wherever ComfyUI listens, not only on the advertised host.
+    # The browser routes are served wherever ComfyUI listens, not only on the advertised host.
     settings.check_listen(args.listen)
     _init_mpi_early(settings.backend)
+    control: Address = (settings.advertise_host, settings.control_port or int(args.port))
+    fingerprint = settings.key.fingerprint() if settings.key is not None else None
+    book = {0: settings.leader_control} if settings.leader_control is not None else {}
+    peers = Peers(settings.rank, book, fingerprint=fingerprint)
     membership = Membership(
-        settings,
-        f"http://{settings.advertise_host}:{args.port}",
-        PeerClient(auth, settings.rank),
+        settings, f"http://{settings.advertise_host}:{args.port}", peers, control
     )
     _installed = membership
     _panel = panel = Panel(server, membership)
     _observe_progress(server, panel)
-    cluster.comm_provider = membership.wait_ready
     import comfy.utils  # type: ignore[import-not-found,unused-ignore]
 
-    cluster.progress_bar = comfy.utils.ProgressBar
-    cluster.interrupt_check = _interrupt_pressed
-    cluster.abort_hook = lambda comm, reason: membership.abort_everywhere(reason, comm)
-    cluster.failure_hook = lambda comm, err: membership.fail(
-        f"{type(err).__name__}: {err}", comm=comm
+    handoffs = None if settings.is_leader else Handoffs(settings.rank)
+    runtime = ServerRuntime(
+        membership,
+        progress_bar=comfy.utils.ProgressBar,
+        interrupted=_interrupt_pressed,
+        queue=(lambda prompt: _queue_on_leader(server, prompt)) if settings.is_leader else None,
+        deliver=(lambda pid, p: _deliver(membership, pid, p)) if settings.is_leader else None,
+        handoffs=handoffs,
     )
-    _propagate_interrupts(membership)
+    cluster.install(runtime)
+    _propagate_interrupts(membership, runtime)
     if settings.is_leader:
-        cluster.deliver_hook = lambda pid, prompt: _deliver(membership, pid, prompt)
-        cluster.queue_prompt_hook = lambda prompt: _queue_on_leader(server, prompt)
         server.add_on_prompt_handler(_on_prompt)
     else:
-        handoffs = Handoffs(settings.rank)
-        cluster.admit_hook = handoffs.admit
-        cluster.prompt_end_hook = handoffs.finished
+        assert handoffs is not None
         membership.on_ready(
             lambda comm, epoch: _start_follower(server, membership, handoffs, comm, epoch)
         )
 
+    def on_request(envelope: Envelope, source: Address) -> dict[str, Any]:
+        reply = dispatch(membership, panel, envelope.sender, envelope.kind, envelope.body)
+        # A follower's authentic, accepted message says where its endpoint is (a restarted one
+        # included).  Not a refused one: that proves nothing about where the follower is.
+        sender = envelope.sender
+        if reply.get("ok") and settings.is_leader and role(sender) == FOLLOWER:
+            peers.learn(sender, source)
+        return reply
+
     async def join_on_startup(app: Any) -> None:
+        bind = (_bind_host(settings.advertise_host, args.listen), control[1])
+        peers.carrier = UdpCarrier(
+            settings.rank, bind, Seal(settings.key), on_request, port_env=CONTROL_PORT_ENV
+        )
         membership.start()
         panel.start()
 
@@ -292,7 +309,30 @@ def _interrupt_pressed() -> bool:
     return bool(mm.processing_interrupted())
 
 
-def _propagate_interrupts(membership: Membership) -> None:
+def _bind_host(advertised: str, comfy_listen: str | None) -> str:
+    """Where the control endpoint listens: only on an address the user gave.
+    ``COMFY_CLUSTER_LISTEN_ADDRESS`` when set (as for the udp backend); else the advertised host
+    when it is one of this machine's addresses; else the first address ComfyUI was told to
+    ``--listen`` on (an advertised host behind a NAT or a proxy is not bindable here)."""
+    import os
+    import socket
+
+    from collectives.backends.udp_peers import LISTEN_ENV
+
+    explicit = os.environ.get(LISTEN_ENV, "").strip()
+    if explicit:
+        return explicit
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((advertised, 0))
+        return advertised
+    except OSError:
+        pass
+    first = (comfy_listen or "").split(",")[0].strip()
+    return first or "127.0.0.1"
+
+
+def _propagate_interrupts(membership: Membership, runtime: ServerRuntime) -> None:
     # ComfyUI's interrupt (the UI button, POST /interrupt) only sets a flag that this rank's
     # executor checks between nodes; the other ranks would sit in their collective until the
     # timeout.  So while a cluster prompt runs, an interrupt here aborts the world everywhere.
@@ -302,7 +342,7 @@ def _propagate_interrupts(membership: Membership) -> None:
 
     def interrupt_processing(value: bool = True) -> None:
         original(value)
-        if value and cluster.current_prompt is not None:
+        if value and runtime.current_prompt is not None:
             membership.abort_everywhere(f"interrupted on rank {membership.settings.rank}")
 
     comfy_nodes_module.interrupt_processing = interrupt_processing
@@ -317,8 +357,8 @@ def _propagate_interrupts(membership: Membership) -> None:
     def handle_execution_error(  # noqa: PLR0917  (ComfyUI's signature)
         self: Any, prompt_id: Any, prompt: Any, current: Any, executed: Any, error: Any, ex: Any
     ) -> Any:
-        if cluster.current_prompt is not None and cluster.current_prompt == prompt_id:
-            cluster.current_prompt = None
+        if runtime.current_prompt is not None and runtime.current_prompt == prompt_id:
+            runtime.current_prompt = None
             node = error.get("node_id") if isinstance(error, dict) else None
             kind = prompt.get(node, {}).get("class_type", "?") if isinstance(prompt, dict) else "?"
             why = error.get("exception_message", "") if isinstance(error, dict) else str(error)
@@ -326,10 +366,10 @@ def _propagate_interrupts(membership: Membership) -> None:
             # only the old one is aborted.
             membership.abort_everywhere(
                 f"rank {membership.settings.rank} failed at node {node} ({kind}): {why.strip()}",
-                cluster.peek_comm(),
+                runtime.peek(),
             )
         # A failed prompt never reaches its tail: forget it here, with what it left running.
-        cluster.end_prompt()
+        runtime.end_prompt()
         return original_error(self, prompt_id, prompt, current, executed, error, ex)
 
     executor_class.handle_execution_error = handle_execution_error
@@ -349,7 +389,7 @@ def _observe_progress(server: Any, panel: Panel) -> None:
 
 
 # -- routes ---------------------------------------------------------------------------------------
-def _register_routes(server: Any, settings: Settings | None, auth: PeerAuth) -> None:
+def _register_routes(server: Any, settings: Settings | None) -> None:
     from aiohttp import web
 
     routes: Any = server.routes  # aiohttp's RouteTableDef: its decorators are untyped
@@ -409,5 +449,3 @@ def _register_routes(server: Any, settings: Settings | None, auth: PeerAuth) -> 
     routes.get("/cluster/panel")(panel_view)
     routes.post("/cluster/interrupt")(everywhere("interrupt"))
     routes.post("/cluster/free")(everywhere("free"))
-    for method, path, handler in control_routes(auth, lambda: _installed, lambda: _panel):
-        routes.route(method, path)(handler)

@@ -2,17 +2,20 @@
 
 A *world* is one communicator over every rank; worlds are numbered by epoch.  Epoch 0 forms at
 start-up.  When a collective fails for good (a rank died, a timeout, an interrupt), the leader
-announces epoch N+1 over HTTP (``/cluster/rejoin``) and every rank joins world N+1; a rank that
-restarts asks the leader for the current epoch first (``/cluster/epoch``).  So a dead follower
-fails the prompt it was part of, and once restarted it simply joins the next world.  Prompts
-wait (up to the join timeout) for a world to be complete, and say which ranks are missing.
+announces epoch N+1 (a ``rejoin`` control message) and every rank joins world N+1; a rank that
+restarts asks the leader for the current epoch first (``epoch``).  So a dead follower fails the
+prompt it was part of, and once restarted it simply joins the next world.  Prompts wait (up to
+the join timeout) for a world to be complete, and say which ranks are missing.
 
-Every message between ranks is signed (comfy_nodes.server.peers) and names its sender; who may
-send what is one table in comfy_nodes.server.routes.  A world that is left is aborted at once
-(under the lock that leaves it, so no join can meet its torch group still registered) and closed
-in the background, so a failed prompt's communicator and its pending transfers are freed.  One
-join runs at a time in a process: from ``collectives.init`` until its world is installed or
-discarded.  A follower whose join fails tells the leader, which then announces the next world.
+The rank's state and its moves are one table (comfy_nodes.server.states).  Every message between
+ranks travels sealed over the control carrier (comfy_nodes.server.peers), independent of any
+world, and names its sender; who may send what is one table in comfy_nodes.server.messages.
+
+A world that is left is aborted at once (under the lock that leaves it, so no join can meet its
+torch group still registered) and closed in the background, so a failed prompt's communicator
+and its pending transfers are freed.  One join runs at a time in a process: from
+``collectives.init`` until its world is installed or discarded.  A follower whose join fails
+tells the leader, which then announces the next world.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from comfy_nodes import cluster
-from comfy_nodes.server.peers import PeerAuth, PeerClient
+from comfy_nodes.server.carrier import Address, ControlUnreachableError
+from comfy_nodes.server.peers import ControlRefusedError, Peers
 from comfy_nodes.server.settings import Settings
+from comfy_nodes.server.states import Event, State, next_state
 
 if TYPE_CHECKING:
     from collectives import Communicator
@@ -38,15 +43,27 @@ class ClusterNotReadyError(RuntimeError):
 
 
 class Membership:
-    def __init__(self, settings: Settings, my_url: str, client: PeerClient | None = None) -> None:
-        """``client``: this rank's signed requests (install() passes the one whose PeerAuth also
-        checks the routes); by default one of its own, from ``settings.key``."""
+    def __init__(
+        self,
+        settings: Settings,
+        my_url: str,
+        peers: Peers | None = None,
+        my_control: Address | None = None,
+    ) -> None:
+        """``peers``: this rank's control requests (install() passes the one its carrier
+        serves); by default one knowing only the leader's endpoint from the settings, with no
+        carrier.  ``my_control``: this rank's control endpoint, shared when a world forms."""
         self.settings = settings
         self.my_url = my_url
-        self.client = client or PeerClient(PeerAuth(settings.key), settings.rank)
+        self.my_control = my_control
+        if peers is None:
+            fingerprint = settings.key.fingerprint() if settings.key is not None else None
+            book = {0: settings.leader_control} if settings.leader_control is not None else {}
+            peers = Peers(settings.rank, book, fingerprint=fingerprint)
+        self.peers = peers
         self.epoch = -1
         self.urls: dict[int, str] = {}
-        self.state = "idle"
+        self.state: str = State.IDLE
         self.last_error = ""
         self._comm: Communicator | None = None
         self._cond = threading.Condition()
@@ -86,8 +103,9 @@ class Membership:
                 "peers": comm.peers() if comm is not None else {},
                 "last_error": self.last_error,
                 "urls": self.urls,
+                "control": {r: f"{h}:{p}" for r, (h, p) in self.peers.others().items()},
                 # Public: lets an operator see that two ranks hold the same key, never the key.
-                "key_fingerprint": self.client.auth.fingerprint,
+                "key_fingerprint": self.peers.fingerprint,
             }
 
     def is_current(self, comm: Communicator) -> bool:
@@ -114,24 +132,22 @@ class Membership:
                 log.info("a failure of world %d (this rank is at %d), ignored", epoch, self.epoch)
                 return
             comm, current = self._comm, self.epoch
-            if comm is None and self.state != "ready":
+            if comm is None and self.state != State.READY:
                 # Already re-forming; unless a follower reports that it could not join the world
                 # the leader is joining: nobody else would end that one, so the leader does.
-                if epoch is None or self.state != "joining" or not self.settings.is_leader:
+                if epoch is None or self.state != State.JOINING or not self.settings.is_leader:
                     return
             else:
                 self._leave_world(reason)
-                self.state = "failed"
+                self._move(Event.FAIL)
                 self.last_error = reason
         log.warning("cluster world %d failed: %s", current, reason)
         if comm is not None:
             _discard(comm)
         if self.settings.is_leader:
             self.rejoin(current + 1, reason)
-        elif self.settings.leader_url:
-            self.client.post_async(
-                self.settings.leader_url, "/cluster/failed", {"epoch": current, "reason": reason}
-            )
+        else:
+            self.peers.send_async(0, "failed", {"epoch": current, "reason": reason})
 
     def abort_everywhere(
         self, reason: str, comm: Communicator | None = None, *, epoch: int | None = None
@@ -148,16 +164,12 @@ class Membership:
             return
         s = self.settings
         with self._cond:
-            if self.state != "ready" or (epoch is not None and epoch != self.epoch):
+            if self.state != State.READY or (epoch is not None and epoch != self.epoch):
                 return  # already failed and re-forming (the others know), or another world
-            current, urls = self.epoch, dict(self.urls)
+            current = self.epoch
         body = {"epoch": current, "reason": reason}
-        if s.is_leader:
-            for rank, url in sorted(urls.items()):
-                if rank != s.rank:
-                    self.client.post_async(url, "/cluster/abort", body)
-        elif s.leader_url:
-            self.client.post_async(s.leader_url, "/cluster/abort", body)
+        for rank in self.peers.others() if s.is_leader else [0]:
+            self.peers.send_async(rank, "abort", body)
         self.fail(reason, epoch=current)
 
     def announced(self, epoch: int, reason: str) -> tuple[bool, str]:
@@ -181,15 +193,19 @@ class Membership:
         return True, f"joining world {epoch}"
 
     def leader_epoch(self, timeout: float = 3.0) -> int | None:
-        """The leader's current epoch (one signed request), or None if it does not say."""
-        url = self.settings.leader_url
-        if url is None:
+        """The leader's current epoch (one control request), or None if it does not say."""
+        if self.settings.is_leader or self.peers.address(0) is None:
             return None
         try:
-            epoch = self.client.get_json(url, "/cluster/epoch", timeout)["epoch"]
-        except (OSError, ValueError, KeyError, TypeError):
+            epoch = self.peers.request(0, "epoch", {}, timeout).get("epoch")
+        except (ControlUnreachableError, ControlRefusedError) as err:
+            log.info("asking the leader for its epoch: %s", err)
             return None
         return epoch if type(epoch) is int else None
+
+    def _move(self, event: Event) -> None:
+        """Take ``event`` (caller holds ``_cond``): the state the transition table says."""
+        self.state = next_state(self.state, event)
 
     def _leave_world(self, reason: str) -> Communicator | None:
         """Drop the current world and abort its communicator (caller holds ``_cond``); the
@@ -201,17 +217,18 @@ class Membership:
         "join the next" in either order, so both ``fail`` and ``rejoin`` leave through here.)
         """
         old, self._comm = self._comm, None
-        cluster.set_comm(None)
-        cluster.current_prompt = None
+        rt = cluster.runtime()
+        rt.set_comm(None)
+        rt.current_prompt = None
         if old is not None:
-            cluster.forget(old)
+            rt.forget(old)
             old.abort(reason)
         return old
 
     def rejoin(self, epoch: int, reason: str = "") -> None:
         """Leave the current world (if any) and join world ``epoch``."""
         with self._cond:
-            if epoch <= self.epoch and self.state in ("joining", "ready"):
+            if epoch <= self.epoch and self.state in (State.JOINING, State.READY):
                 return  # that world (or a newer one) is forming already
             why = reason or f"moving to cluster epoch {epoch}"
             old = self._leave_world(why)
@@ -219,10 +236,9 @@ class Membership:
                 self._joining.abort(f"superseded by cluster epoch {epoch}")
             # A join of an older world still in its rendezvous (waiting for a rank that may never
             # come) would hold the join lock until its timeout: make it give up now.
-            superseded = self.epoch if self.state == "joining" else None
+            superseded = self.epoch if self.state == State.JOINING else None
             self.epoch = epoch
-            self.state = "joining"
-            urls = dict(self.urls)
+            self._move(Event.JOIN)
         if superseded is not None:
             from collectives import cancel_init
 
@@ -230,17 +246,14 @@ class Membership:
         if old is not None:
             _discard(old)
         if self.settings.is_leader:
-            for rank, url in sorted(urls.items()):
-                if rank != self.settings.rank:
-                    self.client.post_async(
-                        url, "/cluster/rejoin", {"epoch": epoch, "reason": reason}
-                    )
+            for rank in self.peers.others():
+                self.peers.send_async(rank, "rejoin", {"epoch": epoch, "reason": reason})
         threading.Thread(target=self._join, args=(epoch,), name="cluster-join", daemon=True).start()
 
     # -- joining ---------------------------------------------------------------------------------
     def _first_join(self) -> None:
         epoch = 0
-        if not self.settings.is_leader and self.settings.leader_url:
+        if not self.settings.is_leader and self.peers.address(0) is not None:
             # A restarted follower joins the world the others are in (or about to form).
             epoch = max(0, self._current_epoch(self.settings.join_timeout))
         self.rejoin(epoch)
@@ -258,7 +271,8 @@ class Membership:
                     if self.epoch != epoch:
                         raise _Superseded(f"cluster epoch {self.epoch} was announced")
                     self._joining = comm  # a newer announcement aborts it (rejoin)
-                urls = comm.allgather(self.my_url, timeout=s.op_timeout)
+                mine = [self.my_url, *(self.my_control or ("", 0))]
+                shared = comm.allgather(mine, timeout=s.op_timeout)
             except Exception as err:  # joining failed (or was superseded): say why
                 with self._cond:
                     self._joining = None
@@ -272,10 +286,10 @@ class Membership:
                     installed = self.epoch == epoch  # else a newer world was announced meanwhile
                     if installed:
                         self._comm = comm
-                        self.urls = dict(enumerate(urls))
-                        self.state = "ready"
+                        self._installed(shared)
+                        self._move(Event.JOINED)
                         self.last_error = ""
-                        cluster.set_comm(comm)
+                        cluster.runtime().set_comm(comm)
                         self._cond.notify_all()
                 if not installed:
                     _abandon(comm, "superseded")
@@ -313,17 +327,24 @@ class Membership:
         with self._cond:
             if self.epoch != epoch:
                 return
-            self.state = "failed"
+            self._move(Event.JOIN_FAILED)
             self.last_error = error
             self._cond.notify_all()
         log.error("%s", error)
         if s.is_leader:
             time.sleep(1.0)
             self.rejoin(epoch + 1, error)
-        elif s.leader_url:
-            self.client.post_async(
-                s.leader_url, "/cluster/failed", {"epoch": epoch, "reason": error}
-            )
+        else:
+            self.peers.send_async(0, "failed", {"epoch": epoch, "reason": error})
+
+    def _installed(self, shared: list[Any]) -> None:
+        """What every rank shared when the world formed: its URL and control endpoint."""
+        self.urls = {}
+        for rank, item in enumerate(shared):
+            url, host, port = item
+            self.urls[rank] = str(url)
+            if host and type(port) is int and 0 < port < 65536:
+                self.peers.learn(rank, (str(host), port))
 
     def _current_epoch(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout

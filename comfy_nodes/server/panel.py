@@ -2,8 +2,8 @@
 
 Every rank runs one *panel thread* (started with ComfyUI's server):
 
-* a follower sends the leader its report every ``COMFY_CLUSTER_HEARTBEAT_S``
-  (``POST /cluster/heartbeat``, signed like every rank-to-rank route: comfy_nodes.server.routes);
+* a follower sends the leader its report every ``COMFY_CLUSTER_HEARTBEAT_S`` (a ``heartbeat``
+  control message, sealed like every message between ranks: comfy_nodes.server.messages);
 * the leader files its own report and the followers' in a :class:`~.health.Health` table, which
   turns silent followers unreachable and then lost (``COMFY_CLUSTER_HEARTBEAT_TIMEOUT_S``);
 * each rank pushes its view to its own browsers over ComfyUI's websocket
@@ -13,25 +13,24 @@ Every rank runs one *panel thread* (started with ComfyUI's server):
 A follower the leader finds lost (or restarted: a report from a new process) also ends the
 leader's current world: that world cannot run another prompt, and a restarted follower can only
 join the next one.  Controls (browser routes on the leader): interrupt every rank, free memory on
-every rank; the leader forwards them with ``POST /cluster/command``.
+every rank; the leader forwards them to each follower as a ``command`` control message.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from comfy_nodes import cluster
 from comfy_nodes.partition import WEIGHTS_ENV
+from comfy_nodes.server.carrier import ControlUnreachableError
 from comfy_nodes.server.health import Health, Transition
-from comfy_nodes.server.routes import Message, Refused
+from comfy_nodes.server.messages import Message, Refused
+from comfy_nodes.server.peers import ControlRefusedError
 
 if TYPE_CHECKING:
     from comfy_nodes.server.membership import Membership
@@ -136,7 +135,7 @@ class Panel:
     def report(self) -> dict[str, Any]:
         m, now = self.membership, self.clock()
         status = m.status()
-        comm = cluster.peek_comm()
+        comm = cluster.runtime().peek()
         stats: dict[str, Any] = {}
         if comm is not None:
             try:
@@ -147,7 +146,7 @@ class Panel:
         queue = self._queue_length()
         if status["state"] != "ready":
             activity = "starting"
-        elif queue or cluster.current_prompt is not None:
+        elif queue or cluster.runtime().current_prompt is not None:
             activity = "executing"
         else:
             activity = "idle"
@@ -214,7 +213,7 @@ class Panel:
         """Leader: a follower's report arrived (authentic, from a follower: routes checked)."""
         status = (msg.extra or {}).get("status")
         if not isinstance(status, dict):
-            raise Refused(400, "/cluster/heartbeat: 'status' must be a JSON object")
+            raise Refused("heartbeat: 'status' must be a JSON object")
         with self._lock:
             changes = self.health.report(msg.rank, status, self.clock())
         self._after(changes)
@@ -224,7 +223,7 @@ class Panel:
         """Follower: the leader asks for a cluster-wide action on this rank."""
         action = (msg.extra or {}).get("action")
         if action not in COMMANDS:
-            raise Refused(400, f"/cluster/command: 'action' must be one of {list(COMMANDS)}")
+            raise Refused(f"command: 'action' must be one of {list(COMMANDS)}")
         return {"ok": True, "done": self.run_locally(str(action))}
 
     def run_locally(self, action: str) -> str:
@@ -254,25 +253,22 @@ class Panel:
         still be reported to the user as done.  ``failed``: rank -> why, for the toast."""
         done = self.run_locally(action)
         body = {"epoch": max(self.membership.epoch, 0), "action": action}
-        followers = sorted(
-            (r, u) for r, u in dict(self.membership.urls).items() if r != self.settings.rank
-        )
+        peers = self.membership.peers
+        followers = sorted(peers.others())
         failed: dict[str, str] = {}
 
-        def ask(rank: int, url: str) -> None:
+        def ask(rank: int) -> None:
             try:
-                post_once(self.membership, url, "/cluster/command", body, COMMAND_TIMEOUT_S)
-            except urllib.error.HTTPError as err:  # before OSError: it is one
-                failed[str(rank)] = f"refused (HTTP {err.code}): {_error_text(err)}"
-            except (OSError, ValueError) as err:  # unreachable, or an answer that is not JSON
-                failed[str(rank)] = f"{url}: {type(err).__name__}: {err}"
+                peers.request(rank, "command", body, COMMAND_TIMEOUT_S)
+            except (ControlUnreachableError, ControlRefusedError) as err:
+                failed[str(rank)] = str(err)
 
-        threads = [threading.Thread(target=ask, args=f, daemon=True) for f in followers]
+        threads = [threading.Thread(target=ask, args=(r,), daemon=True) for r in followers]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        sent = [rank for rank, _ in followers if str(rank) not in failed]
+        sent = [rank for rank in followers if str(rank) not in failed]
         return {"ok": not failed, "done": done, "sent_to": sent, "failed": failed}
 
     # -- the thread ------------------------------------------------------------------------------
@@ -302,14 +298,14 @@ class Panel:
         self.server.send_sync(STATUS_EVENT, self.snapshot())
 
     def _report_to_leader(self) -> None:
-        url = self.settings.leader_url
-        if url is None:
+        peers = self.membership.peers
+        if peers.address(0) is None:
             return
         body = {"epoch": max(self.membership.epoch, 0), "status": self.report()}
         try:
-            post_once(self.membership, url, "/cluster/heartbeat", body, self.settings.heartbeat_s)
-        except OSError as err:
-            self.leader_error = f"cannot reach the leader at {url}: {err}"
+            peers.request(0, "heartbeat", body, self.settings.heartbeat_s)
+        except (ControlUnreachableError, ControlRefusedError) as err:
+            self.leader_error = f"cannot report to the leader: {err}"
         else:
             self.leader_error = ""
 
@@ -332,24 +328,3 @@ class Panel:
         with self._lock:
             report = self.health.reported(change.rank)
         return report.get("epoch") == self.membership.epoch and report.get("membership") == "ready"
-
-
-def _error_text(err: urllib.error.HTTPError) -> str:
-    """The ``error`` a refusing route answered (comfy_nodes.server.routes), else its raw start."""
-    raw = err.read(500).decode("utf-8", "replace")
-    try:
-        return str(json.loads(raw)["error"])
-    except (ValueError, KeyError, TypeError):
-        return raw
-
-
-def post_once(
-    membership: Membership, base_url: str, path: str, body: dict[str, Any], timeout: float
-) -> Any:
-    """One signed POST, no retries (the next beat is the retry); raises ``OSError``."""
-    client = membership.client
-    data = json.dumps({**body, "rank": client.rank}).encode()
-    headers = {"Content-Type": "application/json", **client.auth.headers("POST", path, data)}
-    req = urllib.request.Request(base_url + path, data=data, headers=headers)
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.load(resp)

@@ -1,8 +1,11 @@
 """Cluster settings of one ComfyUI instance, read from the environment once.
 
-The cluster key (``COMFY_CLUSTER_KEY`` / ``COMFY_CLUSTER_KEY_FILE``) authenticates the requests
-the ranks' servers send each other.  It may be absent only when this instance is reached on
-loopback (the advertised host, the leader's URL and ComfyUI's ``--listen`` addresses: see
+The cluster key (``COMFY_CLUSTER_KEY`` / ``COMFY_CLUSTER_KEY_FILE``) seals the control messages
+the ranks send each other (comfy_nodes.server.seal).  Each instance receives them on one UDP port,
+``COMFY_CLUSTER_CONTROL_PORT`` (default: the number of ComfyUI's own ``--port``, on UDP); a
+follower reaches the leader's at ``COMFY_CLUSTER_LEADER_CONTROL`` (``HOST:PORT``; default: the
+host and port of ``COMFY_CLUSTER_LEADER_URL``).  The key may be absent only when this instance is
+reached on loopback (the advertised host, the leader's URL and ComfyUI's ``--listen`` addresses: see
 :meth:`Settings.check_listen`) or with ``COMFY_CLUSTER_INSECURE=1``:
 :func:`collectives.auth.require_key` refuses anything else, naming the variable.
 """
@@ -25,6 +28,8 @@ LEADER_URL_ENV = "COMFY_CLUSTER_LEADER_URL"
 ADVERTISE_ENV = "COMFY_CLUSTER_ADVERTISE_HOST"
 HEARTBEAT_ENV = "COMFY_CLUSTER_HEARTBEAT_S"
 HEARTBEAT_TIMEOUT_ENV = "COMFY_CLUSTER_HEARTBEAT_TIMEOUT_S"
+CONTROL_PORT_ENV = "COMFY_CLUSTER_CONTROL_PORT"
+LEADER_CONTROL_ENV = "COMFY_CLUSTER_LEADER_CONTROL"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class Settings:
     key: ClusterKey | None = None  # signs and checks requests between ranks (repr: fingerprint)
     heartbeat_s: float = 2.0  # how often a follower reports to the leader (the cluster panel)
     heartbeat_timeout_s: float = 20.0  # silence after which the leader calls a follower lost
+    control_port: int | None = None  # this instance's control port (None: ComfyUI's port)
+    leader_control: tuple[str, int] | None = None  # the leader's control endpoint (followers)
 
     @property
     def is_leader(self) -> bool:
@@ -69,6 +76,11 @@ class Settings:
         if leader_url is not None:
             leader_host = urllib.parse.urlsplit(leader_url).hostname or ""
             _require_key(key, leader_host, f"messages to the leader ({LEADER_URL_ENV})", env)
+        control_port = _port(env.get(CONTROL_PORT_ENV, ""), CONTROL_PORT_ENV)
+        leader_control = _leader_control(env, leader_url)
+        if leader_control is not None:
+            what = f"the leader's control endpoint ({LEADER_CONTROL_ENV})"
+            _require_key(key, leader_control[0], what, env)
         heartbeat = seconds(HEARTBEAT_ENV, 2.0)
         heartbeat_timeout = seconds(HEARTBEAT_TIMEOUT_ENV, 20.0)
         if heartbeat_timeout < 2 * heartbeat:
@@ -89,6 +101,8 @@ class Settings:
             key=key,
             heartbeat_s=heartbeat,
             heartbeat_timeout_s=heartbeat_timeout,
+            control_port=control_port,
+            leader_control=leader_control,
         )
 
     def check_listen(self, listen: str | None, environ: Mapping[str, str] | None = None) -> None:
@@ -106,3 +120,34 @@ def _require_key(key: ClusterKey | None, host: str, what: str, environ: Mapping[
     could differ from the one in use)."""
     if key is None:
         require_key(host, what, environ)
+
+
+def _port(raw: str, name: str) -> int | None:
+    raw = raw.strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ConfigurationError(f"{name}={raw!r} must be a port number from 1 to 65535")
+    return int(raw)
+
+
+def _leader_control(env: Mapping[str, str], leader_url: str | None) -> tuple[str, int] | None:
+    """The leader's control endpoint: ``COMFY_CLUSTER_LEADER_CONTROL``, else the leader URL's
+    host and port (the leader's control port defaults to its ComfyUI port number)."""
+    raw = env.get(LEADER_CONTROL_ENV, "").strip()
+    if raw:
+        host, sep, port = raw.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or _port(port, LEADER_CONTROL_ENV) is None:
+            raise ConfigurationError(f"{LEADER_CONTROL_ENV}={raw!r} must be HOST:PORT")
+        return host, int(port)
+    if leader_url is None:
+        return None
+    parts = urllib.parse.urlsplit(leader_url)
+    try:
+        url_port = parts.port
+    except ValueError:
+        url_port = None
+    if not parts.hostname:
+        return None
+    return parts.hostname, url_port or (443 if parts.scheme == "https" else 80)

@@ -4,8 +4,9 @@ One cluster for the module (ComfyUI starts in ~15 s on two cores), one leader pa
 in order: the panel lists both ranks; weights typed in the panel go with the next prompt; the
 "Queue Cluster" button in the action bar runs a loaded cluster workflow and the leader saves the
 images; "Interrupt all" stops a running prompt on both ranks and the next one runs; "Free memory"
-reaches both ranks; the follower's command route refuses unsigned, forged and unknown commands over
-real HTTP; a killed follower turns "lost" within the heartbeat timeout with the error and its fix,
+reaches both ranks; the follower's control endpoint refuses forged, wrongly addressed and unknown
+commands (sealed UDP datagrams, real sockets), and its HTTP server has no command route; a
+killed follower turns "lost" within the heartbeat timeout with the error and its fix,
 and turns back when restarted; a follower's own page names the leader.  Screenshots of each
 state go to the artifacts folder (printed), and the panel's to docs/images/cluster-panel.png.
 """
@@ -22,8 +23,10 @@ from typing import Any
 
 import pytest
 
-from collectives.auth import AUTH_HEADER, ClusterKey
-from comfy_nodes.server.peers import PeerAuth
+from collectives.auth import ClusterKey
+from comfy_nodes.server.carrier import ControlUnreachableError, UdpCarrier
+from comfy_nodes.server.peers import ControlRefusedError, Peers
+from comfy_nodes.server.seal import Seal
 from comfyui_cluster.launchers.comfyui import ComfyCluster
 from tests.comfy_e2e.comfy_client import ComfyClient
 from tests.comfy_e2e.conftest import ComfyEnv, running_pair
@@ -298,36 +301,50 @@ def test_interrupt_all_stops_a_running_prompt_on_every_rank_and_the_next_one_run
     assert not leader.errors, leader.errors
 
 
-def _post(url: str, raw: bytes, header: str | None) -> tuple[int, Any]:
-    headers = {"Content-Type": "application/json", **({AUTH_HEADER: header} if header else {})}
-    req = urllib.request.Request(url, data=raw, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
+def _pretending(rank: int, pair: ComfyCluster, key: ClusterKey = KEY) -> Peers:
+    """A control endpoint that claims to be ``rank``, knowing both ranks' real endpoints."""
+
+    def no_requests(envelope: Any, source: Any) -> dict[str, Any]:
+        return {"ok": False, "error": "this test endpoint takes no requests"}
+
+    carrier = UdpCarrier(
+        rank, ("127.0.0.1", 0), Seal(key), no_requests, port_env="COMFY_CLUSTER_CONTROL_PORT"
+    )
+    control = _http(f"{pair.leader_url}/cluster/status")["control"]
+    host, port = control["1"].rsplit(":", 1)
+    peers = Peers(rank, {1: (host, int(port))}, carrier=carrier)
+    leader = pair.leader_url.rsplit(":", 1)  # the leader's control port is its ComfyUI port
+    peers.learn(0, (leader[0].split("//")[-1], int(leader[1])))
+    return peers
 
 
-def _signed(sender: int, action: str, key: ClusterKey = KEY) -> tuple[bytes, str]:
-    raw = json.dumps({"rank": sender, "epoch": 0, "action": action}).encode()
-    return raw, PeerAuth(key).headers("POST", "/cluster/command", raw)[AUTH_HEADER]
-
-
-def test_the_command_route_takes_only_the_leaders_signed_commands(pair: ComfyCluster) -> None:
-    follower, leader_url = pair.url(1) + "/cluster/command", pair.leader_url + "/cluster/command"
+def test_the_followers_control_takes_only_the_leaders_sealed_commands(
+    pair: ComfyCluster,
+) -> None:
     before = _commands(pair, 1)
-    raw, _ = _signed(0, "free")
-    assert _post(follower, raw, None)[0] == 401
-    assert _post(follower, *_signed(0, "free", ClusterKey.generate()))[0] == 403
-    raw, header = _signed(0, "free")
-    assert _post(follower, raw.replace(b'"free"', b'"interrupt"'), header)[0] == 403
-    assert _post(follower, *_signed(0, "reboot"))[0] == 400
-    assert _post(follower, *_signed(1, "free"))[0] == 400  # a rank commanding itself
-    assert _post(leader_url, *_signed(1, "interrupt"))[0] == 409  # the leader takes none
-    assert _commands(pair, 1) == before, "a refused command must do nothing"
-    status, body = _post(follower, *_signed(0, "free"))
-    assert status == 200 and body["ok"], body
-    assert _commands(pair, 1)["free"] == before["free"] + 1
+    with pytest.raises(urllib.error.HTTPError) as err:  # no command route on HTTP
+        _http(pair.url(1) + "/cluster/command", {"rank": 0, "epoch": 0, "action": "free"})
+    assert err.value.code in (404, 405)
+    stranger, as_leader, as_follower = (
+        _pretending(0, pair, ClusterKey.generate()), _pretending(0, pair), _pretending(1, pair)
+    )  # fmt: skip
+    try:
+        with pytest.raises(ControlUnreachableError, match="rank 1 at udp"):
+            stranger.request(1, "command", {"epoch": 0, "action": "free"}, 1.0)
+        with pytest.raises(ControlRefusedError, match="'action' must be one of"):
+            as_leader.request(1, "command", {"epoch": 0, "action": "reboot"}, 5.0)
+        with pytest.raises(ControlRefusedError, match="not another rank"):
+            as_follower.request(1, "command", {"epoch": 0, "action": "free"}, 5.0)
+        with pytest.raises(ControlRefusedError, match="does not take 'command'"):
+            as_follower.request(0, "command", {"epoch": 0, "action": "interrupt"}, 5.0)
+        assert _commands(pair, 1) == before, "a refused command must do nothing"
+        reply = as_leader.request(1, "command", {"epoch": 0, "action": "free"}, 5.0)
+        assert reply["ok"], reply
+        assert _commands(pair, 1)["free"] == before["free"] + 1
+    finally:
+        for peers in (stranger, as_leader, as_follower):
+            assert peers.carrier is not None
+            peers.carrier.close()
 
 
 def test_free_memory_reaches_every_rank(leader: Any, pair: ComfyCluster, artifacts: Path) -> None:
@@ -368,7 +385,8 @@ def test_a_killed_follower_turns_lost_then_back(
     # A control now cannot reach rank 1: the user is told so, not "sent to rank(s) 1".
     leader.locator("[data-testid=cluster-free]").click()
     leader.get_by_text("not on every rank").first.wait_for(timeout=10_000)
-    assert leader.get_by_text("rank 1: http").count(), "the toast should say why rank 1 missed it"
+    why = "rank 1: rank 1 at udp"  # the control endpoint that did not answer, named
+    assert leader.get_by_text(why).count(), "the toast should say why rank 1 missed it"
     pair.restart_rank(1)
     pair.wait_ready(timeout=120)
     _wait_state(leader, 1, ("starting", "idle"), timeout=60)

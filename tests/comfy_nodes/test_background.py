@@ -14,7 +14,7 @@ from .helpers import images, run_node, spmd
 
 
 def _in_prompt(comm: Communicator) -> None:
-    cluster.background[comm] = []  # what ClusterSync's head does for the running prompt
+    cluster.runtime().background[comm] = []  # what ClusterSync's head does for the running prompt
 
 
 @pytest.mark.parametrize("size", [2, 4])
@@ -29,7 +29,7 @@ def test_leader_does_not_wait_for_its_fan_out_and_results_stay_exact(size: int) 
                 assert gate.wait(30)
             mine = run_node("ClusterFanOutImage", full if comm.rank == 0 else None)[0]
             if comm.rank == 0:
-                left = len(cluster.background[comm])
+                left = len(cluster.runtime().background[comm])
                 gate.set()
             else:
                 left = 0
@@ -38,7 +38,7 @@ def test_leader_does_not_wait_for_its_fan_out_and_results_stay_exact(size: int) 
             collective.settle(comm)
             return back, value, left
         finally:
-            cluster.background.pop(comm, None)
+            cluster.runtime().background.pop(comm, None)
 
     results = spmd(size, rank)
     leader_back, _, left = results[0]
@@ -78,7 +78,7 @@ def test_a_value_the_codec_refuses_names_the_node(monkeypatch: pytest.MonkeyPatc
         except CollectivesError as err:
             return "\n".join([type(err).__name__, str(err), *getattr(err, "__notes__", [])])
         finally:
-            cluster.background.pop(comm, None)
+            cluster.runtime().background.pop(comm, None)
         return "no error"
 
     leader, follower = spmd(2, rank, op_timeout=2.0)

@@ -11,34 +11,39 @@ from comfy_nodes import cluster
 def test_thread_override_wins_over_the_process_wide_comm() -> None:
     process = collectives.init("local", world="test-process-wide")
     mine = collectives.init("local", world="test-override")
-    previous = cluster.peek_comm()
+    rt = cluster.Runtime()
     try:
-        cluster.set_comm(process)
-        assert cluster.get_comm() is process
-        with cluster.comm_override(mine):
-            assert cluster.get_comm() is mine
-            seen: list[object] = []
-            other = threading.Thread(target=lambda: seen.append(cluster.get_comm()))
-            other.start()
-            other.join()
-            assert seen == [process]  # an override is local to its thread
-        assert cluster.get_comm() is process
+        with cluster.installed(rt):
+            rt.set_comm(process)
+            assert cluster.runtime().communicator() is process
+            with cluster.comm_override(mine):
+                assert rt.communicator() is mine
+                seen: list[object] = []
+                other = threading.Thread(target=lambda: seen.append(rt.communicator()))
+                other.start()
+                other.join()
+                assert seen == [process]  # an override is local to its thread
+            assert rt.communicator() is process
     finally:
-        cluster.set_comm(previous)
         process.close()
         mine.close()
 
 
-def test_set_comm_thread_local() -> None:
-    mine = collectives.init("local", world="test-thread-local")
-    seen: list[object] = []
+def test_the_installed_runtime_is_what_the_nodes_receive() -> None:
+    from comfy_nodes import NODE_CLASS_MAPPINGS
 
-    def worker() -> None:
-        cluster.set_comm(mine, thread_local=True)
-        seen.append(cluster.get_comm())
+    class Mine(cluster.Runtime):
+        pass
 
-    other = threading.Thread(target=worker)
-    other.start()
-    other.join()
-    assert seen == [mine] and cluster.peek_comm() is not mine
-    mine.close()
+    rt = Mine()
+    with cluster.installed(rt):
+        node = NODE_CLASS_MAPPINGS["ClusterInfo"]()
+        assert node.runtime is rt and cluster.runtime() is rt
+    assert cluster.runtime() is not rt
+
+
+def test_the_standalone_runtime_refuses_to_queue_naming_the_node() -> None:
+    import pytest
+
+    with pytest.raises(RuntimeError, match="ClusterExecuteWorkflow: queuing workflows needs"):
+        cluster.Runtime().queue_prompt({}, "ClusterExecuteWorkflow")

@@ -31,14 +31,14 @@ def _failing_prompt(i: int) -> None:
                 run_node("ClusterSync", "start", f"p{i}")
                 if r == 0:
                     run_node("ClusterBroadcastTensor", torch.ones(MIB // 4), unique_id="3")
-                    assert len(cluster.background[comm]) == 1  # still in flight
-                cluster.end_prompt()  # the error hook: the tail never runs
+                    assert len(cluster.runtime().background[comm]) == 1  # still in flight
+                cluster.runtime().end_prompt()  # the error hook: the tail never runs
         except BaseException as err:
             errors.append(err)
         finally:
             comm.abort(f"prompt p{i} failed")
             comm.close()
-            cluster.forget(comm)
+            cluster.runtime().forget(comm)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
     for t in threads:
@@ -61,7 +61,7 @@ def test_a_hundred_failed_prompts_leave_memory_flat() -> None:
         growth = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert cluster.background == {} and cluster.current_prompt is None
+    assert cluster.runtime().background == {} and cluster.runtime().current_prompt is None
     # Each failed prompt left 1 MiB in flight: kept, 100 would be 100 MiB.
     assert growth < 2 * MIB, f"{growth / MIB:.1f} MiB kept by 100 failed prompts"
 
@@ -71,10 +71,10 @@ def test_leaving_a_world_drops_its_transfers_and_closes_it() -> None:
     membership = Membership(settings, "http://127.0.0.1:1")
     comm: Communicator = collectives.init("local")
     membership._comm, membership.state, membership.epoch = comm, "ready", 1
-    cluster.begin_prompt("p", comm)
+    cluster.runtime().begin_prompt("p", comm)
     try:
         membership.fail("a peer was lost")
-        assert comm not in cluster.background and cluster.current_prompt is None
+        assert comm not in cluster.runtime().background and cluster.runtime().current_prompt is None
         assert not membership.is_current(comm)
     finally:
-        cluster.end_prompt(comm)
+        cluster.runtime().end_prompt(comm)

@@ -154,7 +154,7 @@ socket.socket = NoSocket
 import comfy_nodes
 from comfy_nodes import cluster, NODE_CLASS_MAPPINGS
 assert threading.active_count() == 1, threading.enumerate()
-assert cluster.peek_comm() is None
+assert cluster.runtime().peek() is None
 assert "collectives" not in sys.modules
 for cls in NODE_CLASS_MAPPINGS.values():
     cls.INPUT_TYPES()
@@ -171,7 +171,7 @@ assert run("ClusterBroadcastTensor", img)[0] is img
 lat = {"samples": torch.zeros(3, 4, 2, 2)}
 assert run("ClusterFanOutLatent", lat)[0] == lat
 assert "batch_index" not in run("ClusterFanOutLatent", lat)[0]
-comm = cluster.get_comm()
+comm = cluster.runtime().communicator()
 assert (comm.rank, comm.size, comm.backend) == (0, 1, "local")
 print("ok")
 """

@@ -60,20 +60,20 @@ def test_moving_to_a_new_world_forgets_the_running_prompt() -> None:
     running on the old world must not then report its failure as one of the new world."""
     membership, current = _follower_in_a_world()
     membership._join = lambda epoch: None  # type: ignore[method-assign]  # no second rank here
-    cluster.begin_prompt("p-old", current)
+    cluster.runtime().begin_prompt("p-old", current)
     try:
         membership.rejoin(3, "interrupted on rank 1")
-        assert cluster.current_prompt is None
+        assert cluster.runtime().current_prompt is None
         assert membership.epoch == 3 and membership.state == "joining"
         # The new world forms; then the old prompt's node error arrives.  Reported with the
         # prompt's communicator (as the execution-error hook does), it aborts only that one.
         new = collectives.init("local")
         membership._comm, membership.state = new, "ready"
-        assert cluster.peek_comm() is current
-        membership.abort_everywhere("rank 1 failed at node 4", cluster.peek_comm())
+        assert cluster.runtime().peek() is current
+        membership.abort_everywhere("rank 1 failed at node 4", cluster.runtime().peek())
         assert membership.state == "ready" and new.allgather(4) == [4]
     finally:
-        cluster.end_prompt()
+        cluster.runtime().end_prompt()
 
 
 def test_leaving_a_world_aborts_it_before_fail_returns() -> None:
@@ -117,18 +117,26 @@ class _Comm:
         self.closed.set()
 
 
-class _Posted(list[tuple[str, str, dict[str, Any]]]):
-    def post_async(self, base_url: str, path: str, body: dict[str, Any]) -> None:
-        self.append((base_url, path, body))
+class _Posted(list[tuple[int, str, dict[str, Any]]]):
+    """Stands in for the rank's Peers: records what it would send whom."""
+
+    def send_async(self, rank: int, kind: str, body: dict[str, Any]) -> None:
+        self.append((rank, kind, body))
+
+    def others(self) -> dict[int, tuple[str, int]]:
+        return {1: ("127.0.0.1", 3)}
+
+    def learn(self, rank: int, address: tuple[str, int]) -> None:
+        pass
 
 
 def _joining(rank: int, init: Any) -> tuple[Membership, _Posted]:
     settings = local_settings(rank)
     if rank != 0:
-        settings = dataclasses.replace(settings, leader_url="http://127.0.0.1:1")
+        settings = dataclasses.replace(settings, leader_control=("127.0.0.1", 1))
     membership = Membership(settings, "http://127.0.0.1:2")
     posted = _Posted()
-    membership.client = posted  # type: ignore[assignment]
+    membership.peers = posted  # type: ignore[assignment]
     membership._init_world = init  # type: ignore[method-assign]
     membership.epoch, membership.state = 4, "joining"
     return membership, posted
@@ -141,9 +149,7 @@ def test_a_failed_join_aborts_and_closes_its_comm_and_tells_the_leader() -> None
     assert comm.aborted is not None and "joining world 4 failed" in comm.aborted
     assert comm.closed.wait(5)
     assert membership.state == "failed" and "rank 0 hung up" in membership.last_error
-    assert posted == [
-        ("http://127.0.0.1:1", "/cluster/failed", {"epoch": 4, "reason": membership.last_error})
-    ]
+    assert posted == [(0, "failed", {"epoch": 4, "reason": membership.last_error})]
 
 
 def test_a_join_superseded_during_init_is_discarded_silently() -> None:
@@ -172,7 +178,7 @@ def test_the_leader_starts_the_next_world_when_a_follower_cannot_join() -> None:
     while not joined and time.monotonic() < deadline:
         time.sleep(0.01)
     assert membership.epoch == 5 and membership.state == "joining" and joined == [5]
-    assert [(path, body["epoch"]) for _, path, body in posted] == [("/cluster/rejoin", 5)]
+    assert [(rank, kind, body["epoch"]) for rank, kind, body in posted] == [(1, "rejoin", 5)]
 
 
 def test_joins_are_serialised_and_a_superseded_one_is_discarded_first() -> None:
@@ -205,7 +211,7 @@ def test_joins_are_serialised_and_a_superseded_one_is_discarded_first() -> None:
         assert order == ["init 4", "init 5"] and membership.state == "ready"
         assert membership.epoch == 5 and membership._comm is second
     finally:
-        cluster.set_comm(None)
+        cluster.runtime().set_comm(None)
 
 
 def test_moving_on_cancels_the_rendezvous_of_the_world_still_joining(

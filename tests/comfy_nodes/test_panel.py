@@ -11,8 +11,8 @@ from collectives.errors import ConfigurationError
 from comfy_nodes.server.health import Health, classify, fix_for
 from comfy_nodes.server.integration import with_weights
 from comfy_nodes.server.membership import Membership
+from comfy_nodes.server.messages import Message, Refused, check_sender
 from comfy_nodes.server.panel import STATUS_EVENT, TRANSITION_EVENT, Panel, Progress, Rates
-from comfy_nodes.server.routes import Message, Refused, check_sender
 from comfy_nodes.server.settings import Settings
 from tests.comfy_nodes.helpers import local_settings
 
@@ -139,17 +139,14 @@ def test_the_leader_files_reports_pushes_views_and_ends_a_world_without_a_follow
     assert len(leader.failed) == 1
 
 
-def test_the_routes_table_for_the_panels_messages() -> None:
-    leader, follower = Membership(local_settings(0), "u0"), Membership(local_settings(1), "u1")
-    check_sender("/cluster/heartbeat", leader, Message(1, 0, ""))
-    check_sender("/cluster/command", follower, Message(0, 0, ""))
-    with pytest.raises(Refused) as refused:
-        check_sender("/cluster/heartbeat", follower, Message(0, 0, ""))
-    assert refused.value.status == 409
-    with pytest.raises(Refused) as refused:
-        check_sender("/cluster/command", leader, Message(1, 0, ""))
-    assert refused.value.status == 409
-    msg = Message.parse(b'{"rank": 1, "epoch": 2, "status": {"activity": "idle"}}', "/x")
+def test_the_messages_table_for_the_panels_messages() -> None:
+    check_sender("heartbeat", 0, 2, 1)
+    check_sender("command", 1, 2, 0)
+    with pytest.raises(Refused, match="rank 1 is the follower: it does not take 'heartbeat'"):
+        check_sender("heartbeat", 1, 2, 0)
+    with pytest.raises(Refused, match="rank 0 is the leader: it does not take 'command'"):
+        check_sender("command", 0, 2, 1)
+    msg = Message.parse(1, "heartbeat", {"epoch": 2, "status": {"activity": "idle"}})
     assert msg.extra == {"status": {"activity": "idle"}}
 
 

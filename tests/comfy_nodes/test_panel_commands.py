@@ -1,58 +1,31 @@
-"""POST /cluster/command (the leader asks a follower to interrupt or free memory) through the real
-route handler of comfy_nodes.server.routes, credential checks included.
+"""The panel's controls (the leader asks a follower to interrupt or free memory) as ``command``
+control messages between real control endpoints (UdpCarrier on 127.0.0.1), through the pack's
+own dispatch (comfy_nodes.server.messages) and Panel.command.
 
-The dev venv has no aiohttp (ComfyUI's environment has it), so ``aiohttp.web`` is a stand-in with
-the two things the handlers use: ``json_response`` and a request with ``method``, ``path``,
-``headers``, ``content_length`` and ``content.read``.  Everything between the request and the
-panel (PeerAuth, Message.parse, check_sender, Panel.command) is the pack's own code; the same
-route is exercised over real HTTP on a running pair in tests/browser/test_cluster_ui.py.
+Only ComfyUI's ``nodes.interrupt_processing`` and its prompt queue are stand-ins; the same
+controls run on a real pair of ComfyUI servers in tests/browser/test_cluster_ui.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import io
-import json
 import sys
 import types
-import urllib.error
-from email.message import Message
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from collectives.auth import AUTH_HEADER, ClusterKey
+from collectives.auth import ClusterKey
 from comfy_nodes.server import panel as panel_module
+from comfy_nodes.server.carrier import Address, ControlUnreachableError, UdpCarrier
 from comfy_nodes.server.membership import Membership
+from comfy_nodes.server.messages import dispatch
 from comfy_nodes.server.panel import Panel
-from comfy_nodes.server.peers import PeerAuth, PeerClient
-from comfy_nodes.server.routes import control_routes
+from comfy_nodes.server.peers import ControlRefusedError, Peers
+from comfy_nodes.server.seal import Envelope, Seal
 from tests.comfy_nodes.helpers import local_settings
 
 KEY = ClusterKey("k" * 40)
-PATH = "/cluster/command"
-
-
-class _Response:
-    def __init__(self, body: Any, status: int = 200) -> None:
-        self.body, self.status = body, status
-
-
-class _Content:
-    def __init__(self, raw: bytes) -> None:
-        self._raw = raw
-
-    async def read(self, n: int) -> bytes:
-        chunk, self._raw = self._raw[:n], self._raw[n:]
-        return chunk
-
-
-class _Request:
-    def __init__(self, path: str, raw: bytes, headers: dict[str, str]) -> None:
-        self.method, self.path, self.headers = "POST", path, headers
-        self.content_length = len(raw)
-        self.content = _Content(raw)
 
 
 class _Queue:
@@ -76,142 +49,128 @@ class _Server:
 
 @pytest.fixture
 def interrupts(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """ComfyUI's ``nodes.interrupt_processing`` and ``aiohttp.web``, as stand-ins."""
+    """ComfyUI's ``nodes.interrupt_processing``, as a stand-in."""
     pressed: list[bool] = []
     nodes = types.ModuleType("nodes")
     nodes.interrupt_processing = pressed.append  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "nodes", nodes)
-    web = types.SimpleNamespace(json_response=_Response)
-    aiohttp = types.ModuleType("aiohttp")
-    aiohttp.web = web  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "aiohttp", aiohttp)
     return pressed
 
 
 class _Rank:
-    """One rank's routes and panel (no world formed: the command route needs none)."""
+    """One rank's control endpoint, membership and panel (no world formed: commands need none)."""
 
-    def __init__(self, rank: int, size: int = 2) -> None:
-        settings = local_settings(rank, size, key=KEY)
-        self.auth = PeerAuth(KEY)
-        self.membership = Membership(settings, f"http://r{rank}", PeerClient(self.auth, rank))
+    def __init__(self, rank: int, size: int = 2, key: ClusterKey = KEY) -> None:
+        settings = local_settings(rank, size, key=key)
+        self.peers = Peers(rank)
+        self.membership = Membership(settings, f"http://r{rank}", self.peers)
         self.server = _Server()
         self.panel = Panel(self.server, self.membership)
-        routes = control_routes(self.auth, lambda: self.membership, lambda: self.panel)
-        self.handler = next(h for m, p, h in routes if (m, p) == ("POST", PATH))
 
-    def post(self, raw: bytes, header: str | None, path: str = PATH) -> _Response:
-        headers = {AUTH_HEADER: header} if header is not None else {}
-        # On a thread of its own, so the test does not depend on whether this thread already
-        # runs an event loop (a browser test's Playwright does, while its module runs).
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            future = pool.submit(asyncio.run, self.handler(_Request(path, raw, headers)))
-            response: _Response = future.result(timeout=30)
-        return response
+        def on_request(envelope: Envelope, source: Address) -> dict[str, Any]:
+            return dispatch(
+                self.membership, self.panel, envelope.sender, envelope.kind, envelope.body
+            )
 
+        self.carrier = UdpCarrier(
+            rank, ("127.0.0.1", 0), Seal(key), on_request, port_env="COMFY_CLUSTER_CONTROL_PORT"
+        )
+        self.peers.carrier = self.carrier
 
-def _signed(sender: int, body: dict[str, Any], key: ClusterKey = KEY) -> tuple[bytes, str]:
-    raw = json.dumps({"epoch": 0, **body, "rank": sender}).encode()
-    return raw, PeerAuth(key).headers("POST", PATH, raw)[AUTH_HEADER]
+    def knows(self, *others: _Rank) -> None:
+        for other in others:
+            self.peers.learn(other.peers.rank, other.carrier.address)
 
 
-def test_the_leaders_signed_command_runs_on_the_follower(interrupts: list[bool]) -> None:
-    follower = _Rank(1)
-    response = follower.post(*_signed(0, {"action": "interrupt"}))
-    assert (response.status, response.body["done"]) == (200, "interrupted")
-    assert interrupts == [True]
-    response = follower.post(*_signed(0, {"action": "free"}))
-    assert response.status == 200, response.body
+@pytest.fixture
+def ranks() -> Iterator[list[_Rank]]:
+    made: list[_Rank] = []
+    yield made
+    for rank in made:
+        rank.carrier.close()
+
+
+def test_the_leaders_sealed_command_runs_on_the_follower(
+    interrupts: list[bool], ranks: list[_Rank]
+) -> None:
+    leader, follower = _Rank(0), _Rank(1)
+    ranks += [leader, follower]
+    leader.knows(follower)
+    reply = leader.peers.request(1, "command", {"epoch": 0, "action": "interrupt"}, 5.0)
+    assert reply["done"] == "interrupted" and interrupts == [True]
+    leader.peers.request(1, "command", {"epoch": 0, "action": "free"}, 5.0)
     assert follower.server.prompt_queue.flags == {"unload_models": True, "free_memory": True}
     # What the follower's next heartbeat tells the leader's panel.
     assert follower.panel.report()["commands"] == {"interrupt": 1, "free": 1}
 
 
-def test_a_command_without_a_credential_is_refused_401(interrupts: list[bool]) -> None:
-    follower = _Rank(1)
-    raw, _ = _signed(0, {"action": "interrupt"})
-    response = follower.post(raw, None)
-    assert response.status == 401 and AUTH_HEADER in response.body["error"]
+def test_a_command_sealed_with_another_key_is_dropped_and_counted(
+    interrupts: list[bool], ranks: list[_Rank]
+) -> None:
+    leader, follower = _Rank(0, key=ClusterKey("x" * 40)), _Rank(1)
+    ranks += [leader, follower]
+    leader.knows(follower)
+    with pytest.raises(ControlUnreachableError, match=r"rank 1 at udp 127\.0\.0\.1:\d+ did not"):
+        leader.peers.request(1, "command", {"epoch": 0, "action": "interrupt"}, 0.6)
+    assert follower.carrier.dropped["auth"] >= 1
     assert interrupts == [] and follower.panel.commands == {"interrupt": 0, "free": 0}
 
 
-@pytest.mark.parametrize(
-    "forge",
-    [
-        "wrong key",
-        "body changed after signing",
-        "signed for another route",
-        "replayed",
-        "garbage",
-    ],
-)
-def test_a_forged_command_is_refused_403(interrupts: list[bool], forge: str) -> None:
-    follower = _Rank(1)
-    raw, header = _signed(0, {"action": "interrupt"})
-    if forge == "wrong key":
-        raw, header = _signed(0, {"action": "interrupt"}, ClusterKey("x" * 40))
-    elif forge == "body changed after signing":
-        raw = raw.replace(b"interrupt", b"free")
-    elif forge == "signed for another route":
-        header = PeerAuth(KEY).headers("POST", "/cluster/heartbeat", raw)[AUTH_HEADER]
-    elif forge == "replayed":
-        assert follower.post(raw, header).status == 200
-        interrupts.clear()
-    elif forge == "garbage":
-        header = "v1:0:0:00"
-    response = follower.post(raw, header)
-    assert response.status == 403, response.body
+def test_a_follower_cannot_command_another_follower(
+    interrupts: list[bool], ranks: list[_Rank]
+) -> None:
+    one, two = _Rank(1, 3), _Rank(2, 3)
+    ranks += [one, two]
+    one.knows(two)
+    with pytest.raises(ControlRefusedError, match="takes it from the leader only, not rank 1"):
+        one.peers.request(2, "command", {"epoch": 0, "action": "interrupt"}, 5.0)
     assert interrupts == []
 
 
-def test_a_follower_cannot_command_another_follower(interrupts: list[bool]) -> None:
-    follower = _Rank(1, size=3)
-    response = follower.post(*_signed(2, {"action": "interrupt"}))
-    assert response.status == 403 and "from the leader only" in response.body["error"]
-    # Nor can a rank claim to be the one it sends to.
-    response = follower.post(*_signed(1, {"action": "interrupt"}))
-    assert response.status == 400
+def test_the_leader_takes_no_command(interrupts: list[bool], ranks: list[_Rank]) -> None:
+    leader, follower = _Rank(0), _Rank(1)
+    ranks += [leader, follower]
+    follower.knows(leader)
+    with pytest.raises(ControlRefusedError, match="it does not take 'command'"):
+        follower.peers.request(0, "command", {"epoch": 0, "action": "interrupt"}, 5.0)
     assert interrupts == []
 
 
-def test_the_leader_takes_no_command(interrupts: list[bool]) -> None:
-    leader = _Rank(0)
-    response = leader.post(*_signed(1, {"action": "interrupt"}))
-    assert response.status == 409 and "does not take" in response.body["error"]
-    assert interrupts == []
-
-
-@pytest.mark.parametrize("body", [{"action": "reboot"}, {}, {"action": ["interrupt"]}])
-def test_an_unknown_action_is_refused_400(interrupts: list[bool], body: dict[str, Any]) -> None:
-    follower = _Rank(1)
-    response = follower.post(*_signed(0, body))
-    assert response.status == 400 and "'action' must be one of" in response.body["error"]
+@pytest.mark.parametrize("body", [{"action": "reboot"}, {}, {"action": 1}])
+def test_an_unknown_action_is_refused(
+    interrupts: list[bool], ranks: list[_Rank], body: dict[str, Any]
+) -> None:
+    leader, follower = _Rank(0), _Rank(1)
+    ranks += [leader, follower]
+    leader.knows(follower)
+    with pytest.raises(ControlRefusedError, match="'action' must be one of"):
+        leader.peers.request(1, "command", {"epoch": 0, **body}, 5.0)
     assert interrupts == [] and follower.panel.commands == {"interrupt": 0, "free": 0}
 
 
 def test_the_leader_runs_a_control_here_and_reports_which_followers_took_it(
-    interrupts: list[bool], monkeypatch: pytest.MonkeyPatch
+    interrupts: list[bool], ranks: list[_Rank], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    asked: list[tuple[str, str, dict[str, Any]]] = []
-
-    def post_once(m: Membership, url: str, path: str, body: dict[str, Any], t: float) -> Any:
-        asked.append((url, path, body))
-        if url == "http://r2":  # a follower with another key
-            error = io.BytesIO(json.dumps({"error": "bad credential"}).encode())
-            raise urllib.error.HTTPError(url + path, 403, "Forbidden", Message(), error)
-        if url == "http://r3":
-            raise ConnectionRefusedError(111, "Connection refused")
-        return {"ok": True}
-
-    monkeypatch.setattr(panel_module, "post_once", post_once)
-    membership = Membership(local_settings(0, 4), "http://r0")
-    membership.urls = {r: f"http://r{r}" for r in range(4)}
-    panel = Panel(_Server(), membership)
-    result = panel.everywhere("free")
-    assert sorted((url, path, body["action"]) for url, path, body in asked) == [
-        (f"http://r{r}", PATH, "free") for r in (1, 2, 3)
-    ]
+    monkeypatch.setattr(panel_module, "COMMAND_TIMEOUT_S", 1.0)
+    leader, one = _Rank(0, 4), _Rank(1, 4)
+    other_key = _Rank(2, 4, key=ClusterKey("y" * 40))  # a follower with another key
+    ranks += [leader, one, other_key]
+    leader.knows(one, other_key)
+    leader.peers.learn(3, ("127.0.0.1", 9))  # nobody answers there (the discard port)
+    result = leader.panel.everywhere("free")
     assert result["sent_to"] == [1] and not result["ok"]
-    assert result["failed"]["2"] == "refused (HTTP 403): bad credential"
-    assert "Connection refused" in result["failed"]["3"]
-    assert panel.commands == {"interrupt": 0, "free": 1}  # done here all the same
+    assert sorted(result["failed"]) == ["2", "3"]
+    assert "rank 2 at udp 127.0.0.1" in result["failed"]["2"]
+    assert "rank 3 at udp 127.0.0.1:9 did not answer a 'command'" in result["failed"]["3"]
+    assert leader.panel.commands == {"interrupt": 0, "free": 1}  # done here all the same
+    assert one.panel.commands == {"interrupt": 0, "free": 1}
+    assert other_key.panel.commands == {"interrupt": 0, "free": 0}
+
+
+def test_a_followers_heartbeat_reaches_the_leaders_panel(ranks: list[_Rank]) -> None:
+    leader, follower = _Rank(0), _Rank(1)
+    ranks += [leader, follower]
+    follower.knows(leader)
+    follower.panel.beat()
+    assert follower.panel.leader_error == ""
+    assert leader.panel.health.reported(1)["boot"] == follower.panel.boot

@@ -27,10 +27,11 @@ def test_each_collective_fills_one_bar() -> None:
     def fn(comm: Communicator) -> Any:
         return gather(comm, torch.full((2,), comm.rank), "ClusterFanInImages#7")
 
-    cluster.progress_bar = _Bar
-    try:
+    class WithBars(cluster.Runtime):
+        def progress_bar(self, total: int) -> Any:
+            return _Bar(total)
+
+    with cluster.installed(WithBars()):
         out = run_local(3, fn)
-    finally:
-        cluster.progress_bar = None
     assert [t.tolist() for t in out[0]] == [[0, 0], [1, 1], [2, 2]]
     assert len(_Bar.made) == 3 and all(b.total == 1 and b.done == 1 for b in _Bar.made)

@@ -39,15 +39,13 @@ PROMPT: dict[str, Any] = {
 def queued() -> Iterator[list[dict[str, Any]]]:
     seen: list[dict[str, Any]] = []
 
-    def hook(prompt: dict[str, Any]) -> str:
-        seen.append(prompt)
-        return f"id-{len(seen)}"
+    class Queuing(cluster.Runtime):
+        def queue_prompt(self, prompt: dict[str, Any], what: str) -> str:
+            seen.append(prompt)
+            return f"id-{len(seen)}"
 
-    cluster.queue_prompt_hook = hook
-    try:
+    with cluster.installed(Queuing()):
         yield seen
-    finally:
-        cluster.queue_prompt_hook = None
 
 
 def _saved(comfy_folders: Path, name: str = "wf.json") -> Path:
