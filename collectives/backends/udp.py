@@ -37,19 +37,28 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from collectives.auth import INSECURE_ENV, KEY_ENV, ClusterKey, insecure_allowed, require_key
-from collectives.backends import udp_peers
+from collectives.backends import udp_peers, udp_rendezvous
 from collectives.backends.base import BackendConfig, close_at_exit, register_backend
 from collectives.backends.envelope import Envelope
 from collectives.backends.p2p import AGREEMENT_CHANNEL, COLLECTIVE_CHANNEL, P2PBackend
 from collectives.backends.udp_peers import Announcer, Plan
-from collectives.backends.udp_socket import Address, UdpSocket, max_datagram_for
+from collectives.backends.udp_socket import (
+    DEFAULT_DATAGRAM,
+    MTU_ENV,
+    Address,
+    UdpSocket,
+    max_datagram_for,
+)
 from collectives.errors import ConfigurationError, InvalidArgumentError
 from collectives.rendezvous.env import read_rank_env
 
 if TYPE_CHECKING:
     from collectives.backends.udp_io import Engine
+    from collectives.backends.udp_nat import NatDriver
+    from collectives.backends.udp_rendezvous import StunRendezvous
     from collectives.codec import Encoded
     from collectives.deadline import Deadline
+    from collectives.rendezvous.stun_client import Joined
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +101,7 @@ class UdpBackend(P2PBackend):
         self.mode = mode
         self._closed = False
         self._peer_timeout: float | None = None
+        self._rendezvous: StunRendezvous | None = None
         # Messages are delivered by this process (eager posts sit in the core until
         # acknowledged): a program that exits without close() would take its last ones with it,
         # where a TCP engine's kernel still sends them.  Close (bounded linger) at exit instead.
@@ -117,13 +127,25 @@ class UdpBackend(P2PBackend):
         key, make_world_key = _security(p, size, environ)
         if size == 1:
             return cls(rank, 1, world=config.world, epoch=config.epoch, engine=None)
-        sock = UdpSocket(*p.bind, max_datagram=max_datagram_for(p.bind[0], environ))
+        datagram = max_datagram_for(p.bind[0], environ)
+        if p.mode == "stun" and not environ.get(MTU_ENV, "").strip():
+            # Relayed datagrams cross the open Internet and the server's size cap.
+            datagram = min(datagram, DEFAULT_DATAGRAM)
+        sock = UdpSocket(*p.bind, max_datagram=datagram)
         announcer: Announcer | None = None
+        rendezvous: StunRendezvous | None = None
+        nat: NatDriver | None = None
         try:
             me = sock.address
             table: dict[int, Address]
             if p.mode == "static":
                 table = p.static
+            elif p.mode == "stun":
+                assert key is not None  # _security insists on it
+                rendezvous, nat, table = udp_rendezvous.form(
+                    p, sock, rank=rank, size=size, comm=_comm(config.world), epoch=config.epoch,
+                    key=key, environ=environ, deadline=deadline, timeout=config.timeout,
+                )  # fmt: skip
             elif p.mode == "broadcast":
                 assert p.broadcast is not None
                 announcer = Announcer(
@@ -144,15 +166,43 @@ class UdpBackend(P2PBackend):
                 announcer=announcer, mode=p.mode,
             )  # fmt: skip
             backend._peer_timeout = _peer_timeout(environ)
-            backend._start(sock, table, key, deadline, config.timeout)
+            backend._rendezvous = rendezvous
+            backend._start(sock, table, key, deadline, config.timeout, nat=nat)
         except BaseException:
+            if rendezvous is not None:
+                rendezvous.stop(leave=True)
             if announcer is not None:
                 announcer.stop()
             sock.close()
             raise
         if announcer is not None:
             announcer.stop()  # every peer is connected: nobody needs our address any more
+        if rendezvous is not None:
+            backend._watch(rendezvous)
         return backend
+
+    def _watch(self, rendezvous: StunRendezvous) -> None:
+        """Heartbeat the server and hand new candidates (and a rejoin's token) to the engine."""
+        engine = self._engine
+        assert engine is not None and engine.nat is not None
+        nat = engine.nat
+
+        def update(found: dict[int, tuple[bytes, list[tuple[Address, str]]]]) -> None:
+            with engine.lock:
+                now = engine.clock()
+                for peer, (handle, cands) in found.items():
+                    if peer in nat.paths.peers:
+                        nat.paths.add_peer(peer, handle, now)
+                        nat.paths.learn(peer, cands, now)
+            engine.wake()
+
+        def rejoined(joined: Joined) -> None:
+            with engine.lock:
+                nat.rejoined(joined.token, engine.clock())
+            engine.wake()
+
+        rendezvous.on_rejoin = rejoined
+        rendezvous.start(update)
 
     def _start(
         self,
@@ -161,6 +211,8 @@ class UdpBackend(P2PBackend):
         key: ClusterKey | None,
         deadline: float,
         timeout: float,
+        *,
+        nat: NatDriver | None = None,
     ) -> None:
         from collectives.backends.udp_io import Engine
         from collectives.transport.config import TransportConfig
@@ -185,7 +237,9 @@ class UdpBackend(P2PBackend):
                     ep.add_peer(peer, table.get(peer), now)
             return ep
 
-        engine = Engine(sock, make, rank=self.rank, size=self.size, codec=lambda: self.codec)
+        engine = Engine(
+            sock, make, rank=self.rank, size=self.size, codec=lambda: self.codec, nat=nat
+        )
         self._engine = engine
         try:
             engine.wait_connected(deadline, timeout)
@@ -252,6 +306,8 @@ class UdpBackend(P2PBackend):
             self._announcer.stop()
         if self._engine is not None:
             self._engine.close(_CLOSE_LINGER_S)
+        if self._rendezvous is not None:
+            self._rendezvous.stop(leave=True)
 
     def peers(self) -> dict[int, str]:
         engine = self._engine
@@ -264,11 +320,25 @@ class UdpBackend(P2PBackend):
                 if r != self.rank
             }
 
+    def paths(self) -> dict[int, dict[str, Any]]:
+        """Each peer's network path: ``path`` (``direct``: a local address; ``punched``: through
+        a NAT; ``relayed``: through the rendezvous server; ``direct`` for every peer outside
+        ``stun`` discovery) and ``address`` (where its datagrams go)."""
+        engine = self._engine
+        if engine is None:
+            return {}
+        with engine.lock:
+            if engine.nat is not None:
+                return {r: dict(info) for r, info in engine.nat.peer_info().items()}
+            return {r: {"path": "direct", "address": None} for r in engine.outstanding}
+
     def stats(self) -> dict[str, Any]:
         """The core's counters, the driver's, and what the socket got from the kernel."""
         out: dict[str, Any] = {"mode": self.mode}
         if self._engine is not None:
             out.update(self._engine.stats())
+            if self._engine.nat is not None:
+                out["paths"] = self.paths()
         if self._announcer is not None:
             out.update(self._announcer.dropped)
         return out
@@ -338,6 +408,11 @@ def _security(p: Plan, size: int, environ: Mapping[str, str]) -> tuple[ClusterKe
     key = ClusterKey.from_env(environ)
     if key is not None:
         return key, False
+    if p.mode == "stun":
+        raise ConfigurationError(
+            f"udp backend: {udp_peers.MODE_ENV}=stun needs {KEY_ENV}: the rendezvous server "
+            "authenticates instances with it (and the transport is sealed with it)"
+        )
     if insecure_allowed(environ):
         log.warning("udp backend: %s=1: the transport is neither encrypted nor authenticated",
                     INSECURE_ENV)  # fmt: skip

@@ -49,14 +49,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from collectives.backends.udp_health import Health
 from collectives.backends.udp_inbox import Inbox, Key, Landing, Taken, _Incoming, _Queued, _unwrap
 from collectives.backends.udp_socket import RECV_BYTES, BufferPool, fine_timer_slack
 from collectives.codec import CodecOptions, Header
 from collectives.errors import (
     CollectivesError,
     CommunicatorAbortedError,
-    ConnectionLostError,
-    RendezvousTimeoutError,
 )
 from collectives.transport.events import (
     MessageFramed,
@@ -68,6 +67,7 @@ from collectives.transport.events import (
 )
 
 if TYPE_CHECKING:
+    from collectives.backends.udp_nat import NatDriver
     from collectives.backends.udp_socket import Address, UdpSocket
     from collectives.deadline import Deadline
     from collectives.transport.endpoint import Endpoint
@@ -78,10 +78,6 @@ _READS_PER_TURN = 64  # reads fed to the core before its timers and sends get a 
 _IDLE_WAIT_S = 1.0  # the longest wait without a timer (a lost wakeup costs at most this)
 _IO_GRACE_S = 0.002  # how long the IO thread leaves the socket to callers after the last one
 _BUSY_S = 1.0  # a rank that posted or read within this is busy (see _run)
-_DROP_LOG_S = 10.0  # at most one log line per this many seconds about refused datagrams
-# Refusals that mean someone sent this rank datagrams it must not accept (duplicates and
-# overload are the network's doing and stay in comm.stats() only).
-_SUSPECT_DROPS = ("malformed", "wrong_cluster", "foreign", "unknown_session", "auth", "replay")
 # How long a waiting caller polls the socket without sleeping before it blocks in select.  A
 # sleeping receiver costs the sender a wakeup inside its sendto and itself a scheduler round
 # trip (tens of us each, more under a hypervisor); a small op's answer usually comes sooner.
@@ -92,7 +88,7 @@ _PEER_CLOSED = "peer closed"  # the core's PeerLost reason of a CLOSE (not an AB
 _tuned = threading.local()
 
 
-class Engine(Inbox):
+class Engine(Inbox, Health):
     """Drives one :class:`Endpoint` over one :class:`UdpSocket` (see the module docstring)."""
 
     def __init__(
@@ -104,8 +100,10 @@ class Engine(Inbox):
         size: int,
         codec: Callable[[], CodecOptions],
         clock: Callable[[], float] = time.monotonic,
+        nat: NatDriver | None = None,
     ) -> None:
         self.sock = sock
+        self.nat = nat  # ``stun`` discovery: relay, probes, STUN between the core and the socket
         self.rank = rank
         self.size = size
         self._codec = codec
@@ -188,7 +186,7 @@ class Engine(Inbox):
                 return mid
             self._pump(now)
             self._last_active = now
-            timer = self._timer = self.ep.get_timer()
+            timer = self._timer = self._next_timer()
             wake = timer is not None and timer < self._wake_at()
         if wake:
             self.wake()
@@ -205,7 +203,7 @@ class Engine(Inbox):
         now = self.clock()
         self._pump(now)
         self._last_active = now
-        timer = self._timer = self.ep.get_timer()
+        timer = self._timer = self._next_timer()
         if timer is not None and timer < self._wake_at():
             self.wake()
 
@@ -316,40 +314,6 @@ class Engine(Inbox):
             if self._drivers:
                 self.cond.notify_all()  # one of the others becomes the poller
 
-    def wait_connected(self, deadline: float, timeout: float) -> None:
-        """Wait until the handshake with every peer is done; name the ones that never answer."""
-        peers = set(self.outstanding)
-        with self.lock:
-            while not peers <= self.connected:
-                if self.lost:
-                    peer, reason = next(iter(self.lost.items()))
-                    raise ConnectionLostError(
-                        f"udp backend on rank {self.rank}: rank {peer} was lost while connecting "
-                        f"({reason})",
-                        ranks=self.lost,
-                    )
-                remaining = deadline - self.clock()
-                if remaining <= 0:
-                    missing = sorted(peers - self.connected)
-                    raise RendezvousTimeoutError(
-                        f"udp backend on rank {self.rank}: no handshake with rank(s) "
-                        f"{', '.join(map(str, missing))} after {timeout:g} s: are they running, "
-                        "with the same cluster key (COMFY_CLUSTER_KEY), and is UDP open between "
-                        "the hosts?"
-                    )
-                self.cond.wait(min(remaining, 0.25))
-
-    def check_usable(self, peer: int, op: str) -> None:
-        """Raise the error a new op towards ``peer`` gets now (call holding the lock)."""
-        if self.aborted is not None:
-            raise CommunicatorAbortedError(f"rank {self.rank} was aborted: {self.aborted}")
-        if self.closed:
-            raise CommunicatorAbortedError(f"rank {self.rank}: the udp communicator is closed")
-        if peer in self.lost:
-            raise ConnectionLostError(
-                f"{op} on rank {self.rank}: rank {peer} is gone ({self.lost[peer]})", ranks=(peer,)
-            )
-
     # -- lifetime --------------------------------------------------------------------------------
     def abort(self, reason: str) -> None:
         with self.lock:
@@ -360,7 +324,7 @@ class Engine(Inbox):
             with contextlib.suppress(Exception):
                 self.ep.abort(reason, now)
                 self._pump(now)
-                self._timer = self.ep.get_timer()
+                self._timer = self._next_timer()
             self.cond.notify_all()
         self.wake()  # a poller in select sees the abort at once
 
@@ -385,7 +349,7 @@ class Engine(Inbox):
                 with contextlib.suppress(Exception):
                     self.ep.close(now)
                     self._pump(now)
-                    self._timer = self.ep.get_timer()
+                    self._timer = self._next_timer()
             self._stopping = True
             self.cond.notify_all()
             self._io_cond.notify()
@@ -408,6 +372,8 @@ class Engine(Inbox):
         with self.lock:
             out: dict[str, Any] = dict(self.ep.stats())
             out.update(self.counters)
+            if self.nat is not None:
+                out.update(self.nat.stats())
         info = self.sock.info
         out.update(
             rcvbuf=info.rcvbuf, sndbuf=info.sndbuf, gso=info.gso, gro=info.gro,
@@ -446,28 +412,6 @@ class Engine(Inbox):
             with self.lock:
                 self._failed(err)
 
-    def _log_drops(self) -> None:
-        """Say in the log (rate-limited) that datagrams failed the core's checks: the counters
-        in ``comm.stats()`` tell how many, this tells an operator to look (holding the lock)."""
-        now = self.clock()
-        if now < self._drops_next:
-            return
-        self._drops_next = now + _DROP_LOG_S
-        stats = self.ep.stats()
-        drops = {name: stats.get(f"dropped_{name}", 0) for name in _SUSPECT_DROPS}
-        total = sum(drops.values())
-        if total > self._drops_logged:
-            detail = ", ".join(f"{name} {n}" for name, n in drops.items() if n)
-            log.warning(
-                "udp rank %d: refused %d datagram(s) that failed authentication or checks "
-                "(so far: %s); a peer with the wrong COMFY_CLUSTER_KEY, another cluster on "
-                "this port, or an attacker",
-                self.rank,
-                total - self._drops_logged,
-                detail,
-            )
-            self._drops_logged = total
-
     def _failed(self, err: Exception) -> None:
         log.error("udp rank %d: the IO driver failed", self.rank, exc_info=err)
         self.aborted = self.aborted or f"the udp IO driver failed: {err!r}"
@@ -476,7 +420,7 @@ class Engine(Inbox):
     def _turn(self) -> bool:
         """Read what the socket has, feed the core, run its timer, pump (holding the lock);
         whether reads were left (the turn stopped at :data:`_READS_PER_TURN`)."""
-        ep, sock, buf, view = self.ep, self.sock, self._rbuf, self._rview
+        ep, sock, buf, view, nat = self.ep, self.sock, self._rbuf, self._rview, self.nat
         now = self.clock()
         timer = self._timer
         due = timer is not None and timer <= now
@@ -487,18 +431,34 @@ class Engine(Inbox):
                 break
             reads += 1
             n, addr, segment = got
-            if n >= 0:
+            if n < 0:
+                continue
+            if nat is None:
                 ep.receive(view[:n], addr, now, segment)
+            else:
+                for data, vaddr, seg in nat.inbound(view[:n], addr, segment, now):
+                    ep.receive(data, vaddr, now, seg)
+        if nat is not None:
+            nat.turn(ep, sock, now)  # probes, STUN bindings, path switches
         if due:
             ep.handle_timer(now)
         elif not reads and not self._unsent and not self._held:
+            self._timer = timer if nat is None else self._next_timer()
             return False  # nothing reached the core since it last spoke: it has nothing new
         if reads:
             self.counters["reads"] += reads
             self._last_active = now
         self._pump(now)
-        self._timer = ep.get_timer()
+        self._timer = self._next_timer()
         return reads == _READS_PER_TURN
+
+    def _next_timer(self) -> float | None:
+        """The core's timer, or the NAT layer's when that comes first."""
+        timer = self.ep.get_timer()
+        if self.nat is None:
+            return timer
+        other = self.nat.timer()
+        return other if timer is None or (other is not None and other < timer) else timer
 
     def _spin(self, until: float) -> bool:
         """Poll the socket (lock released, no sleep) until it is readable or ``until``; whether
@@ -546,10 +506,14 @@ class Engine(Inbox):
                 self.outstanding[event.peer].discard(event.message_id)
             elif isinstance(event, PeerConnected):
                 self.connected.add(event.peer)
+                if self.nat is not None:
+                    self.nat.core_address(ep, event.peer, event.addr, now)
             elif isinstance(event, PeerLost):
                 self.lost.setdefault(event.peer, event.reason)
                 log.info("udp rank %d: rank %d lost (%s)", self.rank, event.peer, event.reason)
             elif isinstance(event, PeerAddressChanged):
+                if self.nat is not None and self.nat.core_address(ep, event.peer, event.new, now):
+                    continue
                 self.counters["address_changes"] += 1
                 log.info("udp rank %d: rank %d moved %s -> %s", self.rank, event.peer,
                          event.old, event.new)  # fmt: skip
@@ -567,8 +531,11 @@ class Engine(Inbox):
                 self.counters["send_blocked"] += 1
                 return
             unsent.popleft()
-        for addr, data, segment in self.ep.datagrams_to_send(now):
-            view = memoryview(data)
+        nat = self.nat
+        for batch in self.ep.datagrams_to_send(now):
+            addr, view, segment = batch[0], memoryview(batch[1]), batch[2]
+            if nat is not None:
+                addr, view, segment = nat.outbound(addr, view, segment)
             if unsent:
                 unsent.append((addr, view, segment))
                 continue

@@ -1,6 +1,6 @@
 """How ranks of the ``udp`` backend find each other's UDP addresses.
 
-``COMFY_CLUSTER_REGISTRATION_MODE`` picks one of three ways:
+``COMFY_CLUSTER_REGISTRATION_MODE`` picks one of four ways:
 
 ``env`` (the default)
     The launcher's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (or the MPI/Slurm/ComfyUI_Cluster
@@ -19,6 +19,14 @@
     Each announcement carries a timestamp, a random nonce and an HMAC under the cluster key:
     a forged one fails the MAC, a stale one the 30 s window, a replayed one the nonce cache.
     Spoofing an address could only delay a world: the transport's handshake is authenticated.
+
+``stun``
+    The rendezvous server (``COMFY_CLUSTER_STUN_SERVER``, ``COMFY_CLUSTER_CLUSTER_ID``, the
+    cluster key): every rank joins with its socket's local address, learns its reflexive
+    address by STUN, and reaches each peer over the server's relay first, then directly once a
+    hole is punched (:mod:`~collectives.backends.udp_nat`, docs/udp-transport.md "NAT
+    traversal").  The socket binds to the address this host routes the server through.  On
+    RunPod (``RUNPOD_POD_ID`` set) the advertised local address is ``<id>.runpod.internal``.
 
 In every mode ``COMFY_CLUSTER_LISTEN_ADDRESS`` overrides the address bound,
 ``COMFY_CLUSTER_DIRECT_LISTEN_PORT`` the port (default: any free one, or the static entry), and
@@ -54,7 +62,8 @@ BROADCAST_PORT_ENV = "COMFY_CLUSTER_BROADCAST_PORT"
 LISTEN_ENV = "COMFY_CLUSTER_LISTEN_ADDRESS"
 PORT_ENV = "COMFY_CLUSTER_DIRECT_LISTEN_PORT"
 INSTANCE_ENV = "COMFY_CLUSTER_INSTANCE_ADDRESS"
-MODES = ("env", "static", "broadcast")
+RUNPOD_ENV = "RUNPOD_POD_ID"
+MODES = ("env", "static", "broadcast", "stun")
 DEFAULT_BROADCAST_PORT = 9997
 
 Address = tuple[str, int]
@@ -72,6 +81,7 @@ class Plan:
     master: Address | None = None
     broadcast: Address | None = None
     advertise: str | None = None
+    stun_server: str | None = None  # the rendezvous server's base URL (``stun`` mode)
 
 
 def plan(rank: int, size: int, environ: Mapping[str, str]) -> Plan:
@@ -96,6 +106,8 @@ def plan(rank: int, size: int, environ: Mapping[str, str]) -> Plan:
         target = _broadcast_address(environ)
         bind = (listen or _route_source(target[0], broadcast=True), port)
         return Plan(mode, bind, [bind[0], target[0]], broadcast=target, advertise=advertise)
+    if mode == "stun":
+        return _stun_plan(environ, listen, port, advertise)
     if size == 1 and not environ.get("MASTER_ADDR", "").strip():
         return Plan(mode, (listen or "127.0.0.1", port), [listen or "127.0.0.1"])
     master = _master(environ)
@@ -104,6 +116,33 @@ def plan(rank: int, size: int, environ: Mapping[str, str]) -> Plan:
     return Plan(
         mode, (source, port), [source, str(sockaddr[0])], master=master, advertise=advertise
     )
+
+
+def _stun_plan(
+    environ: Mapping[str, str], listen: str | None, port: int, advertise: str | None
+) -> Plan:
+    from urllib.parse import urlsplit
+
+    from collectives.rendezvous.stun_client import CLUSTER_ID_ENV, SERVER_ENV, server_url
+
+    if not environ.get(SERVER_ENV, "").strip():
+        raise ConfigurationError(
+            f"{MODE_ENV}=stun needs {SERVER_ENV}: the rendezvous server's URL, e.g. "
+            "https://stun.example.org:8089"
+        )
+    url = server_url(environ.get(SERVER_ENV, ""), environ)
+    if not environ.get(CLUSTER_ID_ENV, "").strip():
+        raise ConfigurationError(
+            f"{MODE_ENV}=stun needs {CLUSTER_ID_ENV}: the id every instance of this cluster "
+            f"uses on the rendezvous server ({SERVER_ENV})"
+        )
+    host = urlsplit(url).hostname or ""
+    server = _numeric(host, SERVER_ENV)
+    source = listen or _route_source(server)
+    pod = (environ.get(RUNPOD_ENV) or "").strip()
+    if advertise is None and pod:
+        advertise = f"{pod}.runpod.internal"  # RunPod's private network name of this pod
+    return Plan("stun", (source, port), [source, server], advertise=advertise, stun_server=url)
 
 
 def _port(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -457,6 +496,7 @@ __all__ = [
     "LISTEN_ENV",
     "MODE_ENV",
     "PORT_ENV",
+    "RUNPOD_ENV",
     "Announcer",
     "Plan",
     "exchange_env",

@@ -142,6 +142,33 @@ class Endpoint:
         else:
             session.fire(Input.AWAIT)
 
+    def set_peer_address(self, peer: int, addr: Address) -> None:
+        """Where the session with ``peer`` sends from now on, without an event: a driver that
+        chooses paths itself (NAT traversal) keeps the core on one stable address per peer, so
+        datagrams that arrive by another path, or reordered across paths, never move it."""
+        self._check_peer(peer)
+        session = self._sessions.get(peer)
+        if session is not None:
+            session.addr = addr
+
+    def reset_path(self, peer: int, now: float) -> None:
+        """The driver moved ``peer``'s traffic to another network path: its RTT estimate and
+        congestion model start over (RFC 9000 section 9.4), with the old smoothed RTT as the
+        first guess so no probe timeout fires early.  Packets in flight stay accounted."""
+        self._check_peer(peer)
+        session = self._sessions.get(peer)
+        out = None if session is None else session.out
+        if out is None:
+            return
+        from collectives.transport.congestion import Bbr
+        from collectives.transport.rtt import RttEstimator
+
+        rec = out.recovery
+        guess = max(rec.rtt.smoothed, rec.rtt.latest, self.config.initial_rtt / 10)
+        rec.rtt = RttEstimator(guess)
+        rec.congestion = Bbr(max_datagram=rec.max_datagram, initial_rtt=guess, now=now)
+        rec.pacer.set_rate(rec.congestion.pacing_rate, now)
+
     def _check_peer(self, peer: int) -> None:
         if not 0 <= peer < self.size or peer == self.rank:
             raise InvalidArgumentError(
