@@ -1,0 +1,205 @@
+"""What the UDP port does with one datagram: STUN binding, relay, or drop (and count).
+
+Independent of how datagrams arrive (``udp_server`` drives it from a dedicated thread or from
+asyncio).  STUN messages are decoded and encoded with aioice's codec.  The relay path comes
+first and stays short: it is the one that runs tens of thousands of times a second.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from aioice import stun
+
+from .limits import KeyedLimiter
+from .registry import Addr, Member, Registry
+
+STUN_COOKIE = b"\x21\x12\xa4\x42"
+RELAY_MAGIC = 0xCC
+RELAY_DATA = 0x01
+PUNCH_HINT = 0x02
+RELAY_HEADER = 10  # 0xCC, kind, 8-byte handle
+_RELAY_PREFIX = bytes([RELAY_MAGIC, RELAY_DATA])
+_PUNCH_PREFIX = bytes([RELAY_MAGIC, PUNCH_HINT])
+
+Send = Callable[[bytes, Addr], None]
+Post = Callable[[Callable[[], None]], None]
+
+
+@dataclass
+class Counters:
+    """Every datagram ends in exactly one of these (plus the bytes relayed)."""
+
+    stun_plain: int = 0
+    stun_authenticated: int = 0
+    stun_bad_integrity: int = 0
+    stun_malformed: int = 0
+    stun_rate_limited: int = 0
+    relay_forwarded: int = 0
+    relay_bytes: int = 0
+    relay_unknown_source: int = 0
+    relay_unknown_destination: int = 0
+    relay_rate_limited: int = 0
+    relay_malformed: int = 0
+    oversize: int = 0
+    unknown_kind: int = 0
+    punch_hints: int = 0
+    send_errors: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class UdpCore:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        max_datagram: int,
+        relay_pps: float,
+        stun_pps: float,
+        post: Post,
+    ) -> None:
+        self.registry = registry
+        self.max_datagram = max_datagram
+        self.relay_pps = relay_pps
+        self.relay_burst = max(1.0, relay_pps / 10)
+        self.stun_limiter = KeyedLimiter(stun_pps, max(1.0, stun_pps), registry.clock)
+        self.post = post
+        self.counters = Counters()
+        self.send: Send = _unset_send
+
+    def handle(self, data: bytes, addr: Addr) -> None:
+        c = self.counters
+        if len(data) > self.max_datagram:
+            c.oversize += 1
+            return
+        if data[:1] == b"\xcc":
+            self._relay(data, addr)
+        elif len(data) >= 20 and data[0] < 2 and data[4:8] == STUN_COOKIE:
+            self._stun(data, addr)
+        else:
+            c.unknown_kind += 1
+
+    # -- relay ------------------------------------------------------------------------------
+
+    def _relay(self, data: bytes, addr: Addr) -> None:
+        c = self.counters
+        if len(data) < RELAY_HEADER or data[1] != RELAY_DATA:
+            c.relay_malformed += 1
+            return
+        src = self.registry.relay_addrs.get(addr)
+        registry = self.registry
+        now = registry.clock()
+        if src is None or src.removed or now - src.last_seen > registry.ttl_s:
+            c.relay_unknown_source += 1
+            return
+        cluster = registry.clusters.get(src.cluster_id)
+        dst = cluster.by_handle.get(data[2:10]) if cluster is not None else None
+        if (
+            dst is None
+            or dst.reflexive is None
+            or dst.removed
+            or now - dst.last_seen > registry.ttl_s
+        ):
+            c.relay_unknown_destination += 1
+            return
+        # per-source token bucket; only this thread touches these two fields
+        tokens = min(self.relay_burst, src.relay_tokens + (now - src.relay_stamp) * self.relay_pps)
+        src.relay_stamp = now
+        if tokens < 1.0:
+            src.relay_tokens = tokens
+            c.relay_rate_limited += 1
+            return
+        src.relay_tokens = tokens - 1.0
+        self.send(_RELAY_PREFIX + src.handle + data[RELAY_HEADER:], dst.reflexive)
+        c.relay_forwarded += 1
+        c.relay_bytes += len(data) - RELAY_HEADER
+
+    # -- STUN -------------------------------------------------------------------------------
+
+    def _stun(self, data: bytes, addr: Addr) -> None:
+        c = self.counters
+        try:
+            msg = stun.parse_message(data)
+        except Exception:  # the codec raises ValueError, struct.error, UnicodeDecodeError...
+            c.stun_malformed += 1
+            return
+        if msg.message_method != stun.Method.BINDING or msg.message_class != stun.Class.REQUEST:
+            c.stun_malformed += 1
+            return
+        username = msg.attributes.get("USERNAME")
+        if username is None:
+            if "MESSAGE-INTEGRITY" in msg.attributes:
+                c.stun_bad_integrity += 1  # integrity without a user to check it against
+                return
+            if self.stun_limiter.allow(addr[0]) > 0:
+                c.stun_rate_limited += 1
+                return
+            answer = stun.Message(
+                stun.Method.BINDING,
+                stun.Class.RESPONSE,
+                msg.transaction_id,
+                {"XOR-MAPPED-ADDRESS": addr},
+            )
+            answer.add_fingerprint()
+            self.send(bytes(answer), addr)
+            c.stun_plain += 1
+            return
+        member = self._member(str(username))
+        if member is None or not msg.check_message_integrity(member.token):
+            # never answered: an unanswered guess teaches nothing
+            c.stun_bad_integrity += 1
+            return
+        answer = stun.Message(
+            stun.Method.BINDING,
+            stun.Class.RESPONSE,
+            msg.transaction_id,
+            {"XOR-MAPPED-ADDRESS": addr},
+        )
+        answer.add_message_integrity(member.token)
+        self.send(bytes(answer), addr)
+        c.stun_authenticated += 1
+        if member.reflexive != addr:
+            self.post(lambda: self._record(member, addr))
+
+    def _member(self, username: str) -> Member | None:
+        cluster_id, sep, instance_id = username.partition(":")
+        cluster = self.registry.clusters.get(cluster_id) if sep else None
+        member = cluster.members.get(instance_id) if cluster is not None else None
+        if member is None or not self.registry.is_live(member):
+            return None
+        return member
+
+    def _record(self, member: Member, addr: Addr) -> None:
+        """On the loop thread: the new reflexive/relay address, then punch hints both ways."""
+        if not self.registry.set_reflexive(member, addr):
+            return
+        cluster = self.registry.clusters.get(member.cluster_id)
+        if cluster is None:
+            return
+        mine = _hint_addr(addr)
+        for peer in list(cluster.members.values()):
+            if peer is member or peer.reflexive is None or not self.registry.is_live(peer):
+                continue
+            theirs = _hint_addr(peer.reflexive)
+            if mine is None or theirs is None:
+                continue
+            self.send(_PUNCH_PREFIX + peer.handle + theirs, addr)
+            self.send(_PUNCH_PREFIX + member.handle + mine, peer.reflexive)
+            self.counters.punch_hints += 2
+
+
+def _hint_addr(addr: Addr) -> bytes | None:
+    try:
+        ip = ipaddress.IPv4Address(addr[0])
+    except ValueError:
+        return None  # the hint format carries IPv4 only
+    return ip.packed + struct.pack("!H", addr[1])
+
+
+def _unset_send(data: bytes, addr: Addr) -> None:
+    raise RuntimeError("UdpCore.send is set by the server that owns the socket")
