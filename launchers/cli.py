@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from collectives.errors import ConfigurationError
+from collectives.errors import ConfigurationError, RendezvousError
 
 from .config import LaunchConfig
 from .launch import launch
@@ -66,9 +66,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument(
         "--node-rank-offset",
         type=int,
-        default=0,
         metavar="K",
-        help="global rank of this node's first process (multi-node)",
+        help="global rank of this node's first process (multi-node; default 0, or with --join "
+        "the lowest free ranks the rendezvous server assigns)",
+    )
+    parser.add_argument(
+        "--join",
+        metavar="TOKEN",
+        help="join the cluster of an invite token (`comfycluster invite`; @FILE reads it from "
+        "FILE): ranks, world size and the rendezvous server come from the token",
     )
     parser.add_argument(
         "--world-size", type=int, metavar="W", help="ranks over all nodes (default: --nproc)"
@@ -104,6 +110,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]) -> LaunchConfig:
     """The launch configuration for ``argv`` (without the program name); raises UsageError."""
+    return parse_command(argv)[0]
+
+
+def parse_command(argv: Sequence[str]) -> tuple[LaunchConfig, argparse.Namespace]:
+    """:func:`parse_args` and the parsed options (``join``, ``node_rank_offset`` as given)."""
     args = list(argv)
     parser = build_parser()
     if "--" in args:
@@ -126,13 +137,13 @@ def parse_args(argv: Sequence[str]) -> LaunchConfig:
         backend=ns.backend,
         master_addr=ns.master_addr,
         master_port=ns.master_port,
-        rank_offset=ns.node_rank_offset,
+        rank_offset=ns.node_rank_offset or 0,
         world_size=ns.world_size,
         env=env,
         prefix_output=not ns.no_prefix,
         kill_grace_s=ns.kill_grace,
         timeout_s=ns.timeout,
-    )
+    ), ns
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,13 +157,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in SUBCOMMANDS:
         return SUBCOMMANDS[args[0]](args[1:])
     try:
-        return launch(parse_args(args))
+        config, ns = parse_command(args)
+        if ns.join is None:
+            return launch(config)
+        from .join import apply_claim, joining
+
+        with joining(
+            ns.join, nproc=config.nproc, world_size=config.world_size,
+            first_rank=ns.node_rank_offset, backend=config.backend,
+        ) as claim:  # fmt: skip
+            return launch(apply_claim(config, claim))
     except (UsageError, ConfigurationError) as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return USAGE_EXIT
+    except RendezvousError as exc:  # --join: the rendezvous server refused or did not answer
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
 
 
-__all__ = ["PROG", "SUBCOMMANDS", "UsageError", "build_parser", "main", "parse_args"]
+__all__ = [
+    "PROG",
+    "SUBCOMMANDS",
+    "UsageError",
+    "build_parser",
+    "main",
+    "parse_args",
+    "parse_command",
+]

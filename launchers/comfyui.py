@@ -33,7 +33,7 @@ from collections.abc import Container, Sequence
 from types import FrameType
 from typing import NoReturn, TextIO
 
-from collectives.errors import ConfigurationError
+from collectives.errors import ConfigurationError, RendezvousError
 
 from . import cli
 from .comfyui_cluster import _POLL_S, ComfyCluster, RankExitedError
@@ -60,6 +60,7 @@ _LEADING_OPTIONS = {
     "--master-port": True,
     "--node-rank-offset": True,
     "--world-size": True,
+    "--join": True,
     "--kill-grace": True,
     "--env": True,
     "--no-prefix": False,
@@ -133,8 +134,12 @@ def build_parser(prog: str = f"{cli.PROG} {SUBCOMMAND}") -> argparse.ArgumentPar
         help="host of rank 0 (default: %(default)s)")  # fmt: skip
     add("--master-port", type=int, metavar="PORT",
         help="rendezvous port (default: a free one, single node only)")  # fmt: skip
-    add("--node-rank-offset", type=int, default=0, metavar="K",
-        help="global rank of this node's first server (multi-node)")  # fmt: skip
+    add("--node-rank-offset", type=int, metavar="K",
+        help="global rank of this node's first server (multi-node; default 0, or with --join "
+        "the lowest free ranks the rendezvous server assigns)")  # fmt: skip
+    add("--join", metavar="TOKEN",
+        help="join the cluster of an invite token (`comfycluster invite`; @FILE reads it from "
+        "FILE)")  # fmt: skip
     add("--world-size", type=int, metavar="W", help="ranks over all nodes (default: --nproc)")
     add("--env", action="append", default=[], metavar="NAME=VALUE",
         help="extra environment variable for every rank (repeatable)")  # fmt: skip
@@ -149,6 +154,11 @@ def build_parser(prog: str = f"{cli.PROG} {SUBCOMMAND}") -> argparse.ArgumentPar
 
 def parse_args(argv: Sequence[str]) -> ComfyClusterConfig:
     """The cluster configuration for the subcommand's arguments; raises ``cli.UsageError``."""
+    return parse_command(argv)[0]
+
+
+def parse_command(argv: Sequence[str]) -> tuple[ComfyClusterConfig, argparse.Namespace]:
+    """:func:`parse_args` and the parsed options (``join``, ``node_rank_offset`` as given)."""
     args = list(argv)
     cut = args.index("--") if "--" in args else len(args)
     ns = build_parser().parse_args(args[:cut])
@@ -174,14 +184,14 @@ def parse_args(argv: Sequence[str]) -> ComfyClusterConfig:
         node_pack=ns.node_pack,
         master_addr=ns.master_addr,
         master_port=ns.master_port,
-        rank_offset=ns.node_rank_offset,
+        rank_offset=ns.node_rank_offset or 0,
         world_size=ns.world_size,
         env=env,
         malloc_tuning=not ns.no_malloc_tuning,
         prefix_output=not ns.no_prefix,
         kill_grace_s=ns.kill_grace,
         ready_timeout_s=ns.ready_timeout,
-    )
+    ), ns
 
 
 def run(config: ComfyClusterConfig, *, stdout: TextIO | None = None) -> int:
@@ -255,12 +265,23 @@ def _supervise(cluster: ComfyCluster, received: list[int], out: TextIO) -> int:
 def main(argv: Sequence[str]) -> int:
     """``comfycluster-launch comfyui ...`` (registered in ``launchers.cli.SUBCOMMANDS``)."""
     try:
-        config = parse_args(argv)
-        return run(config)
+        config, ns = parse_command(argv)
+        if ns.join is None:
+            return run(config)
+        from .join import apply_claim, joining
+
+        with joining(
+            ns.join, nproc=config.nproc, world_size=config.world_size,
+            first_rank=ns.node_rank_offset, backend=config.backend,
+        ) as claim:  # fmt: skip
+            return run(apply_claim(config, claim))
     except (cli.UsageError, ConfigurationError) as exc:
         message = " ".join(str(exc).split())
         print(f"{cli.PROG} {SUBCOMMAND}: error: {message}", file=sys.stderr)
         return cli.USAGE_EXIT
+    except RendezvousError as exc:  # --join: the rendezvous server refused or did not answer
+        print(f"{cli.PROG} {SUBCOMMAND}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
 
@@ -283,6 +304,7 @@ __all__ = [
     "hoist_subcommand",
     "main",
     "parse_args",
+    "parse_command",
     "run",
     "start_comfy_cluster",
 ]

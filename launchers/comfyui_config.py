@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from collectives.errors import ConfigurationError
 
 from .comfyui_run import has_option
-from .config import check_cluster_key, is_multi_node
+from .config import RankSlot, check_cluster_key, is_multi_node
 
 DEFAULT_PORT = 8188
 DEFAULT_DATABASE_URL = "sqlite:///:memory:"  # per process: ranks never contend for one file
@@ -73,6 +74,10 @@ class ComfyClusterConfig:
     prefix_output: bool = True
     kill_grace_s: float = 5.0
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
+    # A ``--join`` launch: the global ranks the rendezvous server assigned (overrides
+    # rank_offset) and extra variables per rank (the claim's instance id).
+    ranks: list[int] | None = None
+    per_rank_env: Callable[[RankSlot], Mapping[str, str]] | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConfigurationError` (one line, with the fix) for the first problem."""

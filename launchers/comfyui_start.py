@@ -211,7 +211,8 @@ def _start(
 ) -> ComfyCluster:
     host = connect_host(config.listen)
     # Rank 0 listens on --port of the node that runs it: this one, or --master-addr's.
-    leader_host = host if config.rank_offset == 0 else config.master_addr
+    runs_leader = 0 in config.ranks if config.ranks is not None else config.rank_offset == 0
+    leader_host = host if runs_leader else config.master_addr
     leader_url = http_url(leader_host, config.port)
 
     def port_of(slot: RankSlot) -> int:
@@ -226,6 +227,8 @@ def _start(
             URL_ENV: http_url(host, port_of(slot)),
             LEADER_URL_ENV: leader_url,
         }
+        if config.per_rank_env is not None:
+            env.update(config.per_rank_env(slot))
         gpu = gpu_of(slot)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -254,6 +257,7 @@ def _start(
             master_port=master_port,
             rank_offset=config.rank_offset,
             world_size=config.world_size,
+            ranks=config.ranks,
             env=dict(config.env),
             prefix_output=config.prefix_output,
             kill_grace_s=config.kill_grace_s,

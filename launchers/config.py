@@ -69,6 +69,9 @@ class LaunchConfig:
     per_rank_env: Callable[[RankSlot], Mapping[str, str]] | None = None
     per_rank_command: Callable[[RankSlot], Sequence[str]] | None = None
     cluster_key: str | None = field(default=None, repr=False)
+    # Explicit global ranks of this node's processes, in order (a ``--join`` launch: the
+    # rendezvous server assigned them, not necessarily consecutive); overrides ``rank_offset``.
+    ranks: list[int] | None = None
 
     @property
     def total_world_size(self) -> int:
@@ -85,6 +88,8 @@ class LaunchConfig:
 
     def slots(self) -> list[RankSlot]:
         world = self.total_world_size
+        if self.ranks is not None:
+            return [RankSlot(r, i, world, self.nproc) for i, r in enumerate(self.ranks)]
         return [RankSlot(self.rank_offset + i, i, world, self.nproc) for i in range(self.nproc)]
 
     def validate(self) -> None:
@@ -116,6 +121,9 @@ class LaunchConfig:
             raise ConfigurationError(
                 f"--nproc {self.nproc} must be at least 1: pass the number of processes to start"
             )
+        if self.ranks is not None:
+            self._validate_ranks()
+            return
         if self.rank_offset < 0:
             raise ConfigurationError(
                 f"--node-rank-offset {self.rank_offset} is negative: "
@@ -134,6 +142,19 @@ class LaunchConfig:
                 f"--node-rank-offset {self.rank_offset} + --nproc {self.nproc} exceeds "
                 f"--world-size {self.world_size}: this node would run ranks "
                 f"{self.rank_offset}..{last} of 0..{self.world_size - 1}; fix one of them"
+            )
+
+    def _validate_ranks(self) -> None:
+        assert self.ranks is not None
+        if self.world_size is None or len(self.ranks) != self.nproc:
+            raise ConfigurationError(
+                f"explicit ranks {self.ranks} need --world-size and one rank per process "
+                f"(--nproc {self.nproc})"
+            )
+        bad = [r for r in self.ranks if not 0 <= r < self.world_size]
+        if bad or len(set(self.ranks)) != len(self.ranks):
+            raise ConfigurationError(
+                f"explicit ranks {self.ranks} must be distinct and in 0..{self.world_size - 1}"
             )
 
     def _validate_times(self) -> None:
