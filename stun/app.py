@@ -72,7 +72,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 stun_pps=settings.stun_pps_per_ip,
                 post=lambda fn: fn(),
             )
-            state.udp = UdpServer(core, settings.udp_host, settings.udp_port, settings.udp_mode)
+            state.udp = UdpServer(
+                core, settings.udp_host or settings.host, settings.udp_port, settings.udp_mode
+            )
             await state.udp.start()
         sweeper = asyncio.create_task(_sweep(registry, settings.cleanup_interval_s))
         try:

@@ -29,7 +29,7 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 8089
-    udp_host: str = "0.0.0.0"
+    udp_host: str | None = None  # None: the HTTP host; a socket listens only where it was told
     udp_port: int | None = 3478  # None: no UDP port (HTTP rendezvous only); 0: any free port
     udp_public_host: str | None = None  # what clients must address; default: the HTTP Host
     udp_public_port: int | None = None  # default: the bound UDP port
@@ -93,7 +93,7 @@ class Settings:
         return cls(
             host=e.text("COMFY_CLUSTER_STUN_HOST", "STUN_SERVER_HOST") or cls.host,
             port=e.integer("COMFY_CLUSTER_STUN_PORT", "STUN_SERVER_PORT") or cls.port,
-            udp_host=e.text("COMFY_CLUSTER_STUN_UDP_HOST") or cls.udp_host,
+            udp_host=e.text("COMFY_CLUSTER_STUN_UDP_HOST"),
             udp_port=_udp_port(udp),
             udp_public_host=e.text("COMFY_CLUSTER_STUN_UDP_PUBLIC_HOST"),
             udp_public_port=e.integer("COMFY_CLUSTER_STUN_UDP_PUBLIC_PORT"),

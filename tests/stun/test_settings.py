@@ -131,3 +131,11 @@ def test_a_bad_setting_exits_2_naming_it() -> None:
         check=False,
     )
     assert done.returncode == 2 and "COMFY_CLUSTER_AUTH_KEYS" in done.stderr
+
+
+def test_the_udp_port_listens_where_http_was_told_unless_given_its_own() -> None:
+    from stun.settings import Settings
+
+    assert Settings.from_env({}).udp_host is None  # app.py binds it to settings.host
+    told = Settings.from_env({"COMFY_CLUSTER_STUN_HOST": "127.0.0.5"})
+    assert (told.udp_host or told.host) == "127.0.0.5"
