@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", help="HTTP bind address (COMFY_CLUSTER_STUN_HOST; 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (COMFY_CLUSTER_STUN_PORT; 8089)")
-    p.add_argument("--udp-host", help="UDP bind address (COMFY_CLUSTER_STUN_UDP_HOST; default: --host)")
+    p.add_argument("--udp-host", help="UDP bind address (COMFY_CLUSTER_STUN_UDP_HOST; --host)")
     p.add_argument(
         "--udp-port", type=int, help="STUN/relay port, -1 for none (COMFY_CLUSTER_STUN_UDP_PORT)"
     )

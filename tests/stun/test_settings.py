@@ -136,6 +136,7 @@ def test_a_bad_setting_exits_2_naming_it() -> None:
 def test_the_udp_port_listens_where_http_was_told_unless_given_its_own() -> None:
     from stun.settings import Settings
 
-    assert Settings.from_env({}).udp_host is None  # app.py binds it to settings.host
-    told = Settings.from_env({"COMFY_CLUSTER_STUN_HOST": "127.0.0.5"})
+    keys = {"COMFY_CLUSTER_AUTH_KEYS": "farm:0123456789abcdef"}
+    assert Settings.from_env(keys).udp_host is None  # app.py binds it to settings.host
+    told = Settings.from_env({**keys, "COMFY_CLUSTER_STUN_HOST": "127.0.0.5"})
     assert (told.udp_host or told.host) == "127.0.0.5"
