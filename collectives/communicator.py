@@ -113,6 +113,16 @@ class Communicator(BufferOps):
         socket buffer sizes, GSO/GRO); empty for backends that keep none."""
         return self._backend.stats()
 
+    def paths(self) -> dict[int, dict[str, Any]]:
+        """How this rank reaches each peer, where the backend chooses it: ``{rank: {"path":
+        p, "address": (host, port) or None, ...}}``.  The udp backend: ``direct`` (a local
+        address), ``punched`` (through a NAT) or ``relayed`` (through the rendezvous server,
+        whose address is then given), plus, in ``stun`` discovery, ``switches`` and
+        ``direct_after_s``; ``direct`` for every peer in its other discovery modes.  Empty for
+        backends whose fabric routes (mpi, gloo, nccl, local).  :meth:`peers` says whether each
+        peer is alive."""
+        return self._backend.paths()
+
     def __repr__(self) -> str:
         return f"<Communicator backend={self.backend} rank={self.rank}/{self.size}>"
 

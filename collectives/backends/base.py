@@ -223,6 +223,12 @@ class Backend(abc.ABC):
         """Counters of the engine (datagrams, drops, socket buffers...); empty where it has none."""
         return {}
 
+    def paths(self) -> dict[int, dict[str, Any]]:
+        """Each peer's network path where the engine chooses one: ``{rank: {"path": ...,
+        "address": ...}}`` (the udp backend: ``direct``, ``punched`` or ``relayed``); empty for
+        engines that do not (their fabric or library routes)."""
+        return {}
+
 
 def close_at_exit(backend: Backend) -> Callable[[], None]:
     """Have ``backend.close()`` run at interpreter exit (held weakly: a collected backend is

@@ -169,7 +169,7 @@ class NatDriver:
         self._relay_headers: dict[bytes, bytes] = {}
         self.replies: list[tuple[Address, bytes]] = []  # probe answers, sent with the next poll
         self.counters = {"relayed_in": 0, "relayed_out": 0, "relay_dropped": 0,
-                         "hints": 0, "unmapped_in": 0}  # fmt: skip
+                         "hints": 0, "unmapped_in": 0, "rejoins": 0}  # fmt: skip
 
     # -- inbound -----------------------------------------------------------------------------
     def inbound(
@@ -293,6 +293,7 @@ class NatDriver:
         """This instance joined again (the server forgot it): bind at once with the new token."""
         self.binding.set_token(token)
         self._next_binding = now
+        self.counters["rejoins"] += 1
 
     def take_changes(self) -> list[tuple[int, str, str]]:
         changes, self.paths.changes = self.paths.changes, []

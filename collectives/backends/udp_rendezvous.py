@@ -8,6 +8,18 @@ candidate is listed: its authenticated STUN binding arrived), then keeps the ins
 candidates (a reflexive address that moved after a NAT rebinding) reach the path selection.
 Candidate host names (``<pod>.runpod.internal``) are resolved here, on this thread, never on
 the IO thread.
+
+Without ``RANK`` (:func:`claim_unranked`) the instance first joins with ``rank`` null and no
+candidates: the server assigns the lowest free rank and says the world size (the cluster's, set
+by the first member that gave one, an invite's ``--world-size`` or the server's
+``COMFY_CLUSTER_STUN_WORLD_SIZE``); the world then forms as if ``RANK``/``WORLD_SIZE`` had said
+so, under the same instance id: form() takes that record over (a heartbeat gives it the socket's
+candidates) rather than joining again, which would make the server forget the world size of a
+cluster whose only member it is.
+
+A restarted server (soft state) answers the next heartbeat with 404: the instance joins again
+under the same instance id and rank, the NAT driver binds at once with the new token, and the
+relay forwards again as soon as the server has seen that binding.
 """
 
 from __future__ import annotations
@@ -17,11 +29,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from collectives.errors import RendezvousError, RendezvousTimeoutError
+from collectives.errors import ConfigurationError, RendezvousError, RendezvousTimeoutError
 from collectives.rendezvous.stun_client import (
     CLUSTER_ID_ENV,
+    INSTANCE_ID_ENV,
     SERVER_ENV,
     Candidate,
     Heartbeat,
@@ -32,6 +46,7 @@ from collectives.rendezvous.stun_client import (
 
 if TYPE_CHECKING:
     from collectives.auth import ClusterKey
+    from collectives.backends.base import BackendConfig
     from collectives.backends.udp_nat import NatDriver
     from collectives.backends.udp_peers import Plan
     from collectives.backends.udp_socket import UdpSocket
@@ -41,6 +56,9 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 CandidateList = list[tuple[Address, str]]
 _POLL_S = 10.0  # one members long-poll (the server caps it at 30 s)
+# Records claim_unranked() made, by (server, cluster, instance id), for form() to take over.
+_claims: dict[tuple[str, str, str], Joined] = {}
+_claims_lock = threading.Lock()
 
 
 class StunRendezvous:
@@ -67,6 +85,7 @@ class StunRendezvous:
         self._watcher: threading.Thread | None = None
         self._resolved: dict[str, str | None] = {}
         self.joined_at = 0.0
+        self.rejoins = 0
         # Called (on the heartbeat thread) after a rejoin: a new token and handle.
         self.on_rejoin: Callable[[Joined], None] | None = None
 
@@ -83,6 +102,13 @@ class StunRendezvous:
                 f"is another world using {CLUSTER_ID_ENV}={self.client.cluster_id!r}?"
             )
         return self.joined
+
+    def adopt(self, joined: Joined) -> Joined:
+        """Take over the record :func:`claim_unranked` made: the socket's candidates go to the
+        server with a heartbeat."""
+        self.joined, self.joined_at = joined, time.monotonic()
+        self.client.heartbeat(self.instance_id, self.candidates)
+        return joined
 
     def wait_world(self, deadline: float, timeout: float) -> Members:
         """Every rank joined and bound (its reflexive candidate is listed)."""
@@ -151,6 +177,9 @@ class StunRendezvous:
 
     def _rejoin(self) -> None:
         joined = self.join()
+        self.rejoins += 1
+        log.info("udp nat: rank %d joined %s again as %s", self.rank, self.client.base,
+                 self.instance_id)  # fmt: skip
         if self.on_rejoin is not None:
             self.on_rejoin(joined)
 
@@ -184,6 +213,81 @@ class StunRendezvous:
         self.client.close()  # ends a long-poll in flight
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(timeout=0.2)  # a daemon: a long-poll in flight ends alone
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What the server assigned an instance that joined without ``RANK``."""
+
+    rank: int
+    size: int
+    instance_id: str
+
+
+def claim_unranked(
+    config: BackendConfig, environ: Mapping[str, str]
+) -> tuple[BackendConfig, Mapping[str, str]]:
+    """``stun`` discovery without ``RANK`` (or without a world size): ``config`` and ``environ``
+    with the rank and world size the server assigned and the instance id it holds them under
+    (see the module docstring).  Unchanged in any other case."""
+    import dataclasses
+
+    from collectives.auth import ClusterKey
+    from collectives.backends.udp_peers import MODE_ENV
+    from collectives.rendezvous.env import read_rank_env
+
+    if (environ.get(MODE_ENV) or "").strip().lower() != "stun":
+        return config, environ
+    rank, size = config.rank, config.size
+    if rank is None or size is None:
+        found = read_rank_env(environ)
+        if found is not None:
+            rank = found.rank if rank is None else rank
+            size = found.world_size if size is None else size
+    if rank is not None and size is not None:
+        return config, environ
+    client = StunClient.from_env(environ, ClusterKey.from_env(environ))
+    try:
+        claimed = _claim(client, environ, rank, size)
+    finally:
+        client.close()
+    log.info("udp nat: the rendezvous server assigned rank %d of %d (instance %s)",
+             claimed.rank, claimed.size, claimed.instance_id)  # fmt: skip
+    config = dataclasses.replace(config, rank=claimed.rank, size=claimed.size)
+    return config, {**environ, INSTANCE_ID_ENV: claimed.instance_id}
+
+
+def _claim(
+    client: StunClient, environ: Mapping[str, str], rank: int | None, size: int | None
+) -> Claimed:
+    import secrets
+
+    from collectives.rendezvous.stun_client import check_instance_id
+
+    instance = environ.get(INSTANCE_ID_ENV, "").strip()
+    instance = check_instance_id(instance) if instance else f"inst-{secrets.token_hex(6)}"
+    members = client.members()
+    held = next((m for m in members.members if m.instance_id == instance), None)
+    size = size if size is not None else members.world_size
+    if held is not None and size is not None and rank in (None, held.rank):
+        # A record under our id (a launcher's claim): its rank is ours, form() joins under it.
+        return Claimed(held.rank, size, instance)
+    # No candidates yet: the socket does not exist; form() gives them to this record.
+    joined = client.join(instance, rank=rank, world_size=size, candidates=[])
+    if joined.world_size is None:
+        client.leave(instance)
+        raise ConfigurationError(
+            f"{INSTANCE_ID_ENV}={instance} joined cluster {client.cluster_id!r} without RANK, but "
+            "neither this instance nor the rendezvous server knows the world size: set RANK and "
+            "WORLD_SIZE, pass size= to collectives.init, make the invite with --world-size, or "
+            "start the server with COMFY_CLUSTER_STUN_WORLD_SIZE"
+        )
+    if joined.world_size == 1:
+        client.leave(instance)  # a world of one needs no server
+    else:
+        with _claims_lock:
+            _claims[(client.base, client.cluster_id, instance)] = joined
+    return Claimed(joined.rank, joined.world_size, instance)
 
 
 def form(
@@ -220,8 +324,13 @@ def form(
     candidates = [Candidate(h, me[1]) for h in dict.fromkeys(hosts)]
     instance = environ.get(INSTANCE_ID_ENV, "").strip() or new_instance_id(rank)
     rdz = StunRendezvous(client, instance, rank=rank, size=size, candidates=candidates)
+    with _claims_lock:
+        claimed = _claims.pop((client.base, client.cluster_id, instance), None)
     try:
-        joined = rdz.join()
+        if claimed is not None and (claimed.rank, claimed.world_size) == (rank, size):
+            joined = rdz.adopt(claimed)
+        else:
+            joined = rdz.join()
         if joined.udp is None:
             raise RendezvousError(
                 f"the rendezvous server {client.base} runs without its UDP port (STUN and "
@@ -262,4 +371,4 @@ def _server_udp(udp: Address, base: str) -> Address:
     return str(infos[0][4][0]), udp[1]
 
 
-__all__ = ["StunRendezvous", "form"]
+__all__ = ["Claimed", "StunRendezvous", "claim_unranked", "form"]

@@ -7,10 +7,12 @@ membership, ``heartbeat`` keeps the record alive (a ``404`` means it expired: jo
 :class:`Heartbeat` is the thread that heartbeats and rejoins.
 
 Security: the cluster key travels in the ``X-Cluster-Key`` header, so TLS is verified by default
-(``COMFY_CLUSTER_STUN_CA_FILE`` names a CA bundle for a private server) and plain ``http://`` is
-refused unless the server is on loopback or ``COMFY_CLUSTER_STUN_ALLOW_HTTP=1`` says the network
-is trusted.  Every request has a timeout; every failure is a typed error that names the
-variable to fix.
+against the system's CAs; ``COMFY_CLUSTER_STUN_CA_FILE`` names a PEM bundle to verify a private
+server against instead (a file that is missing or holds no certificate is a ConfigurationError,
+a certificate that does not verify a :class:`TlsVerifyError`, both naming the variable).  Plain
+``http://`` is refused unless the server is on loopback (the key never leaves the machine) or
+``COMFY_CLUSTER_STUN_ALLOW_HTTP=1`` says the network is trusted.  Every request has a timeout;
+every failure is a typed error that names the variable to fix.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import base64
 import binascii
 import logging
 import re
+import ssl
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +66,10 @@ class StunAuthError(StunServerError):
 
 class StunConflictError(StunServerError):
     """``409``: the rank is taken, the world size differs, or the cluster is full."""
+
+
+class TlsVerifyError(RendezvousConnectionError):
+    """The server's TLS certificate did not verify (a private CA not given, or the wrong one)."""
 
 
 class InstanceExpiredError(StunServerError):
@@ -150,6 +157,20 @@ def server_url(raw: str, environ: Mapping[str, str]) -> str:
     return text
 
 
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """The TLS verification of the client: the system's CAs, or only ``ca_file``'s (PEM)."""
+    if not ca_file:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except FileNotFoundError:
+        raise ConfigurationError(f"{CA_FILE_ENV}={ca_file!r}: no such file") from None
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigurationError(
+            f"{CA_FILE_ENV}={ca_file!r} is not a PEM CA bundle ({err})"
+        ) from None
+
+
 class StunClient:
     """The v1 API of one cluster on one server (see the module docstring)."""
 
@@ -163,16 +184,21 @@ class StunClient:
         verify: bool | str = True,
         environ: Mapping[str, str] | None = None,
     ) -> None:
+        """``verify``: True (the system's CAs), a CA bundle's path, or False (tests only)."""
         import httpx
 
         self.base = server_url(server, environ or {})
         self.cluster_id = check_instance_id(cluster_id, CLUSTER_ID_ENV)
         self.timeout = timeout
+        self.ca_file = verify if isinstance(verify, str) else None
+        context: ssl.SSLContext | bool = False
+        if verify is not False and self.base.startswith("https://"):
+            context = tls_context(self.ca_file)
         self._http = httpx.Client(
             base_url=self.base,
             headers={"X-Cluster-Key": key.text},
             timeout=httpx.Timeout(timeout),
-            verify=verify,
+            verify=context,
             follow_redirects=False,
             trust_env=False,  # a proxy variable must not see the cluster key
         )
@@ -303,9 +329,15 @@ class StunClient:
                 f"{self.timeout + extra_timeout:g} s"
             ) from None
         except httpx.HTTPError as err:
+            if _is_verify_failure(err):
+                trusted = f"{CA_FILE_ENV}={self.ca_file}" if self.ca_file else "the system's CAs"
+                raise TlsVerifyError(
+                    f"the rendezvous server {SERVER_ENV}={self.base} presented a TLS certificate "
+                    f"that does not verify against {trusted} ({what}): set {CA_FILE_ENV} to the "
+                    "CA that signed the server's certificate"
+                ) from None
             raise RendezvousConnectionError(
-                f"cannot reach the rendezvous server {SERVER_ENV}={self.base} ({what}): {err} "
-                f"(a private CA? set {CA_FILE_ENV})"
+                f"cannot reach the rendezvous server {SERVER_ENV}={self.base} ({what}): {err}"
             ) from None
         status = answer.status_code
         if status == 204:
@@ -388,6 +420,19 @@ class Heartbeat:
                 log.warning("rendezvous: heartbeat failed: %s", err)
 
 
+def _is_verify_failure(err: BaseException) -> bool:
+    seen: BaseException | None = err
+    for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(
+            seen
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _padded(text: str) -> str:
     return text + "=" * (-len(text) % 4)
 
@@ -442,5 +487,7 @@ __all__ = [
     "StunClient",
     "StunConflictError",
     "StunServerError",
+    "TlsVerifyError",
     "server_url",
+    "tls_context",
 ]
