@@ -270,10 +270,12 @@ class Registry:
             del self.relay_addrs[member.reflexive]
         if persist and self.store is not None:
             self.store.delete_member(cluster.cluster_id, member.instance_id)
-        if not cluster.members:
-            # an empty cluster starts afresh: the next job may have another size
+        if not cluster.members and persist:
+            # an empty cluster starts afresh: the next job may have another size.  Not when the
+            # only member is being replaced by its own re-join (persist=False): that is the
+            # same job, and a size reset under it would strand ranks joining without one.
             cluster.world_size = self.default_world_size
-            if not cluster.declared and persist:
+            if not cluster.declared:
                 # a cluster created by registration is forgotten with its last member, so
                 # abandoned ids do not fill the server
                 self.clusters.pop(cluster.cluster_id, None)

@@ -181,3 +181,14 @@ def test_heartbeat_candidates_bump_the_generation(client: TestClient) -> None:
         headers=H,
     )
     assert moved.json()["generation"] > gen
+
+
+def test_the_only_member_joining_again_keeps_the_clusters_world_size(client: TestClient) -> None:
+    join = "/v1/clusters/alpha/join"
+    first = client.post(join, json={"instance_id": "a", "rank": 0, "world_size": 3}, headers=H)
+    assert first.json()["world_size"] == 3
+    # the same instance again (a restarted process that kept its id), without a size
+    again = client.post(join, json={"instance_id": "a", "rank": 0}, headers=H)
+    assert again.status_code == 200 and again.json()["world_size"] == 3
+    other = client.post(join, json={"instance_id": "b", "rank": None}, headers=H)
+    assert other.json()["world_size"] == 3 and other.json()["rank"] == 1
