@@ -163,13 +163,20 @@ class StunRendezvous:
                 self._resolved[host] = None
         return self._resolved[host]
 
+    def start_heartbeat(self) -> None:
+        """Heartbeat from now on: from the join, not from the world's forming, or a rank that
+        waits longer than the server's TTL for a late peer expires there, and the late peer
+        never sees it."""
+        assert self.joined is not None
+        if self._heartbeat is None:
+            self._heartbeat = Heartbeat(
+                self.client, self.instance_id, self.joined.heartbeat_interval_s, self._rejoin
+            )
+            self._heartbeat.start()
+
     def start(self, update: Callable[[dict[int, tuple[bytes, CandidateList]]], None]) -> None:
         """Heartbeat, and long-poll the members, handing their candidates to ``update``."""
-        assert self.joined is not None
-        self._heartbeat = Heartbeat(
-            self.client, self.instance_id, self.joined.heartbeat_interval_s, self._rejoin
-        )
-        self._heartbeat.start()
+        self.start_heartbeat()
         self._watcher = threading.Thread(
             target=self._watch, args=(update,), name="stun-members", daemon=True
         )
@@ -336,6 +343,7 @@ def form(
                 f"the rendezvous server {client.base} runs without its UDP port (STUN and "
                 "relay), which the udp backend needs: start it with --udp-port"
             )
+        rdz.start_heartbeat()
         server = _server_udp(joined.udp, client.base)
         binding = Binding(server, f"{client.cluster_id}:{instance}", joined.token)
         bind_now(sock.sock, binding, deadline)

@@ -28,7 +28,7 @@ from collectives.world import init
 from tests.backends.stun_helpers import KEY, run_world, stun_env
 from tests.stun.server_proc import REPO, StunProcess
 
-CLUSTERS = ("sized", "fromserver", "nosize", "leave", "crash", "paths")
+CLUSTERS = ("sized", "fromserver", "nosize", "leave", "crash", "paths", "late")
 TTL_S = 2.0
 
 
@@ -255,3 +255,26 @@ def test_paths_show_each_peers_path(server: StunProcess) -> None:
         assert local.paths() == {}
     finally:
         local.close()
+
+
+def test_a_rank_waiting_longer_than_the_ttl_for_a_late_peer_stays_listed(
+    server: StunProcess,
+) -> None:
+    # Rank 0 heartbeats from its join, not from the world's forming: waiting 2.5 TTLs for rank 1
+    # must not make it expire at the server (rank 1 would then never see it).
+    env = stun_env(server.url, "late")
+    results: dict[int, Any] = {}
+
+    def rank(r: int) -> None:
+        comm = init("udp", rank=r, size=2, environ=env, timeout=30.0)
+        try:
+            results[r] = comm.allgather(r)
+        finally:
+            comm.close()
+
+    first = threading.Thread(target=rank, args=(0,), daemon=True)
+    first.start()
+    time.sleep(2.5 * TTL_S)
+    rank(1)
+    first.join(30.0)
+    assert results == {0: [0, 1], 1: [0, 1]}
