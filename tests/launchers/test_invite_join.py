@@ -189,8 +189,8 @@ def test_slow_ranks_keep_their_claims_past_the_server_ttl(server: StunProcess) -
 
 
 def test_a_rank_waiting_for_a_late_peer_outlives_the_server_ttl(server: StunProcess) -> None:
-    """TTL 3 s: rank 0 takes its record over at once and waits 6 s for rank 1 (the backend
-    heartbeats only once the world has formed); the launcher's heartbeats keep it listed."""
+    """TTL 3 s: rank 0 takes its record over at once and waits 6 s for rank 1; its own
+    heartbeats and the launcher's keep it listed."""
     late = _env(TEST_DELAY_S_1="6")
     code, out, err = _finish(
         _launch("--join", _token(server), "--nproc", "2", "--", sys.executable, "-c", FORM,
