@@ -59,10 +59,10 @@ def transfer(
     pairs = [(eps[0], eps[1], ADDRS[0]), (eps[1], eps[0], ADDRS[1])]
     while not (sent and received):
         moved = 0
-        for ep, other, src in pairs:
+        for ep, other, src_addr in pairs:
             # A fresh clock reading per call: one shared ``now`` would make every RTT zero.
             for _addr, payload, seg in ep.datagrams_to_send(clock()):
-                other.receive(payload, src, clock(), seg)
+                other.receive(payload, src_addr, clock(), seg)
                 moved += 1
         now = clock()
         for ep in eps:

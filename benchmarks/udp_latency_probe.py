@@ -2,7 +2,9 @@
 
 ``python -m benchmarks.udp_latency_probe [--backends udp,gloo] [--world 2] [--profile DIR]``
 starts ``--world`` rank processes per backend (env rendezvous on loopback), and prints per op
-the median and best per-iteration time of the slowest rank.  ``--profile DIR`` writes one
+the median and best per-iteration time of the slowest rank, and its median CPU time per
+iteration (all threads of the rank: what to compare on a shared, busy machine, where wall time
+measures the neighbours too).  ``--profile DIR`` writes one
 cProfile file per rank and backend (``DIR/BACKEND-RANK.prof``), to see where a rank's time goes.
 Not a benchmark of record (see ``python -m benchmarks collectives``): a quick before/after tool.
 """
@@ -72,12 +74,13 @@ def _rank_main(args: argparse.Namespace) -> None:
         buf = torch.from_numpy(np.full(nbytes, rank + 1, dtype=np.uint8))
         out = torch.from_numpy(np.zeros(size * nbytes, dtype=np.uint8))
         times: list[float] = []
+        cpu: list[float] = []
         warm = 3 if nbytes >= 16 * MIB else 20
         comm.barrier()
         if profiler is not None:
             profiler.enable()
         for i in range(warm + iters):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if kind == "bcast":
                 comm.broadcast_into(buf, root=0)
             elif kind == "allgather":
@@ -89,15 +92,17 @@ def _rank_main(args: argparse.Namespace) -> None:
                 elif rank == 1:
                     comm.recv_into(buf, 0)
                     comm.send_buffer(buf, 0)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if kind == "pingpong":
-                dt /= 2
+                dt, dc = dt / 2, dc / 2
             if i >= warm:
                 times.append(dt)
+                cpu.append(dc)
         if profiler is not None:
             profiler.disable()
         comm.barrier()
         results[label] = times
+        results[label + " cpu"] = cpu
     if profiler is not None:
         os.makedirs(args.profile, exist_ok=True)
         profiler.dump_stats(os.path.join(args.profile, f"{args.backend}-{rank}.prof"))
@@ -175,27 +180,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.rank_main:
         _rank_main(args)
         return 0
-    table: dict[str, dict[str, tuple[float, float]]] = {}
+    table: dict[str, dict[str, tuple[float, float, float]]] = {}
     for backend in args.backends.split(","):
         got = _run_backend(args, backend)
         for label in got["results"][0]:
+            if label.endswith(" cpu"):
+                continue
             per_iter = [max(t) for t in zip(*(r[label] for r in got["results"]), strict=True)]
+            cpus = (r[label + " cpu"] for r in got["results"])
+            per_cpu = [max(t) for t in zip(*cpus, strict=True)]
             table.setdefault(label, {})[backend] = (
                 statistics.median(per_iter),
                 min(per_iter),
+                statistics.median(per_cpu),
             )
         if args.stats and got["stats"]:
             print(backend, json.dumps(got["stats"]))
     backends = args.backends.split(",")
-    print(f"{'op (world ' + str(args.world) + ')':24}" + "".join(f"{b:>26}" for b in backends))
+    width = 40
+    print(f"{'op (world ' + str(args.world) + ')':24}" + "".join(f"{b:>{width}}" for b in backends))
     for label, row in table.items():
         cells = []
         for b in backends:
             if b in row:
-                med, best = row[b]
-                cells.append(f"{_fmt(med)} (best {_fmt(best).strip()})".rjust(26))
+                med, best, cpu = row[b]
+                cell = f"{_fmt(med)} (best {_fmt(best).strip()}, CPU {_fmt(cpu).strip()})"
+                cells.append(cell.rjust(width))
             else:
-                cells.append(" " * 26)
+                cells.append(" " * width)
         print(f"{label:24}" + "".join(cells))
     return 0
 

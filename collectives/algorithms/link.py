@@ -24,7 +24,9 @@ class Link(Protocol):
     decoding options, whose limits a receiver holds an announced size to before allocating.
 
     ``send`` may keep a reference to the message's buffers until the collective ends (the
-    torch link sends by reference), so the algorithms never write a buffer they have sent.
+    torch link sends by reference), so the algorithms never write a buffer they have sent.  A
+    link whose ``send`` is done with the buffers when it returns (it copied or sealed them) says
+    so with a ``send_copies = True`` attribute, optional: the ring reduction then reuses them.
     """
 
     rank: int

@@ -236,6 +236,8 @@ class P2PBackend(Backend):
 class _CollectiveLink:
     """Binds the shared algorithms to one collective: its envelope, deadline and codec options."""
 
+    send_copies = True  # ``_post`` owns the message when it returns (see ring_reduce)
+
     def __init__(self, backend: P2PBackend, ctx: OpContext, root: int) -> None:
         self._backend = backend
         self._ctx = ctx

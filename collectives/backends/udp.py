@@ -121,6 +121,8 @@ class UdpBackend(P2PBackend):
     @classmethod
     def create(cls, config: BackendConfig) -> UdpBackend:
         environ: Mapping[str, str] = config.environ or os.environ
+        # stun discovery without RANK: the rendezvous server assigns the rank and world size.
+        config, environ = udp_rendezvous.claim_unranked(config, environ)
         rank, size = _rank_and_size(config, environ)
         deadline = time.monotonic() + config.timeout
         p = udp_peers.plan(rank, size, environ)
@@ -132,6 +134,10 @@ class UdpBackend(P2PBackend):
             # Relayed datagrams cross the open Internet and the server's size cap.
             datagram = min(datagram, DEFAULT_DATAGRAM)
         sock = UdpSocket(*p.bind, max_datagram=datagram)
+        if p.mode != "stun":
+            # A dead peer's port answers ICMP port unreachable: noticed within a second, not
+            # after the peer timeout (NAT probes to dead candidates draw such errors too).
+            sock.report_unreachable()
         announcer: Announcer | None = None
         rendezvous: StunRendezvous | None = None
         nat: NatDriver | None = None

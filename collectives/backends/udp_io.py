@@ -440,6 +440,12 @@ class Engine(Inbox, Health):
                     ep.receive(data, vaddr, now, seg)
         if nat is not None:
             nat.turn(ep, sock, now)  # probes, STUN bindings, path switches
+        hints = sock.unreachable  # ICMP port unreachable (UdpSocket.report_unreachable)
+        if hints:
+            for addr in hints:
+                ep.unreachable(addr, now)
+            hints.clear()
+            due = True  # the core PINGs the peer and set a deadline: pump and re-read the timer
         if due:
             ep.handle_timer(now)
         elif not reads and not self._unsent and not self._held:

@@ -20,6 +20,12 @@ Why each setting:
   datagram cost one syscall for what would be 54 datagrams of 1200; anywhere else
   :data:`DEFAULT_DATAGRAM` (safe over VPNs and IPv6 tunnels).  ``COMFY_CLUSTER_UDP_MTU``
   overrides both (the UDP payload size, not the link MTU).
+* **ICMP port unreachable** (``IP_RECVERR``, Linux; :meth:`UdpSocket.report_unreachable`,
+  outside NAT traversal).  An unconnected UDP socket hears nothing of ICMP errors by default, so
+  a peer whose process died was noticed only after the peer timeout (30 s).  With the option the
+  kernel queues each error with the destination it concerns; the reads that report it collect
+  those destinations in :attr:`UdpSocket.unreachable` for the core, which treats them as a hint
+  (ICMP is not authenticated): see ``Endpoint.unreachable``.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ UDP_GRO = 104
 _SO_SNDBUFFORCE = 32
 _SO_RCVBUFFORCE = 33
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # an int: ``&`` on the IntFlag costs microseconds per read
+_IP_RECVERR = 11
+_IPV6_RECVERR = 25
+_MSG_ERRQUEUE = 0x2000
+_UNREACHABLE_KEPT = 64  # destinations kept until the driver takes them (a burst repeats them)
 
 DEFAULT_DATAGRAM = 1200
 LOOPBACK_DATAGRAM = 65000
@@ -121,6 +131,46 @@ class UdpSocket:
         self.info.gro = _enable_gro(self.sock)
         self._ancbuf = socket.CMSG_SPACE(4) if self.info.gro else 0
         self.refused = 0  # reads that returned an ICMP error instead of a datagram
+        # Destinations an ICMP port unreachable came back for (report_unreachable), oldest first.
+        self.unreachable: list[Address] = []
+        self._recverr = False
+
+    def report_unreachable(self) -> bool:
+        """Ask the kernel for ICMP errors with the destination they concern (``IP_RECVERR``);
+        whether it agreed (Linux only).  Not in NAT traversal: probes to dead candidates draw
+        ICMP errors that say nothing about a peer."""
+        if not sys.platform.startswith("linux"):
+            return False
+        v6 = self.sock.family == socket.AF_INET6
+        level, option = (
+            (socket.IPPROTO_IPV6, _IPV6_RECVERR) if v6 else (socket.IPPROTO_IP, _IP_RECVERR)
+        )
+        try:
+            self.sock.setsockopt(level, option, 1)
+        except OSError:
+            return False
+        self._recverr = True
+        return True
+
+    def _drain_errors(self) -> None:
+        """Read the kernel's error queue dry (with ``IP_RECVERR`` a queued error keeps the
+        socket readable until it is read), keeping the destinations of port-unreachable ones."""
+        if not self._recverr:
+            return
+        while True:
+            try:
+                _data, anc, _flags, addr = self.sock.recvmsg(0, 256, _MSG_ERRQUEUE)
+            except OSError:
+                return  # EAGAIN: the queue is empty
+            for _level, _kind, value in anc:
+                # struct sock_extended_err: ee_errno (u32) first.
+                if (
+                    len(value) >= 4
+                    and int.from_bytes(value[:4], sys.byteorder) == errno.ECONNREFUSED
+                ):
+                    dest = (str(addr[0]), int(addr[1]))
+                    if dest not in self.unreachable and len(self.unreachable) < _UNREACHABLE_KEPT:
+                        self.unreachable.append(dest)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -137,9 +187,10 @@ class UdpSocket:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as err:
-                # ICMP errors (a peer's port closed) surface here on some kernels; the core's
-                # peer timeout is what declares a peer lost, so they are only skipped.
+                # ICMP errors (a peer's port closed): only a hint for the core (see
+                # report_unreachable), never a reason to stop reading.
                 if err.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    self._drain_errors()
                     continue
                 raise
             segment = None
@@ -169,6 +220,7 @@ class UdpSocket:
         except OSError as err:
             if err.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                 self.refused += 1
+                self._drain_errors()
                 return -1, ("", 0), None
             raise
         segment = None
@@ -209,7 +261,8 @@ class UdpSocket:
                 if not _transient(err):
                     raise
                 # A datagram the network refused right away is as good as lost: recovery
-                # resends it.
+                # resends it.  The error may be an earlier datagram's ICMP error.
+                self._drain_errors()
             sent = end
         return sent
 
@@ -226,6 +279,7 @@ class UdpSocket:
                 return False
             if not _transient(err):
                 raise
+            self._drain_errors()
         return True
 
     def close(self) -> None:

@@ -21,6 +21,8 @@ class TransportConfig:
     memory per peer, granted to it as flow-control credit.  ``max_batch_bytes`` caps one GSO
     batch (the kernel refuses super-datagrams over 64 KiB).  ``hello_window`` is how far a HELLO's
     wall-clock timestamp may be from ours (replayed HELLOs older than that are refused).
+    ``unreachable_grace`` is how long a peer an ICMP port unreachable was reported for has to
+    answer a PING before it is declared lost (``Endpoint.unreachable``).
     """
 
     max_datagram: int = 1200
@@ -34,6 +36,7 @@ class TransportConfig:
     hello_interval: float = 0.25
     hello_window: float = 120.0
     max_batch_bytes: int = 65000
+    unreachable_grace: float = 1.0
     insecure: bool = False
 
     def __post_init__(self) -> None:
@@ -53,7 +56,8 @@ class TransportConfig:
             raise ConfigurationError(f"max_meta={self.max_meta} must fit one frame and 65535 bytes")
         if self.max_batch_bytes < self.max_datagram:
             raise ConfigurationError("max_batch_bytes must hold at least one datagram")
-        for name in ("peer_timeout", "heartbeat_interval", "initial_rtt", "hello_interval"):
+        names = ("peer_timeout", "heartbeat_interval", "initial_rtt", "hello_interval")
+        for name in (*names, "unreachable_grace"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be positive")
         if self.max_ack_delay < 0 or self.hello_window <= 0:

@@ -57,6 +57,7 @@ COUNTERS = (
     "dropped_overload",
     "handshakes",
     "peers_lost",
+    "unreachable_hints",
 )
 
 _U32 = (1 << 32) - 1
@@ -150,6 +151,17 @@ class Endpoint:
         session = self._sessions.get(peer)
         if session is not None:
             session.addr = addr
+
+    def unreachable(self, addr: Address, now: float) -> None:
+        """An ICMP port unreachable came back for datagrams to ``addr`` (the driver read it from
+        the socket).  Unauthenticated, so only a hint: each established peer at ``addr`` is
+        PINGed and lost unless something authenticated comes from it within
+        ``config.unreachable_grace`` (``PeerLost``), instead of after ``peer_timeout``."""
+        self._tick(now)
+        for session in self._sessions.values():
+            if session.addr == addr:
+                self._counters["unreachable_hints"] += 1
+                session.unreachable(now)
 
     def reset_path(self, peer: int, now: float) -> None:
         """The driver moved ``peer``'s traffic to another network path: its RTT estimate and

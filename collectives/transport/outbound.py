@@ -91,8 +91,10 @@ class Outbound:
             end = first + frame.count
             if acked.covers(first, end) if acked is not None else (lo <= first and end <= stop):
                 done.append(first)
+        recycle = self._builder.recycle
         for first in done:
             frame = frames.pop(first)
+            recycle(frame)  # a stale reference to it (a spurious-loss resend) is never sent
             for msg in frame.messages:
                 msg.frames_pending -= 1
                 if msg.frames_pending == 0 and msg.framed:

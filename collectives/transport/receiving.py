@@ -58,6 +58,21 @@ class PartialFrame:
         self.buf[at : at + len(payload)] = payload
         return True
 
+    def runs(self) -> list[tuple[int, int]]:
+        """Segment-number ranges of the segments held."""
+        runs: list[tuple[int, int]] = []
+        have = self.have
+        i, n = 0, self.count
+        while i < n:
+            i = have.find(1, i)
+            if i < 0:
+                break
+            j = have.find(0, i)
+            j = n if j < 0 else j
+            runs.append((self.first + i, self.first + j))
+            i = j
+        return runs
+
 
 def layout_ok(header: Header, payload_len: int, max_frame: int) -> bool:
     """Whether a segment's header describes a frame this side could have been sent.

@@ -134,6 +134,7 @@ class Session:
         self._closing: bytes | None = None
         self.out: Outbound | None = None
         self._early: list[OutMessage] = []  # sent before the handshake finished
+        self.suspect: tuple[float, float] | None = None  # (ICMP hint, deadline): unreachable()
 
     def fire(self, event: Input) -> None:
         self.state = next_state(self.state, event)
@@ -150,6 +151,7 @@ class Session:
             tag=self._tag,
             max_datagram=config.max_datagram,
             frame_bytes=config.frame_bytes,
+            max_batch_bytes=config.max_batch_bytes,
             comm_id=self._comm_id,
             epoch=self._epoch,
         )
@@ -191,6 +193,15 @@ class Session:
             self.fire(Input.PEER_GONE)
             self._counters["peers_lost"] += 1
             self._emit(PeerLost(self.peer, reason))
+
+    def unreachable(self, now: float) -> None:
+        """An ICMP port unreachable came back for the peer's address.  ICMP is not
+        authenticated, so it is a hint: PING the peer, and it is lost only if nothing
+        authenticated comes from it within ``unreachable_grace`` (a live peer answers a PING
+        within a round trip; without the hint a dead one is found by the peer timeout)."""
+        if self.state is State.ESTABLISHED and self.confirmed and self.suspect is None:
+            self.suspect = (now, now + self._config.unreachable_grace)
+            self._ping = True
 
     def close(self, kind: ChunkKind, reason: str) -> None:
         """Leave; the peer hears CLOSE or ABORT with the next (and last) frame."""
@@ -470,7 +481,7 @@ class Session:
         for first in touched:
             frame = partial.get(first)
             if frame is not None and room > 0:
-                held = _runs(frame)[-room:]
+                held = frame.runs()[-room:]
                 runs.extend(held)
                 room -= len(held)
         for first, frame in reversed(partial.items()):
@@ -478,7 +489,7 @@ class Session:
                 break
             if first in touched:
                 continue
-            newest = _runs(frame)[-room:]
+            newest = frame.runs()[-room:]
             runs.extend(newest)
             room -= len(newest)
         touched.clear()
@@ -539,6 +550,8 @@ class Session:
                     t = paced
                 beat = out.last_eliciting_sent + config.heartbeat_interval
                 t = beat if beat < t else t
+                if self.suspect is not None and self.suspect[1] < t:
+                    t = self.suspect[1]
         # A deadline that passed while we handled other input is due now, never in the past.
         latest = self.latest
         return t if t > latest else latest
@@ -551,6 +564,13 @@ class Session:
             what = "no answer" if self.state is not State.ESTABLISHED else "nothing heard"
             self.lose(f"{what} for {self._config.peer_timeout:g} s")
             return
+        suspect = self.suspect
+        if suspect is not None and now >= suspect[1]:
+            self.suspect = None
+            if self.last_heard <= suspect[0]:
+                grace = self._config.unreachable_grace
+                self.lose(f"its port is closed (ICMP port unreachable, no answer for {grace:g} s)")
+                return
         out = self.out
         if self.state is not State.ESTABLISHED or out is None or not self.confirmed:
             return
@@ -563,22 +583,6 @@ class Session:
         if self._ack_deadline is not None and now >= self._ack_deadline:
             self._ack_now = True
             self._ack_deadline = None
-
-
-def _runs(frame: PartialFrame) -> list[tuple[int, int]]:
-    """Segment-number ranges of the segments a partial frame holds."""
-    runs: list[tuple[int, int]] = []
-    have = frame.have
-    i, n = 0, frame.count
-    while i < n:
-        i = have.find(1, i)
-        if i < 0:
-            break
-        j = have.find(0, i)
-        j = n if j < 0 else j
-        runs.append((frame.first + i, frame.first + j))
-        i = j
-    return runs
 
 
 def _gather(buf: np.ndarray, rows: np.ndarray, tail: np.ndarray, per: int) -> None:

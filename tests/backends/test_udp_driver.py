@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -100,6 +101,39 @@ def test_a_batch_arrives_whole_with_or_without_gso(gso: bool) -> None:
 
 
 # -- channels ----------------------------------------------------------------------------------
+def test_port_unreachable_names_the_destination_and_leaves_the_socket_quiet() -> None:
+    """IP_RECVERR: a datagram to a closed port comes back as an ICMP error with the destination
+    it concerns; reading it empties the error queue, so the socket is not readable forever (a
+    driver waiting in select would spin), whether a read or a send met the error first."""
+    sock = UdpSocket("127.0.0.1", 0, max_datagram=1200)
+    gone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    gone.bind(("127.0.0.1", 0))
+    dead = gone.getsockname()
+    gone.close()
+    try:
+        if not sys.platform.startswith("linux"):
+            pytest.skip("IP_RECVERR is Linux's")
+        assert sock.report_unreachable()
+        buf = bytearray(70_000)
+        sock.send_batch(dead, memoryview(b"x" * 100), 100)
+        assert select.select([sock.sock], [], [], 2.0)[0]
+        got = sock.read_into(buf)
+        assert got is not None and got[0] == -1
+        assert sock.unreachable == [dead]
+        assert not select.select([sock.sock], [], [], 0.0)[0]
+        sock.unreachable.clear()
+        # Now the error meets a send first (it takes the socket's pending error).
+        sock.send_batch(dead, memoryview(b"y" * 100), 100)
+        time.sleep(0.05)
+        sock.send_batch(dead, memoryview(b"z" * 100), 100)
+        while sock.read_into(buf) is not None:
+            pass
+        assert dead in sock.unreachable
+        assert not select.select([sock.sock], [], [], 0.0)[0]
+    finally:
+        sock.close()
+
+
 def test_channels_map_to_distinct_numbers() -> None:
     names = ["c", "k", *(f"p{t}" for t in range(-300, 300))]
     numbers = [channel_id(n) for n in names]

@@ -50,3 +50,49 @@ def test_a_rank_that_exits_without_close_still_delivers(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "RECEIVED-INTACT" in done.stdout
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, time
+    import torch
+    import collectives
+    from collectives.errors import ConnectionLostError
+
+    comm = collectives.init("udp", timeout=30)
+    comm.barrier()
+    if comm.rank == 1:
+        os._exit(0)  # a crash: no CLOSE, no exit hook; the kernel closes the port
+    time.sleep(0.5)  # rank 1 is gone by now
+    start = time.monotonic()
+    try:
+        comm.send_buffer(torch.zeros(16), dst=1)
+        comm.recv_into(torch.zeros(16), src=1, timeout=25)
+    except ConnectionLostError as err:
+        print(f"LOST-AFTER {time.monotonic() - start:.2f} {err}", flush=True)
+    print("stats", comm.stats().get("unreachable_hints"), flush=True)
+    comm.abort("peer gone")
+    """
+)
+
+
+def test_a_crashed_peer_is_noticed_by_its_closed_port_within_seconds(tmp_path: Path) -> None:
+    """ICMP port unreachable (IP_RECVERR) is a hint: the survivor PINGs the peer and declares it
+    lost after ``unreachable_grace`` (1 s) without an answer, not after the 30 s peer timeout
+    nor the 25 s op timeout."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    done = subprocess.run(
+        launch_command("udp", 2, [sys.executable, str(script)]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    out = done.stdout + done.stderr
+    lost = [line.partition("LOST-AFTER ")[2] for line in done.stdout.splitlines()]
+    lost = [line for line in lost if line]
+    assert lost, out[-3000:]
+    seconds = float(lost[0].split()[0])
+    assert seconds < 5.0, lost[0]
+    assert "port is closed" in lost[0], lost[0]
