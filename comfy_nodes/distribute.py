@@ -199,13 +199,14 @@ def fan_out_batch(
     def make_items() -> list[Wire]:
         batch = as_batch(x, tag)
         ranges = split_ranges(batch.shape[0], comm.size, resolve_weights(weights, comm.size))
-        # The leader's own slice is cloned: it must not alias the input it hands downstream.
-        return [
-            _to_wire(batch[a:b].clone() if r == LEADER else batch[a:b], lossy)
-            for r, (a, b) in enumerate(ranges)
-        ]
+        return [_to_wire(batch[a:b], lossy) for a, b in ranges]
 
-    return as_batch(_scatter_from_leader(comm, make_items, tag), tag)
+    mine = as_batch(_scatter_from_leader(comm, make_items, tag), tag)
+    if comm.rank == LEADER and not lossy:
+        # The leader's own slice is a view of its input, which it must not alias downstream.
+        # Cloned only now: the followers wait for their slices, not for this copy.
+        mine = mine.clone()
+    return mine
 
 
 def fan_in_batch(
@@ -289,12 +290,15 @@ def fan_out_latent(
         assert latent is not None
         ranges = split_ranges(batch, comm.size, resolve_weights(weights, comm.size))
         items = [slice_latent(latent, a, b, tag) for a, b in ranges]
-        items[LEADER]["samples"] = items[LEADER]["samples"].clone()
         return [_to_wire(item, tag=tag) for item in items]
 
-    got = _scatter_from_leader(comm, make_items, tag)
-    latent_samples(got, tag)
-    return dict(got)
+    got = dict(_scatter_from_leader(comm, make_items, tag))
+    samples = latent_samples(got, tag)
+    if comm.rank == LEADER:
+        # As in fan_out_batch: the leader's slice stops aliasing its input once the others' are
+        # on their way.
+        got["samples"] = samples.clone()
+    return got
 
 
 def fan_in_latent(comm: Communicator, latent: Mapping[str, Any], tag: str) -> Latent:

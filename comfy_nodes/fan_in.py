@@ -7,7 +7,9 @@ and the page faults show, about 3-4 ms per 8 images of 512x512 here, much more a
 1. a labelled gather of each rank's slice *description* (shape and dtype, or the error that kept
    the rank from producing one), a few hundred bytes per rank;
 2. the leader allocates the output batch and hands one view per rank to
-   :meth:`collectives.Communicator.gatherv_into`, which receives each slice into its view.
+   :meth:`collectives.Communicator.gatherv_into`, which receives each slice into its view (a
+   blocking call on the leader's own thread: every rank has reached this step by then).  A
+   follower issues both steps at once: it needs nothing back from the first.
 
 Ranks whose slices do not fit one batch (mixed dtypes, or trailing shapes that differ) are
 received into their own tensors and reassembled by :func:`~comfy_nodes.tensors.concat_batches`,
@@ -38,15 +40,26 @@ def gather_batch_to_leader(comm: Communicator, x: Any, tag: str) -> torch.Tensor
         failure: BaseException | None = None
     except Exception as err:
         mine, failure = None, err
-    infos = collective.gather(comm, _describe(mine, failure), tag)
-    landing = _Landing(infos, mine, tag) if infos is not None else None
-    blocks = landing.blocks if landing is not None else None
     send = mine if mine is not None else _NOTHING
-    collective.run(comm, lambda: comm.igatherv_into(blocks, send, LEADER))
+    if comm.rank != LEADER:
+        # A follower needs nothing back from the first step: its slice is queued right behind
+        # its description, so the communicator's thread goes on to send it without waiting
+        # for this thread to wake up and issue it.
+        described = collective.start_gather(comm, _describe(mine, failure), tag)
+        sent = comm.igatherv_into(None, send, LEADER)
+        collective.run(comm, lambda: described)
+        collective.run(comm, lambda: sent)
+        if failure is not None:
+            raise failure
+        return x  # type: ignore[no-any-return]
+    infos = collective.gather(comm, _describe(mine, failure), tag)
+    assert infos is not None
+    landing = _Landing(infos, mine, tag)
+    # Every rank has described its slice, so every rank is sending now: this step waits for
+    # transfers only, and runs on this thread (no hand-off; collective.run_now).
+    collective.run_now(comm, lambda: comm.gatherv_into(landing.blocks, send, LEADER))
     if failure is not None:
         raise failure
-    if landing is None:
-        return x  # type: ignore[no-any-return]
     if landing.peer_error is not None:
         raise landing.peer_error
     if landing.batch is not None:

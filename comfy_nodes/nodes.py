@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import distribute, memory
+from . import cluster_info, distribute, memory
 from . import images as image_files
 from .distribute import LOSSLESS
 from .nodes_base import _CODEC, _HIDDEN_ID, _WEIGHTS, ANY, _ClusterNode, _leader_input, _Node
@@ -36,7 +36,10 @@ from .tensors import as_mask_batch
 
 # -- cluster management ---------------------------------------------------------------------------
 class ClusterInfo(_ClusterNode):
-    DESCRIPTION = "This rank, the world size, the backend and the health of every peer."
+    DESCRIPTION = (
+        "This rank, the world size, the backend, every peer's health and path, and the "
+        "doctor's problems on this machine."
+    )
     RETURN_TYPES = ("STRING", "INT", "INT", "INT")
     RETURN_NAMES = ("info", "rank", "world_size", "connected")
     OUTPUT_NODE = True
@@ -46,8 +49,10 @@ class ClusterInfo(_ClusterNode):
         return {"required": {}, "optional": {"trigger": (ANY,)}}
 
     def run(self, trigger: Any = None) -> dict[str, Any]:
-        status = self.runtime.status()
-        text = status.text()
+        comm = self.runtime.communicator()
+        status = self.runtime.status(comm)
+        # Each peer's path, and the doctor's problems on this machine (bounded: cluster_info).
+        text = cluster_info.info_text(status, comm)
         return {
             "ui": {"text": [text]},
             "result": (text, status.rank, status.size, status.connected),

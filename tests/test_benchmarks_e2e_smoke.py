@@ -106,6 +106,9 @@ def test_e2e_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         for name in ("ideal_s", "wall_s", "speedup", "efficiency", "ideal_over_wall"):
             assert _positive(row[name]), (name, row)
         assert _finite(row["above_ideal_s"])
+        # A cluster that added nothing: 1 at one rank, and never above 1.
+        assert row["serial_s"] >= 0 and 0 < row["efficiency_ceiling"] <= 1 + 1e-9, row
+    assert results["scaling"][0]["efficiency_ceiling"] == pytest.approx(1.0)
     for row in results["overhead"]:
         assert row["image_bytes"] == 16 * 16 * 3 * 4 and row["many_images"] == 4
         for name in ("cluster_s", "plain_s", "many_cluster_s", "many_plain_s"):

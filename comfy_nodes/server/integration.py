@@ -40,6 +40,7 @@ from comfy_nodes.nodes_base import _ClusterNode
 from comfy_nodes.partition import parse_weights
 from comfy_nodes.server import prompts
 from comfy_nodes.server.carrier import Address, UdpCarrier
+from comfy_nodes.server.carrier_mailbox import MAILBOX_ADDRESS, with_mailbox
 from comfy_nodes.server.control import Delivery, Verdict, hand_over, take_over
 from comfy_nodes.server.handoffs import Handoffs
 from comfy_nodes.server.membership import Membership
@@ -94,6 +95,8 @@ def install(server: Any) -> Membership | None:
     control: Address = (settings.advertise_host, settings.control_port or int(args.port))
     fingerprint = settings.key.fingerprint() if settings.key is not None else None
     book = {0: settings.leader_control} if settings.leader_control is not None else {}
+    if settings.stun_mailbox and not book and not settings.is_leader:
+        book = {0: MAILBOX_ADDRESS}  # no leader address: its mailbox still reaches it
     peers = Peers(settings.rank, book, fingerprint=fingerprint)
     membership = Membership(
         settings, f"http://{settings.advertise_host}:{args.port}", peers, control
@@ -127,15 +130,20 @@ def install(server: Any) -> Membership | None:
         # A follower's authentic, accepted message says where its endpoint is (a restarted one
         # included).  Not a refused one: that proves nothing about where the follower is.
         sender = envelope.sender
-        if reply.get("ok") and settings.is_leader and role(sender) == FOLLOWER:
+        # One through the mailbox says only that the follower is reachable there: it never
+        # replaces a known UDP endpoint.
+        mailbox_only = source == MAILBOX_ADDRESS and peers.address(sender) is not None
+        if reply.get("ok") and settings.is_leader and role(sender) == FOLLOWER and not mailbox_only:
             peers.learn(sender, source)
         return reply
 
     async def join_on_startup(app: Any) -> None:
         bind = (_bind_host(settings.advertise_host, args.listen), control[1])
-        peers.carrier = UdpCarrier(
-            settings.rank, bind, Seal(settings.key), on_request, port_env=CONTROL_PORT_ENV
-        )
+        seal = Seal(settings.key)  # one seal: a nonce opened on one path is a replay on the other
+        udp = UdpCarrier(settings.rank, bind, seal, on_request, port_env=CONTROL_PORT_ENV)
+        peers.carrier = udp
+        if settings.stun_mailbox:
+            peers.carrier = with_mailbox(udp, settings.rank, seal, on_request, key=settings.key)
         membership.start()
         panel.start()
 
@@ -254,25 +262,34 @@ def _follower_loop(
     server: Any, membership: Membership, handoffs: Handoffs, comm: Communicator, epoch: int
 ) -> None:
     last: str | None = None
-    while membership.epoch == epoch:
-        if last is not None:
-            # The next hand-over is a collective: this rank may only join it once its executor
-            # is past the previous prompt's collectives, or the two would interleave.
-            handoffs.wait_finished(last, functools.partial(_ended, server, membership, epoch, last))
-        try:
-            got = take_over(
-                comm,
-                lambda d: _validate(server, d),
-                lambda d, ticket: _enqueue(server, handoffs, comm, d, ticket),
-                idle_timeout=membership.settings.idle_timeout,
-                timeout=membership.settings.op_timeout,
-            )
-        except Exception as err:
-            if membership.epoch == epoch:
-                membership.fail(f"control channel: {type(err).__name__}: {err}")
-            return
-        if got is not None:
-            last = got.prompt_id
+    # This thread validates each handed-over prompt on a loop of its own: the hand-over waits for
+    # every follower's verdict, and a hop to the server's loop thread and back costs a few ms
+    # where ranks share cores.  ComfyUI's validation needs no particular loop (its executor
+    # runs nodes on a loop of its own, in the prompt worker thread).
+    loop = asyncio.new_event_loop()
+    try:
+        while membership.epoch == epoch:
+            if last is not None:
+                # The next hand-over is a collective: this rank may only join it once its
+                # executor is past the previous prompt's collectives, or the two would interleave.
+                ended = functools.partial(_ended, server, membership, epoch, last)
+                handoffs.wait_finished(last, ended)
+            try:
+                got = take_over(
+                    comm,
+                    lambda d: _validate(loop, d),
+                    lambda d, ticket: _enqueue(server, handoffs, comm, d, ticket),
+                    idle_timeout=membership.settings.idle_timeout,
+                    timeout=membership.settings.op_timeout,
+                )
+            except Exception as err:
+                if membership.epoch == epoch:
+                    membership.fail(f"control channel: {type(err).__name__}: {err}")
+                return
+            if got is not None:
+                last = got.prompt_id
+    finally:
+        loop.close()
 
 
 def _ended(server: Any, membership: Membership, epoch: int, prompt_id: str) -> bool:
@@ -280,11 +297,14 @@ def _ended(server: Any, membership: Membership, epoch: int, prompt_id: str) -> b
     return membership.epoch != epoch or bool(server.prompt_queue.get_history(prompt_id=prompt_id))
 
 
-def _validate(server: Any, delivery: Delivery) -> tuple[Verdict, Any]:
+VALIDATE_TIMEOUT_S = 120.0
+
+
+def _validate(loop: asyncio.AbstractEventLoop, delivery: Delivery) -> tuple[Verdict, Any]:
     import execution  # type: ignore[import-not-found,unused-ignore]
 
     coro = execution.validate_prompt(delivery.prompt_id, delivery.prompt, [delivery.tail_id])
-    valid = asyncio.run_coroutine_threadsafe(coro, server.loop).result(timeout=120)
+    valid = loop.run_until_complete(asyncio.wait_for(coro, VALIDATE_TIMEOUT_S))
     if not valid[0]:
         error = valid[1]
         text = error.get("message", str(error)) if isinstance(error, dict) else str(error)

@@ -26,6 +26,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from comfy_nodes import cluster
+from comfy_nodes.cluster_info import path_text, peer_paths
 from comfy_nodes.partition import WEIGHTS_ENV
 from comfy_nodes.server.carrier import ControlUnreachableError
 from comfy_nodes.server.health import Health, Transition
@@ -91,13 +92,17 @@ class Rates:
         return {"in": (b_in - last[1]) / dt, "out": (b_out - last[2]) / dt}
 
 
-def _path(backend: str | None, stats: dict[str, Any]) -> str | None:
-    """How this rank's data travels, as far as the backend says."""
+def _path(backend: str | None, mode: Any, peer: dict[str, Any] | None = None) -> str | None:
+    """How data travels to one peer, as far as the backend says: ``udp punched
+    203.0.113.7:51820 (stun)``, ``udp relayed via 198.51.100.1:3478 (stun)``, ``udp direct
+    10.0.0.2:40000 (static)``; ``udp (<mode>)`` without a peer's path (this rank's own row)."""
     if backend is None:
         return None
-    if backend == "udp":
-        return f"udp direct ({stats['mode']})" if "mode" in stats else "udp direct"
-    return backend
+    if backend != "udp":
+        return backend
+    route = path_text(peer)
+    text = f"udp {route}" if route else "udp"
+    return f"{text} ({mode})" if isinstance(mode, str) else text
 
 
 def _device_memory() -> tuple[str | None, int | None, int | None]:
@@ -109,6 +114,12 @@ def _device_memory() -> tuple[str | None, int | None, int | None]:
     except Exception as err:  # no ComfyUI (tests), or a device that cannot say
         log.debug("device memory: %s: %s", type(err).__name__, err)
         return None, None, None
+
+
+def first_beat_s(rank: int, size: int, period_s: float) -> float:
+    """When rank ``rank`` beats first: ``rank/size`` into the period (the leader after a whole
+    one), so that ranks started together keep beating apart."""
+    return period_s * rank / size if 0 < rank < size else period_s
 
 
 class Panel:
@@ -129,6 +140,10 @@ class Panel:
         # ComfyUI's prompt worker within a moment, so without these nobody (the leader's panel,
         # an operator, a test) could tell that a follower ever received a command.
         self.commands = dict.fromkeys(COMMANDS, 0)
+        # This rank's path to each peer, from its last report: the leader's rows show its own
+        # view of each follower's path, which a follower's report cannot give.
+        self._paths: dict[int, dict[str, Any]] = {}
+        self._mode: Any = None  # the backend's mode (udp: its discovery), from the last report
         self._stop = threading.Event()
 
     # -- this rank's report ----------------------------------------------------------------------
@@ -137,11 +152,17 @@ class Panel:
         status = m.status()
         comm = cluster.runtime().peek()
         stats: dict[str, Any] = {}
+        paths: dict[int, dict[str, Any]] = {}
         if comm is not None:
             try:
                 stats = comm.stats()
             except Exception as err:  # a world being torn down may refuse; the report goes on
                 log.debug("comm.stats(): %s: %s", type(err).__name__, err)
+            paths = peer_paths(comm)
+        with self._lock:
+            self._paths, self._mode = paths, stats.get("mode")
+        # A follower's own row: its path to the leader (the leader's row: its backend's mode).
+        towards = None if self.settings.is_leader else paths.get(0)
         device, free, total = _device_memory()
         queue = self._queue_length()
         if status["state"] != "ready":
@@ -158,7 +179,7 @@ class Panel:
             "membership": status["state"],
             "activity": activity,
             "backend": status["backend"],
-            "path": _path(status["backend"], stats),
+            "path": _path(status["backend"], stats.get("mode"), towards),
             "peers": {str(k): v for k, v in status["peers"].items()},
             "device": device,
             "mem_free": free,
@@ -189,9 +210,12 @@ class Panel:
         with self._lock:
             self.health.report(s.rank, mine, now)
             rows = self.health.rows(now)
+            paths, mode = self._paths, self._mode
         links: dict[str, str] = mine["peers"]
         for row in rows:
             row["link"] = "self" if row["rank"] == s.rank else links.get(str(row["rank"]))
+            if s.is_leader and row["rank"] in paths:  # the leader's view of the path to it
+                row["path"] = _path(mine["backend"], mode, paths[row["rank"]])
         if not s.is_leader:
             rows = [row for row in rows if row["rank"] == s.rank]
         return {
@@ -279,11 +303,19 @@ class Panel:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_s):
+        # The ranks start together, so their beats would fall together too: all at once into
+        # whatever transfer is running then.  Each rank keeps its own phase (rank/size of the
+        # period, its first beat early rather than late), so at most one beats at a time.
+        s = self.settings
+        if self._stop.wait(first_beat_s(s.rank, s.size, s.heartbeat_s)):
+            return
+        while True:
             try:
                 self.beat()
             except Exception as err:  # the panel must never take the server down
                 log.warning("cluster panel: %s: %s", type(err).__name__, err)
+            if self._stop.wait(s.heartbeat_s):
+                return
 
     def beat(self) -> None:
         """One beat: a follower reports to the leader; every rank updates its browsers."""

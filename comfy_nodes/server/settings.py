@@ -30,6 +30,8 @@ HEARTBEAT_ENV = "COMFY_CLUSTER_HEARTBEAT_S"
 HEARTBEAT_TIMEOUT_ENV = "COMFY_CLUSTER_HEARTBEAT_TIMEOUT_S"
 CONTROL_PORT_ENV = "COMFY_CLUSTER_CONTROL_PORT"
 LEADER_CONTROL_ENV = "COMFY_CLUSTER_LEADER_CONTROL"
+REGISTRATION_MODE_ENV = "COMFY_CLUSTER_REGISTRATION_MODE"  # as the udp backend reads it
+CONTROL_MAILBOX_ENV = "COMFY_CLUSTER_CONTROL_MAILBOX"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Settings:
     heartbeat_timeout_s: float = 20.0  # silence after which the leader calls a follower lost
     control_port: int | None = None  # this instance's control port (None: ComfyUI's port)
     leader_control: tuple[str, int] | None = None  # the leader's control endpoint (followers)
+    # Control messages UDP cannot deliver go through the rendezvous server's events mailbox
+    # (comfy_nodes.server.carrier_mailbox): in stun discovery, unless CONTROL_MAILBOX_ENV is 0.
+    stun_mailbox: bool = False
 
     @property
     def is_leader(self) -> bool:
@@ -103,6 +108,7 @@ class Settings:
             heartbeat_timeout_s=heartbeat_timeout,
             control_port=control_port,
             leader_control=leader_control,
+            stun_mailbox=_stun_mailbox(env),
         )
 
     def check_listen(self, listen: str | None, environ: Mapping[str, str] | None = None) -> None:
@@ -151,3 +157,12 @@ def _leader_control(env: Mapping[str, str], leader_url: str | None) -> tuple[str
     if not parts.hostname:
         return None
     return parts.hostname, url_port or (443 if parts.scheme == "https" else 80)
+
+
+def _stun_mailbox(env: Mapping[str, str]) -> bool:
+    if env.get(REGISTRATION_MODE_ENV, "").strip().lower() != "stun":
+        return False
+    raw = env.get(CONTROL_MAILBOX_ENV, "").strip().lower()
+    if raw not in ("", "0", "1", "false", "true", "no", "yes", "off", "on"):
+        raise ConfigurationError(f"{CONTROL_MAILBOX_ENV}={raw!r} must be 0 or 1")
+    return raw not in ("0", "false", "no", "off")

@@ -84,3 +84,37 @@ def test_a_value_the_codec_refuses_names_the_node(monkeypatch: pytest.MonkeyPatc
     leader, follower = spmd(2, rank, op_timeout=2.0)
     assert "ClusterBroadcastTensor#12" in leader and "CodecError" in leader, leader
     assert follower.startswith(("CollectiveTimeoutError", "ConnectionLostError")), follower
+
+
+@pytest.mark.parametrize("in_prompt", [True, False])
+def test_the_leaders_own_fan_out_slice_is_a_copy_made_after_the_others_are_sent(
+    in_prompt: bool,
+) -> None:
+    # The leader clones its slice only once the scatter is issued (the followers do not wait for
+    # that copy); writing to what it got must still leave its input, and what the others got,
+    # untouched, for IMAGE and LATENT alike.
+    full = images(6)
+    latent = {"samples": torch.arange(6 * 4 * 2 * 2, dtype=torch.float32).reshape(6, 4, 2, 2)}
+    before_images, before_samples = full.clone(), latent["samples"].clone()
+
+    def rank(comm: Communicator) -> tuple[torch.Tensor, torch.Tensor]:
+        if in_prompt:
+            _in_prompt(comm)
+        try:
+            mine = run_node("ClusterFanOutImage", full if comm.rank == 0 else None)[0]
+            part = run_node("ClusterFanOutLatent", latent if comm.rank == 0 else None)[0]
+            if comm.rank == 0:
+                mine.add_(100)
+                part["samples"].add_(100)
+            collective.settle(comm)
+            return mine, part["samples"]
+        finally:
+            cluster.runtime().background.pop(comm, None)
+
+    results = spmd(3, rank)
+    assert torch.equal(full, before_images) and torch.equal(latent["samples"], before_samples)
+    assert torch.equal(results[0][0], before_images[:2] + 100)
+    assert torch.equal(results[0][1], before_samples[:2] + 100)
+    for r in (1, 2):
+        assert torch.equal(results[r][0], before_images[2 * r : 2 * r + 2])
+        assert torch.equal(results[r][1], before_samples[2 * r : 2 * r + 2])

@@ -12,7 +12,14 @@ from comfy_nodes.server.health import Health, classify, fix_for
 from comfy_nodes.server.integration import with_weights
 from comfy_nodes.server.membership import Membership
 from comfy_nodes.server.messages import Message, Refused, check_sender
-from comfy_nodes.server.panel import STATUS_EVENT, TRANSITION_EVENT, Panel, Progress, Rates
+from comfy_nodes.server.panel import (
+    STATUS_EVENT,
+    TRANSITION_EVENT,
+    Panel,
+    Progress,
+    Rates,
+    first_beat_s,
+)
 from comfy_nodes.server.settings import Settings
 from tests.comfy_nodes.helpers import local_settings
 
@@ -169,3 +176,29 @@ def test_heartbeat_settings_from_the_environment() -> None:
     assert (settings.heartbeat_s, settings.heartbeat_timeout_s) == (0.5, 3.0)
     with pytest.raises(ConfigurationError, match="at least twice"):
         Settings.from_env({**env, "COMFY_CLUSTER_HEARTBEAT_TIMEOUT_S": "0.8"})
+
+
+def test_ranks_started_together_beat_apart() -> None:
+    # Phases rank/size into the period: the leader after a whole one, no follower later than it.
+    assert [first_beat_s(r, 4, 2.0) for r in range(4)] == [2.0, 0.5, 1.0, 1.5]
+
+    class _Stop:
+        """Records each wait; stops the thread at the third."""
+
+        def __init__(self) -> None:
+            self.waits: list[float] = []
+
+        def wait(self, timeout: float) -> bool:
+            self.waits.append(timeout)
+            return len(self.waits) == 3
+
+        def set(self) -> None:
+            pass
+
+    settings = local_settings(3, 4, heartbeat_s=BEAT, heartbeat_timeout_s=TIMEOUT)
+    panel = Panel(_Server(), _Leader(settings))
+    beats: list[int] = []
+    panel.beat = lambda: beats.append(1)  # type: ignore[method-assign]
+    panel._stop = stop = _Stop()  # type: ignore[assignment]
+    panel._run()
+    assert stop.waits == [0.75 * BEAT, BEAT, BEAT] and len(beats) == 2
