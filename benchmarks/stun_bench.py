@@ -1,12 +1,15 @@
 """Rendezvous server throughput: heartbeats/s over HTTP, relay datagrams/s and Mbit/s over UDP.
 
-    python -m benchmarks.stun_bench [--seconds 5] [--modes thread,asyncio] [--json out.json]
+    python -m benchmarks.stun_bench [--seconds 5] [--modes thread,asyncio] [--batch 53]
+                                    [--json out.json]
 
 The server runs as a real ``python -m stun`` process pinned to one core (CPU 0); the load comes
 from this process and its helpers pinned to the other cores.  Heartbeats are sent by raw
 keep-alive HTTP/1.1 connections (a full client library would be the bottleneck, not the server).
 The relay is measured twice per UDP mode: flat out (what one core can forward, the rest is
 dropped by the kernel), and paced at the target of 4 ranks x 100 Mbit/s (1200-byte payloads).
+In ``thread`` mode it is measured again with the ranks sending as the udp backend does: GSO
+batches (``UDP_SEGMENT``) of ``--batch`` relay datagrams, received with ``UDP_GRO`` (0: skip).
 Server CPU time comes from /proc, so each figure is also given per CPU-second of the server.
 """
 
@@ -37,6 +40,7 @@ KEY = "bench-key-0123456789abcdef"
 ADMIN = "bench-admin-0123456789abcdef"
 PAYLOAD = 1200
 TARGET_MBIT_PER_RANK = 100.0
+SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
 
 
 def _progress(text: str) -> None:
@@ -206,11 +210,15 @@ def _ranks(server: Server) -> list[tuple[socket.socket, bytes]]:
     return out
 
 
-def relay(server: Server, seconds: float, pps: float) -> dict[str, Any]:
+def relay(server: Server, seconds: float, pps: float, batch: int = 1) -> dict[str, Any]:
     """pps 0: flat out.  Frames leave from the ranks' own STUN-registered sockets (the relay
-    forwards only from a registered address): child processes send on inherited copies."""
+    forwards only from a registered address): child processes send on inherited copies.
+    ``batch`` > 1: each send is a GSO batch of that many frames, and the ranks read with GRO."""
     ranks = _ranks(server)
     frames = [bytes([0xCC, 0x01]) + ranks[(n + 1) % 4][1] + bytes(PAYLOAD) for n in range(4)]
+    if batch > 1:
+        for s, _ in ranks:
+            s.setsockopt(SOL_UDP, UDP_GRO, 1)
     stop = time.monotonic() + seconds
     received = [0]
 
@@ -220,23 +228,26 @@ def relay(server: Server, seconds: float, pps: float) -> dict[str, Any]:
             s.setblocking(False)
             poller.register(s.fileno(), select.POLLIN)
         by_fd = {s.fileno(): s for s, _ in ranks}
+        buf = bytearray(65535)
+        anc = socket.CMSG_SPACE(4)
         while time.monotonic() < stop + 0.5:
             for fd, _ in poller.poll(100):
                 sock = by_fd[fd]
                 while True:
                     try:
-                        data = sock.recv(4096)
+                        n, cmsg, _, _ = sock.recvmsg_into([buf], anc)
                     except BlockingIOError:
                         break
-                    if data[:2] == b"\xcc\x01":
-                        received[0] += 1
+                    if buf[:2] == b"\xcc\x01":
+                        seg = next((int.from_bytes(v[:2], sys.byteorder) for _, _, v in cmsg), n)
+                        received[0] += -(-n // seg)
 
     before, cpu0, t0 = server.stats(), server.cpu_s(), time.monotonic()
     # one child process sends for all four ranks, on inherited copies of their sockets
     sent_count = mp.Value("q", 0)
     fds = [s.fileno() for s, _ in ranks]
     sender = mp.Process(
-        target=_rank_sender, args=(fds, server.udp_port, frames, seconds, pps, sent_count)
+        target=_rank_sender, args=(fds, server.udp_port, frames, seconds, pps, batch, sent_count)
     )
     drainer = threading.Thread(target=drain)
     drainer.start()
@@ -251,6 +262,7 @@ def relay(server: Server, seconds: float, pps: float) -> dict[str, Any]:
         k: after[k] - before[k] for k in after if k != "relay_bytes" and after[k] != before[k]
     }
     dropped.pop("relay_forwarded", None)
+    dropped.pop("relay_batches", None)
     for s, _ in ranks:
         s.close()
     with httpx.Client(base_url=server.url, timeout=10) as c:
@@ -261,6 +273,7 @@ def relay(server: Server, seconds: float, pps: float) -> dict[str, Any]:
         "forwarded_pps": round(forwarded / seconds),
         "received_pps": round(received[0] / seconds),
         "forwarded_mbit_s": round(forwarded * PAYLOAD * 8 / seconds / 1e6, 1),
+        "gso_batches_in": after.get("relay_batches", 0) - before.get("relay_batches", 0),
         "loss": round(1 - received[0] / sent, 4) if sent else None,
         "server_cpu_share": round(cpu / wall, 2),
         "server_cpu_us_per_datagram": round(cpu / forwarded * 1e6, 2) if forwarded else None,
@@ -269,25 +282,39 @@ def relay(server: Server, seconds: float, pps: float) -> dict[str, Any]:
 
 
 def _rank_sender(
-    fds: list[int], port: int, frames: list[bytes], seconds: float, pps: float, out: Any
-) -> None:
+    fds: list[int], port: int, frames: list[bytes], seconds: float, pps: float, batch: int,
+    out: Any,
+) -> None:  # fmt: skip
     _pin(set(range(1, os.cpu_count() or 2)))
     socks = [socket.socket(fileno=os.dup(fd)) for fd in fds]
-    sends = [s.sendto for s in socks]
     dest = ("127.0.0.1", port)
+    if batch > 1:
+        cmsg = [(SOL_UDP, UDP_SEGMENT, len(frames[0]).to_bytes(2, sys.byteorder))]
+        bufs = [[f * batch] for f in frames]
+        msgs = [s.sendmsg for s in socks]
+
+        def send(i: int) -> None:
+            msgs[i](bufs[i], cmsg, 0, dest)
+
+    else:
+        sends = [s.sendto for s in socks]
+
+        def send(i: int) -> None:
+            sends[i](frames[i], dest)
+
     sent, start = 0, time.monotonic()
     end = start + seconds
     while True:
         now = time.monotonic()
         if now >= end:
             break
-        due = int((now - start) * pps) if pps > 0 else sent + 64
+        due = int((now - start) * pps) if pps > 0 else sent + 64 * batch
         while sent < due:
             try:  # noqa: SIM105 (a with-block per datagram costs more than the send)
-                sends[sent & 3](frames[sent & 3], dest)
+                send((sent // batch) & 3)
             except BlockingIOError:  # the copies share the drain thread's non-blocking mode
                 pass
-            sent += 1
+            sent += batch
         if pps > 0:
             time.sleep(0.0005)
     out.value = sent
@@ -299,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--members", type=int, default=64)
     p.add_argument("--modes", default="thread,asyncio")
+    p.add_argument("--batch", type=int, default=53, help="relay datagrams per GSO send (0: skip)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     _pin(set(range(1, os.cpu_count() or 2)))
@@ -329,6 +357,17 @@ def main(argv: list[str] | None = None) -> int:
             _progress(f"{mode}: relay paced at {round(target_pps)} datagrams/s (4 x 100 Mbit/s)")
             entry["relay_target"] = paced = relay(server, args.seconds, target_pps)
             _progress(f"  forwarded {paced['forwarded_pps']}/s, loss {paced['loss']}")
+            if mode == "thread" and args.batch > 1:
+                _progress(f"{mode}: relay flat out, GSO batches of {args.batch}")
+                entry["relay_max_batched"] = top = relay(server, args.seconds, 0, args.batch)
+                _progress(
+                    f"  forwarded {top['forwarded_pps']}/s ({top['forwarded_mbit_s']} Mbit/s)"
+                )
+                _progress(f"{mode}: relay paced at the target, GSO batches of {args.batch}")
+                entry["relay_target_batched"] = paced = relay(
+                    server, args.seconds, target_pps, args.batch
+                )
+                _progress(f"  forwarded {paced['forwarded_pps']}/s, loss {paced['loss']}")
             result["modes"][mode] = entry
         finally:
             server.stop()

@@ -4,15 +4,23 @@
 after one ``poll``; ``asyncio`` uses the event loop's ``DatagramProtocol``.  benchmarks/
 stun_bench.py measures both; the thread keeps the relay off the loop that serves HTTP.
 Registry writes from the thread (a new reflexive address) are handed to the loop.
+
+On Linux the thread also turns on ``UDP_GRO``: the kernel hands it up to 64 datagrams of one flow
+in one read, with their size in a control message, and :meth:`UdpCore.relay_batch` forwards such
+a batch with one ``UDP_SEGMENT`` (GSO) send.  Without them (another OS, an old kernel, a device
+that refuses GSO: ``EIO``) every datagram takes its own ``recvfrom``/``sendto``.  asyncio mode
+never enables GRO: its protocol callback would get coalesced datagrams without their size.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import select
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +32,13 @@ log = logging.getLogger("comfycluster.stun.udp")
 SOCKET_BUFFER = 4 * 1024 * 1024
 DRAIN_BATCH = 256  # datagrams read per poll wake-up before checking for stop
 POLL_MS = 250  # how often an idle thread looks at the stop flag
+SOL_UDP = 17
+UDP_SEGMENT = 103  # Linux: send one buffer as datagrams of the given size (GSO)
+UDP_GRO = 104  # Linux: receive a flow's datagrams coalesced, with their size (GRO)
+GSO_MAX_SEGMENTS = 64  # the kernel refuses a segmented send of more
+GSO_MAX_BYTES = 65000  # and one of more than an IP packet's payload
+RECV_BYTES = 65535  # a GRO read returns at most this much
+_GSO_REFUSED = (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 
 
 class UdpServer:
@@ -37,6 +52,8 @@ class UdpServer:
         self._thread: threading.Thread | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._stop = threading.Event()
+        self.gro = False  # the thread reads GRO batches (and forwards them segmented)
+        self.gso = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -64,9 +81,14 @@ class UdpServer:
 
             self.core.post = post
             self.core.send = self._send_socket
+            self.gro = _enable(sock, UDP_GRO)
+            self.gso = self.gro and _has(sock, UDP_SEGMENT)
+            if self.gso:
+                self.core.send_batch = self._send_segmented
             self._thread = threading.Thread(target=self._run, name="stun-udp", daemon=True)
             self._thread.start()
-        log.info("UDP (STUN and relay) on %s:%s, %s mode", self.host, self.port, self.mode)
+        log.info("UDP (STUN and relay) on %s:%s, %s mode%s", self.host, self.port, self.mode,
+                 ", GRO/GSO batches" if self.gso else "")  # fmt: skip
 
     def _send_socket(self, data: bytes, addr: Addr) -> None:
         assert self._sock is not None
@@ -75,11 +97,37 @@ class UdpServer:
         except OSError:  # a full send buffer or an unroutable address: UDP drops, we count
             self.core.counters.send_errors += 1
 
+    def _send_segmented(self, view: memoryview, segment: int, addr: Addr) -> None:
+        """``view`` as datagrams of ``segment`` bytes, with as few GSO sends as the kernel
+        allows; datagram by datagram once the kernel refused GSO."""
+        assert self._sock is not None
+        sendmsg = self._sock.sendmsg
+        total = len(view)
+        step = max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // segment)) * segment
+        cmsg = [(SOL_UDP, UDP_SEGMENT, segment.to_bytes(2, sys.byteorder))]
+        for at in range(0, total, step):
+            if not self.gso:
+                self.core.send_each(view[at:], segment, addr)
+                return
+            chunk = view[at : at + step]
+            try:
+                sendmsg([chunk], cmsg if len(chunk) > segment else [], 0, addr)
+            except OSError as err:
+                if err.errno in _GSO_REFUSED:
+                    log.info("UDP GSO refused (%s): relaying one datagram per send", err)
+                    self.gso = False
+                    self.core.send_each(chunk, segment, addr)
+                else:  # a full send buffer or an unroutable address: UDP drops, we count
+                    self.core.counters.send_errors += 1
+
     def _send_asyncio(self, data: bytes, addr: Addr) -> None:
         assert self._transport is not None
         self._transport.sendto(data, addr)
 
     def _run(self) -> None:
+        if self.gro:
+            self._run_gro()
+            return
         assert self._sock is not None
         sock = self._sock
         recv = sock.recvfrom
@@ -105,6 +153,40 @@ class UdpServer:
                 except Exception:  # one bad datagram must not end the port
                     log.exception("UDP datagram from %s", addr)
 
+    def _run_gro(self) -> None:
+        """:meth:`_run` with ``recvmsg_into`` and the GRO segment size of each read."""
+        assert self._sock is not None
+        sock = self._sock
+        buf = bytearray(RECV_BYTES)
+        ancsize = socket.CMSG_SPACE(4)
+        recv = sock.recvmsg_into
+        core = self.core
+        handle, relay_batch = core.handle, core.relay_batch
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        six = sock.family == socket.AF_INET6
+        while not self._stop.is_set():
+            if not poller.poll(POLL_MS):
+                continue
+            for _ in range(DRAIN_BATCH):
+                try:
+                    n, anc, _flags, addr = recv([buf], ancsize)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    if self._stop.is_set():
+                        return
+                    break
+                source = addr[:2] if six else addr
+                try:
+                    segment = _segment(anc)
+                    if segment is not None and 0 < segment < n:
+                        relay_batch(buf, n, segment, source)
+                    else:
+                        handle(bytes(buf[:n]), source)
+                except Exception:  # one bad datagram must not end the port
+                    log.exception("UDP datagram from %s", addr)
+
     async def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -113,6 +195,33 @@ class UdpServer:
             self._transport.close()
         elif self._sock is not None:
             self._sock.close()
+
+
+def _segment(anc: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, value in anc:
+        if level == SOL_UDP and kind == UDP_GRO and len(value) >= 2:
+            return int.from_bytes(value[: 4 if len(value) >= 4 else 2], sys.byteorder)
+    return None
+
+
+def _enable(sock: socket.socket, option: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.setsockopt(SOL_UDP, option, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _has(sock: socket.socket, option: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.getsockopt(SOL_UDP, option)
+    except OSError:
+        return False
+    return True
 
 
 class _Protocol(asyncio.DatagramProtocol):

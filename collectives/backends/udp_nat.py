@@ -39,6 +39,8 @@ from collectives.backends.udp_nat_wire import (
     is_stun,
     parse_hint,
     relay_header,
+    unwrap_batch,
+    wrap_batch,
 )
 from collectives.backends.udp_paths import Paths, virtual
 from collectives.errors import ConfigurationError, RendezvousTimeoutError
@@ -54,6 +56,7 @@ DIRECT_ENV = "COMFY_CLUSTER_NAT_DIRECT"
 DEFAULT_KEEPALIVE_S = 10.0
 _BINDING_RETRY_S = 0.25  # an unanswered binding is repeated this often
 _MAX_TRANSACTIONS = 16
+_UNWRAP_BYTES = 65535  # a GRO read is at most this long
 
 Address = tuple[str, int]
 Datagram = tuple[memoryview, Address, int | None]  # (payload, address for the core, segment)
@@ -167,6 +170,7 @@ class NatDriver:
         self._keepalive = keepalive
         self._next_binding = now + keepalive
         self._relay_headers: dict[bytes, bytes] = {}
+        self._unwrapped = bytearray(_UNWRAP_BYTES)  # a relayed GRO batch, headers stripped
         self.replies: list[tuple[Address, bytes]] = []  # probe answers, sent with the next poll
         self.counters = {"relayed_in": 0, "relayed_out": 0, "relay_dropped": 0,
                          "hints": 0, "unmapped_in": 0, "rejoins": 0}  # fmt: skip
@@ -202,6 +206,17 @@ class NatDriver:
     def _from_server(self, view: memoryview, segment: int | None, now: float) -> Iterator[Datagram]:
         step = segment if segment is not None and segment < len(view) else len(view)
         by_handle = self.paths.by_handle
+        if step < len(view) and (got := unwrap_batch(view, step, self._unwrapped)) is not None:
+            # A GRO batch relayed from one peer: the core takes it as a batch, as a direct one.
+            handle, size = got
+            rank = by_handle.get(handle)
+            count = -(-len(view) // step)
+            if rank is None:
+                self.counters["relay_dropped"] += count
+                return
+            self.counters["relayed_in"] += count
+            yield memoryview(self._unwrapped)[:size], virtual(rank), step - RELAY_HEADER
+            return
         for at in range(0, len(view), step):
             one = view[at : at + step]
             if len(one) > RELAY_HEADER and one[0] == RELAY and one[1] == RELAY_DATA:
@@ -252,13 +267,10 @@ class NatDriver:
         header = self._relay_headers.get(handle)
         if header is None:
             header = self._relay_headers[handle] = relay_header(handle)
-        total = len(payload)
-        out = bytearray()
-        for at in range(0, total, segment):
-            out += header
-            out += payload[at : at + segment]
-        self.counters["relayed_out"] += -(-total // segment)
-        return self.server, memoryview(out), segment + RELAY_HEADER
+        # Every datagram wrapped, in one buffer: the socket sends it as GSO batches, the server
+        # forwards each batch with one segmented send, the peer reads it as one GRO batch.
+        self.counters["relayed_out"] += -(-len(payload) // segment)
+        return self.server, wrap_batch(header, payload, segment), segment + RELAY_HEADER
 
     # -- timers ------------------------------------------------------------------------------
     def poll(self, now: float) -> list[tuple[Address, bytes]]:

@@ -21,6 +21,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 from aioice import stun
 
 from collectives.auth import ClusterKey
@@ -88,6 +89,56 @@ def binding_answer(
 # -- relay -----------------------------------------------------------------------------------
 def relay_header(handle: bytes) -> bytes:
     return bytes((RELAY, RELAY_DATA)) + handle
+
+
+def wrap_batch(header: bytes, payload: memoryview, segment: int) -> memoryview:
+    """``payload`` (datagrams of ``segment`` bytes, the last may be shorter) with ``header``
+    before each datagram: a batch of ``segment + RELAY_HEADER``-byte relay datagrams, ready for
+    one segmented send.  One strided numpy copy, not a Python loop over datagrams."""
+    total = payload.nbytes
+    if total <= segment:  # one datagram (an ACK): cheaper without numpy
+        return memoryview(header + payload)
+    count = -(-total // segment)
+    stride = segment + RELAY_HEADER
+    out = np.empty(total + count * RELAY_HEADER, dtype=np.uint8)
+    src = np.frombuffer(payload, dtype=np.uint8)
+    full = total // segment
+    if full:
+        rows = out[: full * stride].reshape(full, stride)
+        rows[:, :RELAY_HEADER] = np.frombuffer(header, dtype=np.uint8)
+        rows[:, RELAY_HEADER:] = src[: full * segment].reshape(full, segment)
+    if full < count:
+        tail = out[full * stride :]
+        tail[:RELAY_HEADER] = np.frombuffer(header, dtype=np.uint8)
+        tail[RELAY_HEADER:] = src[full * segment :]
+    return out.data
+
+
+def unwrap_batch(view: memoryview, segment: int, into: bytearray) -> tuple[bytes, int] | None:
+    """A GRO batch of relay datagrams (``segment`` bytes each, the last may be shorter) that
+    all carry ``0xCC 0x01`` and one source handle: ``(handle, n)`` with the ``n`` bytes of
+    payload, datagrams of ``segment - RELAY_HEADER`` bytes, copied into ``into`` (one strided
+    numpy copy).  None when the batch is anything else (the caller takes it datagram by
+    datagram): mixed sources, a hint or STUN answer among them, a datagram without payload."""
+    n = len(view)
+    count = -(-n // segment)
+    last = n - (count - 1) * segment
+    if segment <= RELAY_HEADER or last <= RELAY_HEADER or count < 2:
+        return None
+    img = np.frombuffer(view, dtype=np.uint8)
+    head = img[:RELAY_HEADER]
+    if head[0] != RELAY or head[1] != RELAY_DATA:
+        return None
+    rows = img[: (count - 1) * segment].reshape(count - 1, segment)
+    tail = img[(count - 1) * segment :]
+    if not ((rows[:, :RELAY_HEADER] == head).all() and (tail[:RELAY_HEADER] == head).all()):
+        return None
+    width = segment - RELAY_HEADER
+    size = n - count * RELAY_HEADER
+    out = np.frombuffer(into, dtype=np.uint8, count=size)
+    out[: (count - 1) * width].reshape(count - 1, width)[:] = rows[:, RELAY_HEADER:]
+    out[(count - 1) * width :] = tail[RELAY_HEADER:]
+    return bytes(head[2:]), size
 
 
 @dataclass(frozen=True)
@@ -166,4 +217,6 @@ __all__ = [
     "is_stun",
     "parse_hint",
     "relay_header",
+    "unwrap_batch",
+    "wrap_batch",
 ]

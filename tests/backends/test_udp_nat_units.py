@@ -20,6 +20,8 @@ from collectives.backends.udp_nat_wire import (
     is_stun,
     parse_hint,
     relay_header,
+    unwrap_batch,
+    wrap_batch,
 )
 from collectives.backends.udp_paths import DEAD_S, Paths, virtual
 from collectives.backends.udp_peers import plan
@@ -209,6 +211,59 @@ def test_outbound_goes_relayed_until_verified() -> None:
     assert len(out) == len(data) + 3 * RELAY_HEADER
     nat.paths.peers[1].direct, nat.paths.peers[1].direct_kind = ("203.0.113.2", 9), "reflexive"
     assert nat.outbound(virtual(1), data, 1200) == (("203.0.113.2", 9), data, 1200)
+
+
+def _relayed_batch(handles: list[bytes], size: int = 100, last: int = 40) -> bytes:
+    n = len(handles)
+    return b"".join(
+        relay_header(h) + bytes([i]) * (size if i < n - 1 else last) for i, h in enumerate(handles)
+    )
+
+
+def test_wrap_and_unwrap_batch_round_trip() -> None:
+    payload = b"".join(bytes([i]) * 100 for i in range(5)) + bytes([5]) * 40
+    wrapped = wrap_batch(relay_header(PEER_HANDLE), memoryview(payload), 100)
+    assert bytes(wrapped) == _relayed_batch([PEER_HANDLE] * 6)
+    into = bytearray(65535)
+    assert unwrap_batch(wrapped, 110, into) == (PEER_HANDLE, len(payload))
+    assert bytes(into[: len(payload)]) == payload
+    exact = wrap_batch(relay_header(PEER_HANDLE), memoryview(payload[:500]), 100)
+    assert bytes(exact) == _relayed_batch([PEER_HANDLE] * 5, last=100)  # no short last one
+
+
+def test_a_relayed_gro_batch_reaches_the_core_as_one_batch() -> None:
+    nat = _driver()
+    batch = _relayed_batch([PEER_HANDLE] * 6)
+    (got,) = nat.inbound(memoryview(batch), SERVER, 110, 0.0)
+    data, addr, segment = got
+    assert bytes(data) == b"".join(bytes([i]) * 100 for i in range(5)) + bytes([5]) * 40
+    assert addr == virtual(1) and segment == 100
+    assert nat.counters["relayed_in"] == 6
+    # A uniform batch under an unknown handle is dropped whole.
+    assert list(nat.inbound(memoryview(_relayed_batch([bytes(8)] * 4)), SERVER, 110, 0.0)) == []
+    assert nat.counters["relay_dropped"] == 4
+
+
+def test_a_mixed_or_malformed_relayed_batch_goes_datagram_by_datagram() -> None:
+    nat = _driver()
+    # Another source in the middle (the server's flow carries every peer's relayed traffic).
+    mixed = _relayed_batch([PEER_HANDLE, bytes(8), PEER_HANDLE])
+    got = list(nat.inbound(memoryview(mixed), SERVER, 110, 0.0))
+    assert [(bytes(d), a, s) for d, a, s in got] == [
+        (bytes([0]) * 100, virtual(1), None),
+        (bytes([2]) * 40, virtual(1), None),
+    ]
+    assert nat.counters["relay_dropped"] == 1
+    # A datagram of another kind in the middle, and a last one with a header only.
+    odd = bytearray(_relayed_batch([PEER_HANDLE] * 3))
+    odd[111] = 0x02  # a "punch hint" of the wrong size
+    got = list(nat.inbound(memoryview(bytes(odd)), SERVER, 110, 0.0))
+    assert [bytes(d) for d, _, _ in got] == [bytes([0]) * 100, bytes([2]) * 40]
+    headless = _relayed_batch([PEER_HANDLE] * 2, last=0)
+    got = list(nat.inbound(memoryview(headless), SERVER, 110, 0.0))
+    assert [bytes(d) for d, _, _ in got] == [bytes([0]) * 100]
+    assert nat.counters["relay_dropped"] == 3
+    assert nat.counters["relayed_in"] == 5
 
 
 # -- the core's additive path API --------------------------------------------------------------
