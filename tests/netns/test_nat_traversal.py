@@ -62,7 +62,19 @@ def rank_main() -> None:
         expect = np.arange(1 << 16, dtype=np.int64) * sum(range(1, size + 1))
         out["allreduce_ok"] = bool(np.array_equal(total, expect))
         out["allgather_ok"] = comm.allgather(comm.rank) == list(range(size))
-        if scenario == "basic":
+        if scenario == "conformance":
+            # the backend conformance suite, every check in order, on the NAT'd world
+            from collectives.testing.conformance import CHECKS
+
+            failed = {}
+            for name, fn in CHECKS.items():
+                try:
+                    fn(comm)
+                except Exception as err:
+                    failed[name] = f"{type(err).__name__}: {err}"[:300]
+            out["conformance_checks"] = len(CHECKS)
+            out["conformance_failed"] = failed
+        elif scenario == "basic":
             _wait_settled(comm, 3.0)
             out["goodput_mib_s"] = _goodput(comm, 32 * MIB)
         elif scenario.startswith("goodput"):
@@ -267,3 +279,23 @@ def test_relay_to_direct_upgrade_during_a_large_broadcast(make_topology: Any) ->
         assert r["counters"]["relayed_in"] + r["counters"]["relayed_out"] > 0, r
     # Part of the broadcast reached rank 1 directly: the switch came during it.
     assert results[1]["counters"]["relayed_in"] < nbytes // 1200, results[1]["counters"]
+
+
+@pytest.mark.parametrize(
+    ("kinds", "expect"),
+    [
+        ((NatKind.PORT_RESTRICTED, NatKind.PORT_RESTRICTED), "punched"),
+        ((NatKind.SYMMETRIC, NatKind.SYMMETRIC), "relayed"),
+    ],
+    ids=["punched", "relayed"],
+)
+def test_the_conformance_suite_passes_across_nats(
+    make_topology: Any, kinds: tuple[NatKind, NatKind], expect: str
+) -> None:
+    topo = make_topology(list(kinds))
+    _start_server(topo)
+    results = _run_ranks(topo, "conformance")
+    _check(results, expect)
+    for r in results:
+        assert r["conformance_checks"] > 10, r
+        assert r["conformance_failed"] == {}, r["conformance_failed"]
