@@ -9,8 +9,9 @@ everything here runs holding the engine's lock except :meth:`Inbox._hand_over`.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
@@ -66,14 +67,45 @@ class _Queued:
 class Inbox:
     """The engine's receive-side state and the core's allocator (a mixin of ``Engine``)."""
 
+    lock: threading.Lock
     boxes: dict[Key, deque[_Queued | CollectivesError]]
     landings: dict[Key, Landing]
+    _offered: dict[Key, Landing]
     counters: dict[str, int]
     _incoming: dict[Key, deque[_Incoming]]
     _pool: BufferPool
     _codec: Callable[[], CodecOptions]
     # header bytes -> (the options it was checked with, the parsed header: frozen, shareable)
     _headers: dict[bytes, tuple[CodecOptions, Header]]
+
+    def offer(self, offers: Sequence[tuple[int, int, memoryview]]) -> None:
+        """Offer ``(src, channel, into)`` buffers ahead of their takes (which should pass the
+        same ``into``): the next message of each queue lands in its buffer even while the
+        caller still waits for another peer.  A gather takes one peer at a time; without this
+        the messages of the peers not waited for yet went to pool buffers (a page fault per
+        4 KiB written) and were copied into the caller's blocks afterwards: a 4-rank fan-in
+        of 24 MB per rank cost the root 104 ms of CPU, 63 ms with this and a pool buffer per peer.
+        Queues that already hold a message get no offer (FIFO: that one comes first)."""
+        with self.lock:
+            for src, channel, into in offers:
+                key = (src, channel)
+                if key in self.landings or self.boxes.get(key) or self._incoming.get(key):
+                    continue
+                self._offered[key] = self.landings[key] = Landing(into)
+
+    def withdraw(self, keys: Sequence[tuple[int, int]]) -> None:
+        """Drop the offers of :meth:`offer` whose ``take`` did not run (the op failed; like a
+        timed-out receive's buffer, one already claimed may still be written until the
+        communicator, which a failed op poisons, is aborted)."""
+        with self.lock:
+            for key in keys:
+                landing = self._offered.pop(key, None)
+                if landing is not None:
+                    self._withdraw(key, landing)
+
+    def _withdraw(self, key: Key, landing: Landing) -> None:
+        if self.landings.get(key) is landing:
+            del self.landings[key]  # unclaimed: later messages go to the pool again
 
     def _hand_over(self, item: _Queued, into: memoryview | None) -> Taken:
         """A queued message for a ``take`` (outside the lock): copied into ``into`` when it

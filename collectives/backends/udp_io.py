@@ -24,7 +24,8 @@ per message, in FIFO order per ``(peer, channel)``, when its meta is complete.  
 in the meta is checked there (:func:`collectives.codec.check_header` with the receiver's
 options) before anything is allocated, and the body goes straight into a waiting ``_take``'s
 buffer when it is that receive's next message and :func:`~collectives.backends.p2p.lands_in`
-says it fits; otherwise into a pool buffer (large) or a fresh one; a receive with a buffer that
+says it fits, or in a buffer offered ahead of its take (:meth:`Engine.offer`, a fan-in's
+blocks); otherwise into a pool buffer (large) or a fresh one; a receive with a buffer that
 comes later gets a copy (memcpy: a tenth of the cost of first-touch page faults) and the pool
 its buffer back.  A message
 whose meta is malformed still drains (the bytes are the peer's credit) into a scratch buffer and
@@ -114,6 +115,7 @@ class Engine(Inbox, Health):
         self.boxes: dict[Key, deque[_Queued | CollectivesError]] = {}
         self._incoming: dict[Key, deque[_Incoming]] = {}
         self.landings: dict[Key, Landing] = {}
+        self._offered: dict[Key, Landing] = {}  # see Inbox.offer
         self.outstanding: dict[int, set[int]] = {p: set() for p in range(size) if p != rank}
         self.unframed: dict[int, set[int]] = {p: set() for p in range(size) if p != rank}
         self.connected: set[int] = set()
@@ -132,7 +134,7 @@ class Engine(Inbox, Health):
             "caller_turns": 0,  # turns taken by waiting callers
             "io_turns": 0,  # turns taken by the IO thread
         }
-        self._pool = BufferPool()
+        self._pool = BufferPool(per_size=max(2, size - 1))  # one per peer: see BufferPool
         self._headers: dict[bytes, tuple[CodecOptions, Header]] = {}
         self._rbuf = bytearray(RECV_BYTES + 1)
         self._rview = memoryview(self._rbuf)
@@ -244,8 +246,10 @@ class Engine(Inbox, Health):
             if self._held:
                 self._release_held()  # before any wait: the peer may need it to answer
             queue = self.boxes.setdefault(key, deque())
-            landing = None
-            if into is not None and not queue and not self._incoming.get(key):
+            # An offered buffer serves this take whatever ``into`` is: its message may be in it
+            # already (the caller copies from it when it is not ``into``).
+            landing = self._offered.pop(key, None)
+            if landing is None and into is not None and not queue and not self._incoming.get(key):
                 landing = self.landings[key] = Landing(into)
 
             def ready() -> bool:
@@ -270,6 +274,9 @@ class Engine(Inbox, Health):
 
     def has_message(self, src: int, channel: int) -> bool:
         with self.lock:
+            offered = self._offered.get((src, channel))
+            if offered is not None and offered.result is not None:
+                return True  # landed in an offered buffer (see offer)
             return bool(self.boxes.get((src, channel)))
 
     def _drive(self, ready: Callable[[], bool], peer: int, dl: Deadline, what: str | None) -> None:

@@ -289,9 +289,14 @@ class UdpSocket:
 class BufferPool:
     """Receive buffers of large message bodies, kept for the next message of the same size:
     writing into fresh memory costs a page fault per 4 KiB (about a tenth of memcpy's speed).
-    Bounded in bytes; thread-safe."""
+    Bounded in bytes; thread-safe.
 
-    def __init__(self) -> None:
+    ``per_size`` buffers of each size are kept: a fan-in has every peer's body of one size in
+    flight at once, so a rank with ``n`` peers wants ``n`` of them (with two, the third peer
+    of a 4-rank fan-in wrote into fresh memory on every op)."""
+
+    def __init__(self, per_size: int = _POOL_PER_SIZE) -> None:
+        self._per_size = max(per_size, 1)
         self._free: dict[int, list[memoryview]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
@@ -308,7 +313,7 @@ class BufferPool:
         nbytes = buf.nbytes
         with self._lock:
             free = self._free.setdefault(nbytes, [])
-            if len(free) < _POOL_PER_SIZE and self._bytes + nbytes <= POOL_BYTES:
+            if len(free) < self._per_size and self._bytes + nbytes <= POOL_BYTES:
                 free.append(buf)
                 self._bytes += nbytes
 

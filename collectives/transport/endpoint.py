@@ -47,6 +47,10 @@ COUNTERS = (
     "frames_sealed",
     "frames_opened",
     "retransmitted_segments",
+    "lost_segments",
+    "probe_timeouts",
+    "window_full",
+    "paced",
     "dropped_malformed",
     "dropped_wrong_cluster",
     "dropped_foreign",
@@ -460,4 +464,10 @@ class Endpoint:
         """The counters of docs/udp-transport.md ("Counters"), plus packets in flight."""
         out = dict(self._counters)
         out["sessions"] = sum(s.state is State.ESTABLISHED for s in self._sessions.values())
+        # Gauges of the worst peer: its RTT estimate (us, what its probe timeout is made of) and
+        # the largest congestion window (bytes).
+        recs = [s.out.recovery for s in self._sessions.values() if s.out is not None]
+        out["srtt_us_max"] = int(max((r.rtt.smoothed for r in recs), default=0.0) * 1e6)
+        out["rttvar_us_max"] = int(max((r.rtt.rttvar for r in recs), default=0.0) * 1e6)
+        out["cwnd_max"] = max((r.cwnd for r in recs), default=0)
         return out

@@ -68,7 +68,9 @@ class Outbound:
         now: float,
     ) -> None:
         result = self.recovery.on_ack([*acked, *pending], ack_delay, now)
-        self._resend.extend(p for p in result.lost if p.data is not None)
+        if result.lost:
+            self._counters["lost_segments"] += len(result.lost)
+            self._resend.extend(p for p in result.lost if p.data is not None)
         for first in rejected:
             frame = self.frames.get(first)
             if frame is not None:  # resent whole: the receiver dropped what it had of it
@@ -102,8 +104,11 @@ class Outbound:
 
     def on_timeout(self, now: float) -> None:
         result = self.recovery.on_timeout(now)
-        self._resend.extend(p for p in result.lost if p.data is not None)
+        if result.lost:
+            self._counters["lost_segments"] += len(result.lost)
+            self._resend.extend(p for p in result.lost if p.data is not None)
         if result.probe:
+            self._counters["probe_timeouts"] += 1
             self.probe = True
 
     def timer(self) -> float | None:
@@ -162,11 +167,13 @@ class Outbound:
                 flight = recovery.bytes_in_flight
                 if flight and flight + plain_cap > congestion.cwnd:
                     want_data = False
+                    counters["window_full"] += 1
                 else:
                     at = recovery.next_send_time(now, plain_cap)
                     if at > now:
                         self.paced_until = at
                         want_data = False
+                        counters["paced"] += 1
             if not want_data and not controls:
                 break
             plain_len, touched, data = builder.fill(controls, queue, credit if want_data else 0)

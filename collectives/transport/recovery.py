@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .congestion import Bbr, Congestion, RateSample
+from .congestion import SHORT_RTT, Bbr, Congestion, RateSample
 from .pacing import Pacer
 from .rtt import GRANULARITY, RttEstimator
 
@@ -38,6 +38,16 @@ PACKET_THRESHOLD = 3
 TIME_THRESHOLD = 9 / 8
 #: Probe timeouts back off exponentially up to this many doublings.
 MAX_PTO_BACKOFF = 10
+#: ... but on a path whose minimum RTT is under :data:`~.congestion.SHORT_RTT` (loopback, a LAN)
+#: never to more than this between probes (nor the first one, when a busy host's scheduling
+#: delays inflated rttvar).  Silence there means a receiver that is not being scheduled or a
+#: socket buffer that overflowed, not a congested path: once the receiver is back, the transfer
+#: waits for the next probe, and an exponential series (6, 12, 24 ... 384 ms) put that up to
+#: one interval after it came back.  A receiver away for 1 s
+#: mid-transfer (100 us RTT, tests/transport/test_core_loss.py) got it 560 ms after it came
+#: back (179 ms after 0.6 s away); capped, 46 ms.  A probe is one datagram: one every 50 ms
+#: to an absent peer costs nothing next to the stall.
+SHORT_PATH_MAX_PTO = 0.05
 
 
 @dataclass(slots=True, eq=False)
@@ -475,15 +485,19 @@ class Recovery:
             var = 4 * rtt.rttvar
             pto = rtt.smoothed + (var if var > GRANULARITY else GRANULARITY) + self.max_ack_delay
             count = self.pto_count
-            deadline = last_sent + pto * (
-                1 << (count if count < MAX_PTO_BACKOFF else MAX_PTO_BACKOFF)
-            )
+            interval = pto * (1 << (count if count < MAX_PTO_BACKOFF else MAX_PTO_BACKOFF))
+            if interval > SHORT_PATH_MAX_PTO and rtt.min_rtt < SHORT_RTT:
+                interval = SHORT_PATH_MAX_PTO
+            deadline = last_sent + interval
         now = self._now
         return deadline if deadline > now else now
 
     def _pto_interval(self) -> float:
         backoff = 1 << min(self.pto_count, MAX_PTO_BACKOFF)
-        return self.rtt.pto(self.max_ack_delay) * backoff
+        pto = self.rtt.pto(self.max_ack_delay)
+        if pto * backoff > SHORT_PATH_MAX_PTO and self.rtt.min_rtt < SHORT_RTT:
+            return SHORT_PATH_MAX_PTO
+        return pto * backoff
 
     def on_timeout(self, now: float) -> TimeoutResult:
         """Run the timer ``loss_time()`` asked for (harmless if called early)."""

@@ -550,3 +550,40 @@ def _peer_closed(comm: Communicator) -> Any:
 
 def test_a_post_to_a_peer_that_closed_is_done() -> None:
     assert run_world(2, keyed(2), _peer_closed)[0] is True
+
+
+def _fan_in(comm: Communicator) -> Any:
+    import torch
+
+    n = 1 << 20  # 4 MiB per rank: pool-sized, sent without a copy
+    mine = torch.full((n,), float(comm.rank))
+    comm.barrier()
+    if comm.rank != 0:
+        time.sleep(0.3)  # the root is inside gatherv_into, its blocks offered, before we send
+        comm.gatherv_into(None, mine)
+        return None
+    before = comm.stats()
+    batch = torch.empty(comm.size, n)
+    comm.gatherv_into(list(batch), mine)
+    after = comm.stats()
+    ok = batch[:, 0].tolist() == batch[:, -1].tolist() == [float(r) for r in range(comm.size)]
+    return ok, after["landed"] - before["landed"], after["copied_in"] - before["copied_in"]
+
+
+def test_a_fan_in_lands_every_peer_in_its_block() -> None:
+    # Each peer's body is written into its block of the batch while the root waits for another
+    # peer: no pool buffer, no copy afterwards.
+    ok, landed, copied = run_world(4, keyed(4), _fan_in)[0]
+    assert ok
+    assert (landed, copied) == (3, 0)
+
+
+def test_the_buffer_pool_keeps_one_buffer_per_peer() -> None:
+    from collectives.backends.udp_socket import BufferPool
+
+    pool = BufferPool(per_size=3)
+    bufs = [pool.get(1 << 20) for _ in range(4)]
+    for buf in bufs:
+        pool.put(buf)
+    kept = [pool.get(1 << 20) for _ in range(4)]
+    assert sum(any(k is b for b in bufs) for k in kept) == 3  # the fourth is fresh

@@ -112,3 +112,29 @@ def test_session_timers_are_never_in_the_past_after_a_late_confirmation() -> Non
         if mesh.now > 1.0:
             break
     assert mesh.endpoints[1].stats()["sessions"] == 1
+
+
+def test_a_receiver_back_after_a_second_away_gets_the_transfer_within_50_ms() -> None:
+    # Loopback-like: 65000-byte datagrams, 100 us RTT.  The receiver hears nothing for 1 s
+    # mid-transfer (a busy host that did not schedule it, a buffer that overflowed): the
+    # sender's probes back off, and the transfer resumes with the first probe after it is
+    # back.  Uncapped, that probe came 560 ms later.
+    config = TransportConfig(max_datagram=65000, frame_bytes=64 * KiB, window_bytes=16 * MiB)
+    away: list[float] = []
+
+    def blackout(src: int, dst: int, data: bytes) -> list[bytes]:
+        return [] if away and away[0] <= mesh.now < away[1] else [data]
+
+    mesh = Mesh(2, config, tamper=blackout, tick=5e-5)
+    assert mesh.run_until(lambda: bool(mesh.of(0, object)) and bool(mesh.of(1, object)))
+    body = random.Random(5).randbytes(4 * MiB)
+    for n in range(1, 4):  # RTT samples: the path is a short one
+        mesh.endpoints[0].send(1, 0, b"m", [memoryview(body)], mesh.now)
+        sent = mesh.run_until(lambda n=n: len(mesh.of(0, MessageSent)) >= n, max_time=mesh.now + 5)
+        assert sent
+    away[:] = [mesh.now, mesh.now + 1.0]
+    mesh.endpoints[0].send(1, 0, b"m", [memoryview(body)], mesh.now)
+    assert mesh.run_until(lambda: len(mesh.of(1, MessageReceived)) >= 4, max_time=away[1] + 30)
+    assert bytes(mesh.of(1, MessageReceived)[-1].body) == body
+    assert mesh.now - away[1] < 0.06
+    assert mesh.endpoints[0].stats()["probe_timeouts"] >= 5

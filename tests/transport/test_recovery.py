@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collectives.transport.congestion import INITIAL_WINDOW_BYTES, RateSample
-from collectives.transport.recovery import Recovery, SentPacket
+from collectives.transport.recovery import SHORT_PATH_MAX_PTO, Recovery, SentPacket
 
 MSS = 1200
 
@@ -191,6 +192,57 @@ def test_pto_fires_backs_off_and_resets_on_ack() -> None:
     send(rec, [1], 3 * pto)
     rec.on_ack([(1, 2)], 0.0, 3 * pto + 0.05)
     assert rec.pto_count == 0
+
+
+def _probe_intervals(rtt: float, probes: int) -> list[float]:
+    """The gaps between successive probes of an unanswered sender, after one RTT sample."""
+    rec = make(Recorder(), rtt=0.1, max_ack_delay=0.005)
+    send(rec, [0], 0.0)
+    rec.on_ack([(0, 1)], 0.0, rtt)  # min_rtt = rtt
+    now = rtt
+    send(rec, [1], now)
+    gaps = []
+    for _ in range(probes):
+        at = rec.loss_time()
+        assert at is not None
+        gaps.append(at - now)
+        now = at
+        assert rec.on_timeout(now).probe
+        pkt = rec.oldest_unacked()
+        assert pkt is not None
+        rec.on_resent(pkt, now)
+    return gaps
+
+
+def test_probes_on_a_short_path_back_off_to_at_most_50_ms() -> None:
+    # A sub-ms path is silent because its receiver is not scheduled (or a buffer overflowed):
+    # when it is back, the next probe must come soon, not after seconds of backoff.
+    gaps = _probe_intervals(100e-6, 10)
+    assert gaps[1] == pytest.approx(2 * gaps[0])  # still backs off at first
+    assert max(gaps) == pytest.approx(SHORT_PATH_MAX_PTO)
+    assert sum(gaps) < 0.5
+
+
+def test_a_short_path_probes_within_50_ms_even_with_a_noisy_rtt() -> None:
+    # A busy host: one sample of 100 us, then scheduling delays of 20-40 ms inflate rttvar; the
+    # plain PTO would be ~70 ms.
+    rec = make(Recorder(), rtt=0.1, max_ack_delay=0.005)
+    now = 0.0
+    for i, sample in enumerate([100e-6, 0.02, 0.04, 0.001, 0.03]):
+        send(rec, [i], now)
+        now += sample
+        rec.on_ack([(i, i + 1)], 0.0, now)
+    assert rec.rtt.pto(0.005) > 1.2 * SHORT_PATH_MAX_PTO
+    send(rec, [9], now)
+    at = rec.loss_time()
+    assert at is not None and at - now == pytest.approx(SHORT_PATH_MAX_PTO)
+
+
+def test_probes_on_a_long_path_back_off_exponentially() -> None:
+    gaps = _probe_intervals(0.02, 6)
+    for a, b in itertools.pairwise(gaps):
+        assert b == pytest.approx(2 * a)
+    assert gaps[-1] > 1.0
 
 
 def test_no_timer_without_ack_eliciting_packets_in_flight() -> None:
