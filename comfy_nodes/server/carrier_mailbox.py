@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import concurrent.futures
-import json
 import logging
 import math
 import os
@@ -55,7 +53,9 @@ from comfy_nodes.server.carrier import (
     Carrier,
     ControlUnreachableError,
     Handler,
+    UdpCarrier,
 )
+from comfy_nodes.server.exchange import Exchange
 from comfy_nodes.server.seal import DROP_REASONS, MAX_DATAGRAM, Envelope, Refusal, Seal
 
 log = logging.getLogger("comfy_cluster")
@@ -68,7 +68,6 @@ PART_BYTES = 2400  # base64 makes 3200 characters: well under the server's 4 KiB
 MAX_PARTS = math.ceil(MAX_DATAGRAM / PART_BYTES)
 _MAX_PART_CHARS = 4 * math.ceil(PART_BYTES / 3)
 _PENDING_SETS = 64  # part sets being assembled at once; the oldest is dropped beyond
-_REPLIES_KEPT = 1024
 _RETRY_S = 1.0  # an event posted is stored: repeat only in case it was lost (ring, restart)
 _MAX_RETRY_S = 4.0
 _POLL_S = 10.0
@@ -87,12 +86,14 @@ class MailboxCarrier:
         client: Callable[[], StunClient],
         *,
         poll_s: float = _POLL_S,
+        exchange: Exchange | None = None,
     ) -> None:
         """``client`` makes a :class:`StunClient` of this cluster (two are made: one posts, one
-        long-polls, each with its own connections)."""
+        long-polls, each with its own connections).  ``exchange``: the UDP carrier's, so that a
+        request reaching this rank both ways still runs once."""
         self.rank = rank
         self._seal = seal
-        self._handler = handler
+        self.exchange = exchange if exchange is not None else Exchange(rank, handler)
         self._post_client = client()
         self._poll_client = client()
         self._poll_s = poll_s
@@ -100,11 +101,7 @@ class MailboxCarrier:
         self.posted = 0
         self._lock = threading.Lock()
         self._poster: str | None = None
-        self._waiting: dict[str, tuple[threading.Event, list[dict[str, Any]]]] = {}
-        self._handling: set[tuple[int, str]] = set()
-        self._answered: OrderedDict[tuple[int, str], bytes] = OrderedDict()  # replies' JSON
         self._parts: OrderedDict[str, tuple[float, int, dict[int, bytes]]] = OrderedDict()
-        self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="cluster-mbox")
         self._closed = threading.Event()
         self.ready = threading.Event()  # set once the mailbox has been read (its start)
         self._thread = threading.Thread(target=self._run, name="cluster-mailbox", daemon=True)
@@ -114,35 +111,29 @@ class MailboxCarrier:
     def request(
         self, rank: int, address: Address, kind: str, body: dict[str, Any], timeout: float
     ) -> dict[str, Any]:
-        msg_id = secrets.token_hex(8)
-        done, box = threading.Event(), list[dict[str, Any]]()
-        with self._lock:
-            self._waiting[msg_id] = (done, box)
-        deadline, pause, why = time.monotonic() + timeout, _RETRY_S, "no answer"
-        envelope = Envelope(
-            self.rank, msg_id, KIND_PREFIX + kind, False, {"to": rank, "body": body}
-        )
-        try:
-            while True:
-                try:
-                    self._post(rank, self._seal.seal(envelope))  # a fresh seal each time
-                except RendezvousError as err:
-                    why = str(err)
-                    log.debug("control %s to rank %d through the mailbox: %s", kind, rank, err)
-                remaining = deadline - time.monotonic()
-                if done.wait(min(pause, max(remaining, 0.0))):
-                    return box[0]
-                if time.monotonic() >= deadline or self._closed.is_set():
-                    raise ControlUnreachableError(
-                        f"rank {rank} did not answer a {kind!r} control message through the "
-                        f"rendezvous server's mailbox ({SERVER_ENV}) within {timeout:g} s "
-                        f"({why})",
-                        rank,
-                    )
-                pause = min(pause * 2, _MAX_RETRY_S)
-        finally:
-            with self._lock:
-                self._waiting.pop(msg_id, None)
+        why = ["no answer"]
+
+        def send(msg_id: str) -> None:
+            envelope = Envelope(
+                self.rank, msg_id, KIND_PREFIX + kind, False, {"to": rank, "body": body}
+            )
+            try:
+                self._post(rank, self._seal.seal(envelope))  # a fresh seal each time
+            except RendezvousError as err:
+                why[0] = str(err)
+                log.debug("control %s to rank %d through the mailbox: %s", kind, rank, err)
+
+        def unreachable() -> Exception:
+            return ControlUnreachableError(
+                f"rank {rank} did not answer a {kind!r} control message through the rendezvous "
+                f"server's mailbox ({SERVER_ENV}) within {timeout:g} s ({why[0]})",
+                rank,
+            )
+
+        return self.exchange.call(
+            send, timeout, retry_s=_RETRY_S, max_retry_s=_MAX_RETRY_S, closed=self._closed,
+            unreachable=unreachable,
+        )  # fmt: skip
 
     def _post(self, to: int, datagram: bytes) -> None:
         """``datagram`` as events for rank ``to``, under a live member's id."""
@@ -183,7 +174,7 @@ class MailboxCarrier:
         # A long-poll in flight is not interrupted by closing its client: the thread ends when
         # it returns (within poll_s), finding the carrier closed; nothing waits for it here.
         self._thread.join(0.1)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.exchange.close()
 
     # -- receiving -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -279,52 +270,18 @@ class MailboxCarrier:
             inner,
         )  # fmt: skip
         if opened.reply:
-            self._replied(opened)
+            self.exchange.replied(opened)
         else:
-            self._requested(opened)
+            self.exchange.requested(opened, MAILBOX_ADDRESS, self._reply)
 
-    def _replied(self, envelope: Envelope) -> None:
-        with self._lock:
-            waiting = self._waiting.get(envelope.msg_id)
-        if waiting is not None and not waiting[0].is_set():
-            waiting[1].append(envelope.body)
-            waiting[0].set()
-
-    def _requested(self, envelope: Envelope) -> None:
-        key = (envelope.sender, envelope.msg_id)
-        with self._lock:
-            answer = self._answered.get(key)
-            busy = key in self._handling
-            if answer is None and not busy:
-                self._handling.add(key)
-        if answer is not None:  # a repeat: its reply was lost; the same reply, sealed afresh
-            self._pool.submit(self._reply, envelope, answer)
-        elif not busy:
-            self._pool.submit(self._handle, envelope)
-
-    def _handle(self, envelope: Envelope) -> None:
-        key = (envelope.sender, envelope.msg_id)
+    def _reply(self, request: Envelope, body: dict[str, Any]) -> None:
+        kind = KIND_PREFIX + request.kind
+        wrapped = {"to": request.sender, "body": body}
         try:
-            body = self._handler(envelope, MAILBOX_ADDRESS)
-        except Exception as err:  # a bug in a handler must not leave the sender retrying
-            log.exception("control %s from rank %d", envelope.kind, envelope.sender)
-            body = {"ok": False, "error": f"{type(err).__name__}: {err}"}
-        encoded = json.dumps(body, separators=(",", ":")).encode()  # kept immutable
-        with self._lock:
-            self._handling.discard(key)
-            self._answered[key] = encoded
-            while len(self._answered) > _REPLIES_KEPT:
-                self._answered.popitem(last=False)
-        self._reply(envelope, encoded)
-
-    def _reply(self, envelope: Envelope, encoded: bytes) -> None:
-        body = {"to": envelope.sender, "body": json.loads(encoded)}
-        kind = KIND_PREFIX + envelope.kind
-        try:
-            reply = self._seal.seal(Envelope(self.rank, envelope.msg_id, kind, True, body))
-            self._post(envelope.sender, reply)
+            reply = self._seal.seal(Envelope(self.rank, request.msg_id, kind, True, wrapped))
+            self._post(request.sender, reply)
         except (RendezvousError, ValueError) as err:
-            log.debug("control reply to rank %d through the mailbox: %s", envelope.sender, err)
+            log.debug("control reply to rank %d through the mailbox: %s", request.sender, err)
 
 
 class FallbackCarrier:
@@ -388,7 +345,7 @@ class FallbackCarrier:
 
 
 def with_mailbox(
-    udp: Carrier,
+    udp: UdpCarrier,
     rank: int,
     seal: Seal,
     handler: Handler,
@@ -400,5 +357,7 @@ def with_mailbox(
     variables, as the udp backend reads them)."""
     env = dict(os.environ if environ is None else environ)
     StunClient.from_env(env, key).close()  # a ConfigurationError now, naming the variable
-    mailbox = MailboxCarrier(rank, seal, handler, lambda: StunClient.from_env(env, key))
+    mailbox = MailboxCarrier(
+        rank, seal, handler, lambda: StunClient.from_env(env, key), exchange=udp.exchange
+    )
     return FallbackCarrier(udp, mailbox)

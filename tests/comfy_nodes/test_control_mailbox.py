@@ -92,7 +92,9 @@ class _Rank:
             rank, ("127.0.0.1", 0), seal, handler, port_env="COMFY_CLUSTER_CONTROL_PORT"
         )
         factory: Callable[[], StunClient] = lambda: stun_client(server)  # noqa: E731
-        self.mailbox = MailboxCarrier(rank, seal, handler, factory, poll_s=2.0)
+        self.mailbox = MailboxCarrier(
+            rank, seal, handler, factory, poll_s=2.0, exchange=self.udp.exchange
+        )
         self.carrier = FallbackCarrier(self.udp, self.mailbox)
         assert self.mailbox.ready.wait(10.0)
 
