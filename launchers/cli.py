@@ -160,13 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, ns = parse_command(args)
         if ns.join is None:
             return launch(config)
-        from .join import apply_claim, joining
+        from .join import run_joined
 
-        with joining(
-            ns.join, nproc=config.nproc, world_size=config.world_size,
-            first_rank=ns.node_rank_offset, backend=config.backend,
-        ) as claim:  # fmt: skip
-            return launch(apply_claim(config, claim))
+        return run_joined(config, ns.join, ns.node_rank_offset, launch)
     except (UsageError, ConfigurationError) as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -268,13 +268,9 @@ def main(argv: Sequence[str]) -> int:
         config, ns = parse_command(argv)
         if ns.join is None:
             return run(config)
-        from .join import apply_claim, joining
+        from .join import run_joined
 
-        with joining(
-            ns.join, nproc=config.nproc, world_size=config.world_size,
-            first_rank=ns.node_rank_offset, backend=config.backend,
-        ) as claim:  # fmt: skip
-            return run(apply_claim(config, claim))
+        return run_joined(config, ns.join, ns.node_rank_offset, run)
     except (cli.UsageError, ConfigurationError) as exc:
         message = " ".join(str(exc).split())
         print(f"{cli.PROG} {SUBCOMMAND}: error: {message}", file=sys.stderr)

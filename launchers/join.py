@@ -31,7 +31,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TextIO, TypeVar
 
@@ -334,3 +334,17 @@ __all__ = [
     "joining",
     "load_invite",
 ]
+
+
+def run_joined(
+    config: ConfigT, token: str | None, first_rank: int | None, run: Callable[[ConfigT], int]
+) -> int:
+    """``run(config)``; with an invite ``token``, on the ranks claimed from its server, the
+    claims held (heartbeated) while it runs and released after."""
+    if token is None:
+        return run(config)
+    with joining(
+        token, nproc=config.nproc, world_size=config.world_size, first_rank=first_rank,
+        backend=config.backend,
+    ) as claim:  # fmt: skip
+        return run(apply_claim(config, claim))
