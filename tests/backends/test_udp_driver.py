@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ from collectives.errors import (
     RendezvousTimeoutError,
 )
 from collectives.world import init
+from tests.backends.udp_worlds import run_world
 
 KEY_TEXT = "udp-driver-test-key-0123456789abcdef"
 
@@ -261,40 +262,7 @@ def test_a_world_of_one_needs_nothing() -> None:
         comm.close()
 
 
-# -- in-process worlds of real endpoints ---------------------------------------------------------
-def run_world(
-    n: int, env: dict[str, str], fn: Callable[[Communicator], Any], timeout: float = 20.0
-) -> list[Any]:
-    """``fn(comm)`` on ``n`` udp ranks, each a thread of this process, with ``env``."""
-    results: list[Any] = [None] * n
-    errors: list[BaseException | None] = [None] * n
-
-    def main(rank: int) -> None:
-        try:
-            comm = init("udp", rank=rank, size=n, environ=env, timeout=timeout)
-        except BaseException as err:
-            errors[rank] = err
-            return
-        try:
-            results[rank] = fn(comm)
-        except BaseException as err:
-            errors[rank] = err
-            comm.abort(repr(err))
-        finally:
-            comm.close()
-
-    threads = [threading.Thread(target=main, args=(r,), daemon=True) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout + 30)
-    assert not any(t.is_alive() for t in threads), "a rank hung"
-    for err in errors:
-        if err is not None:
-            raise err
-    return results
-
-
+# -- in-process worlds of real endpoints (tests/backends/udp_worlds.py) --------------------------
 def keyed(n: int, **extra: str) -> dict[str, str]:
     return _static_env(n, COMFY_CLUSTER_KEY=KEY_TEXT, **extra)
 

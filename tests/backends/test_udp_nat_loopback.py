@@ -9,9 +9,8 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from collectives.rendezvous.stun_client import (
     server_url,
 )
 from collectives.world import init
+from tests.backends.udp_worlds import run_world
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "nat-loopback-test-key-0123456789abcdef"
@@ -95,38 +95,6 @@ def nat_env(server: Server, cluster: str = CLUSTER, **extra: str) -> dict[str, s
         "COMFY_CLUSTER_LISTEN_ADDRESS": "127.0.0.1",
         **extra,
     }
-
-
-def run_world(
-    n: int, env: dict[str, str], fn: Callable[[Communicator], Any], timeout: float = 20.0
-) -> list[Any]:
-    results: list[Any] = [None] * n
-    errors: list[BaseException | None] = [None] * n
-
-    def main(rank: int) -> None:
-        try:
-            comm = init("udp", rank=rank, size=n, environ=env, timeout=timeout)
-        except BaseException as err:
-            errors[rank] = err
-            return
-        try:
-            results[rank] = fn(comm)
-        except BaseException as err:
-            errors[rank] = err
-            comm.abort(repr(err))
-        finally:
-            comm.close()
-
-    threads = [threading.Thread(target=main, args=(r,), daemon=True) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout + 30)
-    assert not any(t.is_alive() for t in threads), "a rank hung"
-    for err in errors:
-        if err is not None:
-            raise err
-    return results
 
 
 # -- the HTTP client ---------------------------------------------------------------------------

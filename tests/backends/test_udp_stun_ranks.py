@@ -25,7 +25,8 @@ from collectives.communicator import Communicator
 from collectives.errors import ConfigurationError
 from collectives.rendezvous.stun_client import StunClient, StunConflictError
 from collectives.world import init
-from tests.backends.stun_helpers import KEY, run_world, stun_env
+from tests.backends.stun_helpers import KEY, stun_env
+from tests.backends.udp_worlds import run_world
 from tests.stun.server_proc import REPO, StunProcess
 
 CLUSTERS = ("sized", "fromserver", "nosize", "leave", "crash", "paths", "late")

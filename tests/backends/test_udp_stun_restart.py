@@ -20,7 +20,8 @@ import pytest
 from collectives.auth import ClusterKey
 from collectives.communicator import Communicator
 from collectives.rendezvous.stun_client import Members, StunClient
-from tests.backends.stun_helpers import KEY, run_world, stun_env
+from tests.backends.stun_helpers import KEY, stun_env
+from tests.backends.udp_worlds import run_world
 from tests.stun.server_proc import StunProcess
 
 HEARTBEAT_S = 1.0

@@ -35,7 +35,8 @@ from collectives.communicator import Communicator
 from collectives.errors import ConfigurationError
 from collectives.rendezvous.stun_client import StunClient, TlsVerifyError, server_url
 from collectives.world import init
-from tests.backends.stun_helpers import KEY, run_world, stun_env
+from tests.backends.stun_helpers import KEY, stun_env
+from tests.backends.udp_worlds import run_world
 from tests.stun.server_proc import REPO, free_port
 
 _SERVE = """
