@@ -204,12 +204,7 @@ class UdpCore:
             if self.stun_limiter.allow(addr[0]) > 0:
                 c.stun_rate_limited += 1
                 return
-            answer = stun.Message(
-                stun.Method.BINDING,
-                stun.Class.RESPONSE,
-                msg.transaction_id,
-                {"XOR-MAPPED-ADDRESS": addr},
-            )
+            answer = _mapped(msg, addr)
             answer.add_fingerprint()
             self.send(bytes(answer), addr)
             c.stun_plain += 1
@@ -219,12 +214,7 @@ class UdpCore:
             # never answered: an unanswered guess teaches nothing
             c.stun_bad_integrity += 1
             return
-        answer = stun.Message(
-            stun.Method.BINDING,
-            stun.Class.RESPONSE,
-            msg.transaction_id,
-            {"XOR-MAPPED-ADDRESS": addr},
-        )
+        answer = _mapped(msg, addr)
         answer.add_message_integrity(member.token)
         self.send(bytes(answer), addr)
         c.stun_authenticated += 1
@@ -279,3 +269,13 @@ def _hint_addr(addr: Addr) -> bytes | None:
 
 def _unset_send(data: bytes, addr: Addr) -> None:
     raise RuntimeError("UdpCore.send is set by the server that owns the socket")
+
+
+def _mapped(request: stun.Message, addr: Addr) -> stun.Message:
+    """The binding response telling ``addr`` what it looks like from here."""
+    return stun.Message(
+        stun.Method.BINDING,
+        stun.Class.RESPONSE,
+        request.transaction_id,
+        {"XOR-MAPPED-ADDRESS": addr},
+    )

@@ -125,67 +125,63 @@ class UdpServer:
         self._transport.sendto(data, addr)
 
     def _run(self) -> None:
-        if self.gro:
-            self._run_gro()
-            return
+        """Wait for datagrams, then read up to ``DRAIN_BATCH`` of them (or GRO batches) before
+        waiting again; one bad datagram never ends the port."""
         assert self._sock is not None
         sock = self._sock
-        recv = sock.recvfrom
-        handle = self.core.handle
-        size = self.core.max_datagram + 1  # one byte more, to see that a datagram is too big
+        read = self._gro_reader(sock) if self.gro else self._plain_reader(sock)
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
-        six = sock.family == socket.AF_INET6
         while not self._stop.is_set():
             if not poller.poll(POLL_MS):
                 continue
             for _ in range(DRAIN_BATCH):
                 try:
-                    data, addr = recv(size)
+                    read()
                 except BlockingIOError:
                     break
                 except OSError:
                     if self._stop.is_set():
                         return
                     break
-                try:
-                    handle(data, addr[:2] if six else addr)
-                except Exception:  # one bad datagram must not end the port
-                    log.exception("UDP datagram from %s", addr)
 
-    def _run_gro(self) -> None:
-        """:meth:`_run` with ``recvmsg_into`` and the GRO segment size of each read."""
-        assert self._sock is not None
-        sock = self._sock
+    def _plain_reader(self, sock: socket.socket) -> Callable[[], None]:
+        """Reads and handles one datagram (raises the socket's errors)."""
+        recv, handle = sock.recvfrom, self.core.handle
+        size = self.core.max_datagram + 1  # one byte more, to see that a datagram is too big
+        six = sock.family == socket.AF_INET6
+
+        def read() -> None:
+            data, addr = recv(size)
+            try:
+                handle(data, addr[:2] if six else addr)
+            except Exception:
+                log.exception("UDP datagram from %s", addr)
+
+        return read
+
+    def _gro_reader(self, sock: socket.socket) -> Callable[[], None]:
+        """The same with ``recvmsg_into`` and the GRO segment size of each read: a batch of
+        equal segments goes to the relay at once."""
         buf = bytearray(RECV_BYTES)
         ancsize = socket.CMSG_SPACE(4)
         recv = sock.recvmsg_into
-        core = self.core
-        handle, relay_batch = core.handle, core.relay_batch
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        handle, relay_batch = self.core.handle, self.core.relay_batch
         six = sock.family == socket.AF_INET6
-        while not self._stop.is_set():
-            if not poller.poll(POLL_MS):
-                continue
-            for _ in range(DRAIN_BATCH):
-                try:
-                    n, anc, _flags, addr = recv([buf], ancsize)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    if self._stop.is_set():
-                        return
-                    break
-                source = addr[:2] if six else addr
-                try:
-                    segment = _segment(anc)
-                    if segment is not None and 0 < segment < n:
-                        relay_batch(buf, n, segment, source)
-                    else:
-                        handle(bytes(buf[:n]), source)
-                except Exception:  # one bad datagram must not end the port
-                    log.exception("UDP datagram from %s", addr)
+
+        def read() -> None:
+            n, anc, _flags, addr = recv([buf], ancsize)
+            source = addr[:2] if six else addr
+            try:
+                segment = _segment(anc)
+                if segment is not None and 0 < segment < n:
+                    relay_batch(buf, n, segment, source)
+                else:
+                    handle(bytes(buf[:n]), source)
+            except Exception:
+                log.exception("UDP datagram from %s", addr)
+
+        return read
 
     async def stop(self) -> None:
         self._stop.set()
