@@ -25,6 +25,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from collectives.backends.udp_socket import (
+    SOL_UDP,
+    UDP_SEGMENT,
+    enable_gro,
+    gro_segment,
+    has_gso,
+)
+
 from .registry import Addr
 from .udp_core import UdpCore
 
@@ -32,9 +40,6 @@ log = logging.getLogger("comfycluster.stun.udp")
 SOCKET_BUFFER = 4 * 1024 * 1024
 DRAIN_BATCH = 256  # datagrams read per poll wake-up before checking for stop
 POLL_MS = 250  # how often an idle thread looks at the stop flag
-SOL_UDP = 17
-UDP_SEGMENT = 103  # Linux: send one buffer as datagrams of the given size (GSO)
-UDP_GRO = 104  # Linux: receive a flow's datagrams coalesced, with their size (GRO)
 GSO_MAX_SEGMENTS = 64  # the kernel refuses a segmented send of more
 GSO_MAX_BYTES = 65000  # and one of more than an IP packet's payload
 RECV_BYTES = 65535  # a GRO read returns at most this much
@@ -81,8 +86,8 @@ class UdpServer:
 
             self.core.post = post
             self.core.send = self._send_socket
-            self.gro = _enable(sock, UDP_GRO)
-            self.gso = self.gro and _has(sock, UDP_SEGMENT)
+            self.gro = enable_gro(sock)
+            self.gso = self.gro and has_gso(sock)
             if self.gso:
                 self.core.send_batch = self._send_segmented
             self._thread = threading.Thread(target=self._run, name="stun-udp", daemon=True)
@@ -173,7 +178,7 @@ class UdpServer:
             n, anc, _flags, addr = recv([buf], ancsize)
             source = addr[:2] if six else addr
             try:
-                segment = _segment(anc)
+                segment = gro_segment(anc)
                 if segment is not None and 0 < segment < n:
                     relay_batch(buf, n, segment, source)
                 else:
@@ -191,33 +196,6 @@ class UdpServer:
             self._transport.close()
         elif self._sock is not None:
             self._sock.close()
-
-
-def _segment(anc: list[tuple[int, int, bytes]]) -> int | None:
-    for level, kind, value in anc:
-        if level == SOL_UDP and kind == UDP_GRO and len(value) >= 2:
-            return int.from_bytes(value[: 4 if len(value) >= 4 else 2], sys.byteorder)
-    return None
-
-
-def _enable(sock: socket.socket, option: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        sock.setsockopt(SOL_UDP, option, 1)
-    except OSError:
-        return False
-    return True
-
-
-def _has(sock: socket.socket, option: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        sock.getsockopt(SOL_UDP, option)
-    except OSError:
-        return False
-    return True
 
 
 class _Protocol(asyncio.DatagramProtocol):

@@ -127,8 +127,8 @@ class UdpSocket:
         self.address: Address = (str(bound[0]), int(bound[1]))
         rcvbuf = _grow(self.sock, socket.SO_RCVBUF, _SO_RCVBUFFORCE, "net.core.rmem_max")
         sndbuf = _grow(self.sock, socket.SO_SNDBUF, _SO_SNDBUFFORCE, "net.core.wmem_max")
-        self.info = SocketInfo(rcvbuf, sndbuf, _has_gso(self.sock), False, max_datagram)
-        self.info.gro = _enable_gro(self.sock)
+        self.info = SocketInfo(rcvbuf, sndbuf, has_gso(self.sock), False, max_datagram)
+        self.info.gro = enable_gro(self.sock)
         self._ancbuf = socket.CMSG_SPACE(4) if self.info.gro else 0
         self.refused = 0  # reads that returned an ICMP error instead of a datagram
         # Destinations an ICMP port unreachable came back for (report_unreachable), oldest first.
@@ -193,11 +193,7 @@ class UdpSocket:
                     self._drain_errors()
                     continue
                 raise
-            segment = None
-            for level, kind, value in anc:
-                if level == SOL_UDP and kind == UDP_GRO and len(value) >= 2:
-                    width = 4 if len(value) >= 4 else 2
-                    segment = int.from_bytes(value[:width], sys.byteorder)
+            segment = gro_segment(anc)
             if segment is not None and segment >= len(data):
                 segment = None  # one datagram, not a batch
             out.append((data, (str(addr[0]), int(addr[1])), segment))
@@ -223,11 +219,7 @@ class UdpSocket:
                 self._drain_errors()
                 return -1, ("", 0), None
             raise
-        segment = None
-        for level, kind, value in anc:
-            if level == SOL_UDP and kind == UDP_GRO and len(value) >= 2:
-                width = 4 if len(value) >= 4 else 2
-                segment = int.from_bytes(value[:width], sys.byteorder)
+        segment = gro_segment(anc)
         if segment is not None and (segment >= n or flags & _MSG_TRUNC):
             segment = None
         return n, (addr if len(addr) == 2 else (addr[0], addr[1])), segment
@@ -355,7 +347,8 @@ def _grow(sock: socket.socket, option: int, force: int, sysctl: str) -> int:
     return int(granted)
 
 
-def _has_gso(sock: socket.socket) -> bool:
+def has_gso(sock: socket.socket) -> bool:
+    """Whether the kernel sends ``UDP_SEGMENT`` batches from ``sock`` (Linux 4.18+)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -365,7 +358,8 @@ def _has_gso(sock: socket.socket) -> bool:
     return True
 
 
-def _enable_gro(sock: socket.socket) -> bool:
+def enable_gro(sock: socket.socket) -> bool:
+    """Ask for ``UDP_GRO`` on ``sock`` (Linux 5.0+): whether the kernel took it."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -373,6 +367,16 @@ def _enable_gro(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+def gro_segment(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The GRO segment size a ``recvmsg`` reported, or None (a single datagram)."""
+    segment = None
+    for level, kind, value in ancillary:
+        if level == SOL_UDP and kind == UDP_GRO and len(value) >= 2:
+            width = 4 if len(value) >= 4 else 2
+            segment = int.from_bytes(value[:width], sys.byteorder)
+    return segment
 
 
 __all__ = [
@@ -384,6 +388,9 @@ __all__ = [
     "Received",
     "SocketInfo",
     "UdpSocket",
+    "enable_gro",
     "fine_timer_slack",
+    "gro_segment",
+    "has_gso",
     "max_datagram_for",
 ]
