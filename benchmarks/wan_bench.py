@@ -6,9 +6,15 @@ messages; with ``--relay`` the same runs again on real sockets through the user-
 (``collectives.testing.lossy_relay``, in a child process) on loopback.  For each RTT and loss it
 reports goodput, the link's ceiling ``bandwidth * (1 - loss)`` and the ratio of the two, over the
 whole transfer (from the first send, so the handshake is excluded but the start-up ramp is not)
-and over its steady part (after a quarter of the messages arrived)::
+and over its steady part (after a quarter of the messages arrived).  Both networks move 256 MiB
+by default, so the start-up ramp weighs the same in both whole-transfer figures.
+
+``--reference`` first checks the relay itself with a flow that needs no transport: raw UDP paced
+at 105 % of the link rate (``collectives.testing.relay_reference``).  It must get ~100 % of the
+ceiling (rows ``ref``); a relay slower than its link would under-report every transport row::
 
     python -m benchmarks wan --loss 0,0.01,0.05,0.1 --rtt 50,100 --bandwidth 100Mbit --relay
+    python -m benchmarks wan --no-sim --relay --reference --rtt 50 --loss 0,0.01,0.05
 
 Loss applies to both directions (acknowledgements get lost too); the RTT is split evenly.  The
 link counts UDP payload bytes only (no IP/UDP headers), so protocol headers and AEAD tags count
@@ -22,6 +28,7 @@ import argparse
 import datetime
 import itertools
 import json
+import os
 import random
 import sys
 import time
@@ -77,11 +84,16 @@ def parser() -> argparse.ArgumentParser:
     # third of the run, so the figure measured the ramp, not the steady rate.  The steady
     # column (after a quarter of the messages) shows the rate without the ramp at any size.
     p.add_argument("--bytes", type=_size, default=256 << 20, help="per run, simulated (256M)")
-    # Real time: 64 MiB is ~5.5 s per run at 100 Mbit/s.
-    p.add_argument("--relay-bytes", type=_size, default=64 << 20, help="per run, relay (64M)")
+    # The same 256 MiB as simulated (~22 s per run at 100 Mbit/s): at 64 MiB the ramp cost the
+    # whole-transfer figure ~2 points more than at 256 MiB, on both networks.
+    p.add_argument("--relay-bytes", type=_size, default=256 << 20, help="per run, relay (256M)")
     p.add_argument("--message", type=_size, default=1 << 20, help="message size (1M)")
     p.add_argument("--relay", action="store_true", help="also through the real-socket relay")
     p.add_argument("--no-sim", action="store_true", help="skip the simulated runs")
+    p.add_argument(
+        "--reference", action="store_true", help="also raw paced UDP through the relay (ref)"
+    )
+    p.add_argument("--reference-seconds", type=float, default=5.0, help="per reference run (5)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--frame", type=_size, default=None, help="frame_bytes (default: the config's)")
     p.add_argument("--queue", type=_size, default=None, help="link queue (default 1 BDP, >=256K)")
@@ -230,6 +242,31 @@ def run_relayed(rtt: float, loss: float, args: argparse.Namespace) -> dict[str, 
     return row
 
 
+def run_reference(rtt: float, loss: float, args: argparse.Namespace) -> dict[str, Any]:
+    """The relay's own check: raw UDP paced above the link rate, no transport (see the module
+    docstring).  Same row keys as a transport run; steady is the whole flow (no ramp)."""
+    from collectives.testing.lossy_relay import RelayLink
+    from collectives.testing.relay_reference import reference_flow
+
+    bdp = int(args.bandwidth / 8 * rtt)
+    queue = args.queue or max(bdp, 256 << 10)
+    link = RelayLink(loss=loss, delay=rtt / 2, bandwidth=args.bandwidth, queue_bytes=queue)
+    result = reference_flow(link, args.reference_seconds, seed=args.seed)
+    cpu = result.relay_cpu_seconds
+    return {
+        "bytes": result.received * result.datagram,
+        "seconds": result.seconds,
+        "goodput_bps": result.delivered_bps,
+        "steady_goodput_bps": result.delivered_bps,
+        "offered_bps": result.offered_bps,
+        "sent": result.sent,
+        "received": result.received,
+        "retransmitted_segments": None,
+        "relay": {k: asdict(v) for k, v in result.relay.items()},
+        "relay_cpu_share": None if cpu is None or not result.seconds else cpu / result.seconds,
+    }
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
         f"{'net':<6} {'rtt':>6} {'loss':>6} {'bytes':>6} {'time':>8} {'goodput':>12} "
@@ -248,11 +285,22 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{'-' if steady is None else f'{steady:.1%}':>6} {r['retransmitted_segments'] or 0:>7}"
             + (
                 f"  cpu: driver {r['driver_cpu_share']:.0%} relay {r['relay_cpu_share']:.0%}"
-                if r.get("relay_cpu_share") is not None
+                if r.get("relay_cpu_share") is not None and "driver_cpu_share" in r
                 else ""
             )
+            + _relay_note(r)
+            + (f"  load {r['loadavg_1m']:.1f}" if r["net"] != "sim" and "loadavg_1m" in r else "")
         )
     return "\n".join(lines)
+
+
+def _relay_note(row: dict[str, Any]) -> str:
+    """The relay's measured loss and mean forwarding lateness: what the link really did."""
+    forward = (row.get("relay") or {}).get("forward")
+    if not forward or not forward["received"]:
+        return ""
+    late = forward["late_sum"] / max(1, forward["forwarded"])
+    return f"  link: loss {forward['lost'] / forward['received']:.2%} late {late * 1e6:.0f}us"
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
@@ -317,12 +365,13 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     started = datetime.datetime.now().astimezone()
+    wanted = {"sim": not args.no_sim, "ref": args.reference, "relay": args.relay}
     cells = [
         (net, rtt, loss)
-        for net in ("sim", "relay")
+        for net in ("sim", "ref", "relay")
         for rtt in args.rtt
         for loss in args.loss
-        if (net == "sim" and not args.no_sim) or (net == "relay" and args.relay)
+        if wanted[net]
     ]
     rows: list[dict[str, Any]] = []
     for i, (net, rtt_ms, loss) in enumerate(cells, 1):
@@ -337,12 +386,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ceiling_bps": args.bandwidth * (1 - loss),
         }
         try:
-            run = run_simulated if net == "sim" else run_relayed
+            run = {"sim": run_simulated, "ref": run_reference, "relay": run_relayed}[net]
             row.update(run(rtt_ms / 1000, loss, args))
         except Exception as exc:  # one failed cell must not hide the others
             row["error"] = f"{type(exc).__name__}: {exc}"
             print(row["error"])
         else:
+            # Real-time rows depend on what else ran: a loaded machine delays the driver and
+            # the relay, so each row keeps the 1-minute load average it ran under.
+            row["loadavg_1m"] = os.getloadavg()[0]
             row["ratio"] = row["goodput_bps"] / row["ceiling_bps"]
             steady = row["steady_goodput_bps"]
             row["steady_ratio"] = None if steady is None else steady / row["ceiling_bps"]
@@ -364,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "method": "goodput = message bytes / (last arrival - first send); steady: slope of bytes "
         f"received against time after {STEADY_FROM:.0%} of the messages; "
-        "ceiling = bandwidth * (1 - loss), UDP payload bytes",
+        "ceiling = bandwidth * (1 - loss), UDP payload bytes; ref: raw UDP paced at 105 % of "
+        "the link through the relay, no transport (the relay's own check)",
         "results": rows,
     }
     json_path = args.json or RESULTS / f"wan-{started:%Y%m%d-%H%M%S}.json"

@@ -15,8 +15,11 @@ Each direction has its own :class:`RelayLink`: a datagram waits for the link to 
 (serialisation at ``bandwidth`` bits/s: a token bucket one datagram deep, so a burst leaves at the
 link rate; a backlog above ``queue_bytes`` is tail-dropped), is lost with probability ``loss``,
 and leaves ``delay`` plus up to ``jitter`` seconds after its serialisation ends (FIFO per
-direction).  Random choices come from ``random.Random(seed)``; which datagram is lost still
-depends on arrival order, which the kernel decides, so runs repeat statistically, not exactly.
+direction).  Time starts at the datagram's kernel receive timestamp where Linux gives one, not
+when the relay thread got round to reading it, so the relay's own scheduling delays do not slow
+the emulated link down.  Random choices come from ``random.Random(seed)``; which datagram is lost
+still depends on arrival order, which the kernel decides, so runs repeat statistically, not
+exactly.
 
 One thread per relay (:meth:`LossyRelay.start`).  A relay in the same process as a Python
 sender competes with it for the GIL; :class:`RelayProcess` runs one in a child process instead,
@@ -25,12 +28,15 @@ which is what the ``wan --relay`` benchmark does.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import multiprocessing
 import random
 import selectors
 import socket
+import struct
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,11 +44,19 @@ from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any
 
+from collectives.backends.udp_socket import fine_timer_slack
+
 Address = tuple[str, int]
 
 _SOCKET_BUFFER = 4 << 20  # rmem_max/wmem_max on the machines we run on; the kernel caps it
 _RECV_BATCH = 256  # datagrams read per wake-up before looking at the clock again
 _IDLE_WAIT = 0.05  # s: how often an idle relay checks whether it should stop
+# Kernel receive timestamps (struct timespec of two 64-bit fields): Linux on 64-bit machines,
+# where SO_TIMESTAMPNS is 35 (the socket module does not name it).
+_KERNEL_TIMESTAMPS = sys.platform.startswith("linux") and struct.calcsize("@l") == 8
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size) if _KERNEL_TIMESTAMPS else 0
 
 
 @dataclass(frozen=True)
@@ -66,7 +80,8 @@ class RelayLink:
 
 @dataclass
 class DirectionStats:
-    """What one direction did.  ``late_max``: worst lateness of a forward against its due time."""
+    """What one direction did.  ``late_*``: lateness of a forward against its due time;
+    ``read_late_*``: of a read against the datagram's kernel arrival time (0 without one)."""
 
     received: int = 0
     forwarded: int = 0
@@ -76,6 +91,8 @@ class DirectionStats:
     bytes_forwarded: int = 0
     late_max: float = 0.0
     late_sum: float = 0.0
+    read_late_max: float = 0.0  # how long after its arrival the relay read a datagram
+    read_late_sum: float = 0.0
 
     @property
     def loss_rate(self) -> float:
@@ -91,10 +108,27 @@ class _Direction:
     last_due: float = 0.0
 
 
+def _arrival(ancdata: list[tuple[int, int, bytes]], read_at: float) -> float:
+    """When the kernel received the datagram, on the ``time.monotonic`` clock: the link model
+    serialises from there, so a relay thread that was descheduled or busy does not leave the
+    emulated link idle meanwhile (which would make it slower than configured)."""
+    for level, kind, raw in ancdata:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(raw)
+            # The stamp is CLOCK_REALTIME; the offset to monotonic is taken now, in integer ns.
+            offset = time.time_ns() - time.monotonic_ns()
+            stamp: float = (seconds * 1_000_000_000 + nanoseconds - offset) / 1e9
+            return min(stamp, read_at)  # a clock step must not date a datagram in the future
+    return read_at
+
+
 def _udp_socket(host: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+    if _KERNEL_TIMESTAMPS:
+        with contextlib.suppress(OSError):  # without them, a datagram arrives when it is read
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
     sock.bind((host, 0))
     sock.setblocking(False)
     return sock
@@ -172,7 +206,11 @@ class LossyRelay:
 
     def serve(self) -> None:
         """The relay loop; runs until :meth:`stop` (the thread of :meth:`start` runs it)."""
-        selector = selectors.DefaultSelector()
+        # select(2) with fine timer slack, not the default epoll: epoll rounds a wait up to a
+        # whole millisecond, so every datagram would leave ~0.5 ms after its due time on average
+        # (up to 1 ms and more): extra delay and jitter that the link was not configured with.
+        fine_timer_slack()
+        selector = selectors.SelectSelector()
         selector.register(self._front, selectors.EVENT_READ, "front")
         selector.register(self._back, selectors.EVENT_READ, "back")
         try:
@@ -189,22 +227,28 @@ class LossyRelay:
         sock = self._front if from_client else self._back
         for _ in range(_RECV_BATCH):
             try:
-                data, addr = sock.recvfrom(65536)
+                data, ancdata, _, addr = sock.recvmsg(65536, _ANCILLARY)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # e.g. ICMP port unreachable reported on a later read
                 continue
             now = time.monotonic()
+            arrived = _arrival(ancdata, now)
             with self._lock:
                 if from_client:
                     self._client = (addr[0], addr[1])
-                    self._admit(self._forward, self.target, data, now)
+                    self._admit(self._forward, self.target, data, arrived, now)
                 elif self._client is not None and (addr[0], addr[1]) == self.target:
-                    self._admit(self._backward, self._client, data, now)
+                    self._admit(self._backward, self._client, data, arrived, now)
 
-    def _admit(self, direction: _Direction, dst: Address, data: bytes, now: float) -> None:
+    def _admit(
+        self, direction: _Direction, dst: Address, data: bytes, now: float, read_at: float
+    ) -> None:
+        """Queue ``data`` that reached the relay's socket at ``now`` (read at ``read_at``)."""
         link, stats = direction.link, direction.stats
         stats.received += 1
+        stats.read_late_sum += read_at - now
+        stats.read_late_max = max(stats.read_late_max, read_at - now)
         done = now
         if link.bandwidth is not None:
             backlog = max(0.0, direction.busy_until - now) * link.bandwidth / 8
