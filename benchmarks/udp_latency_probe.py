@@ -4,7 +4,8 @@
 starts ``--world`` rank processes per backend (env rendezvous on loopback), and prints per op
 the median and best per-iteration time of the slowest rank, and its median CPU time per
 iteration (all threads of the rank: what to compare on a shared, busy machine, where wall time
-measures the neighbours too).  ``--profile DIR`` writes one
+measures the neighbours too).  ``--stats`` prints rank 0's udp counters and every rank's
+datagrams, reads and turns per iteration.  ``--profile DIR`` writes one
 cProfile file per rank and backend (``DIR/BACKEND-RANK.prof``), to see where a rank's time goes.
 Not a benchmark of record (see ``python -m benchmarks collectives``): a quick before/after tool.
 """
@@ -106,13 +107,14 @@ def _rank_main(args: argparse.Namespace) -> None:
     if profiler is not None:
         os.makedirs(args.profile, exist_ok=True)
         profiler.dump_stats(os.path.join(args.profile, f"{args.backend}-{rank}.prof"))
-    everyone = comm.allgather(results)
     stats = comm.stats() if args.backend == "udp" else {}
+    everyone = comm.allgather(results)
+    all_stats = comm.allgather(stats)
     comm.close()
     if io_profiler is not None:
         io_profiler.dump_stats(os.path.join(args.profile, f"{args.backend}-{rank}-io.prof"))
     if rank == 0:
-        print(json.dumps({"results": everyone, "stats": stats}))
+        print(json.dumps({"results": everyone, "stats": all_stats}))
 
 
 def _profile_io_thread() -> Any:
@@ -164,6 +166,23 @@ def _run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     return dict(json.loads(outs[0].strip().splitlines()[-1]))
 
 
+# Counters worth reading per iteration (what a small op costs each rank).
+_PER_OP = (
+    "datagrams_out", "datagrams_in", "frames_sealed", "reads", "caller_turns", "io_turns",
+    "wakeups", "send_blocked",
+)  # fmt: skip
+
+
+def _print_stats(backend: str, stats: list[dict[str, Any]], results: dict[str, Any]) -> None:
+    """Every rank's udp counters: in full for rank 0, and the per-op ones divided by the
+    iterations run (warm-up included, barriers too: a rough count of what one op costs)."""
+    print(backend, "rank 0", json.dumps(stats[0]))
+    iters = sum(len(v) for k, v in results.items() if not k.endswith(" cpu")) or 1
+    for rank, counters in enumerate(stats):
+        per = {k: round(counters[k] / iters, 2) for k in _PER_OP if k in counters}
+        print(f"{backend} rank {rank} per iteration: {per}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", default="udp,gloo")
@@ -194,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 min(per_iter),
                 statistics.median(per_cpu),
             )
-        if args.stats and got["stats"]:
-            print(backend, json.dumps(got["stats"]))
+        if args.stats and any(got["stats"]):
+            _print_stats(backend, got["stats"], got["results"][0])
     backends = args.backends.split(",")
     width = 40
     print(f"{'op (world ' + str(args.world) + ')':24}" + "".join(f"{b:>{width}}" for b in backends))

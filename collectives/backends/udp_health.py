@@ -1,5 +1,6 @@
 """Connection state and health of the udp backend's IO driver: waiting for the world's
-handshakes, the error a new op gets, and the (rate-limited) log line about refused datagrams.
+handshakes, the error a new op gets, the counters, and the (rate-limited) log line about
+refused datagrams.
 A mixin of :class:`~collectives.backends.udp_io.Engine` (split from it); everything here runs
 holding the engine's lock unless it takes it itself."""
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from collectives.errors import (
     CommunicatorAbortedError,
@@ -17,6 +18,8 @@ from collectives.errors import (
 )
 
 if TYPE_CHECKING:
+    from collectives.backends.udp_nat import NatDriver
+    from collectives.backends.udp_socket import UdpSocket
     from collectives.transport.endpoint import Endpoint
 
 log = logging.getLogger("collectives.backends.udp_io")
@@ -34,6 +37,9 @@ class Health:
     lock: threading.Lock
     cond: threading.Condition
     ep: Endpoint
+    sock: UdpSocket
+    nat: NatDriver | None
+    counters: dict[str, int]
     clock: Callable[[], float]
     outstanding: dict[int, set[int]]
     connected: set[int]
@@ -65,6 +71,20 @@ class Health:
                         "the hosts?"
                     )
                 self.cond.wait(min(remaining, 0.25))
+
+    def stats(self) -> dict[str, Any]:
+        """The core's counters, the driver's, the NAT layer's, and the socket's settings."""
+        with self.lock:
+            out: dict[str, Any] = dict(self.ep.stats())
+            out.update(self.counters)
+            if self.nat is not None:
+                out.update(self.nat.stats())
+        info = self.sock.info
+        out.update(
+            rcvbuf=info.rcvbuf, sndbuf=info.sndbuf, gso=info.gso, gro=info.gro,
+            max_datagram=info.max_datagram,
+        )  # fmt: skip
+        return out
 
     def check_usable(self, peer: int, op: str) -> None:
         """Raise the error a new op towards ``peer`` gets now (call holding the lock)."""

@@ -93,6 +93,14 @@ class Inbox:
                     continue
                 self._offered[key] = self.landings[key] = Landing(into)
 
+    def has_message(self, src: int, channel: int) -> bool:
+        """Whether a message from ``src`` on ``channel`` waits for its take."""
+        with self.lock:
+            offered = self._offered.get((src, channel))
+            if offered is not None and offered.result is not None:
+                return True  # landed in an offered buffer (see offer)
+            return bool(self.boxes.get((src, channel)))
+
     def withdraw(self, keys: Sequence[tuple[int, int]]) -> None:
         """Drop the offers of :meth:`offer` whose ``take`` did not run (the op failed; like a
         timed-out receive's buffer, one already claimed may still be written until the
@@ -184,10 +192,19 @@ class Inbox:
         if item.error is not None or item.env is None:
             result = item.error or CodecError(f"malformed message from rank {event.peer}")
         else:
-            buffers, offset = [], 0
-            for size in item.sizes:
-                buffers.append(event.body[offset : offset + size])
-                offset += size
+            buffers: list[memoryview]
+            if item.landing is not None:
+                # The receive's own view, not a slice of the body: ``p2p.place_block`` knows a
+                # block is in place (no decode) by identity, and a slice is a new object (every
+                # small landed receive was decoded again).  Landing needs exactly one buffer.
+                buffers = [item.landing.into]
+            elif len(item.sizes) == 1:
+                buffers = [event.body]
+            else:
+                buffers, offset = [], 0
+                for size in item.sizes:
+                    buffers.append(event.body[offset : offset + size])
+                    offset += size
             result = _Queued((item.env, Encoded(item.header, buffers, item.checked)), item.pooled)
         if item.landing is not None:
             item.landing.result = result if isinstance(result, CollectivesError) else result.taken

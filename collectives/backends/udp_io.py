@@ -12,8 +12,11 @@ Who runs what (a *turn*: feed every datagram the socket has to ``Endpoint.receiv
 * A **posting caller** queues its message and sends what the core lets out at once, from its
   own thread.  It wakes whoever waits in ``select`` only when the core's timer moved earlier.
 * The **IO thread** takes turns only while no caller waits (ACKs, resends, heartbeats, pacing
-  go on while nobody calls in).  While callers drive it is parked and looks again every
-  :data:`_IO_GRACE_S`: nobody wakes it per op (a wakeup and the GIL cost more than a small op).
+  go on while nobody calls in).  While callers drive it sleeps (without the engine's lock) and
+  looks again every :data:`_IO_GRACE_S`: nobody wakes it per op (a wakeup and the GIL cost
+  more than a small op).  A drive that outlasts the grace (a large transfer) parks it until
+  the last caller leaves, who wakes it: one wakeup per drive, not one per grace.
+* A wait that a turn satisfies leaves the core's output unasked for (see ``Engine._turn``).
 
 One lock guards the core (it is not thread-safe); ``select`` is the only syscall made without
 it, so datagrams leave in the order the core emits them.  Waits use ``select`` (microsecond
@@ -48,7 +51,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from collectives.backends.udp_health import Health
 from collectives.backends.udp_inbox import Inbox, Key, Landing, Taken, _Incoming, _Queued, _unwrap
@@ -154,6 +157,9 @@ class Engine(Inbox, Health):
         self._drops_logged = 0  # refused datagrams already reported in the log
         self._drops_next = 0.0  # when the log may next report them
         self._held = False  # a ``hold`` send is queued in the core and not pumped yet
+        self._unpumped = False  # the core was fed and not asked for output since (see _turn)
+        self._drive_gen = 0  # counts the times callers started driving (see _run)
+        self._io_deep = False  # the IO thread is parked until the last driver leaves
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -179,29 +185,26 @@ class Engine(Inbox, Health):
         with self.lock:
             self.check_usable(peer, "send")
             now = self.clock()
-            mid = self.ep.send(peer, channel, meta, body, now, notify_framed=borrowed)
+            # Every message reports when it is sealed, not only a borrowed one (whose caller
+            # waits for that): _turn needs to know that nothing of ours waits to be sealed.
+            mid = self.ep.send(peer, channel, meta, body, now, notify_framed=True)
             self.outstanding[peer].add(mid)
-            if borrowed:
-                self.unframed[peer].add(mid)
+            self.unframed[peer].add(mid)
             if hold and not borrowed:
                 self._held = True
                 return mid
-            self._pump(now)
-            self._last_active = now
-            timer = self._timer = self._next_timer()
-            wake = timer is not None and timer < self._wake_at()
-        if wake:
-            self.wake()
+            self._release_held()  # pumps the new message (and anything held)
         return mid
 
     def flush(self) -> None:
-        """Send what a ``hold`` send left queued."""
+        """Send what a ``hold`` send (or a satisfied wait, see :meth:`_turn`) left queued."""
         with self.lock:
-            if self._held:
+            if self._held or self._unpumped:
                 self._release_held()
 
     def _release_held(self) -> None:
-        """Pump what ``hold`` sends queued (holding the lock)."""
+        """Pump what ``hold`` sends queued; wake whoever must see an earlier timer (holding
+        the lock)."""
         now = self.clock()
         self._pump(now)
         self._last_active = now
@@ -272,13 +275,6 @@ class Engine(Inbox, Health):
             raise item
         return self._hand_over(item, into)
 
-    def has_message(self, src: int, channel: int) -> bool:
-        with self.lock:
-            offered = self._offered.get((src, channel))
-            if offered is not None and offered.result is not None:
-                return True  # landed in an offered buffer (see offer)
-            return bool(self.boxes.get((src, channel)))
-
     def _drive(self, ready: Callable[[], bool], peer: int, dl: Deadline, what: str | None) -> None:
         """Make progress until ``ready()`` (holding the lock; see the module docstring): take
         turns as the poller, or wait for the one who is.  Raises at ``dl``, when ``peer`` is
@@ -287,6 +283,8 @@ class Engine(Inbox, Health):
             _tuned.done = True
             fine_timer_slack()
         self._drivers += 1
+        if self._drivers == 1:
+            self._drive_gen += 1
         spin_until = self.clock() + self._spin_s
         try:
             while not ready():
@@ -300,7 +298,7 @@ class Engine(Inbox, Health):
                 self._poller = True
                 try:
                     self.counters["caller_turns"] += 1
-                    if self._turn() or ready():
+                    if self._turn(ready) or ready():
                         continue  # more to read, or done: no wait
                     timer = self._timer
                     if self._spin(spin_until if timer is None else min(spin_until, timer)):
@@ -320,6 +318,10 @@ class Engine(Inbox, Health):
             self._drivers -= 1
             if self._drivers:
                 self.cond.notify_all()  # one of the others becomes the poller
+            elif self._io_deep:
+                self._io_cond.notify()  # the IO thread waited out a long drive: its turn now
+            elif self._unpumped and self._io_until > self.clock() + _IO_GRACE_S:
+                self.wake()  # output left for the IO thread, asleep in select: not that long
 
     # -- lifetime --------------------------------------------------------------------------------
     def abort(self, reason: str) -> None:
@@ -342,9 +344,11 @@ class Engine(Inbox, Health):
             if self.closed:
                 return
             end = self.clock() + linger
-            if self._held:
+            if self._held or self._unpumped:
                 self._release_held()
-            while self.aborted is None and self._unacknowledged():
+            while self.aborted is None and any(
+                ids for peer, ids in self.outstanding.items() if peer not in self.lost
+            ):
                 remaining = end - self.clock()
                 if remaining <= 0:
                     log.info("udp rank %d: closing with unacknowledged messages", self.rank)
@@ -368,65 +372,74 @@ class Engine(Inbox, Health):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _unacknowledged(self) -> bool:
-        return any(ids for peer, ids in self.outstanding.items() if peer not in self.lost)
-
     def wake(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"\0")
 
-    def stats(self) -> dict[str, Any]:
-        with self.lock:
-            out: dict[str, Any] = dict(self.ep.stats())
-            out.update(self.counters)
-            if self.nat is not None:
-                out.update(self.nat.stats())
-        info = self.sock.info
-        out.update(
-            rcvbuf=info.rcvbuf, sndbuf=info.sndbuf, gso=info.gso, gro=info.gro,
-            max_datagram=info.max_datagram,
-        )  # fmt: skip
-        return out
-
     # -- the IO thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         fine_timer_slack()
+        seen = -1  # the drive (``_drive_gen``) this thread last found under way
         try:
-            with self.lock:
-                while not self._stopping:
+            while not self._stopping:
+                gen = self._drive_gen
+                if self._drivers and gen != seen:
+                    # A caller drives: look again after the grace (module docstring), asleep
+                    # without the lock (a wait on it contended with the caller's turns).
+                    seen = gen
+                    time.sleep(_IO_GRACE_S)
+                    continue
+                with self.lock:
                     if self._drivers:
-                        # A caller drives.  Nobody wakes us when the last one leaves (in a
-                        # loop of ops the next comes back within microseconds): the grace is
-                        # how late an idle rank reads and acks.
-                        self._io_cond.wait(_IO_GRACE_S)
+                        if self._drive_gen == seen and not self._stopping:
+                            # The same drive for a whole grace: parked until it ends.
+                            self._io_deep = True
+                            try:
+                                self._io_cond.wait(_IDLE_WAIT_S)
+                            finally:
+                                self._io_deep = False
                         continue
-                    self.counters["io_turns"] += 1
-                    self._log_drops()
-                    if self._turn():
-                        self._block(0.0)  # more to read: let posters at the lock first
-                        continue
-                    # While the rank is busy the thread looks every grace period, so a post
-                    # wakes it only for a timer due sooner (a pacing gap); idle, it sleeps.
-                    timer, now = self._timer, self.clock()
-                    busy = now - self._last_active < _BUSY_S
-                    until = now + (_IO_GRACE_S if busy else _IDLE_WAIT_S)
-                    self._io_until = until if timer is None else min(until, timer)
-                    try:
-                        self._block(self._io_until)
-                    finally:
-                        self._io_until = -math.inf
+                    until = self._io_turn()
+                # Outside the lock: back from select, this thread does not take the lock from
+                # a caller who started driving meanwhile (a hand-off, or a stall if preempted).
+                try:
+                    self._select(until)
+                finally:
+                    self._io_until = -math.inf
         except Exception as err:  # the core or the socket broke: fail every waiter, loudly
             with self.lock:
                 self._failed(err)
+
+    def _io_turn(self) -> float:
+        """One turn of the IO thread (holding the lock; no caller drives); until when it then
+        waits (now: more to read, after posters had a chance at the lock)."""
+        self.counters["io_turns"] += 1
+        self._log_drops()
+        if self._turn():
+            return -math.inf
+        # While the rank is busy the thread looks every grace period, so a post wakes it only
+        # for a timer due sooner (a pacing gap); idle, it sleeps.
+        timer, now = self._timer, self.clock()
+        busy = now - self._last_active < _BUSY_S
+        until = now + (_IO_GRACE_S if busy else _IDLE_WAIT_S)
+        self._io_until = until if timer is None else min(until, timer)
+        return self._io_until
 
     def _failed(self, err: Exception) -> None:
         log.error("udp rank %d: the IO driver failed", self.rank, exc_info=err)
         self.aborted = self.aborted or f"the udp IO driver failed: {err!r}"
         self.cond.notify_all()
 
-    def _turn(self) -> bool:
+    def _turn(self, done: Callable[[], bool] | None = None) -> bool:
         """Read what the socket has, feed the core, run its timer, pump (holding the lock);
-        whether reads were left (the turn stopped at :data:`_READS_PER_TURN`)."""
+        whether reads were left (the turn stopped at :data:`_READS_PER_TURN`).
+
+        ``done``: the waiting caller's condition.  When the turn meets it, no timer was due and
+        every message of ours is sealed, the caller leaves without asking the core for output
+        (``_unpumped``): that costs ~20 us per peer, on the path of every small receive, and
+        all it can yield then is an ACK (with its credit; due in 0.5 ms at the soonest), which
+        goes with the caller's next send (in its data frame), its next wait, or an IO turn
+        within :data:`_IO_GRACE_S`."""
         ep, sock, buf, view, nat = self.ep, self.sock, self._rbuf, self._rview, self.nat
         now = self.clock()
         timer = self._timer
@@ -455,13 +468,18 @@ class Engine(Inbox, Health):
             due = True  # the core PINGs the peer and set a deadline: pump and re-read the timer
         if due:
             ep.handle_timer(now)
-        elif not reads and not self._unsent and not self._held:
+        elif not reads and not self._unsent and not self._held and not self._unpumped:
             self._timer = timer if nat is None else self._next_timer()
             return False  # nothing reached the core since it last spoke: it has nothing new
         if reads:
             self.counters["reads"] += reads
             self._last_active = now
-        self._pump(now)
+        self._events(now)
+        if done is not None and not due and done() and not any(self.unframed.values()):
+            self._unpumped = True
+        else:
+            self._send_out(now)
+            self._events(now)  # what sending emitted (MessageFramed): a waiter sees it now
         self._timer = self._next_timer()
         return reads == _READS_PER_TURN
 
@@ -489,24 +507,33 @@ class Engine(Inbox, Health):
         finally:
             self.lock.acquire()
 
-    def _block(self, until: float) -> None:
-        """Wait (lock released) until the socket is readable (writable, when sends wait for
-        room), a wakeup comes, or ``until``."""
-        timeout = max(until - self.clock(), 0.0)
-        fd, wake_r = self._sock_fd, self._wake_r
+    def _block(self, until: float) -> None:  # :meth:`_select`, the lock released meanwhile
         self.lock.release()
         try:
-            ready, _, _ = select.select([fd, wake_r], [fd] if self._unsent else [], [], timeout)
+            self._select(until)
         finally:
             self.lock.acquire()
+
+    def _select(self, until: float) -> None:
+        """Wait until the socket is readable (writable, when sends wait for room), a wakeup
+        comes, or ``until`` (not holding the lock)."""
+        timeout = max(until - self.clock(), 0.0)
+        fd, wake_r = self._sock_fd, self._wake_r
+        ready, _, _ = select.select([fd, wake_r], [fd] if self._unsent else [], [], timeout)
         if wake_r in ready:
             self.counters["wakeups"] += 1
             with contextlib.suppress(OSError):
                 os.read(wake_r, 4096)
 
     def _pump(self, now: float) -> None:
-        """Hand out the core's events, then send what it lets out (holding the lock)."""
-        self._held = False
+        """Hand out the core's events, send what it lets out, then what sending emitted (so a
+        ``wait_framed`` returns now, not at the next datagram) (holding the lock)."""
+        self._events(now)
+        self._send_out(now)
+        self._events(now)
+
+    def _events(self, now: float) -> None:
+        """Hand out the core's events (holding the lock)."""
         ep = self.ep
         notify = False
         while (event := ep.next_event()) is not None:
@@ -532,9 +559,10 @@ class Engine(Inbox, Health):
                          event.old, event.new)  # fmt: skip
         if notify:
             self.cond.notify_all()
-        self._send_out(now)
 
     def _send_out(self, now: float) -> None:
+        """Send what the core lets out (holding the lock)."""
+        self._held = self._unpumped = False
         unsent = self._unsent
         while unsent:
             addr, payload, segment = unsent[0]

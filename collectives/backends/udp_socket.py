@@ -230,6 +230,10 @@ class UdpSocket:
         ``addr``; the number of bytes the kernel took (a multiple of ``segment`` unless all),
         stopping at a full socket buffer (the caller keeps the rest and waits for POLLOUT)."""
         total = payload.nbytes
+        if total <= segment:
+            # One datagram (every frame on loopback, where a datagram holds 65000 bytes): no
+            # slicing and no GSO arithmetic: 4.5 us per 65000-byte send, 6.9 with them.
+            return total if self._send_one(payload, addr) else 0
         sent = 0
         while sent < total:
             if self.info.gso and total - sent > segment:
@@ -245,18 +249,24 @@ class UdpSocket:
                     sent = end
                     continue
             end = min(total, sent + segment)
-            try:
-                self.sock.sendto(payload[sent:end], addr)
-            except (BlockingIOError, InterruptedError):
+            if not self._send_one(payload[sent:end], addr):
                 return sent
-            except OSError as err:
-                if not _transient(err):
-                    raise
-                # A datagram the network refused right away is as good as lost: recovery
-                # resends it.  The error may be an earlier datagram's ICMP error.
-                self._drain_errors()
             sent = end
         return sent
+
+    def _send_one(self, datagram: memoryview, addr: Address) -> bool:
+        """Send one datagram; False when the socket buffer is full (nothing sent)."""
+        try:
+            self.sock.sendto(datagram, addr)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as err:
+            if not _transient(err):
+                raise
+            # A datagram the network refused right away is as good as lost: recovery resends
+            # it.  The error may be an earlier datagram's ICMP error.
+            self._drain_errors()
+        return True
 
     def _send_gso(self, chunk: memoryview, addr: Address, segment: int) -> bool:
         cmsg = [(SOL_UDP, UDP_SEGMENT, segment.to_bytes(2, sys.byteorder))]

@@ -1,7 +1,8 @@
 """The small-message paths of the udp backend and the P2P seam: the agreement token held back
 for the collective's first data message (one frame for both), its flush when the collective
-fails, the cache that lets a landed block skip its decode (and still refuses a mismatch), and
-where a waiting caller may spin on the socket."""
+fails, the cache that lets a landed block skip its decode (and still refuses a mismatch), the
+receive buffer handed back as itself, the IO thread's hand-over after a long wait, and where a
+waiting caller may spin on the socket."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from collectives.codec import DEFAULT, Encoded, encode
 from collectives.communicator import Communicator
 from collectives.deadline import Deadline
 from collectives.errors import CollectiveMismatchError
-from tests.backends.test_udp_driver import keyed, run_world
+from tests.backends.test_udp_driver import keyed
+from tests.backends.udp_worlds import run_world
 
 
 def _held_token(comm: Communicator) -> Any:
@@ -160,6 +162,71 @@ def test_a_landed_block_under_a_known_header_is_still_held_to_the_buffer() -> No
     bad = Encoded(msg.header, [other_into])
     with pytest.raises(CollectiveMismatchError, match="float32"):
         place_block(other, bad, 1, ctx, codec=DEFAULT, into=other_into)
+
+
+def _own_views(comm: Communicator) -> Any:
+    backend = comm.engine
+    engine = backend._engine  # type: ignore[attr-defined]
+    dl = Deadline.start(10.0, "test", comm.rank)
+    env = backend.envelope("test", 1, 0)  # type: ignore[attr-defined]
+    sent = torch.arange(256, dtype=torch.float32)
+    comm.barrier()
+    if comm.rank == 0:
+        backend._post(1, COLLECTIVE_CHANNEL, env, encode(sent), dl)  # type: ignore[attr-defined]
+        time.sleep(0.3)  # rank 1 waits for the second one meanwhile: it lands
+        backend._post(1, COLLECTIVE_CHANNEL, env, encode(sent), dl)  # type: ignore[attr-defined]
+        comm.barrier()
+        return None
+    out = []
+    for pause in (0.2, 0.0):  # arrived before the take (copied in), then landed while it waits
+        time.sleep(pause)
+        block = torch.zeros(256, dtype=torch.float32)
+        into = byte_view(block)
+        before = engine.stats()["landed"]
+        _, msg = backend._take(0, COLLECTIVE_CHANNEL, dl, into)  # type: ignore[attr-defined]
+        landed = engine.stats()["landed"] - before
+        place_block(block, msg, 0, OpContext("t", 1, dl), codec=backend.codec, into=into)
+        out.append((landed, msg.buffers[0] is into, torch.equal(block, sent)))
+    comm.barrier()
+    return out
+
+
+def test_a_receive_into_a_buffer_gets_that_buffer_back() -> None:
+    # Its own view, not a slice of it: that is how place_block knows the block is in place
+    # and skips the decode (a slice cost every landed small receive a decode).
+    _, got = run_world(2, keyed(2), _own_views)
+    assert got == [(0, True, True), (1, True, True)]
+
+
+def _quiet_after_a_long_take(comm: Communicator) -> Any:
+    backend = comm.engine
+    engine = backend._engine  # type: ignore[attr-defined]
+    dl = Deadline.start(10.0, "test", comm.rank)
+    env = backend.envelope("test", 1, 0)  # type: ignore[attr-defined]
+    comm.barrier()
+    if comm.rank == 1:
+        # A take long enough for the IO thread to park until it ends, then silence: only the
+        # IO thread can acknowledge what comes next.
+        backend._take(0, COLLECTIVE_CHANNEL, dl)  # type: ignore[attr-defined]
+        time.sleep(1.5)
+        comm.barrier()
+        return None
+    time.sleep(0.3)
+    backend._post(1, COLLECTIVE_CHANNEL, env, encode(b"first"), dl)  # type: ignore[attr-defined]
+    time.sleep(0.05)  # rank 1 has left its take
+    start = time.monotonic()
+    mid = engine.send(1, 99, b"", [memoryview(b"second")])  # a channel nobody takes
+    engine.wait_sent(1, mid, dl)
+    elapsed = time.monotonic() - start
+    comm.barrier()
+    return elapsed
+
+
+def test_a_rank_that_goes_quiet_after_a_long_take_still_acknowledges() -> None:
+    # The IO thread parks for a long drive and must be handed the rank when it ends (its next
+    # look would be a second later otherwise); the ACK comes within a few milliseconds.
+    elapsed, _ = run_world(2, keyed(2), _quiet_after_a_long_take)
+    assert elapsed < 0.3
 
 
 def test_spinning_is_off_where_loopback_ranks_outnumber_the_cpus() -> None:
