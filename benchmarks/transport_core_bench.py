@@ -9,8 +9,15 @@ The send and receive buffers are allocated and touched once, before any timing, 
 every repeat: a fresh 64 MiB buffer costs a page fault per 4 KiB on first write, which would be
 measured as transport time (the driver hands the core a waiting receive buffer, already touched).
 
+``--small`` measures the other end: 1 KiB messages (80 bytes of meta) ping-ponged between the two
+endpoints, each carrying the ACK of the one before (as a small op's traffic does), and prints the
+core's CPU per message, both endpoints' sending and receiving together (the latency a small op
+pays in the core).
+
     .venv/bin/python -m benchmarks.transport_core_bench [--mib 64] [--datagram 1200 65000]
         [--repeat 3] [--profile]
+    .venv/bin/python -m benchmarks.transport_core_bench --small [--messages 20000] [--repeat 3]
+        [--profile]
 """
 
 from __future__ import annotations
@@ -85,6 +92,68 @@ def transfer(
     return elapsed, cpu, eps[0].stats(), eps[1].stats()
 
 
+def _pair(config: TransportConfig, key: ClusterKey | None) -> list[Endpoint]:
+    """Two endpoints of a 2-rank world, handshake done, keys confirmed both ways."""
+    clock = time.perf_counter
+    eps = [
+        Endpoint(rank=r, size=2, comm_id=1, epoch=0, key=key, config=config, now=clock())
+        for r in range(2)
+    ]
+    eps[0].add_peer(1, ADDRS[1], clock())
+    eps[1].add_peer(0, None, clock())
+    while eps[1].stats()["sessions"] == 0 or eps[0].stats()["frames_opened"] == 0:
+        for src, ep in enumerate(eps):
+            for addr, payload, seg in ep.datagrams_to_send(clock()):
+                eps[ADDRS.index(addr)].receive(payload, ADDRS[src], clock(), seg)
+    return eps
+
+
+def ping_pong(eps: list[Endpoint], messages: int) -> None:
+    """``messages`` 1 KiB messages, alternately from each endpoint to the other, each delivered
+    (datagrams handed over, events taken, due timers run) before the next is sent."""
+    clock = time.perf_counter
+    body = [memoryview(bytes(1024))]
+    meta = b"x" * 80
+    received = 0
+    for i in range(messages):
+        src = i % 2
+        sender, receiver = eps[src], eps[1 - src]
+        sender.send(1 - src, 0, meta, body, clock())
+        for _addr, payload, seg in sender.datagrams_to_send(clock()):
+            receiver.receive(payload, ADDRS[src], clock(), seg)
+        for ep in (receiver, sender):
+            while (event := ep.next_event()) is not None:
+                received += isinstance(event, MessageReceived)
+        for ep in eps:
+            timer = ep.get_timer()
+            if timer is not None and timer <= clock():
+                ep.handle_timer(clock())
+    if received != messages:
+        raise AssertionError(f"{received} of {messages} messages arrived")
+
+
+def small(messages: int, repeat: int, profile: bool) -> None:
+    """CPU per small message in the core (see the module docstring)."""
+    config = TransportConfig(max_datagram=65000)
+    key = ClusterKey("transport-core-bench-key-0123456789")
+    eps = _pair(config, key)
+    ping_pong(eps, 1000)  # warm up: the congestion model's first rounds, the image pool
+    per_message = []
+    for _ in range(max(1, repeat)):
+        start = time.process_time()
+        ping_pong(eps, messages)
+        per_message.append((time.process_time() - start) / messages * 1e6)
+    print(
+        f"1 KiB ping-pong, {messages} messages: median {statistics.median(per_message):.1f} us"
+        f" CPU per message (best {min(per_message):.1f}; send and receive, both ends)",
+        flush=True,
+    )
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(ping_pong, eps, min(messages, 5000))
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64, help="message size in MiB")
@@ -94,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="transfers per size (median)")
     parser.add_argument("--insecure", action="store_true", help="no encryption")
     parser.add_argument("--profile", action="store_true", help="cProfile one more transfer")
+    parser.add_argument("--small", action="store_true", help="1 KiB ping-pong: CPU per message")
+    parser.add_argument("--messages", type=int, default=20000, help="messages per --small run")
     args = parser.parse_args(argv)
+    if args.small:
+        small(args.messages, args.repeat, args.profile)
+        return 0
     nbytes = args.mib * 1024 * 1024
     key = None if args.insecure else ClusterKey("transport-core-bench-key-0123456789")
     body = memoryview(bytearray(b"\x5a" * nbytes))

@@ -58,65 +58,11 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import NamedTuple, Protocol
 
+from .rate_sample import Congestion, RateSample
 from .rtt import WindowedFilter
 
 __all__ = ["Bbr", "BbrState", "Congestion", "RateSample"]
-
-
-# A NamedTuple rather than a frozen dataclass: one is made per ACK, and a frozen dataclass sets
-# each field through object.__setattr__ (several times the cost).
-class RateSample(NamedTuple):
-    """What one ACK taught the sender (delivery-rate estimation, BBR style).
-
-    ``delivery_rate`` is bytes delivered over the interval that the newest acknowledged packet
-    spans (the longer of its send and its ACK interval, so neither a send burst nor an ACK
-    compression inflates it); None when no valid interval exists.
-    """
-
-    delivery_rate: float | None
-    is_app_limited: bool
-    #: Total bytes delivered when the newest acknowledged packet was sent (round counting).
-    prior_delivered: int
-    #: Total bytes delivered so far, this ACK included.
-    delivered_total: int
-    newly_acked: int
-    newly_lost: int
-    prior_in_flight: int
-    bytes_in_flight: int
-    #: The RTT sample of this ACK with the peer's ACK delay removed; None when it gave none.
-    rtt: float | None
-
-
-class Congestion(Protocol):
-    """What :class:`~collectives.transport.recovery.Recovery` needs from a controller."""
-
-    @property
-    def cwnd(self) -> int:
-        """Bytes that may be in flight."""
-        ...
-
-    @property
-    def pacing_rate(self) -> float:
-        """Bytes per second; ``inf`` for no pacing."""
-        ...
-
-    def on_sent(self, size: int, bytes_in_flight: int, now: float) -> None:
-        """A packet of ``size`` went out; ``bytes_in_flight`` includes it."""
-        ...
-
-    def on_ack(self, sample: RateSample, now: float) -> None:
-        """An ACK acknowledged or declared lost at least one packet."""
-        ...
-
-    def on_loss(self, lost_bytes: int, bytes_in_flight: int, now: float) -> None:
-        """Packets were declared lost outside an ACK (by the loss timer)."""
-        ...
-
-    def on_timeout(self, pto_count: int, now: float) -> None:
-        """A probe timeout fired (``pto_count`` consecutive ones so far)."""
-        ...
 
 
 class BbrState(Enum):
@@ -186,6 +132,11 @@ NEAR_MIN_RTT_CYCLES = 2
 INITIAL_WINDOW_BYTES = 136 * 1024
 
 
+_STARTUP = BbrState.STARTUP
+_PROBE_BW = BbrState.PROBE_BW
+_INF = math.inf
+
+
 class Bbr:
     """The model-based controller described in the module docstring."""
 
@@ -201,6 +152,7 @@ class Bbr:
         self.initial_rtt = initial_rtt
         self.initial_cwnd = max(initial_window_packets * max_datagram, INITIAL_WINDOW_BYTES)
         self.min_cwnd = 4 * max_datagram
+        self._short_floor = max(self.min_cwnd, SHORT_RTT_MIN_CWND)  # _floor() on a short path
         self.cwnd = self.initial_cwnd
         self.pacing_rate = STARTUP_GAIN * self.initial_cwnd / initial_rtt
         self._bw_filter = WindowedFilter(BTLBW_WINDOW_ROUNDS, maximum=True)
@@ -255,9 +207,7 @@ class Bbr:
 
     def _floor(self) -> int:
         """The smallest window: four datagrams, or 1 MiB on a path with a tiny RTT."""
-        if self.min_rtt < SHORT_RTT:
-            return max(self.min_cwnd, SHORT_RTT_MIN_CWND)
-        return self.min_cwnd
+        return self._short_floor if self.min_rtt < SHORT_RTT else self.min_cwnd
 
     def bdp(self, gain: float = 1.0) -> int:
         """``gain`` times the bandwidth-delay product, in bytes (the initial window before any
@@ -269,7 +219,8 @@ class Bbr:
     # -- inputs ------------------------------------------------------------------------------
 
     def on_sent(self, size: int, bytes_in_flight: int, now: float) -> None:
-        self._round_max_inflight = max(self._round_max_inflight, bytes_in_flight)
+        most = self._round_max_inflight  # max() as a compare: once per frame
+        self._round_max_inflight = bytes_in_flight if bytes_in_flight > most else most
 
     def on_loss(self, lost_bytes: int, bytes_in_flight: int, now: float) -> None:
         self._round_lost += lost_bytes
@@ -287,6 +238,72 @@ class Bbr:
             self._reset(now)
 
     def on_ack(self, sample: RateSample, now: float) -> None:
+        state = self.state
+        if (state is not _STARTUP and state is not _PROBE_BW) or (
+            now - self._min_rtt_stamp > MIN_RTT_WINDOW
+        ):
+            self._on_ack_general(sample, now)
+            return
+        # Fast path, once per ACK: in STARTUP or PROBE_BW with min_rtt not expired, no PROBE_RTT
+        # is entered or run, so this is _on_ack_general without those branches and with its
+        # per-ACK helpers inlined (a test feeds both the same samples and compares the state).
+        (rate, app_limited, prior_delivered, delivered_total, newly_acked, newly_lost, _,
+         bytes_in_flight, rtt) = sample  # fmt: skip
+        self._round_acked += newly_acked
+        self._round_lost += newly_lost
+        if rtt is not None:
+            most, least = self._round_max_rtt, self._round_min_rtt  # max(), min() as compares
+            self._round_max_rtt = rtt if rtt > most else most
+            self._round_min_rtt = rtt if rtt < least else least
+            self._round_rtt_samples += 1
+        round_start = False
+        if newly_acked and prior_delivered >= self._next_round_delivered:
+            self._end_round(sample)
+            self._next_round_delivered = delivered_total
+            self.round_count += 1
+            round_start = True
+        # _update_btlbw ("not <=" as there: a NaN rate is not refused)
+        if rate is not None and not rate <= 0 and not (app_limited and rate < self.btlbw):
+            self.btlbw = self._bw_filter.update(rate, self.round_count)
+        btlbw = self.btlbw
+        if self.filled_pipe and btlbw > 0 and newly_acked:
+            # _update_extra_acked, inlined (min() as a compare)
+            expected = btlbw * (now - self._agg_start)
+            agg = self._agg_acked
+            if agg <= expected:
+                self._agg_start = now
+                agg = 0
+                expected = 0.0
+            agg += newly_acked
+            self._agg_acked = agg
+            extra = agg - expected
+            window = float(self.cwnd)
+            extra = window if window < extra else extra
+            self.extra_acked = self._extra_filter.update(extra, self.round_count)
+        # _update_min_rtt while the estimate has not expired.
+        if rtt is not None:
+            if rtt <= self.min_rtt:
+                self.min_rtt = rtt
+                self._min_rtt_stamp = self._near_min_rtt_at = now
+            elif rtt <= (1 + QUEUE_FREE_SLACK) * self.min_rtt:
+                self._near_min_rtt_at = now
+        if state is _STARTUP:
+            if round_start and not app_limited:  # (_check_full_pipe skips app-limited samples)
+                self._check_full_pipe(sample)
+            self._check_startup_delay(round_start)
+            if self.filled_pipe:
+                self.state = BbrState.DRAIN
+                self.pacing_gain = 1.0 / STARTUP_GAIN
+                self.cwnd_gain = STARTUP_GAIN
+                if bytes_in_flight <= self.bdp():
+                    self._startup_losses_until = self.round_count + STARTUP_LOSS_ROUNDS
+                    self._enter_probe_bw(now)
+        if self.state is _PROBE_BW:
+            self._advance_cycle(sample, now)
+        self._set_outputs()
+
+    def _on_ack_general(self, sample: RateSample, now: float) -> None:
+        """:meth:`on_ack` in every state (its fast path covers the common ones)."""
         self._round_acked += sample.newly_acked
         self._round_lost += sample.newly_lost
         rtt = sample.rtt
@@ -325,6 +342,8 @@ class Bbr:
     def _end_round(self, sample: RateSample) -> None:
         acked, lost = self._round_acked, self._round_lost
         total = acked + lost
+        # Computed once: nothing below changes what it reads.
+        queue_free = self._round_queue_free()
         if total > 0:
             rate = lost / total
             if self.state is BbrState.DRAIN or self.round_count < self._startup_losses_until:
@@ -333,11 +352,13 @@ class Bbr:
                 # inflight of the round that detects them (drained by then) set inflight_hi
                 # below the BDP, which then capped a 10 %-loss flow at 85 % for seconds.
                 pass
-            elif self._is_loss_excessive(rate, lost):
+            elif lost and self._is_loss_excessive(rate, lost):  # (no loss is never excessive)
                 self._on_high_loss()
             else:
-                self._grow_inflight_hi()
-                if self._round_was_clean():
+                if self.inflight_hi != _INF:  # (else _grow_inflight_hi has nothing to grow)
+                    self._grow_inflight_hi()
+                # A clean round: no queue of ours (RTT near the minimum), no probing gain.
+                if self.filled_pipe and self._round_gain <= 1.0 and queue_free:
                     if self._clean_rounds == 0:
                         # The first estimate replaces the initial 0 outright: an EWMA from 0
                         # took ten rounds (a second at 100 ms) to pace for 10 % loss.
@@ -345,7 +366,7 @@ class Bbr:
                     else:
                         self.loss_rate += LOSS_RATE_GAIN * (rate - self.loss_rate)
                     self._clean_rounds += 1
-        self._queue_free = self._round_queue_free()
+        self._queue_free = queue_free
         self._round_acked = 0
         self._round_lost = 0
         self._round_max_rtt = 0.0
@@ -359,17 +380,13 @@ class Bbr:
         threshold = max(HIGH_LOSS, 2 * self.loss_rate + 0.1)
         return rate > threshold and lost >= HIGH_LOSS_MIN_PACKETS * self.max_datagram
 
-    def _round_was_clean(self) -> bool:
-        """No queue of ours during the round: RTT near the minimum and no probing gain."""
-        if not self.filled_pipe or self._round_gain > 1.0:
-            return False
-        return self._round_queue_free()
-
     def _round_queue_free(self) -> bool:
-        if not math.isfinite(self.min_rtt):
+        min_rtt = self.min_rtt
+        if not math.isfinite(min_rtt):
             return False
-        slack = max(QUEUE_FREE_SLACK * self.min_rtt, 0.002)
-        return 0 < self._round_max_rtt <= self.min_rtt + slack
+        slack = QUEUE_FREE_SLACK * min_rtt
+        slack = 0.002 if slack < 0.002 else slack  # max(slack, 2 ms) as a compare
+        return 0 < self._round_max_rtt <= min_rtt + slack
 
     def _on_high_loss(self) -> None:
         # The inflight that lost too much was too much; a BDP is never too much (it is what
@@ -464,9 +481,10 @@ class Bbr:
             return
         if not math.isfinite(rtt):
             return
-        thresh = min(
-            max(self.min_rtt / STARTUP_RTT_DIVISOR, STARTUP_RTT_MIN_THRESH), STARTUP_RTT_MAX_THRESH
-        )
+        # min(max(min_rtt / 8, 4 ms), 16 ms) as compares (this runs on every STARTUP ACK).
+        thresh = self.min_rtt / STARTUP_RTT_DIVISOR
+        thresh = STARTUP_RTT_MIN_THRESH if thresh < STARTUP_RTT_MIN_THRESH else thresh
+        thresh = STARTUP_RTT_MAX_THRESH if thresh > STARTUP_RTT_MAX_THRESH else thresh
         if rtt >= self.min_rtt + thresh:
             self.filled_pipe = True
 
@@ -493,7 +511,9 @@ class Bbr:
 
     def _advance_cycle(self, sample: RateSample, now: float) -> None:
         elapsed = now - self._cycle_stamp
-        rtt = self._path_rtt()
+        rtt = self.min_rtt  # _path_rtt(), inlined: once per ACK in PROBE_BW
+        if not math.isfinite(rtt):
+            rtt = self.initial_rtt
         full_length = elapsed > rtt
         gain = self.pacing_gain
         if gain > 1.0:
@@ -537,20 +557,37 @@ class Bbr:
     # -- outputs -------------------------------------------------------------------------------
 
     def _set_outputs(self) -> None:
-        if self.btlbw > 0:
-            bw = self.send_bw if self._queue_free else self.btlbw
-            rate = self.pacing_gain * bw
+        # Once per ACK, so send_bw, bdp() and _floor() are inlined and min()/max() written as
+        # compares (each keeps the operand min() or max() would return).
+        btlbw = self.btlbw
+        filled = self.filled_pipe
+        loss = self.loss_rate
+        cap = MAX_LOSS_COMPENSATION
+        send_bw = btlbw / (1.0 - (cap if cap < loss else loss))
+        if btlbw > 0:
+            rate = self.pacing_gain * (send_bw if self._queue_free else btlbw)
             # Until the pipe is full, never slow down: early samples undershoot the path.
-            self.pacing_rate = rate if self.filled_pipe else max(self.pacing_rate, rate)
+            if filled or rate > self.pacing_rate:
+                self.pacing_rate = rate
+        min_rtt = self.min_rtt
         if self.state is BbrState.PROBE_RTT:
             cwnd = self._probe_rtt_cwnd()
         else:
-            cwnd = self.bdp(self.cwnd_gain)
-            if self.btlbw > 0 and self.filled_pipe:
-                # Room for the ACK aggregation seen lately, up to BBR's 100 ms at btlbw.
-                cwnd += int(min(self.extra_acked, self.btlbw * EXTRA_ACKED_MAX_TIME))
-            if not self.filled_pipe:
-                cwnd = max(cwnd, self.cwnd, self.initial_cwnd)
-        if math.isfinite(self.inflight_hi):
-            cwnd = min(cwnd, int(self.inflight_hi))
-        self.cwnd = max(cwnd, self._floor())
+            if btlbw <= 0:
+                cwnd = int(self.cwnd_gain * self.initial_cwnd)
+            else:
+                path_rtt = min_rtt if math.isfinite(min_rtt) else self.initial_rtt
+                cwnd = int(self.cwnd_gain * send_bw * path_rtt)
+                if btlbw > 0 and filled:
+                    # Room for the ACK aggregation seen lately, up to BBR's 100 ms at btlbw.
+                    extra = self.extra_acked
+                    most = btlbw * EXTRA_ACKED_MAX_TIME
+                    cwnd += int(most if most < extra else extra)
+            if not filled:
+                cwnd = self.cwnd if self.cwnd > cwnd else cwnd
+                cwnd = self.initial_cwnd if self.initial_cwnd > cwnd else cwnd
+        hi = self.inflight_hi
+        if hi != _INF and int(hi) < cwnd:  # (inflight_hi is a finite number or inf)
+            cwnd = int(hi)
+        floor = self._short_floor if min_rtt < SHORT_RTT else self.min_cwnd
+        self.cwnd = floor if floor > cwnd else cwnd

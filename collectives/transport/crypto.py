@@ -53,12 +53,15 @@ class FrameCipher:
 
     def seal_into(self, first_number: int, aad: bytes, plain: Buffer, out: memoryview) -> None:
         """Write ``plain`` sealed (``len(plain) + overhead`` bytes) into ``out``."""
-        self._aead.encrypt_into(self._nonce(first_number), plain, aad, out)
+        # The nonce is _nonce(first_number), inlined: once per frame.
+        nonce = (self._iv ^ first_number).to_bytes(_IV_SIZE, "big")
+        self._aead.encrypt_into(nonce, plain, aad, out)
 
     def open_into(self, first_number: int, aad: bytes, sealed: Buffer, out: memoryview) -> bool:
         """Write the plaintext of ``sealed`` into ``out``; False (``out`` garbage) when forged."""
+        nonce = (self._iv ^ first_number).to_bytes(_IV_SIZE, "big")  # _nonce, inlined
         try:
-            self._aead.decrypt_into(self._nonce(first_number), sealed, aad, out)
+            self._aead.decrypt_into(nonce, sealed, aad, out)
         except InvalidTag:
             return False
         return True
@@ -133,6 +136,9 @@ class ReplayWindow:
     def __contains__(self, number: int) -> bool:
         if number < self.floor:
             return True
+        stops = self._stops
+        if not stops or number >= stops[-1]:
+            return False  # above every interval: the next datagram in order, the usual case
         i = bisect.bisect_right(self._starts, number) - 1
         return i >= 0 and number < self._stops[i]
 
@@ -175,4 +181,7 @@ class ReplayWindow:
 
     def intervals(self, limit: int) -> list[tuple[int, int]]:
         """The newest ``limit`` intervals, ascending (the oldest ones were long acknowledged)."""
-        return list(zip(self._starts[-limit:], self._stops[-limit:], strict=True))
+        starts = self._starts
+        if len(starts) == 1:  # the usual case (no gap): one interval, no slices or zip
+            return [(starts[0], self._stops[0])]
+        return list(zip(starts[-limit:], self._stops[-limit:], strict=True))

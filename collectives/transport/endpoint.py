@@ -65,6 +65,8 @@ COUNTERS = (
 )
 
 _U32 = (1 << 32) - 1
+_SEGMENT = int(PacketType.SEGMENT)  # a plain int compares faster than the IntEnum member
+_LOST = State.LOST  # (a class attribute lookup per send otherwise)
 
 
 class Endpoint:
@@ -233,11 +235,11 @@ class Endpoint:
         sealed frames and never reads ``body`` again)."""
         if self._closed:
             raise LocalProtocolError(f"rank {self.rank}: send on a closed transport endpoint")
-        self._check_peer(peer)
         session = self._sessions.get(peer)
         if session is None:
+            self._check_peer(peer)  # (a peer with a session passed it: only the error matters)
             raise InvalidArgumentError(f"rank {self.rank}: peer {peer} was never added")
-        if session.state is State.LOST:
+        if session.state is _LOST:
             raise ConnectionLostError(f"rank {self.rank}: peer {peer} is gone", [peer])
         if len(meta) > self.config.max_meta:
             raise InvalidArgumentError(
@@ -249,9 +251,12 @@ class Endpoint:
         self._message_ids[peer] = message_id
         seq = self._channel_seq.get((peer, channel), 0)
         self._channel_seq[peer, channel] = seq + 1
-        session.queue(
-            OutMessage(message_id, channel, seq, bytes(meta), body, notify_framed=notify_framed)
-        )
+        msg = OutMessage(message_id, channel, seq, bytes(meta), body, notify_framed=notify_framed)
+        out = session.out  # session.queue(msg), inlined: once per message
+        if out is None:
+            session.queue(msg)
+        else:
+            out.queue.append(msg)
         return message_id
 
     # -- datagrams in -----------------------------------------------------------------------------
@@ -267,18 +272,19 @@ class Endpoint:
 
         Keeps no reference to ``data`` once it returns (what it keeps, it copies), so a driver
         may read every datagram into one reused buffer."""
-        self._tick(now)
+        self._now = now if now > self._now else self._now  # _tick, inlined
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         n = len(view)
         if segment_size is None or segment_size <= 0 or segment_size >= n:
-            self._datagram(view, addr, now)
+            self._datagram(view, addr, now, n)
             return
         if self._batch(view, segment_size, addr, now):
             return
         for at in range(0, n, segment_size):
-            self._datagram(view[at : at + segment_size], addr, now)
+            datagram = view[at : at + segment_size]
+            self._datagram(datagram, addr, now, len(datagram))
 
     def _batch(self, view: memoryview, segment_size: int, addr: Address, now: float) -> bool:
         """A GRO batch of consecutive segments of one frame, taken in one pass (True), else
@@ -297,10 +303,11 @@ class Endpoint:
         counters["bytes_in"] += len(view)
         return True
 
-    def _datagram(self, view: memoryview, addr: Address, now: float) -> None:
+    def _datagram(self, view: memoryview, addr: Address, now: float, n: int) -> None:
+        """One datagram of ``n`` bytes."""
         counters = self._counters
         counters["datagrams_in"] += 1
-        counters["bytes_in"] += len(view)
+        counters["bytes_in"] += n
         try:
             header = parse_header(view)
         except HeaderError:
@@ -309,7 +316,7 @@ class Endpoint:
         if header.cluster_tag != self._tag:
             counters["dropped_wrong_cluster"] += 1
             return
-        if header.type == PacketType.SEGMENT:
+        if header.type == _SEGMENT:
             session = self._by_id.get(header.session_id)
             if session is None:
                 counters["dropped_unknown_session"] += 1
@@ -416,7 +423,7 @@ class Endpoint:
 
     def datagrams_to_send(self, now: float) -> list[Batch]:
         """``(addr, payload, segment_size)`` batches that congestion control and pacing allow."""
-        self._tick(now)
+        self._now = now if now > self._now else self._now  # _tick, inlined
         out: list[Batch] = []
         for session in self._sessions.values():
             session.produce(now, out)

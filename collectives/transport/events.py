@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 Address = tuple[str, int]
+_set = object.__setattr__  # (frozen dataclasses: see MessageReceived.__init__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +16,7 @@ class PeerConnected:
     addr: Address
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, slots=True, eq=False, init=False)
 class MessageReceived:
     """A whole message; ``body`` is the buffer the endpoint's ``allocate`` returned for it."""
 
@@ -24,6 +25,17 @@ class MessageReceived:
     message_id: int
     meta: bytes
     body: memoryview
+
+    # The __init__ dataclass writes, with object.__setattr__ looked up once (a frozen class's
+    # own is a lookup per field): one of these is made per message.
+    def __init__(
+        self, peer: int, channel: int, message_id: int, meta: bytes, body: memoryview
+    ) -> None:
+        _set(self, "peer", peer)
+        _set(self, "channel", channel)
+        _set(self, "message_id", message_id)
+        _set(self, "meta", meta)
+        _set(self, "body", body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +48,16 @@ class MessageFramed:
     message_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class MessageSent:
     """Every byte of the message was acknowledged: the sender's buffers are free again."""
 
     peer: int
     message_id: int
+
+    def __init__(self, peer: int, message_id: int) -> None:  # as MessageReceived's
+        _set(self, "peer", peer)
+        _set(self, "message_id", message_id)
 
 
 @dataclass(frozen=True, slots=True)

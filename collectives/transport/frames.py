@@ -3,7 +3,8 @@
 A frame's plaintext is a sequence of chunks.  A DATA chunk has a fixed binary header (parsed with
 one ``struct`` call: it sits on the bulk path) followed by bytes of one message's stream, which
 is its meta followed by its body; the chunk at stream offset 0 holds the whole meta.  A control
-chunk (ACK, CREDIT, PING, CLOSE, ABORT) is a small kind+length header and a protobuf message.
+chunk (ACK, CREDIT, PING, CLOSE, ABORT) is a small kind+length header and a protobuf message;
+ACK and CREDIT, in nearly every frame, parse to the plain tuples of :mod:`.control_fields`.
 Frames are authenticated before they are parsed, so a malformed chunk means a buggy peer, not an
 attacker: :class:`FrameError` then drops the whole frame.
 """
@@ -15,6 +16,7 @@ import struct
 from typing import Any, NamedTuple
 
 from collectives.transport._pb import transport_pb2 as pb
+from collectives.transport.control_fields import CONTROL_HEADER, CreditFields, ack_fields
 
 # ChunkKind.DATA as a plain int, for the per-frame paths (IntEnum compares and packs are slower).
 DATA_KIND = 1
@@ -22,8 +24,7 @@ DATA_KIND = 1
 # chunk length, body length.  64-bit offsets and lengths: bodies over 2 (or 4) GiB are fine.
 DATA_HEADER = struct.Struct(">BBHIQQQQQIQ")
 DATA_HEADER_SIZE = DATA_HEADER.size
-_CONTROL_HEADER = struct.Struct(">BxxxI")
-CONTROL_HEADER_SIZE = _CONTROL_HEADER.size
+CONTROL_HEADER_SIZE = CONTROL_HEADER.size
 _U64 = (1 << 64) - 1
 
 
@@ -49,6 +50,9 @@ _CONTROL_TYPES: dict[int, Any] = {
 # costs more than the rest of parsing a control chunk.
 _KINDS: dict[int, ChunkKind] = {int(k): k for k in ChunkKind}
 assert DATA_KIND == ChunkKind.DATA
+_ACK_KIND = int(ChunkKind.ACK)
+_CREDIT_KIND = int(ChunkKind.CREDIT)
+assert CONTROL_HEADER.size == 8
 
 
 class FrameError(ValueError):
@@ -69,15 +73,17 @@ class DataChunk(NamedTuple):
 
 class ControlChunk(NamedTuple):
     kind: ChunkKind
-    msg: Any  # the protobuf message of its kind
+    #: The protobuf message of its kind; for ACK and CREDIT control_fields' AckFields, CreditFields.
+    msg: Any
 
 
 Chunk = DataChunk | ControlChunk
+_new = tuple.__new__
 
 
 def control_chunk(kind: ChunkKind, msg: Any) -> bytes:
     body: bytes = msg.SerializeToString()
-    return _CONTROL_HEADER.pack(kind, len(body)) + body
+    return CONTROL_HEADER.pack(kind, len(body)) + body
 
 
 def pack_data_header(
@@ -116,6 +122,7 @@ def parse_chunks(plain: memoryview) -> list[Chunk]:
     chunks: list[Chunk] = []
     pos, end = 0, len(plain)
     unpack_data = DATA_HEADER.unpack_from
+    unpack_control = CONTROL_HEADER.unpack_from
     while pos < end:
         kind = plain[pos]
         if kind == DATA_KIND:
@@ -132,22 +139,32 @@ def parse_chunks(plain: memoryview) -> list[Chunk]:
                 raise FrameError("empty data chunk")
             data = plain[pos : pos + length]
             pos += length
+            # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function.
             chunks.append(
-                DataChunk(channel, comm, epoch, seq, mid, offset, meta_len, body_len, data)
+                _new(DataChunk, (channel, comm, epoch, seq, mid, offset, meta_len, body_len, data))
             )
             continue
-        msg_type = _CONTROL_TYPES.get(kind)
-        if msg_type is None or end - pos < CONTROL_HEADER_SIZE:
+        if end - pos < CONTROL_HEADER_SIZE or kind not in _CONTROL_TYPES:
             raise FrameError(f"unknown or truncated chunk of kind {kind}")
-        _, length = _CONTROL_HEADER.unpack_from(plain, pos)
+        _, length = unpack_control(plain, pos)
         pos += CONTROL_HEADER_SIZE
         if length > end - pos:
             raise FrameError("control chunk longer than its frame")
-        msg = msg_type()
-        try:
-            msg.ParseFromString(plain[pos : pos + length])
-        except Exception as err:  # protobuf's DecodeError
-            raise FrameError(f"control chunk of kind {kind} does not parse") from err
-        pos += length
-        chunks.append(ControlChunk(_KINDS[kind], msg))
+        stop = pos + length
+        msg: Any = _parse_message(_CONTROL_TYPES[kind], kind, plain[pos:stop])
+        if kind == _ACK_KIND:
+            msg = ack_fields(msg)
+        elif kind == _CREDIT_KIND:
+            msg = CreditFields(msg.limit)
+        pos = stop
+        chunks.append(_new(ControlChunk, (_KINDS[kind], msg)))
     return chunks
+
+
+def _parse_message(msg_type: Any, kind: int, data: memoryview) -> Any:
+    msg = msg_type()
+    try:
+        msg.ParseFromString(data)
+    except Exception as err:  # protobuf's DecodeError
+        raise FrameError(f"control chunk of kind {kind} does not parse") from err
+    return msg

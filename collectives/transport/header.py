@@ -26,6 +26,10 @@ class PacketType(enum.IntEnum):
     SEGMENT = 3
 
 
+_HELLO = int(PacketType.HELLO)  # plain ints: IntEnum members compare slower, once per datagram
+_SEGMENT = int(PacketType.SEGMENT)
+
+
 class Header(NamedTuple):
     """One datagram's header.  ``session_id`` is the *receiver's* id (0 in HELLO)."""
 
@@ -57,6 +61,9 @@ class Header(NamedTuple):
         )
 
 
+_new = tuple.__new__
+
+
 class HeaderError(ValueError):
     """Not a datagram of this protocol (too short, other version, unknown type, bad fields)."""
 
@@ -68,13 +75,14 @@ def parse_header(data: bytes | bytearray | memoryview) -> Header:
     version, ptype, flags, tag, session, number, index, count, length = _HEADER.unpack_from(data)
     if version != VERSION:
         raise HeaderError(f"unknown version {version}")
-    if not PacketType.HELLO <= ptype <= PacketType.SEGMENT:
+    if not _HELLO <= ptype <= _SEGMENT:
         raise HeaderError(f"unknown datagram type {ptype}")
     if flags:
         raise HeaderError(f"unknown flags {flags:#x}")  # none are defined in this version
     if count == 0 or index >= count or number < index:
         raise HeaderError(f"segment {index} of {count} (number {number}) is impossible")
-    return Header(ptype, flags, tag, session, number, index, count, length)
+    # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function (twice the cost).
+    return _new(Header, (ptype, flags, tag, session, number, index, count, length))
 
 
 def segment_layout(frame_length: int, count: int) -> int:

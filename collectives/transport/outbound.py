@@ -67,14 +67,14 @@ class Outbound:
         ack_delay: float,
         now: float,
     ) -> None:
-        result = self.recovery.on_ack([*acked, *pending], ack_delay, now)
+        result = self.recovery.on_ack(acked + pending if pending else acked, ack_delay, now)
         if result.lost:
             self._counters["lost_segments"] += len(result.lost)
             self._resend.extend(p for p in result.lost if p.data is not None)
         for first in rejected:
             frame = self.frames.get(first)
             if frame is not None:  # resent whole: the receiver dropped what it had of it
-                self._resend.extend(self._packet(frame, i) for i in range(frame.count))
+                self._resend.extend([self._packet(frame, i) for i in range(frame.count)])
         if len(acked) == 1:
             # The bulk case: one contiguous range (every frame arrived in order).  A frame is
             # covered when it lies inside it, which needs no RangeSet.
@@ -99,7 +99,7 @@ class Outbound:
             recycle(frame)  # a stale reference to it (a spurious-loss resend) is never sent
             for msg in frame.messages:
                 msg.frames_pending -= 1
-                if msg.frames_pending == 0 and msg.framed:
+                if msg.frames_pending == 0 and msg.pos >= msg.total:  # (msg.framed, inlined)
                     self._emit(MessageSent(self._peer, msg.message_id))
 
     def on_timeout(self, now: float) -> None:
@@ -212,7 +212,7 @@ class Outbound:
                 counters["bytes_out"] += len(image)
             else:
                 self._emit_batches(addr, frame, 0, count, out)
-            if not touched:
+            if not touched or not queue:  # (an empty queue: the next turn would stop anyway)
                 break
         if not queue and not self._resend:
             recovery.on_app_limited()

@@ -77,14 +77,26 @@ class Pacer:
             raise ValueError(f"rate must be positive, got {rate}")
         self._refill(now)
         self.rate = rate
-        self._off = math.isinf(rate)
-        self.burst = self._burst_for(rate)
+        # _burst_for(rate), inlined: the rate changes on most ACKs while the model moves.
+        off = self._off = math.isinf(rate)
+        base = self._base_burst
+        if off:
+            self.burst = base
+        else:
+            burst = int(rate * GRANULARITY)
+            self.burst = burst if burst > base else base  # max(base, burst)
 
     def next_send_time(self, now: float, size: int) -> float:
         """Earliest time (>= ``now``) at which ``size`` bytes may go out."""
         if self._off:
             return now
-        self._refill(now)
+        last = self._last  # _refill, inlined (as in on_sent): once per frame
+        if last is None:
+            self._last = now
+        elif now > last:
+            tokens = self._tokens + (now - last) * self.rate
+            self._tokens = tokens if tokens < self.burst else float(self.burst)
+            self._last = now
         burst = self.burst
         need = float(size if size < burst else burst)
         if self._tokens >= need:
@@ -100,7 +112,13 @@ class Pacer:
         """
         if self._off:
             return
-        self._refill(now)
+        last = self._last  # _refill, inlined (pacing is on here)
+        if last is None:
+            self._last = now
+        elif now > last:
+            tokens = self._tokens + (now - last) * self.rate
+            self._tokens = tokens if tokens < self.burst else float(self.burst)
+            self._last = now
         # A send that waited for the pacer never owes more than its own size, so this cap only
         # bites on sends that ignored it (probes bypass pacing): those must not throttle the
         # sends after them for longer than one burst or one such send takes to earn.

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from collectives.transport.events import Event, MessageReceived
 from collectives.transport.frames import DataChunk, FrameError
-from collectives.transport.header import Header, segment_layout
+from collectives.transport.header import HEADER_SIZE, Header, segment_layout
 
 Allocator = Callable[[int, int, bytes, int], memoryview]
 
@@ -74,6 +76,44 @@ class PartialFrame:
         return runs
 
 
+def pending_runs(
+    partial: dict[int, PartialFrame], touched: dict[int, None], room: int
+) -> list[tuple[int, int]]:
+    """The ``pending`` ranges of an ACK, at most about ``room``, ascending.
+
+    Newest first, like the acked list: older runs were reported before, and a sender that never
+    hears of its newest segments counts them in flight past its window and cannot send the
+    resends that would complete the older frames (a stall at 10 % loss).  But frames that got
+    segments since the last ACK (``touched``) come first of all: a resend lands in an *old*
+    frame, and a resend never reported is declared lost again by the sender.
+    """
+    runs: list[tuple[int, int]] = []
+    for first in touched:
+        frame = partial.get(first)
+        if frame is not None and room > 0:
+            held = frame.runs()[-room:]
+            runs.extend(held)
+            room -= len(held)
+    for first, frame in reversed(partial.items()):
+        if room <= 0:
+            break
+        if first in touched:
+            continue
+        newest = frame.runs()[-room:]
+        runs.extend(newest)
+        room -= len(newest)
+    runs.sort()
+    return runs
+
+
+def gather_payloads(buf: np.ndarray, rows: np.ndarray, tail: np.ndarray, per: int) -> None:
+    """Copy the payloads of a GRO batch (``rows``: full datagrams, header included; ``tail``:
+    the last datagram's payload) back to back into ``buf``."""
+    full = len(rows)
+    buf[: full * per].reshape(full, per)[:] = rows[:, HEADER_SIZE:]
+    buf[full * per : full * per + len(tail)] = tail
+
+
 def layout_ok(header: Header, payload_len: int, max_frame: int) -> bool:
     """Whether a segment's header describes a frame this side could have been sent.
 
@@ -83,6 +123,8 @@ def layout_ok(header: Header, payload_len: int, max_frame: int) -> bool:
     length, count = header.frame_length, header.segments
     if not 0 < length <= max_frame or count > length:
         return False
+    if count == 1:  # a one-datagram frame (each small message's): its payload is all of it
+        return payload_len == length
     per = segment_layout(length, count)
     last = length - (count - 1) * per
     if last <= 0:
@@ -126,11 +168,45 @@ class Inbox:
 
     def on_chunk(self, chunk: DataChunk) -> None:
         """Take one chunk; raises :class:`FrameError` when it contradicts what came before."""
-        chan = self._channels.get(chunk.channel)
+        channel, _, _, seq, message_id, offset, meta_len, body_len, data = chunk
+        chan = self._channels.get(channel)
         if chan is None:
-            chan = self._channels[chunk.channel] = _Channel()
-        if chunk.seq < chan.deliver_next:
-            raise FrameError(f"chunk of message {chunk.seq}, which was delivered already")
+            chan = self._channels[channel] = _Channel()
+        if seq < chan.deliver_next:
+            raise FrameError(f"chunk of message {seq}, which was delivered already")
+        if (
+            not chan.messages
+            and seq == chan.deliver_next
+            and seq == chan.allocate_next
+            and offset == 0
+            and len(data) == meta_len + body_len
+        ):
+            # Fast path, a small message's usual case: all of it, next in line, nothing else
+            # waiting in the channel.  What the general path does then (allocate, copy, deliver)
+            # without the _InMessage and its staging copy (a test compares the two).
+            meta = bytes(data[:meta_len])
+            self.released += meta_len
+            body = self._allocate(self._peer, channel, meta, body_len)
+            if body.nbytes != body_len:
+                raise ValueError(f"allocate returned {body.nbytes} bytes for a body of {body_len}")
+            body = body.cast("B") if body.format != "B" or body.ndim != 1 else body
+            if body_len:
+                body[:] = data[meta_len:]
+                self.released += body_len
+            chan.allocate_next += 1
+            chan.deliver_next += 1
+            self._emit(MessageReceived(self._peer, channel, message_id, meta, body))
+            return
+        self._on_chunk_general(chunk, chan)
+
+    def _on_chunk_general(self, chunk: DataChunk, chan: _Channel | None = None) -> None:
+        """:meth:`on_chunk` for any chunk (its fast path takes a whole message next in line)."""
+        if chan is None:
+            chan = self._channels.get(chunk.channel)
+            if chan is None:
+                chan = self._channels[chunk.channel] = _Channel()
+            if chunk.seq < chan.deliver_next:
+                raise FrameError(f"chunk of message {chunk.seq}, which was delivered already")
         msg = chan.messages.get(chunk.seq)
         if msg is None:
             msg = chan.messages[chunk.seq] = _InMessage()

@@ -23,12 +23,11 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from .congestion import SHORT_RTT, Bbr, Congestion, RateSample
 from .pacing import Pacer
 from .rtt import GRANULARITY, RttEstimator
+from .sent_packet import AckResult, SentPacket, TimeoutResult
 
 __all__ = ["AckResult", "Recovery", "SentPacket", "TimeoutResult"]
 
@@ -48,43 +47,7 @@ MAX_PTO_BACKOFF = 10
 #: back (179 ms after 0.6 s away); capped, 46 ms.  A probe is one datagram: one every 50 ms
 #: to an absent peer costs nothing next to the stall.
 SHORT_PATH_MAX_PTO = 0.05
-
-
-@dataclass(slots=True, eq=False)
-class SentPacket:
-    """One transmitted datagram, as recovery tracks it.
-
-    ``data`` is the caller's handle for resending it; recovery never looks inside.  The
-    ``delivered*``/``first_sent_at``/``app_limited`` fields are the delivery-rate state stamped at
-    send time, ``seq`` and ``lost`` recovery's own bookkeeping.
-    """
-
-    number: int
-    size: int
-    sent_at: float = 0.0
-    ack_eliciting: bool = True
-    in_flight: bool = True
-    retransmitted: bool = False
-    delivered: int = 0
-    delivered_at: float = 0.0
-    first_sent_at: float = 0.0
-    app_limited: bool = False
-    data: object = None
-    seq: int = field(default=-1, repr=False)
-    lost: bool = field(default=False, repr=False)
-
-
-class AckResult(NamedTuple):  # immutable and cheap to make (one per ACK or timer)
-    acked: list[SentPacket]
-    lost: list[SentPacket]
-    rtt_sample: float | None
-
-
-class TimeoutResult(NamedTuple):  # immutable and cheap to make (one per ACK or timer)
-    lost: list[SentPacket]
-    #: A probe timeout fired: send one or two ack-eliciting packets now, even past the window
-    #: and the pacer (new data if any, else a resend of :meth:`Recovery.oldest_unacked`).
-    probe: bool
+_new = tuple.__new__  # NamedTuples made per ACK: their own __new__ is a Python function
 
 
 class Recovery:
@@ -240,24 +203,33 @@ class Recovery:
             for pkt in pkts:
                 self.on_sent(pkt, now)
             return pkts
-        self._advance(now)
+        self._now = now if now > self._now else self._now  # _advance, inlined
         if self.bytes_in_flight == 0:
             self._first_sent_at = now
             self._delivered_at = now
         d, d_at, f_at = self.delivered, self._delivered_at, self._first_sent_at
         app = self._app_limited_until > 0
         seq = self._next_seq
-        # Positional: number, size, sent_at, ack_eliciting, in_flight, retransmitted, delivered,
-        # delivered_at, first_sent_at, app_limited, data, seq.
-        pkts = [
-            SentPacket(first + i, size, now, True, True, False, d, d_at, f_at, app, (handle, i),
-                       seq + i)
-            for i in range(count)
-        ]  # fmt: skip
-        pkts[-1].size = last_size
-        self._unacked.update(zip(range(first, first + count), pkts, strict=True))
-        self._outstanding.update(zip(range(seq, seq + count), pkts, strict=True))
-        numbers.extend(range(first, first + count))
+        if count == 1:
+            # A small message's frame: the single packet without the bulk updates' set-up.
+            pkt = SentPacket(first, last_size, now, True, True, False, d, d_at, f_at, app,
+                             (handle, 0), seq)  # fmt: skip
+            pkts = [pkt]
+            self._unacked[first] = pkt
+            self._outstanding[seq] = pkt
+            numbers.append(first)
+        else:
+            # Positional: number, size, sent_at, ack_eliciting, in_flight, retransmitted,
+            # delivered, delivered_at, first_sent_at, app_limited, data, seq.
+            pkts = [
+                SentPacket(first + i, size, now, True, True, False, d, d_at, f_at, app,
+                           (handle, i), seq + i)
+                for i in range(count)
+            ]  # fmt: skip
+            pkts[-1].size = last_size
+            self._unacked.update(zip(range(first, first + count), pkts, strict=True))
+            self._outstanding.update(zip(range(seq, seq + count), pkts, strict=True))
+            numbers.extend(range(first, first + count))
         self._next_seq = seq + count
         self._ack_eliciting_outstanding += count
         self._last_ack_eliciting_at = now
@@ -310,74 +282,122 @@ class Recovery:
         rate, not the path's, and must not lower the bandwidth estimate.
         """
         if self.bytes_in_flight + self.max_datagram <= self.congestion.cwnd:
-            self._app_limited_until = max(self.delivered + self.bytes_in_flight, 1)
+            until = self.delivered + self.bytes_in_flight
+            self._app_limited_until = until if until > 1 else 1  # max(until, 1)
 
     # -- acknowledgements ------------------------------------------------------------------------
 
     def on_ack(self, ranges: Iterable[tuple[int, int]], ack_delay: float, now: float) -> AckResult:
-        """Process one ACK: ``ranges`` of received numbers (half-open, any order, may overlap)."""
-        self._advance(now)
+        """Process one ACK: ``ranges`` of received numbers (half-open, any order, may overlap).
+
+        Runs once per ACK, a small message's as much as a bulk window's: helpers are inlined
+        and min()/max() written as compares (each keeps the operand the call would return).
+        """
+        self._now = now if now > self._now else self._now
         self.last_ack_time = now
         numbers = self._numbers
-        acked: list[SentPacket] = []
-        largest = -1
         unacked = self._unacked
-        for start, stop in ranges:
-            largest = stop - 1 if stop - 1 > largest else largest
-            lo = bisect_left(numbers, start)
-            hi = bisect_left(numbers, stop, lo)
-            if lo < hi:
-                acked.extend([unacked.pop(number) for number in numbers[lo:hi]])
-                del numbers[lo:hi]
-        if not acked:
-            return AckResult([], [], None)
-        self.pto_count = 0
-        prior_in_flight = self.bytes_in_flight
-        newly_acked = 0
-        newest: SentPacket | None = None  # of the delivery-rate sample
-        sample_pkt: SentPacket | None = None  # of the RTT sample
-        # One pass with everything hoisted into locals: an ACK of a 1200-byte-datagram window
-        # acknowledges thousands of packets.  The body is _forget_outstanding inlined.
         outstanding = self._outstanding
-        largest_seq = self._largest_acked_seq
-        min_rtt = self.rtt.min_rtt  # inf before any sample: no resend orders anything then
-        eliciting_gone = 0
-        flight_gone = 0
-        spurious = 0
-        for pkt in acked:
-            if pkt.lost:
-                spurious += 1
-            elif outstanding.pop(pkt.seq, None) is not None:
-                if pkt.ack_eliciting:
-                    eliciting_gone += 1
-                if pkt.in_flight:
-                    flight_gone += pkt.size
-            if not pkt.retransmitted:
-                largest_seq = pkt.seq if pkt.seq > largest_seq else largest_seq
-                if pkt.number == largest and pkt.ack_eliciting:
-                    sample_pkt = pkt
-            elif now - pkt.sent_at >= min_rtt and pkt.seq > largest_seq:
-                # A resend acknowledged at least min_rtt after it left (RACK, RFC 8985 6.2):
-                # no earlier transmission can be what arrived that late only if this one did,
-                # so it orders loss detection (still no RTT sample: Karn).  Without this a
-                # transfer's tail, all resends, waits for probe timeouts one lost resend at
-                # a time, each backed off twice as long as the last.
-                largest_seq = pkt.seq
-            if pkt.in_flight:
-                newly_acked += pkt.size
-                if (
-                    newest is None
-                    or pkt.delivered > newest.delivered
-                    or (pkt.delivered == newest.delivered and pkt.sent_at > newest.sent_at)
-                ):
-                    newest = pkt
-        self._largest_acked_seq = largest_seq
-        self._ack_eliciting_outstanding -= eliciting_gone
-        self.bytes_in_flight -= flight_gone
-        self.spurious_losses += spurious
-        if newest is not None:  # some packet was in flight (what the delivered count counts)
-            self.delivered += newly_acked
+        pkt = unacked[numbers[0]] if len(numbers) == 1 else None
+        if (
+            pkt is not None
+            and type(ranges) is list
+            and len(ranges) == 1
+            and ranges[0][0] <= pkt.number < ranges[0][1]
+            and not pkt.lost
+            and not pkt.retransmitted
+            and pkt.in_flight
+            and pkt.ack_eliciting
+            and pkt.seq in outstanding
+        ):
+            # Fast path: the only packet tracked, a first transmission in flight, is acked
+            # (a small message's ACK).  The general loop below, for that one packet; a test
+            # compares the two.
+            largest = ranges[0][1] - 1
+            del unacked[pkt.number]
+            numbers.clear()
+            del outstanding[pkt.seq]
+            acked = [pkt]
+            self.pto_count = 0
+            prior_in_flight = self.bytes_in_flight
+            size = pkt.size
+            newly_acked = size
+            newest: SentPacket | None = pkt
+            sample_pkt: SentPacket | None = pkt if pkt.number == largest else None
+            largest_seq = self._largest_acked_seq
+            if pkt.seq > largest_seq:
+                largest_seq = self._largest_acked_seq = pkt.seq
+            self._ack_eliciting_outstanding -= 1
+            self.bytes_in_flight -= size
+            self.delivered += size
             self._delivered_at = now
+        else:
+            acked = []
+            largest = -1
+            for start, stop in ranges:
+                largest = stop - 1 if stop - 1 > largest else largest
+                lo = bisect_left(numbers, start)
+                hi = bisect_left(numbers, stop, lo)
+                if lo + 1 == hi:  # one packet (a small message's ACK): no comprehension
+                    acked.append(unacked.pop(numbers[lo]))
+                    del numbers[lo]
+                elif lo < hi:
+                    acked.extend(map(unacked.pop, numbers[lo:hi]))  # (no bytecode per packet)
+                    del numbers[lo:hi]
+            if not acked:
+                return AckResult([], [], None)
+            self.pto_count = 0
+            prior_in_flight = self.bytes_in_flight
+            newly_acked = 0
+            newest = None  # of the delivery-rate sample
+            sample_pkt = None  # of the RTT sample
+            # One pass with everything hoisted into locals: an ACK of a 1200-byte-datagram
+            # window acknowledges thousands of packets.  The body is _forget_outstanding inlined.
+            largest_seq = self._largest_acked_seq
+            min_rtt = self.rtt.min_rtt  # inf before any sample: no resend orders anything then
+            eliciting_gone = 0
+            flight_gone = 0
+            spurious = 0
+            newest_delivered = 0  # newest's delivered and sent_at (read only once it is set)
+            newest_sent_at = 0.0
+            for pkt in acked:
+                seq = pkt.seq
+                if pkt.lost:
+                    spurious += 1
+                elif outstanding.pop(seq, None) is not None:
+                    if pkt.ack_eliciting:
+                        eliciting_gone += 1
+                    if pkt.in_flight:
+                        flight_gone += pkt.size
+                if not pkt.retransmitted:
+                    largest_seq = seq if seq > largest_seq else largest_seq
+                    if pkt.number == largest and pkt.ack_eliciting:
+                        sample_pkt = pkt
+                elif now - pkt.sent_at >= min_rtt and seq > largest_seq:
+                    # A resend acknowledged at least min_rtt after it left (RACK, RFC 8985
+                    # 6.2): no earlier transmission can be what arrived that late only if this
+                    # one did, so it orders loss detection (still no RTT sample: Karn).  Without
+                    # this a transfer's tail, all resends, waits for probe timeouts one lost
+                    # resend at a time, each backed off twice as long as the last.
+                    largest_seq = seq
+                if pkt.in_flight:
+                    newly_acked += pkt.size
+                    delivered = pkt.delivered
+                    if (
+                        newest is None
+                        or delivered > newest_delivered
+                        or (delivered == newest_delivered and pkt.sent_at > newest_sent_at)
+                    ):
+                        newest = pkt
+                        newest_delivered = delivered
+                        newest_sent_at = pkt.sent_at
+            self._largest_acked_seq = largest_seq
+            self._ack_eliciting_outstanding -= eliciting_gone
+            self.bytes_in_flight -= flight_gone
+            self.spurious_losses += spurious
+            if newest is not None:  # some packet was in flight (what the delivered count counts)
+                self.delivered += newly_acked
+                self._delivered_at = now
 
         rtt_sample: float | None = None
         path_rtt: float | None = None
@@ -386,55 +406,46 @@ class Recovery:
             self.rtt.update(rtt_sample, ack_delay, now)
             # Congestion control wants the path's delay: the receiver's own delay (bounded by
             # what it promised) removed, unless that leaves nothing plausible.
-            delay = min(max(ack_delay, 0.0), self.max_ack_delay)
+            delay = 0.0 if ack_delay < 0.0 else ack_delay
+            delay = self.max_ack_delay if self.max_ack_delay < delay else delay
             path_rtt = rtt_sample - delay if rtt_sample - delay >= GRANULARITY else rtt_sample
 
-        lost = self._detect_lost(now)
-        lost_bytes = sum(p.size for p in lost if p.in_flight)
+        if largest_seq >= 0 and outstanding:
+            lost = self._detect_lost(now)
+            lost_bytes = sum(p.size for p in lost if p.in_flight) if lost else 0
+        else:  # what _detect_lost finds then
+            self._loss_deadline = None
+            lost = []
+            lost_bytes = 0
         if newest is not None or lost_bytes:
-            self.congestion.on_ack(
-                self._rate_sample(newest, newly_acked, lost_bytes, prior_in_flight, path_rtt),
-                now,
-            )
-            self.pacer.set_rate(self.congestion.pacing_rate, now)
-        return AckResult(acked, lost, rtt_sample)
-
-    def _rate_sample(
-        self,
-        newest: SentPacket | None,
-        newly_acked: int,
-        lost_bytes: int,
-        prior_in_flight: int,
-        path_rtt: float | None,
-    ) -> RateSample:
-        if self._app_limited_until and self.delivered > self._app_limited_until:
-            self._app_limited_until = 0
-        rate: float | None = None
-        prior_delivered = self.delivered
-        app_limited = False
-        if newest is not None:
-            prior_delivered = newest.delivered
-            app_limited = newest.app_limited
-            send_elapsed = newest.sent_at - newest.first_sent_at
-            ack_elapsed = self._delivered_at - newest.delivered_at
-            self._first_sent_at = newest.sent_at
-            # The longer interval: a burst of sends or a burst of ACKs (compression) would make
-            # the other one too short and the rate too high.  Shorter than the minimum RTT means
-            # the sample covers less than one round trip of data: not a rate.
-            interval = max(send_elapsed, ack_elapsed)
-            if interval > 0 and interval >= self.rtt.min_rtt:
-                rate = (self.delivered - newest.delivered) / interval
-        return RateSample(
-            delivery_rate=rate,
-            is_app_limited=app_limited,
-            prior_delivered=prior_delivered,
-            delivered_total=self.delivered,
-            newly_acked=newly_acked,
-            newly_lost=lost_bytes,
-            prior_in_flight=prior_in_flight,
-            bytes_in_flight=self.bytes_in_flight,
-            rtt=path_rtt,
-        )
+            # The delivery-rate sample (BBR's), inlined: once per ACK.
+            delivered = self.delivered
+            if self._app_limited_until and delivered > self._app_limited_until:
+                self._app_limited_until = 0
+            rate: float | None = None
+            prior_delivered = delivered
+            app_limited = False
+            if newest is not None:
+                prior_delivered = newest.delivered
+                app_limited = newest.app_limited
+                send_elapsed = newest.sent_at - newest.first_sent_at
+                ack_elapsed = self._delivered_at - newest.delivered_at
+                self._first_sent_at = newest.sent_at
+                # The longer interval: a burst of sends or a burst of ACKs (compression) would
+                # make the other one too short and the rate too high.  Shorter than the minimum
+                # RTT means the sample covers less than one round trip of data: not a rate.
+                interval = ack_elapsed if ack_elapsed > send_elapsed else send_elapsed  # max()
+                if interval > 0 and interval >= self.rtt.min_rtt:
+                    rate = (delivered - newest.delivered) / interval
+            # By tuple.__new__ (RateSample's own __new__ is a Python function).
+            sample = _new(RateSample, (
+                rate, app_limited, prior_delivered, delivered, newly_acked, lost_bytes,
+                prior_in_flight, self.bytes_in_flight, path_rtt,
+            ))  # fmt: skip
+            congestion = self.congestion
+            congestion.on_ack(sample, now)
+            self.pacer.set_rate(congestion.pacing_rate, now)
+        return _new(AckResult, (acked, lost, rtt_sample))  # (NamedTuple.__new__ costs more)
 
     # -- loss detection and timers ---------------------------------------------------------------
 
@@ -474,7 +485,8 @@ class Recovery:
 
         Never earlier than the latest ``now`` this object was given: a deadline in the past
         would make a driver spin; it is due immediately instead.  Asked for after every input,
-        so :meth:`_pto_interval` is inlined here.
+        so the probe timeout (RFC 9002's PTO, backed off, capped on a short path) is computed
+        inline.
         """
         deadline = self._loss_deadline
         if deadline is None:
@@ -491,13 +503,6 @@ class Recovery:
             deadline = last_sent + interval
         now = self._now
         return deadline if deadline > now else now
-
-    def _pto_interval(self) -> float:
-        backoff = 1 << min(self.pto_count, MAX_PTO_BACKOFF)
-        pto = self.rtt.pto(self.max_ack_delay)
-        if pto * backoff > SHORT_PATH_MAX_PTO and self.rtt.min_rtt < SHORT_RTT:
-            return SHORT_PATH_MAX_PTO
-        return pto * backoff
 
     def on_timeout(self, now: float) -> TimeoutResult:
         """Run the timer ``loss_time()`` asked for (harmless if called early)."""

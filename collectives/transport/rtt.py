@@ -10,8 +10,6 @@ whatever the sample rate.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 __all__ = ["GRANULARITY", "RttEstimator", "WindowedFilter"]
 
 #: Timer granularity (RFC 9002's kGranularity): the smallest variance term a PTO may use, so that
@@ -31,13 +29,13 @@ class WindowedFilter:
     in seconds for RTT, a round-trip count for bandwidth.
     """
 
-    __slots__ = ("_better", "_t", "_v", "window")
+    __slots__ = ("_max", "_t", "_v", "window")
 
     def __init__(self, window: float, *, maximum: bool) -> None:
         self.window = window
-        self._better: Callable[[float, float], bool] = (
-            (lambda a, b: a >= b) if maximum else (lambda a, b: a <= b)
-        )
+        # "Better" is >= for a max filter, <= for a min one: written out as compares in
+        # update(), not a comparison function per sample (the filters run on every ACK).
+        self._max = maximum
         self._v: list[float] = []
         self._t: list[float] = []
 
@@ -50,15 +48,20 @@ class WindowedFilter:
 
     def update(self, value: float, t: float) -> float:
         """Add a sample taken at ``t``; return the current best."""
-        v, ts, better, win = self._v, self._t, self._better, self.window
-        if not v or better(value, v[0]) or t - ts[2] > win:
-            # A new best, or nothing in the window is recent: start over from this sample.
-            self.reset(value, t)
+        v, ts, mx, win = self._v, self._t, self._max, self.window
+        if not v or (value >= v[0] if mx else value <= v[0]) or t - ts[2] > win:
+            # A new best, or nothing in the window is recent: start over from this sample
+            # (reset(), in place once the lists exist: this is most samples of a rising rate).
+            if not v:
+                self.reset(value, t)
+            else:
+                v[0] = v[1] = v[2] = value
+                ts[0] = ts[1] = ts[2] = t
             return value
-        if better(value, v[1]):
+        if value >= v[1] if mx else value <= v[1]:
             v[1] = v[2] = value
             ts[1] = ts[2] = t
-        elif better(value, v[2]):
+        elif value >= v[2] if mx else value <= v[2]:
             v[2] = value
             ts[2] = t
         age = t - ts[0]

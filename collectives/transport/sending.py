@@ -69,9 +69,16 @@ class OutMessage:
         self.channel = channel
         self.seq = seq
         self.meta = meta
-        views = [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in body]
-        self.views = [v for v in views if v.nbytes]
-        self.body_len = sum(v.nbytes for v in self.views)
+        # One pass (once per message): bytes views, empty ones left out, and their total.
+        views: list[memoryview] = []
+        body_len = 0
+        for given in body:
+            v = given if given.format == "B" and given.ndim == 1 else given.cast("B")
+            if v.nbytes:
+                views.append(v)
+                body_len += v.nbytes
+        self.views = views
+        self.body_len = body_len
         self.total = len(meta) + self.body_len
         self.pos = 0  # stream offset (meta, then body) of the next byte to frame
         self.view_index = 0
@@ -85,18 +92,31 @@ class OutMessage:
 
     def copy_into(self, out: memoryview, n: int) -> None:
         """Copy the next ``n`` stream bytes into ``out`` and advance."""
-        dst = 0
-        meta_left = len(self.meta) - self.pos
-        if meta_left > 0:
-            k = min(meta_left, n)
-            out[:k] = self.meta[self.pos : self.pos + k]
-            dst = k
         views = self.views
+        if n == self.total and len(views) <= 1:
+            # Fast path: the whole message at once (a small one), meta then its one view: what
+            # the loop below does then, leaving the cursor past that view.
+            meta_len = len(self.meta)
+            out[:meta_len] = self.meta
+            if views:
+                out[meta_len:n] = views[0]
+            self.view_index = len(views)
+            self.pos = n
+            return
+        dst = 0
+        pos = self.pos
+        meta = self.meta
+        meta_left = len(meta) - pos
+        if meta_left > 0:
+            k = meta_left if meta_left < n else n  # min() as a compare, as below
+            out[:k] = meta[pos : pos + k] if pos or k < meta_left else meta  # (no slice copy)
+            dst = k
         i, off = self.view_index, self.view_offset
         while dst < n:
             view = views[i]
-            k = min(n - dst, view.nbytes - off)
-            out[dst : dst + k] = view[off : off + k]
+            k = view.nbytes - off
+            k = n - dst if n - dst < k else k
+            out[dst : dst + k] = view[off : off + k] if off or k < view.nbytes else view
             dst += k
             off += k
             if off == view.nbytes:
@@ -179,13 +199,6 @@ class FrameBuilder:
         self._spare.setdefault(len(image), []).append(image)
         self._spare_count += 1
 
-    def _image(self, size: int) -> bytearray:
-        spare = self._spare.get(size)
-        if spare:
-            self._spare_count -= 1
-            return spare.pop()  # every byte is overwritten by the seal
-        return bytearray(size)
-
     def fill(
         self, controls: Sequence[bytes], queue: deque[OutMessage], credit: int
     ) -> tuple[int, list[OutMessage], int]:
@@ -212,7 +225,7 @@ class FrameBuilder:
             n = cap - pos
             n = left if left < n else n
             n = credit - data if credit - data < n else n
-            if msg.pos == 0 and n < meta_len + min(1, msg.body_len):
+            if msg.pos == 0 and n < meta_len + (1 if msg.body_len else 0):  # min(1, body_len)
                 break  # a message's first chunk carries its whole meta (and a body byte)
             if n <= 0 and msg.total > 0:
                 break
@@ -238,7 +251,13 @@ class FrameBuilder:
         aad = pack_header(VERSION, _SEGMENT, 0, self._tag, session_id, first, 0, count,
                           sealed_len)  # fmt: skip
         plain = self._plain_view[:plain_len]
-        image = self._image(count * HEADER_SIZE + sealed_len)
+        size = count * HEADER_SIZE + sealed_len
+        spare = self._spare.get(size)  # _image(size), inlined: once per frame
+        if spare:
+            self._spare_count -= 1
+            image = spare.pop()  # every byte is overwritten by the seal
+        else:
+            image = bytearray(size)
         if count == 1:
             # The sealed bytes go straight behind the header.
             image[:HEADER_SIZE] = aad

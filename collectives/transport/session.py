@@ -18,6 +18,7 @@ import numpy as np
 
 from collectives.transport._pb import transport_pb2 as pb
 from collectives.transport.config import TransportConfig
+from collectives.transport.control_fields import ack_chunk, credit_chunk
 from collectives.transport.crypto import Cipher, ReplayWindow
 from collectives.transport.events import Address, Event, PeerAddressChanged, PeerLost
 from collectives.transport.frames import (
@@ -38,7 +39,14 @@ from collectives.transport.header import (
     segment_layout,
 )
 from collectives.transport.outbound import Batch, Outbound
-from collectives.transport.receiving import Allocator, Inbox, PartialFrame, layout_ok
+from collectives.transport.receiving import (
+    Allocator,
+    Inbox,
+    PartialFrame,
+    gather_payloads,
+    layout_ok,
+    pending_runs,
+)
 from collectives.transport.sending import FrameBuilder, OutMessage
 from collectives.transport.states import Input, State, allowed, next_state
 
@@ -60,6 +68,14 @@ _ASKED_MAX = 64
 # frames).  Short: a sender closing, or one whose window it holds, waits for it.
 _END_ACK_DELAY = 0.0005
 _SEGMENT = int(PacketType.SEGMENT)  # a plain int packs faster than the IntEnum member
+# Members as module constants: each ChunkKind.X or State.X is a class attribute lookup.
+_ACK = ChunkKind.ACK
+_CREDIT = ChunkKind.CREDIT
+_PING = ChunkKind.PING
+_ESTABLISHED = State.ESTABLISHED
+_HELLO_SENT = State.HELLO_SENT
+_CLOSED = State.CLOSED
+_LOST = State.LOST
 
 
 class Session:
@@ -107,6 +123,7 @@ class Session:
         # Receive direction.
         self._rx: Cipher | None = None
         self._max_frame = config.frame_bytes + 1024
+        self._end_ack_delay = min(_END_ACK_DELAY, config.max_ack_delay)
         self._plain = bytearray(self._max_frame)
         self._plain_view = memoryview(self._plain)
         self._sealed = bytearray(self._max_frame)  # a whole frame out of one GRO batch
@@ -117,6 +134,8 @@ class Session:
         self._rejected: set[int] = set()
         self._inbox = Inbox(peer, allocate, emit)
         self._credit_granted = config.window_bytes
+        self._window = config.window_bytes  # (config is frozen: read once, used per frame)
+        self._credit_step = config.window_bytes // 4  # a grant this large is due at once
         self._unacked_eliciting = 0
         self._unacked_segments = 0
         self._ack_deadline: float | None = None
@@ -216,8 +235,8 @@ class Session:
 
     def on_segment(self, header: Header, payload: memoryview, addr: Address, now: float) -> None:
         counters = self._counters
-        self.latest = max(self.latest, now)
-        if self.state is not State.ESTABLISHED or self._rx is None:
+        self.latest = now if now > self.latest else self.latest  # max() as a compare
+        if self.state is not _ESTABLISHED or self._rx is None:
             counters["dropped_unknown_session"] += 1
             return
         number = header.packet_number
@@ -227,13 +246,18 @@ class Session:
             if number >= self._replay.floor and len(self._asked) < _ASKED_MAX:
                 self._asked.add(number)
             return
+        if header.segments == 1:
+            # layout_ok() for a one-datagram frame (each small message's): all of it is here.
+            length = header.frame_length
+            if not 0 < length <= self._max_frame or len(payload) != length:
+                counters["dropped_malformed"] += 1
+                return
+            self._open(header, payload, addr, now)
+            return
         if not layout_ok(header, len(payload), self._max_frame):
             counters["dropped_malformed"] += 1
             return
         first = header.first_number
-        if header.segments == 1:
-            self._open(header, payload, addr, now)
-            return
         frame = self._partial.get(first)
         if frame is None:
             if self._replay.seen_any(first, first + header.segments):
@@ -295,7 +319,7 @@ class Session:
         if frame is None:
             if start == 0 and stop == count:  # a whole frame: no partial state at all
                 buf = np.frombuffer(self._sealed, dtype=np.uint8)
-                _gather(buf, rows, img[tail + HEADER_SIZE :], per)
+                gather_payloads(buf, rows, img[tail + HEADER_SIZE :], per)
                 self._open(header, memoryview(self._sealed)[:length], addr, now)
                 return True
             if self._replay.seen_any(first, first + count):
@@ -308,7 +332,7 @@ class Session:
         elif frame.count != count or frame.length != length or any(frame.have[start:stop]):
             return False
         buf = np.frombuffer(frame.buf, dtype=np.uint8)[start * per :]
-        _gather(buf, rows, img[tail + HEADER_SIZE :], per)
+        gather_payloads(buf, rows, img[tail + HEADER_SIZE :], per)
         frame.have[start:stop] = b"\x01" * k
         frame.missing -= k
         if frame.missing == 0:
@@ -337,23 +361,25 @@ class Session:
     def _open(self, header: Header, sealed: memoryview, addr: Address, now: float) -> None:
         rx = self._rx
         assert rx is not None
-        first, count = header.first_number, header.segments
-        plain_len = header.frame_length - rx.overhead
+        _, _, _, _, number, index, count, length = header
+        first = number - index  # header.first_number without the property call
+        plain_len = length - rx.overhead
         # The AAD is segment 0's header (Header(...).pack() without building the tuple).
-        aad = pack_header(
-            VERSION, _SEGMENT, 0, self._tag, self.local_id, first, 0, count, header.frame_length
-        )
-        if plain_len < 0 or not rx.open_into(first, aad, sealed, self._plain_view[:plain_len]):
+        aad = pack_header(VERSION, _SEGMENT, 0, self._tag, self.local_id, first, 0, count, length)
+        plain = self._plain_view[:plain_len]
+        if plain_len < 0 or not rx.open_into(first, aad, sealed, plain):
             self._counters["dropped_auth"] += 1
             self._reject(first)
             return
         self._replay.add(first, first + count)
-        self._rejected.discard(first)  # a resend of a frame we rejected authenticated
+        if self._rejected:
+            self._rejected.discard(first)  # a resend of a frame we rejected authenticated
         if first + count <= self._highest_seen and len(self._asked) < _ASKED_MAX:
             # Completed out of order (by a resend): its interval may be older than the newest
             # _ACK_RANGES, and the sender must hear of that resend or it sends it again.
             self._asked.add(first)
-        self._highest_seen = max(self._highest_seen, first + count - 1)
+        highest = first + count - 1
+        self._highest_seen = highest if highest > self._highest_seen else self._highest_seen
         self._counters["frames_opened"] += 1
         self.last_heard = self._newest_at = now
         if not self.confirmed:
@@ -366,7 +392,7 @@ class Session:
             old, self.addr = self.addr, addr
             self._emit(PeerAddressChanged(self.peer, old, addr))
         try:
-            self._take_chunks(parse_chunks(self._plain_view[:plain_len]), count, now)
+            self._take_chunks(parse_chunks(plain), count, now)
         except FrameError as err:
             self._counters["dropped_malformed"] += 1
             self.lose(f"protocol error: {err}")
@@ -384,31 +410,29 @@ class Session:
         eliciting = False
         for chunk in chunks:
             if isinstance(chunk, DataChunk):
-                if chunk.comm_id != self._comm_id or chunk.epoch != self._epoch:
+                _, comm_id, epoch, _, _, offset, meta_len, body_len, data = chunk
+                if comm_id != self._comm_id or epoch != self._epoch:
                     raise FrameError("data chunk of another communicator or epoch")
                 self._inbox.on_chunk(chunk)
                 eliciting = True
-                if chunk.offset + len(chunk.data) == chunk.meta_len + chunk.body_len:
+                if offset + len(data) == meta_len + body_len:
                     # A message's last bytes: its sender may have nothing more in flight, so
                     # it must not wait max_ack_delay (see _END_ACK_DELAY).
-                    end = now + min(_END_ACK_DELAY, self._config.max_ack_delay)
+                    end = now + self._end_ack_delay
                     if self._ack_deadline is None or end < self._ack_deadline:
                         self._ack_deadline = end
                 continue
             kind, msg = chunk
-            if kind is ChunkKind.ACK:
+            if kind is _ACK:
                 if self.out is not None:
-                    self.out.on_ack(
-                        [(r.start, r.stop) for r in msg.acked if r.start < r.stop],
-                        [(r.start, r.stop) for r in msg.pending if r.start < r.stop],
-                        msg.rejected,
-                        max(0.0, msg.ack_delay),
-                        now,
-                    )
-            elif kind is ChunkKind.CREDIT:
-                if self.out is not None:
-                    self.out.credit_limit = max(self.out.credit_limit, msg.limit)
-            elif kind is ChunkKind.PING:
+                    acked, pending, rejected, delay = msg  # an AckFields
+                    # max(0.0, delay) as a compare (NaN gives 0.0 too)
+                    self.out.on_ack(acked, pending, rejected, delay if delay > 0.0 else 0.0, now)
+            elif kind is _CREDIT:
+                out = self.out
+                if out is not None and msg.limit > out.credit_limit:  # max() as a compare
+                    out.credit_limit = msg.limit
+            elif kind is _PING:
                 eliciting = True
                 self._ack_now = True  # a probe or a heartbeat: its sender waits for the answer
             else:  # CLOSE or ABORT
@@ -431,8 +455,8 @@ class Session:
     def _controls(self, now: float) -> list[bytes]:
         controls: list[bytes] = []
         inbox = self._inbox
-        window = self._config.window_bytes
-        credit_due = inbox.released + window - self._credit_granted >= window // 4
+        window = self._window
+        credit_due = inbox.released + window - self._credit_granted >= self._credit_step
         out = self.out
         if (
             self._ack_now
@@ -443,17 +467,18 @@ class Session:
             or (
                 (self._unacked_eliciting or self._unacked_segments)
                 and out is not None
-                and out.has_data
+                and out.queue  # out.has_data, inlined
+                and out.data_sent < out.credit_limit
             )
         ):
-            controls.append(control_chunk(ChunkKind.ACK, self._ack(now)))
+            controls.append(self._ack(now))
             self._ack_now = False
             self._ack_deadline = None
             self._unacked_eliciting = 0
             self._unacked_segments = 0
             # Credit rides on every ACK: a lost grant is repeated by the next one.
             self._credit_granted = inbox.released + window
-            controls.append(control_chunk(ChunkKind.CREDIT, pb.Credit(limit=self._credit_granted)))
+            controls.append(credit_chunk(self._credit_granted))
         if self._ping:
             self._ping = False
             controls.append(control_chunk(ChunkKind.PING, pb.Ping()))
@@ -461,65 +486,47 @@ class Session:
             self.out.mark_eliciting()
         return controls
 
-    def _ack(self, now: float) -> pb.Ack:
-        ack = pb.Ack(ack_delay=max(0.0, now - self._newest_at))
+    def _ack(self, now: float) -> bytes:
+        """Our ACK chunk."""
         intervals = self._replay.intervals(_ACK_RANGES)
         if self._asked:
             # Intervals the sender showed it has not heard of (it resent into them).
             intervals = sorted({*intervals, *self._replay.holding(self._asked)})
             self._asked.clear()
-        for start, stop in intervals:
-            ack.acked.add(start=start, stop=stop)
-        # Pending runs newest first, like the acked list: older runs were reported before, and a
-        # sender that never hears of its newest segments counts them in flight past its window
-        # and cannot send the resends that would complete the older frames (a stall at 10 % loss).
-        room = _ACK_RANGES
-        runs: list[tuple[int, int]] = []
-        partial = self._partial
-        touched = self._touched
-        # Frames that got segments since the last ACK first (see _touched), then newest first.
-        for first in touched:
-            frame = partial.get(first)
-            if frame is not None and room > 0:
-                held = frame.runs()[-room:]
-                runs.extend(held)
-                room -= len(held)
-        for first, frame in reversed(partial.items()):
-            if room <= 0:
-                break
-            if first in touched:
-                continue
-            newest = frame.runs()[-room:]
-            runs.extend(newest)
-            room -= len(newest)
-        touched.clear()
-        for start, stop in sorted(runs):
-            ack.pending.add(start=start, stop=stop)
-        ack.rejected.extend(sorted(self._rejected))
-        return ack
+        runs = pending_runs(self._partial, self._touched, _ACK_RANGES) if self._partial else []
+        self._touched.clear()
+        delay = now - self._newest_at
+        return ack_chunk(
+            intervals,
+            runs,
+            sorted(self._rejected) if self._rejected else [],
+            delay if delay > 0.0 else 0.0,  # max(0.0, delay) without the call
+        )
 
     def produce(self, now: float, out: list[Batch]) -> None:
         """Append the datagrams this session may send now."""
-        self.latest = max(self.latest, now)
+        self.latest = now if now > self.latest else self.latest  # max() as a compare
         addr = self.addr
         if addr is None:
             return
-        if self.state is State.HELLO_SENT and self.hello is not None and now >= self.hello_next:
+        state = self.state
+        if state is _HELLO_SENT and self.hello is not None and now >= self.hello_next:
             out.append((addr, self.hello, len(self.hello)))
             self.hello_tries += 1
             self.hello_next = now + self._config.hello_interval * 2 ** min(self.hello_tries, 6)
         if self.hello_ack_due and self.hello_ack is not None:
             self.hello_ack_due = False
             out.append((addr, self.hello_ack, len(self.hello_ack)))
-        if self._closing is not None and self.out is not None:
-            self.out.produce(addr, [self._closing], now, out)
+        outbound = self.out
+        if self._closing is not None and outbound is not None:
+            outbound.produce(addr, [self._closing], now, out)
             self._closing = None
             return
-        if self.state is not State.ESTABLISHED or not self.confirmed or self.out is None:
+        if self.state is not _ESTABLISHED or not self.confirmed or outbound is None:
             return
-        if self.out.probe and self.out.credit_blocked:
+        if outbound.probe and outbound.credit_blocked:
             self._ping = True  # the probe asks for an ACK, which carries the credit we wait for
-        self.out.produce(addr, self._controls(now), now, out)
+        outbound.produce(addr, self._controls(now), now, out)
 
     # -- timers -----------------------------------------------------------------------------------
 
@@ -530,13 +537,13 @@ class Session:
         each deadline is the one the matching branch of :meth:`on_timer` acts on.
         """
         state = self.state
-        if state is State.CLOSED or state is State.LOST:
+        if state is _CLOSED or state is _LOST:
             return None
         config = self._config
         t = self.last_heard + config.peer_timeout
-        if state is State.HELLO_SENT:
+        if state is _HELLO_SENT:
             t = self.hello_next if self.hello_next < t else t
-        elif state is State.ESTABLISHED:
+        elif state is _ESTABLISHED:
             out = self.out
             if out is not None and self.confirmed:
                 ack = self._ack_deadline
@@ -583,11 +590,3 @@ class Session:
         if self._ack_deadline is not None and now >= self._ack_deadline:
             self._ack_now = True
             self._ack_deadline = None
-
-
-def _gather(buf: np.ndarray, rows: np.ndarray, tail: np.ndarray, per: int) -> None:
-    """Copy the payloads of a GRO batch (``rows``: full datagrams, header included; ``tail``:
-    the last datagram's payload) back to back into ``buf``."""
-    full = len(rows)
-    buf[: full * per].reshape(full, per)[:] = rows[:, HEADER_SIZE:]
-    buf[full * per : full * per + len(tail)] = tail
