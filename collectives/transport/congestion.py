@@ -102,9 +102,11 @@ LOSS_RATE_GAIN = 1 / 8
 INFLIGHT_HI_BETA = 0.85
 #: A min_rtt below this is a LAN or loopback: host scheduling, not the wire, sets the real RTT.
 SHORT_RTT = 0.001
-#: The window floor there: 16 GSO batches of 64 KiB.  Queueing 1 MiB costs under a millisecond
-#: at the rates such paths carry, and less leaves the sender waiting for ACKs it batches.
-SHORT_RTT_MIN_CWND = 1 << 20
+#: The window floor there: 64 frames of 64 KiB, a quarter of the receive credit and of the socket
+#: buffer the UDP backend asks for (16 MiB each).  Such a path's RTT is the receiver's scheduling
+#: delay (1-2 ms with 4 ranks on 2 cores), so the BDP from a delivery rate measured while it was
+#: descheduled is far too small, and 1 MiB left a fan-out leader waiting on a full window.
+SHORT_RTT_MIN_CWND = 4 << 20
 #: Rounds over which the largest ACK aggregation is remembered.
 EXTRA_ACKED_ROUNDS = 10
 #: Aggregation is trusted up to this much time at btlbw (BBR's cap): more would be a queue.
@@ -206,7 +208,7 @@ class Bbr:
         return self.min_rtt if math.isfinite(self.min_rtt) else self.initial_rtt
 
     def _floor(self) -> int:
-        """The smallest window: four datagrams, or 1 MiB on a path with a tiny RTT."""
+        """The smallest window: four datagrams, or SHORT_RTT_MIN_CWND on a path with a tiny RTT."""
         return self._short_floor if self.min_rtt < SHORT_RTT else self.min_cwnd
 
     def bdp(self, gain: float = 1.0) -> int:

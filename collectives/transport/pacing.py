@@ -21,13 +21,19 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["DEFAULT_BURST", "GRANULARITY", "Pacer"]
+__all__ = ["DEFAULT_BURST", "GRANULARITY", "SHORT_PATH_BURST", "Pacer"]
 
 #: One full GSO batch of 1200-byte datagrams is a little over this; more burst than this builds
 #: queues at the bottleneck for no gain.
 DEFAULT_BURST = 64 * 1024
 #: The finest pacing interval worth a timer (seconds); see the module docstring.
 GRANULARITY = 0.001
+#: The least burst on a path whose RTT is under a millisecond (loopback, a LAN; see
+#: :meth:`Pacer.set_min_burst`): four 64 KiB frames.  There host scheduling, not the wire, sets
+#: the delivery rate the pacing rate comes from, so that rate is often several times too low,
+#: and every 64 KiB gap is a timer wakeup of a process that shares its cores with the receivers.
+#: A frame leaves only whole, so fewer than several frames per wakeup left the sender waiting.
+SHORT_PATH_BURST = 256 * 1024
 
 
 class Pacer:
@@ -126,6 +132,16 @@ class Pacer:
             debt_cap = size if size > self.burst else self.burst
         tokens = self._tokens - size
         self._tokens = tokens if tokens > -debt_cap else -float(debt_cap)
+
+    def set_min_burst(self, burst: int, now: float) -> None:
+        """Let at least ``burst`` bytes out back-to-back from now on (the rate is unchanged)."""
+        if burst <= 0:
+            raise ValueError(f"burst must be positive, got {burst}")
+        if burst == self._base_burst:
+            return
+        self._refill(now)
+        self._base_burst = burst
+        self.burst = self._burst_for(self.rate)
 
     @property
     def tokens(self) -> float:

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from .congestion import SHORT_RTT, Bbr, Congestion, RateSample
-from .pacing import Pacer
+from .pacing import DEFAULT_BURST, SHORT_PATH_BURST, Pacer
 from .rtt import GRANULARITY, RttEstimator
 from .sent_packet import AckResult, SentPacket, TimeoutResult
 
@@ -47,6 +47,11 @@ MAX_PTO_BACKOFF = 10
 #: back (179 ms after 0.6 s away); capped, 46 ms.  A probe is one datagram: one every 50 ms
 #: to an absent peer costs nothing next to the stall.
 SHORT_PATH_MAX_PTO = 0.05
+#: On such a path the pacing rate is at least this times cwnd / srtt (as Linux TCP paces a flow
+#: outside slow start): the delivery rate behind the model's rate is the receiver's scheduling
+#: there, often several times below what it takes once it runs, and pacing slower than the
+#: window opens only adds timer wakeups.  A queue that builds raises srtt, which slows this down.
+SHORT_PATH_PACING_GAIN = 1.2
 _new = tuple.__new__  # NamedTuples made per ACK: their own __new__ is a Python function
 
 
@@ -70,6 +75,7 @@ class Recovery:
             else Bbr(max_datagram=max_datagram, initial_rtt=initial_rtt, now=now)
         )
         self.pacer = Pacer(self.congestion.pacing_rate)
+        self._short_path = False  # whether the pacer has SHORT_PATH_BURST (min_rtt < SHORT_RTT)
         self.bytes_in_flight = 0
         self.pto_count = 0
         self.last_ack_time: float | None = None
@@ -444,7 +450,18 @@ class Recovery:
             ))  # fmt: skip
             congestion = self.congestion
             congestion.on_ack(sample, now)
-            self.pacer.set_rate(congestion.pacing_rate, now)
+            rate = congestion.pacing_rate
+            if self._short_path is not (self.rtt.min_rtt < SHORT_RTT):
+                # Bursts of several frames on loopback or a LAN (see SHORT_PATH_BURST).
+                self._short_path = not self._short_path
+                burst = SHORT_PATH_BURST if self._short_path else DEFAULT_BURST
+                self.pacer.set_min_burst(burst, now)
+            if self._short_path:
+                # What the window lets out per smoothed RTT (see SHORT_PATH_PACING_GAIN).
+                srtt = self.rtt.smoothed
+                least = SHORT_PATH_PACING_GAIN * congestion.cwnd / srtt if srtt > 0 else rate
+                rate = least if least > rate else rate
+            self.pacer.set_rate(rate, now)
         return _new(AckResult, (acked, lost, rtt_sample))  # (NamedTuple.__new__ costs more)
 
     # -- loss detection and timers ---------------------------------------------------------------
