@@ -344,8 +344,9 @@ class Engine(Inbox, Health):
             if self.closed:
                 return
             end = self.clock() + linger
-            if self._held or self._unpumped:
-                self._release_held()
+            if self.aborted is None:  # small frames are acknowledged late unless asked for
+                self.ep.request_acks(self.clock())
+            self._release_held()
             while self.aborted is None and any(
                 ids for peer, ids in self.outstanding.items() if peer not in self.lost
             ):

@@ -9,7 +9,7 @@ and empty ranges, which the receiver of an ACK ignores, are left out once here).
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from collectives.transport._pb import transport_pb2 as pb
 
@@ -23,12 +23,14 @@ _CREDIT_KIND = 3
 
 class AckFields(NamedTuple):
     """What an ACK says: ``acked`` and ``pending`` ranges (empty ones left out), the
-    ``rejected`` first numbers and ``ack_delay``."""
+    ``rejected`` first numbers, ``ack_delay`` and the flow-control ``credit`` riding on it (0:
+    none; a CREDIT chunk's limit, which every ACK carries, without a chunk of its own)."""
 
     acked: list[tuple[int, int]]
     pending: list[tuple[int, int]]
     rejected: list[int]
     ack_delay: float
+    credit: int
 
 
 class CreditFields(NamedTuple):
@@ -40,9 +42,10 @@ def ack_chunk(
     pending: list[tuple[int, int]],
     rejected: list[int],
     ack_delay: float,
+    credit: int = 0,
 ) -> bytes:
     """The ACK chunk of these fields (``frames.control_chunk(ACK, pb.Ack(...))``)."""
-    msg = pb.Ack(rejected=rejected, ack_delay=ack_delay)
+    msg = pb.Ack(rejected=rejected, ack_delay=ack_delay, credit=credit)
     add = msg.acked.add
     for start, stop in acked:
         add(start=start, stop=stop)
@@ -62,9 +65,25 @@ def credit_chunk(limit: int) -> bytes:
 
 def ack_fields(msg: pb.Ack) -> AckFields:
     """The fields of a parsed ACK, empty ranges left out."""
+    rejected = msg.rejected
     return AckFields(
-        [(r.start, r.stop) for r in msg.acked if r.start < r.stop],
-        [(r.start, r.stop) for r in msg.pending if r.start < r.stop],
-        list(msg.rejected),
+        _ranges(msg.acked),
+        _ranges(msg.pending),
+        list(rejected) if len(rejected) else [],
         msg.ack_delay,
+        msg.credit,
     )
+
+
+def _ranges(field: Any) -> list[tuple[int, int]]:
+    """``[(r.start, r.stop) for r in field if r.start < r.stop]``, with the usual lengths (none,
+    one: a small message's ACK) taken without the loop: reading a repeated field costs more per
+    element than the comprehension around it."""
+    n = len(field)
+    if n == 0:
+        return []
+    if n == 1:
+        r = field[0]
+        start, stop = r.start, r.stop
+        return [(start, stop)] if start < stop else []
+    return [(r.start, r.stop) for r in field if r.start < r.stop]

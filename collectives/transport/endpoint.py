@@ -454,6 +454,15 @@ class Endpoint:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    def request_acks(self, now: float) -> None:
+        """Ask every peer that holds unacknowledged frames of ours to acknowledge them at once
+        (a PING with the next datagrams).  Small frames are acknowledged up to
+        ``config.max_ack_delay`` late otherwise; a driver about to close, which waits for every
+        ``MessageSent``, calls this first."""
+        self._tick(now)
+        for session in self._sessions.values():
+            session.request_ack()
+
     def close(self, now: float) -> None:
         """CLOSE to every peer (with the next datagrams); later sends raise."""
         self._shut(ChunkKind.CLOSE, "")

@@ -13,13 +13,19 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import cast
 
+from collectives.transport._pb import transport_pb2 as pb
 from collectives.transport.config import TransportConfig
 from collectives.transport.events import Address, Event, MessageFramed, MessageSent
+from collectives.transport.frames import ChunkKind, control_chunk
 from collectives.transport.ranges import RangeSet
 from collectives.transport.recovery import Recovery, SentPacket
 from collectives.transport.sending import FrameBuilder, OutMessage, SentFrame
 
 Batch = tuple[Address, memoryview | bytes, int]
+# A frame this small is acknowledged up to max_ack_delay late (several share one ACK, see
+# session.py): when the window would hold the next frame back, it asks for an ACK at once.
+SMALL_FRAME = 16 * 1024
+_PING_CHUNK = control_chunk(ChunkKind.PING, pb.Ping())
 
 
 class Outbound:
@@ -174,6 +180,11 @@ class Outbound:
                         self.paced_until = at
                         want_data = False
                         counters["paced"] += 1
+                    elif flight + plain_cap + SMALL_FRAME > congestion.cwnd:
+                        # The next frame will wait for an ACK: a small one must ask for it.
+                        head = queue[0]
+                        if head.total - head.pos < SMALL_FRAME:
+                            controls = [*controls, _PING_CHUNK]
             if not want_data and not controls:
                 break
             plain_len, touched, data = builder.fill(controls, queue, credit if want_data else 0)

@@ -18,7 +18,7 @@ import numpy as np
 
 from collectives.transport._pb import transport_pb2 as pb
 from collectives.transport.config import TransportConfig
-from collectives.transport.control_fields import ack_chunk, credit_chunk
+from collectives.transport.control_fields import ack_chunk
 from collectives.transport.crypto import Cipher, ReplayWindow
 from collectives.transport.events import Address, Event, PeerAddressChanged, PeerLost
 from collectives.transport.frames import (
@@ -38,7 +38,7 @@ from collectives.transport.header import (
     segment_heads,
     segment_layout,
 )
-from collectives.transport.outbound import Batch, Outbound
+from collectives.transport.outbound import SMALL_FRAME, Batch, Outbound
 from collectives.transport.receiving import (
     Allocator,
     Inbox,
@@ -51,9 +51,14 @@ from collectives.transport.sending import FrameBuilder, OutMessage
 from collectives.transport.states import Input, State, allowed, next_state
 
 _ACK_RANGES = 64  # newest ranges per list in one ACK: older ones were reported before
-# Ack-eliciting frames that make an ACK go out at once (RFC 9000's two packets): a window's
-# worth of frames would otherwise wait max_ack_delay per round trip while cwnd is small.
-_ACK_EVERY = 2
+# When an ACK goes out at once rather than within max_ack_delay, in weight: a bulk frame weighs
+# half, so every second one is acknowledged at once (a window's worth would wait max_ack_delay
+# per round trip while cwnd is small).  A small frame (a small eager message's) weighs 1: its
+# sender does not wait for the ACK, it needs it only to free the frame, so several share one (in
+# a 4-rank small collective, pairs without reverse traffic sent an ACK-only datagram per message,
+# ~40 % of all datagrams).  A sender that waits (window nearly full, closing) asks with a PING.
+_ACK_EVERY_WEIGHT = 8
+_LARGE_WEIGHT = _ACK_EVERY_WEIGHT // 2
 # Segments of still incomplete frames that make an ACK go out at once: their ``pending`` ranges
 # are what lets the sender resend only the missing segments of a large frame, so they must not
 # wait for the frame to complete; but one ACK per two 1200-byte datagrams would cost more than
@@ -62,11 +67,6 @@ _ACK_EVERY_SEGMENTS = 16
 # Numbers a sender resent although we hold them: the intervals holding them ride on the next
 # ACKs even when older than the newest _ACK_RANGES (that ACK was lost or crowded out).
 _ASKED_MAX = 64
-# How soon a message's last frame is acknowledged when nothing else asks for an ACK.  Not at
-# once: the ACK would be sealed and sent before the receiving caller gets its message (on its
-# critical path), and a reply or the next post usually carries it for free (ACKs ride on data
-# frames).  Short: a sender closing, or one whose window it holds, waits for it.
-_END_ACK_DELAY = 0.0005
 _SEGMENT = int(PacketType.SEGMENT)  # a plain int packs faster than the IntEnum member
 # Members as module constants: each ChunkKind.X or State.X is a class attribute lookup.
 _ACK = ChunkKind.ACK
@@ -123,7 +123,6 @@ class Session:
         # Receive direction.
         self._rx: Cipher | None = None
         self._max_frame = config.frame_bytes + 1024
-        self._end_ack_delay = min(_END_ACK_DELAY, config.max_ack_delay)
         self._plain = bytearray(self._max_frame)
         self._plain_view = memoryview(self._plain)
         self._sealed = bytearray(self._max_frame)  # a whole frame out of one GRO batch
@@ -220,6 +219,13 @@ class Session:
         within a round trip; without the hint a dead one is found by the peer timeout)."""
         if self.state is State.ESTABLISHED and self.confirmed and self.suspect is None:
             self.suspect = (now, now + self._config.unreachable_grace)
+            self._ping = True
+
+    def request_ack(self) -> None:
+        """Ask the peer to acknowledge at once what we sent and queued (a PING with the next
+        frame): small frames are otherwise acknowledged up to ``max_ack_delay`` late."""
+        out = self.out
+        if self.state is _ESTABLISHED and self.confirmed and out is not None and not out.idle:
             self._ping = True
 
     def close(self, kind: ChunkKind, reason: str) -> None:
@@ -379,6 +385,11 @@ class Session:
             # _ACK_RANGES, and the sender must hear of that resend or it sends it again.
             self._asked.add(first)
         highest = first + count - 1
+        weight = 1 if length < SMALL_FRAME else _LARGE_WEIGHT
+        seen = self._highest_seen
+        if weight == 1 and ((first > seen + 1 and seen >= 0) or first + count <= seen):
+            # After a gap (a loss?) or filling one (a resend): ACK at once (if eliciting).
+            weight = _ACK_EVERY_WEIGHT
         self._highest_seen = highest if highest > self._highest_seen else self._highest_seen
         self._counters["frames_opened"] += 1
         self.last_heard = self._newest_at = now
@@ -392,7 +403,7 @@ class Session:
             old, self.addr = self.addr, addr
             self._emit(PeerAddressChanged(self.peer, old, addr))
         try:
-            self._take_chunks(parse_chunks(plain), count, now)
+            self._take_chunks(parse_chunks(plain), count, weight, now)
         except FrameError as err:
             self._counters["dropped_malformed"] += 1
             self.lose(f"protocol error: {err}")
@@ -405,33 +416,28 @@ class Session:
         self._ack_now = True
 
     def _take_chunks(
-        self, chunks: list[DataChunk | ControlChunk], segments: int, now: float
+        self, chunks: list[DataChunk | ControlChunk], segments: int, weight: int, now: float
     ) -> None:
         eliciting = False
         for chunk in chunks:
             if isinstance(chunk, DataChunk):
-                _, comm_id, epoch, _, _, offset, meta_len, body_len, data = chunk
-                if comm_id != self._comm_id or epoch != self._epoch:
+                if chunk[1] != self._comm_id or chunk[2] != self._epoch:  # comm id, epoch
                     raise FrameError("data chunk of another communicator or epoch")
                 self._inbox.on_chunk(chunk)
                 eliciting = True
-                if offset + len(data) == meta_len + body_len:
-                    # A message's last bytes: its sender may have nothing more in flight, so
-                    # it must not wait max_ack_delay (see _END_ACK_DELAY).
-                    end = now + self._end_ack_delay
-                    if self._ack_deadline is None or end < self._ack_deadline:
-                        self._ack_deadline = end
                 continue
             kind, msg = chunk
-            if kind is _ACK:
-                if self.out is not None:
-                    acked, pending, rejected, delay = msg  # an AckFields
-                    # max(0.0, delay) as a compare (NaN gives 0.0 too)
-                    self.out.on_ack(acked, pending, rejected, delay if delay > 0.0 else 0.0, now)
-            elif kind is _CREDIT:
+            if kind is _ACK or kind is _CREDIT:
                 out = self.out
-                if out is not None and msg.limit > out.credit_limit:  # max() as a compare
-                    out.credit_limit = msg.limit
+                if out is None:
+                    continue
+                if kind is _ACK:
+                    acked, pending, rejected, delay, limit = msg  # an AckFields
+                    # max(0.0, delay) as a compare (NaN gives 0.0 too)
+                    out.on_ack(acked, pending, rejected, delay if delay > 0.0 else 0.0, now)
+                else:
+                    limit = msg.limit
+                out.credit_limit = limit if limit > out.credit_limit else out.credit_limit
             elif kind is _PING:
                 eliciting = True
                 self._ack_now = True  # a probe or a heartbeat: its sender waits for the answer
@@ -440,10 +446,10 @@ class Session:
                 self.lose(f"peer {what}: {msg.reason}" if msg.reason else f"peer {what}")
                 return
         if eliciting:
-            self._unacked_eliciting += 1
+            self._unacked_eliciting += weight
             self._unacked_segments += segments
             if (
-                self._unacked_eliciting >= _ACK_EVERY
+                self._unacked_eliciting >= _ACK_EVERY_WEIGHT
                 or self._unacked_segments >= _ACK_EVERY_SEGMENTS
             ):
                 self._ack_now = True
@@ -471,14 +477,13 @@ class Session:
                 and out.data_sent < out.credit_limit
             )
         ):
-            controls.append(self._ack(now))
+            # Credit rides on every ACK (in it): a lost grant is repeated by the next one.
+            self._credit_granted = inbox.released + window
+            controls.append(self._ack(now, self._credit_granted))
             self._ack_now = False
             self._ack_deadline = None
             self._unacked_eliciting = 0
             self._unacked_segments = 0
-            # Credit rides on every ACK: a lost grant is repeated by the next one.
-            self._credit_granted = inbox.released + window
-            controls.append(credit_chunk(self._credit_granted))
         if self._ping:
             self._ping = False
             controls.append(control_chunk(ChunkKind.PING, pb.Ping()))
@@ -486,8 +491,8 @@ class Session:
             self.out.mark_eliciting()
         return controls
 
-    def _ack(self, now: float) -> bytes:
-        """Our ACK chunk."""
+    def _ack(self, now: float, credit: int) -> bytes:
+        """Our ACK chunk, with the flow-control ``credit`` we grant."""
         intervals = self._replay.intervals(_ACK_RANGES)
         if self._asked:
             # Intervals the sender showed it has not heard of (it resent into them).
@@ -501,6 +506,7 @@ class Session:
             runs,
             sorted(self._rejected) if self._rejected else [],
             delay if delay > 0.0 else 0.0,  # max(0.0, delay) without the call
+            credit,
         )
 
     def produce(self, now: float, out: list[Batch]) -> None:

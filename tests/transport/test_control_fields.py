@@ -56,6 +56,16 @@ def test_an_ack_chunk_round_trips_with_empty_ranges_left_out(
 
 
 @given(U64)
+def test_credit_rides_in_an_ack_chunk(limit: int) -> None:
+    raw = ack_chunk([(1, 2)], [], [], 0.0, limit)
+    msg = _pb_ack([(1, 2)], [], [], 0.0)
+    msg.credit = limit
+    assert raw == control_chunk(ChunkKind.ACK, msg)
+    [chunk] = parse_chunks(memoryview(raw))
+    assert chunk.msg == AckFields([(1, 2)], [], [], 0.0, limit)
+
+
+@given(U64)
 def test_a_credit_chunk_round_trips(limit: int) -> None:
     raw = credit_chunk(limit)
     assert raw == control_chunk(ChunkKind.CREDIT, pb.Credit(limit=limit))

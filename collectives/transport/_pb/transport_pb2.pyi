@@ -59,16 +59,18 @@ class Range(_message.Message):
     def __init__(self, start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("acked", "pending", "rejected", "ack_delay")
+    __slots__ = ("acked", "pending", "rejected", "ack_delay", "credit")
     ACKED_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     ACK_DELAY_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
     acked: _containers.RepeatedCompositeFieldContainer[Range]
     pending: _containers.RepeatedCompositeFieldContainer[Range]
     rejected: _containers.RepeatedScalarFieldContainer[int]
     ack_delay: float
-    def __init__(self, acked: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., pending: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., rejected: _Optional[_Iterable[int]] = ..., ack_delay: _Optional[float] = ...) -> None: ...
+    credit: int
+    def __init__(self, acked: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., pending: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., rejected: _Optional[_Iterable[int]] = ..., ack_delay: _Optional[float] = ..., credit: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("limit",)
