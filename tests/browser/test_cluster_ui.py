@@ -174,7 +174,11 @@ def test_the_panel_lists_both_ranks_and_they_are_idle(leader: Any, artifacts: Pa
     assert "free of" in memory, text
     shot = _shoot(leader, artifacts, "1-panel-idle")
     DOCS_SHOT.parent.mkdir(parents=True, exist_ok=True)
-    leader.locator("[data-testid=cluster-panel]").screenshot(path=str(DOCS_SHOT))
+    # A clip of the page, not the element's own screenshot: the panel re-renders on every report,
+    # and an element replaced mid-screenshot fails it ("not attached to the DOM").
+    box = leader.locator("[data-testid=cluster-panel]").bounding_box()
+    assert box is not None, "the panel is not rendered"
+    leader.screenshot(path=str(DOCS_SHOT), clip=box)
     print(f"panel: {shot}, {DOCS_SHOT}")
 
 
