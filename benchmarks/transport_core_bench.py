@@ -31,6 +31,7 @@ import time
 
 from collectives.auth import ClusterKey
 from collectives.transport import Endpoint, MessageReceived, MessageSent, TransportConfig
+from collectives.transport.receiving import Allocator
 
 ADDRS = [("127.0.0.1", 1), ("127.0.0.1", 2)]
 
@@ -47,18 +48,7 @@ def transfer(
         return into[:n]  # a waiting receive buffer, as the driver's landing gives it
 
     clock = time.perf_counter
-    eps = [
-        Endpoint(rank=r, size=2, comm_id=1, epoch=0, key=key, config=config, now=clock(),
-                 allocate=allocate)
-        for r in range(2)
-    ]  # fmt: skip
-    eps[0].add_peer(1, ADDRS[1], clock())
-    eps[1].add_peer(0, None, clock())
-    # Handshake first: what is timed is the transfer.
-    while eps[1].stats()["sessions"] == 0 or eps[0].stats()["frames_opened"] == 0:
-        for src, ep in enumerate(eps):
-            for addr, payload, seg in ep.datagrams_to_send(clock()):
-                eps[ADDRS.index(addr)].receive(payload, ADDRS[src], clock(), seg)
+    eps = _pair(config, key, allocate)  # handshake first: what is timed is the transfer
     cpu_start = time.process_time()
     start = clock()
     eps[0].send(1, 0, b"bench", [body], start)
@@ -92,13 +82,16 @@ def transfer(
     return elapsed, cpu, eps[0].stats(), eps[1].stats()
 
 
-def _pair(config: TransportConfig, key: ClusterKey | None) -> list[Endpoint]:
+def _pair(
+    config: TransportConfig, key: ClusterKey | None, allocate: Allocator | None = None
+) -> list[Endpoint]:
     """Two endpoints of a 2-rank world, handshake done, keys confirmed both ways."""
     clock = time.perf_counter
     eps = [
-        Endpoint(rank=r, size=2, comm_id=1, epoch=0, key=key, config=config, now=clock())
+        Endpoint(rank=r, size=2, comm_id=1, epoch=0, key=key, config=config, now=clock(),
+                 allocate=allocate)
         for r in range(2)
-    ]
+    ]  # fmt: skip
     eps[0].add_peer(1, ADDRS[1], clock())
     eps[1].add_peer(0, None, clock())
     while eps[1].stats()["sessions"] == 0 or eps[0].stats()["frames_opened"] == 0:
