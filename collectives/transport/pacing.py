@@ -96,13 +96,7 @@ class Pacer:
         """Earliest time (>= ``now``) at which ``size`` bytes may go out."""
         if self._off:
             return now
-        last = self._last  # _refill, inlined (as in on_sent): once per frame
-        if last is None:
-            self._last = now
-        elif now > last:
-            tokens = self._tokens + (now - last) * self.rate
-            self._tokens = tokens if tokens < self.burst else float(self.burst)
-            self._last = now
+        self._refill(now)
         burst = self.burst
         need = float(size if size < burst else burst)
         if self._tokens >= need:
@@ -118,13 +112,7 @@ class Pacer:
         """
         if self._off:
             return
-        last = self._last  # _refill, inlined (pacing is on here)
-        if last is None:
-            self._last = now
-        elif now > last:
-            tokens = self._tokens + (now - last) * self.rate
-            self._tokens = tokens if tokens < self.burst else float(self.burst)
-            self._last = now
+        self._refill(now)
         # A send that waited for the pacer never owes more than its own size, so this cap only
         # bites on sends that ignored it (probes bypass pacing): those must not throttle the
         # sends after them for longer than one burst or one such send takes to earn.
