@@ -20,7 +20,9 @@ would leave the link idle by the loss fraction.  So the controller also keeps ``
 loss rate of round trips that built no queue (whose RTT stayed near ``min_rtt``): loss there is
 not ours, since we were not overfilling anything, and the send rate is ``btlbw / (1 - loss_rate)``
 (capped), applied only while the last round trip stayed queue-free (so the max filter's upward
-bias under noisy loss cannot grow a standing queue: that queue switches it off again).  Loss in
+bias under noisy loss cannot grow a standing queue: that queue switches it off again).  Behind
+such a queue the rate is the last round's mean delivery rate, compensated, less 5 %: the queue
+drains, and the link is not left idle by the whole loss rate once it has.  Loss in
 round trips with a standing queue is not counted there, so the controller cannot talk itself
 into overrunning a queue.  Only a round trip losing far more than that
 (BBRv2's idea) bounds the data in flight (``inflight_hi``), which then grows back, faster and
@@ -59,10 +61,52 @@ from __future__ import annotations
 import math
 from enum import Enum
 
+from .bbr_params import (
+    BTLBW_WINDOW_ROUNDS,
+    EXTRA_ACKED_MAX_TIME,
+    EXTRA_ACKED_ROUNDS,
+    FULL_BW_GROWTH,
+    FULL_BW_ROUNDS,
+    HIGH_LOSS,
+    HIGH_LOSS_MIN_PACKETS,
+    INFLIGHT_HI_BETA,
+    INITIAL_WINDOW_BYTES,
+    LOSS_RATE_GAIN,
+    MAX_LOSS_COMPENSATION,
+    MIN_RTT_WINDOW,
+    NEAR_MIN_RTT_CYCLES,
+    PROBE_BW_CWND_GAIN,
+    PROBE_BW_GAINS,
+    PROBE_RTT_DURATION,
+    QUEUE_DRAIN_MARGIN,
+    QUEUE_FREE_SLACK,
+    SHORT_RTT,
+    SHORT_RTT_MIN_CWND,
+    SIMILAR_MIN_RTT,
+    STARTUP_CWND_GAIN,
+    STARTUP_GAIN,
+    STARTUP_LOSS_ROUNDS,
+    STARTUP_RTT_DIVISOR,
+    STARTUP_RTT_MAX_THRESH,
+    STARTUP_RTT_MIN_THRESH,
+    STARTUP_RTT_SAMPLES,
+)
 from .rate_sample import Congestion, RateSample
 from .rtt import WindowedFilter
 
-__all__ = ["Bbr", "BbrState", "Congestion", "RateSample"]
+__all__ = [
+    "INITIAL_WINDOW_BYTES",
+    "PROBE_BW_GAINS",
+    "SHORT_RTT",
+    "SHORT_RTT_MIN_CWND",
+    "STARTUP_GAIN",
+    "STARTUP_LOSS_ROUNDS",
+    "STARTUP_RTT_SAMPLES",
+    "Bbr",
+    "BbrState",
+    "Congestion",
+    "RateSample",
+]
 
 
 class BbrState(Enum):
@@ -70,68 +114,6 @@ class BbrState(Enum):
     DRAIN = "drain"
     PROBE_BW = "probe_bw"
     PROBE_RTT = "probe_rtt"
-
-
-#: 2/ln(2): the smallest gain that doubles the delivery rate every round trip in STARTUP.
-STARTUP_GAIN = 2.885
-#: STARTUP's window gain.  Measured on the simulated 100 Mbit/s path: BBRv3's 2.0 (which bounds the
-#: STARTUP queue to one BDP) removed the ~1000 tail drops at the end of STARTUP but ramped up
-#: one round trip later, which cost more whole-transfer goodput than the resends did.
-STARTUP_CWND_GAIN = STARTUP_GAIN
-#: Probe up, drain what that queued, then cruise; one phase per min_rtt.
-PROBE_BW_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
-PROBE_BW_CWND_GAIN = 2.0
-#: Rounds of the bandwidth max filter: longer than one gain cycle, so a probe is always in it.
-BTLBW_WINDOW_ROUNDS = 10
-#: STARTUP ends when the bandwidth grew less than this factor for FULL_BW_ROUNDS rounds.
-FULL_BW_GROWTH = 1.25
-FULL_BW_ROUNDS = 3
-MIN_RTT_WINDOW = 10.0
-PROBE_RTT_DURATION = 0.2
-#: Random loss above this is treated as congestion anyway: no path worth using loses more, and
-#: compensating more would let a lossy queue hide behind it.
-MAX_LOSS_COMPENSATION = 0.15
-#: A round losing more than this (and more than twice its normal loss plus 10 %) is congestion.
-HIGH_LOSS = 0.25
-#: ... and only when at least this many packets were lost: a few losses in a tiny round say
-#: nothing about the path.
-HIGH_LOSS_MIN_PACKETS = 3
-#: EWMA weight per clean round of the loss-rate estimate.
-LOSS_RATE_GAIN = 1 / 8
-#: Back-off factor of inflight_hi below the inflight that lost too much.
-INFLIGHT_HI_BETA = 0.85
-#: A min_rtt below this is a LAN or loopback: host scheduling, not the wire, sets the real RTT.
-SHORT_RTT = 0.001
-#: The window floor there: 64 frames of 64 KiB, a quarter of the receive credit and of the socket
-#: buffer the UDP backend asks for (16 MiB each).  Such a path's RTT is the receiver's scheduling
-#: delay (1-2 ms with 4 ranks on 2 cores), so the BDP from a delivery rate measured while it was
-#: descheduled is far too small, and 1 MiB left a fan-out leader waiting on a full window.
-SHORT_RTT_MIN_CWND = 4 << 20
-#: Rounds over which the largest ACK aggregation is remembered.
-EXTRA_ACKED_ROUNDS = 10
-#: Aggregation is trusted up to this much time at btlbw (BBR's cap): more would be a queue.
-EXTRA_ACKED_MAX_TIME = 0.1
-#: HyStart++'s delay increase threshold: min_rtt / 8, clamped to these bounds (seconds).
-STARTUP_RTT_DIVISOR = 8
-STARTUP_RTT_MIN_THRESH = 0.004
-STARTUP_RTT_MAX_THRESH = 0.016
-#: Rounds after DRAIN whose losses are still blamed on STARTUP's overshoot, not judged.
-STARTUP_LOSS_ROUNDS = 2
-#: RTT samples a round needs before its minimum is trusted mid-round (RFC 9406's N_RTT_SAMPLE).
-STARTUP_RTT_SAMPLES = 8
-#: A round with an RTT this close to min_rtt renews it without PROBE_RTT.
-SIMILAR_MIN_RTT = 1.125
-#: The queueing delay (share of min_rtt, at least 2 ms) below which a round counts as free of
-#: our own queue: loss compensation stays on, and min_rtt is renewed without PROBE_RTT.  12.5 %
-#: switched compensation off so often at 5-10 % loss that goodput fell by 2 %.
-QUEUE_FREE_SLACK = 0.25
-#: PROBE_BW gain cycles within which an RTT near min_rtt renews min_rtt when it expires.
-NEAR_MIN_RTT_CYCLES = 2
-#: The least initial window (bytes), whatever the datagram size: two frames of the default
-#: ``frame_bytes`` (64 KiB, 55 datagrams of 1200 bytes) and their control chunks.  A frame leaves
-#: only when all of it fits in the window, so a smaller window moved one frame per round trip
-#: and cost STARTUP two rounds (0.2 s of a 3 s transfer at 100 ms) before any rate sample.
-INITIAL_WINDOW_BYTES = 136 * 1024
 
 
 _STARTUP = BbrState.STARTUP
@@ -188,6 +170,9 @@ class Bbr:
         self._probe_rtt_round = 0
         self._queue_free = self._round_queue_free()
         self._round_acked = 0
+        self._round_rate = 0.0
+        self._round_start_at = now
+        self._round_start_delivered = 0
         self._round_lost = 0
         self._round_max_rtt = 0.0
         self._round_min_rtt = math.inf
@@ -260,7 +245,7 @@ class Bbr:
             self._round_rtt_samples += 1
         round_start = False
         if newly_acked and prior_delivered >= self._next_round_delivered:
-            self._end_round(sample)
+            self._end_round(sample, now)
             self._next_round_delivered = delivered_total
             self.round_count += 1
             round_start = True
@@ -315,7 +300,7 @@ class Bbr:
             self._round_rtt_samples += 1
         round_start = False
         if sample.newly_acked and sample.prior_delivered >= self._next_round_delivered:
-            self._end_round(sample)
+            self._end_round(sample, now)
             self._next_round_delivered = sample.delivered_total
             self.round_count += 1
             round_start = True
@@ -341,7 +326,12 @@ class Bbr:
 
     # -- round accounting and loss -----------------------------------------------------------
 
-    def _end_round(self, sample: RateSample) -> None:
+    def _end_round(self, sample: RateSample, now: float) -> None:
+        # The round's mean delivery rate: link * (1 - loss) with a queue, and no max-filter bias.
+        elapsed, delivered = now - self._round_start_at, sample.delivered_total
+        if elapsed > 0 and self._round_start_delivered:  # (none in a first round)
+            self._round_rate = (delivered - self._round_start_delivered) / elapsed
+        self._round_start_at, self._round_start_delivered = now, delivered
         acked, lost = self._round_acked, self._round_lost
         total = acked + lost
         # Computed once: nothing below changes what it reads.
@@ -565,9 +555,16 @@ class Bbr:
         filled = self.filled_pipe
         loss = self.loss_rate
         cap = MAX_LOSS_COMPENSATION
-        send_bw = btlbw / (1.0 - (cap if cap < loss else loss))
+        loss = cap if cap < loss else loss
+        send_bw = btlbw / (1.0 - loss)
         if btlbw > 0:
-            rate = self.pacing_gain * (send_bw if self._queue_free else btlbw)
+            if self._queue_free:
+                rate = self.pacing_gain * send_bw
+            else:
+                # A queue to drain: btlbw alone idled the link by the loss rate once it had.
+                least = (1.0 - QUEUE_DRAIN_MARGIN) * self._round_rate / (1.0 - loss)
+                least = send_bw if send_bw < least else least
+                rate = self.pacing_gain * (least if least > btlbw else btlbw)
             # Until the pipe is full, never slow down: early samples undershoot the path.
             if filled or rate > self.pacing_rate:
                 self.pacing_rate = rate

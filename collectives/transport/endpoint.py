@@ -47,6 +47,7 @@ COUNTERS = (
     "frames_sealed",
     "frames_opened",
     "retransmitted_segments",
+    "redundant_segments",
     "lost_segments",
     "probe_timeouts",
     "window_full",

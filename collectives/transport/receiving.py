@@ -9,6 +9,7 @@ before their message's meta (a frame resent late) are staged.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -74,6 +75,41 @@ class PartialFrame:
             runs.append((self.first + i, self.first + j))
             i = j
         return runs
+
+
+#: ACKs in a row that put a partial frame's runs first after it got segments.  One ACK only: at
+#: 10 % loss one ACK in ten is lost, and a resend into an old frame whose one report was lost
+#: is never reported again (the newest-first rule crowds old frames out), so the sender declares
+#: it lost and sends it again: 1.3 % of all data segments were such duplicates at 100 ms.
+TOUCHED_ACKS = 3
+
+
+class TouchedFrames:
+    """Partial frames that got segments since the last ``TOUCHED_ACKS`` ACKs, newest first.
+
+    ``current`` (frame first number -> None, in arrival order) is written once per segment, so
+    it is a plain dict attribute; :meth:`take` is called once per ACK.
+    """
+
+    __slots__ = ("_recent", "current")
+
+    def __init__(self) -> None:
+        self.current: dict[int, None] = {}
+        self._recent: deque[dict[int, None]] = deque(maxlen=TOUCHED_ACKS - 1)
+
+    def take(self) -> dict[int, None]:
+        """The frames the next ACK reports first; starts the next ACK's interval."""
+        touched = self.current
+        merged = dict(touched)
+        for older in self._recent:
+            merged.update(older)
+        self._recent.appendleft(touched)
+        self.current = {}
+        return merged
+
+    def clear(self) -> None:
+        self.current = {}
+        self._recent.clear()
 
 
 def pending_runs(

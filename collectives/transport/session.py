@@ -43,6 +43,7 @@ from collectives.transport.receiving import (
     Allocator,
     Inbox,
     PartialFrame,
+    TouchedFrames,
     gather_payloads,
     layout_ok,
     pending_runs,
@@ -142,11 +143,10 @@ class Session:
         self._newest_at = now
         self._highest_seen = -1  # highest segment number that arrived (gap detection)
         self._asked: set[int] = set()
-        # Partial frames that got segments since our last ACK, in arrival order.  Their runs go
-        # first in the next ACK's ``pending`` list: a resend lands in an *old* frame, whose runs
-        # the newest-first rule crowds out, and a resend never reported is declared lost again
-        # by the sender (at 10 % loss a third of all resends were such duplicates).
-        self._touched: dict[int, None] = {}
+        # Partial frames that got segments during our last ACKs: their runs go first in the next
+        # ACK's ``pending`` list.  A resend lands in an *old* frame, whose runs the newest-first
+        # rule crowds out, and a resend never reported is declared lost again by the sender.
+        self._touched = TouchedFrames()
         self.latest = now  # the latest time given: no deadline is ever reported before it
         self._ping = False
         self._closing: bytes | None = None
@@ -281,6 +281,7 @@ class Session:
         if not frame.put(header.segment, payload):
             counters["dropped_duplicate"] += 1
             self._ack_now = True
+            self._touched.current[first] = None  # its report was lost: repeat it
             return
         if frame.missing == 0:
             del self._partial[first]
@@ -354,7 +355,7 @@ class Session:
         they are reported ``pending`` at the normal ACK cadence, so the sender counts them
         delivered and resends only what is missing."""
         self._newest_at = now
-        self._touched[first] = None
+        self._touched.current[first] = None
         self._unacked_segments += segments
         if number > self._highest_seen + 1 and self._highest_seen >= 0:
             self._ack_now = True  # a gap: likely a loss the sender should hear of at once
@@ -498,8 +499,8 @@ class Session:
             # Intervals the sender showed it has not heard of (it resent into them).
             intervals = sorted({*intervals, *self._replay.holding(self._asked)})
             self._asked.clear()
-        runs = pending_runs(self._partial, self._touched, _ACK_RANGES) if self._partial else []
-        self._touched.clear()
+        touched = self._touched.take()
+        runs = pending_runs(self._partial, touched, _ACK_RANGES) if self._partial else []
         delay = now - self._newest_at
         return ack_chunk(
             intervals,
