@@ -15,6 +15,7 @@ from typing import cast
 
 from collectives.transport._pb import transport_pb2 as pb
 from collectives.transport.config import TransportConfig
+from collectives.transport.congestion import SHORT_RTT
 from collectives.transport.events import Address, Event, MessageFramed, MessageSent
 from collectives.transport.frames import ChunkKind, control_chunk
 from collectives.transport.ranges import RangeSet
@@ -224,7 +225,12 @@ class Outbound:
             else:
                 self._emit_batches(addr, frame, 0, count, out)
             if not touched or not queue:  # (an empty queue: the next turn would stop anyway)
-                if touched and not queue and len(image := frame.image) >= SMALL_FRAME:
+                if (
+                    touched
+                    and not queue
+                    and len(image := frame.image) >= SMALL_FRAME
+                    and recovery.rtt.min_rtt >= SHORT_RTT
+                ):
                     self._tail_copy(addr, frame, len(image), out)
                 break
         if not queue and not self._resend:
@@ -236,7 +242,10 @@ class Outbound:
         Nothing follows it, so neither its loss nor that of the ACK it draws can be inferred
         from a later ACK: either one cost a probe timeout (a quarter of a 256 MiB transfer's
         tail at 10 % loss, 100 ms RTT).  The copy makes the receiver ACK again (a duplicate asks
-        for one at once).  One datagram per burst of bulk data, only while the window has room.
+        for one at once).  One datagram per burst of bulk data, only while the window has room,
+        and only on paths of 1 ms and more: on loopback or a LAN a datagram is a whole 64 KB frame
+        (a 64 KiB message would go twice), loss means a full socket buffer, and a probe comes
+        within 50 ms anyway (``SHORT_PATH_MAX_PTO``).
         """
         recovery = self.recovery
         last = length - (frame.count - 1) * frame.stride
@@ -276,7 +285,11 @@ class Outbound:
                 size += p.size
             self._counters["retransmitted_segments"] += len(group)
             self._emit_batches(addr, frame, index, stop, out)
-            if not self.queue and recovery.bytes_in_flight + size <= recovery.congestion.cwnd:
+            if (
+                not self.queue
+                and recovery.rtt.min_rtt >= SHORT_RTT
+                and recovery.bytes_in_flight + size <= recovery.congestion.cwnd
+            ):
                 # The transfer's tail: nothing new follows whose ACK would reveal this resend's
                 # loss, so each lost one costs a round trip (or a probe timeout), and at 10 %
                 # loss the tail was four such generations.  A second copy, while the window

@@ -91,3 +91,21 @@ def test_behind_a_standing_queue_pacing_drains_it_without_idling_the_link() -> N
     assert burst.pacing_rate == pytest.approx(11.5e6 / 0.9)
     # Without loss nothing changes: btlbw behind a queue, as before.
     assert _cruising(loss_rate=0.0, queue_free=False, round_rate=link).pacing_rate == 11.5e6
+
+
+def test_no_tail_copies_on_a_short_path() -> None:
+    # Loopback-like (0.2 ms RTT, 64 KB datagrams): a datagram is a whole frame there, so a tail
+    # copy would send a 64 KiB message twice; losses are rare and probes come within 50 ms.
+    link = Link(delay=0.0001, bandwidth=10e9, loss=0.0)
+    net = SimNet(seed=7, link=link)
+    eps = build(net, 2, TransportConfig(max_datagram=65000))
+    plan = Plan()
+    before = 0
+    for i in range(5):  # one at a time: each one-frame message leaves the queue dry
+        plan.send(net, eps, 0, 1, 0, payload(random.Random(i), 48 * 1024), parts=1)
+        assert net.run_until(lambda: plan.done(net, 2), timeout=30.0)
+        if i == 0:  # before its first RTT sample a path counts as long: one copy at most
+            before = eps[0].stats()["redundant_segments"]
+            assert before <= 1
+    plan.verify(net, 2)
+    assert eps[0].stats()["redundant_segments"] == before
