@@ -12,18 +12,15 @@ import pytest
 from comfyui_cluster.launchers.comfyui import ComfyCluster
 from tests.comfy_e2e.comfy_client import ComfyClient
 from tests.comfy_e2e.conftest import ComfyEnv, running_pair
-from tests.stun.server_proc import ALPHA_KEY, StunProcess
+from tests.stun.server_proc import ALPHA_KEY, StunProcess, serving
 
 pytestmark = pytest.mark.comfy
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[StunProcess]:
-    proc = StunProcess().start()
-    try:
+    with serving() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

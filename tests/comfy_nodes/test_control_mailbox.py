@@ -33,7 +33,7 @@ from comfy_nodes.server.carrier_mailbox import (
 from comfy_nodes.server.messages import SENDERS, Refused, check_sender
 from comfy_nodes.server.seal import MAGIC, Envelope, Seal
 from comfy_nodes.server.settings import Settings
-from tests.stun.server_proc import ALPHA_KEY, StunProcess
+from tests.stun.server_proc import ALPHA_KEY, StunProcess, serving
 
 KEY = ClusterKey(ALPHA_KEY)
 CLUSTER = "alpha"
@@ -41,11 +41,8 @@ CLUSTER = "alpha"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[StunProcess]:
-    proc = StunProcess().start()
-    try:
+    with serving() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def stun_client(server: StunProcess) -> StunClient:

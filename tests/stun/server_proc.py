@@ -1,13 +1,16 @@
-"""A real ``python -m stun`` process on 127.0.0.1, for the tests that need one."""
+"""A real ``python -m stun`` process on 127.0.0.1, for the tests that need one, and the rank
+side the UDP tests register with it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -16,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 ALPHA_KEY = "alpha-key-0123456789abcdef"
 BETA_KEY = "beta-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"
+KEYS = {"alpha": ALPHA_KEY, "beta": BETA_KEY}
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -88,3 +92,29 @@ class StunProcess:
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=10.0)
+
+
+@contextlib.contextmanager
+def serving(env: Mapping[str, str] | None = None) -> Iterator[StunProcess]:
+    """A started server, stopped on the way out (module fixtures and one-off servers)."""
+    proc = StunProcess(env).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@dataclass
+class Rank:
+    """A member registered at the server with its own UDP socket."""
+
+    cluster: str
+    instance_id: str
+    token: bytes
+    handle: bytes
+    sock: socket.socket
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()
+        return str(host), int(port)

@@ -6,6 +6,7 @@ datagram of which ends dropped and counted or forwarded exactly as it would alon
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 from collections.abc import Iterator
@@ -16,8 +17,8 @@ import pytest
 from stun.registry import Registry
 from stun.udp_core import UdpCore
 
-from .server_proc import StunProcess
-from .test_udp import KEYS, Rank, _binding, _join, _reflexive, _stats
+from .server_proc import Rank, StunProcess, serving
+from .test_udp import _binding, _join, _reflexive, _stats
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="UDP GSO/GRO batches are Linux socket options"
@@ -25,18 +26,6 @@ pytestmark = pytest.mark.skipif(
 
 SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
 DATA = bytes([0xCC, 0x01])
-
-
-@pytest.fixture
-def ranks(http: httpx.Client) -> Iterator[list[Rank]]:
-    made: list[Rank] = []
-    yield made
-    for r in made:
-        r.sock.close()
-        http.delete(
-            f"/v1/clusters/{r.cluster}/members/{r.instance_id}",
-            headers={"X-Cluster-Key": KEYS[r.cluster]},
-        )
 
 
 def _bound(server: StunProcess, http: httpx.Client, ranks: list[Rank], n: int) -> list[Rank]:
@@ -166,48 +155,42 @@ def test_an_oversized_segment_size_is_dropped_and_counted_per_datagram(
     }
 
 
+@contextlib.contextmanager
+def _pair_at(env: dict[str, str]) -> Iterator[tuple[StunProcess, httpx.Client, Rank, Rank]]:
+    """A server of its own (``env``), a client of it and two bound ranks, all closed after."""
+    made: list[Rank] = []
+    with serving(env) as server, server.client() as http:
+        try:
+            a, b = _bound(server, http, made, 2)
+            yield server, http, a, b
+        finally:
+            for r in made:
+                r.sock.close()
+
+
 def test_the_rate_limit_counts_every_datagram_of_a_batch() -> None:
-    limited = StunProcess({"COMFY_CLUSTER_STUN_RELAY_PPS": "100"}).start()  # a burst of 10
-    try:
-        with limited.client() as http:
-            made: list[Rank] = []
-            try:
-                a, b = _bound(limited, http, made, 2)
-                before = _stats(http)
-                _send_batch(a.sock, [DATA + b.handle + bytes(200)] * 30, limited)
-                assert len(_receive(b.sock, 30, wait=1.0)) == 10
-                delta = _delta(_stats(http), before)
-                assert delta == {
-                    "relay_forwarded": 10,
-                    "relay_bytes": 2000,
-                    "relay_batches": 1,
-                    "relay_rate_limited": 20,
-                }
-            finally:
-                for r in made:
-                    r.sock.close()
-    finally:
-        limited.stop()
+    # A burst of 10
+    with _pair_at({"COMFY_CLUSTER_STUN_RELAY_PPS": "100"}) as (limited, http, a, b):
+        before = _stats(http)
+        _send_batch(a.sock, [DATA + b.handle + bytes(200)] * 30, limited)
+        assert len(_receive(b.sock, 30, wait=1.0)) == 10
+        delta = _delta(_stats(http), before)
+        assert delta == {
+            "relay_forwarded": 10,
+            "relay_bytes": 2000,
+            "relay_batches": 1,
+            "relay_rate_limited": 20,
+        }
 
 
 def test_without_gro_the_asyncio_mode_relays_a_batch_datagram_by_datagram() -> None:
-    plain = StunProcess({"COMFY_CLUSTER_STUN_UDP_MODE": "asyncio"}).start()
-    try:
-        with plain.client() as http:
-            made: list[Rank] = []
-            try:
-                a, b = _bound(plain, http, made, 2)
-                before = _stats(http)
-                payloads = _payloads(12, 800, 20)
-                _send_batch(a.sock, [DATA + b.handle + p for p in payloads], plain)
-                assert _receive(b.sock, 12) == [DATA + a.handle + p for p in payloads]
-                delta = _delta(_stats(http), before)
-                assert delta == {"relay_forwarded": 12, "relay_bytes": sum(map(len, payloads))}
-            finally:
-                for r in made:
-                    r.sock.close()
-    finally:
-        plain.stop()
+    with _pair_at({"COMFY_CLUSTER_STUN_UDP_MODE": "asyncio"}) as (plain, http, a, b):
+        before = _stats(http)
+        payloads = _payloads(12, 800, 20)
+        _send_batch(a.sock, [DATA + b.handle + p for p in payloads], plain)
+        assert _receive(b.sock, 12) == [DATA + a.handle + p for p in payloads]
+        delta = _delta(_stats(http), before)
+        assert delta == {"relay_forwarded": 12, "relay_bytes": sum(map(len, payloads))}
 
 
 def test_without_gso_the_core_forwards_a_checked_batch_datagram_by_datagram() -> None:

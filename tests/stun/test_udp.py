@@ -7,42 +7,11 @@ import base64
 import socket
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
-import pytest
 from aioice import stun
 
-from .server_proc import ADMIN_KEY, ALPHA_KEY, BETA_KEY, StunProcess
-
-KEYS = {"alpha": ALPHA_KEY, "beta": BETA_KEY}
-
-
-@dataclass
-class Rank:
-    cluster: str
-    instance_id: str
-    token: bytes
-    handle: bytes
-    sock: socket.socket
-
-    @property
-    def addr(self) -> tuple[str, int]:
-        host, port = self.sock.getsockname()
-        return str(host), int(port)
-
-
-@pytest.fixture
-def ranks(http: httpx.Client) -> Iterator[list[Rank]]:
-    made: list[Rank] = []
-    yield made
-    for r in made:
-        r.sock.close()
-        http.delete(
-            f"/v1/clusters/{r.cluster}/members/{r.instance_id}",
-            headers={"X-Cluster-Key": KEYS[r.cluster]},
-        )
+from .server_proc import ADMIN_KEY, ALPHA_KEY, KEYS, Rank, StunProcess
 
 
 def _udp_socket() -> socket.socket:
