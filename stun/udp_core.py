@@ -127,9 +127,10 @@ class UdpCore:
             c.relay_rate_limited += 1
             return
         src.relay_tokens = tokens - 1.0
-        self.send(_RELAY_PREFIX + src.handle + data[RELAY_HEADER:], dst.reflexive)
+        # Counted before the send: a peer that got the datagram reads counters that include it.
         c.relay_forwarded += 1
         c.relay_bytes += len(data) - RELAY_HEADER
+        self.send(_RELAY_PREFIX + src.handle + data[RELAY_HEADER:], dst.reflexive)
 
     def relay_batch(self, buf: bytearray, n: int, segment: int, addr: Addr) -> None:
         """A GRO read of ``n`` bytes in ``buf``: datagrams of ``segment`` bytes from ``addr``
@@ -174,10 +175,10 @@ class UdpCore:
         handle = src.handle
         for k in range(8):  # every datagram's handle: eight strided writes
             buf[2 + k : end : segment] = handle[k : k + 1] * allowed
-        self.send_batch(memoryview(buf)[:end], segment, dst.reflexive)
-        c.relay_forwarded += allowed
+        c.relay_forwarded += allowed  # counted before the send, as in _relay
         c.relay_bytes += end - allowed * RELAY_HEADER
         c.relay_batches += 1
+        self.send_batch(memoryview(buf)[:end], segment, dst.reflexive)
 
     def send_each(self, view: memoryview, segment: int, addr: Addr) -> None:
         """Where the socket has no segmented send: one datagram at a time."""
