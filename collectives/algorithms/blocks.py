@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from collectives.algorithms.link import sendrecv
 from collectives.codec import Encoded, encode
 from collectives.codec.frames import CODEC_NONE, Header, Kind
 from collectives.errors import CodecError, RemoteProtocolError
@@ -75,9 +76,14 @@ def land_bytes(link: Link, msg: Encoded, src: int, target: memoryview) -> None:
         target[:] = got.cast("B") if got.format != "B" or got.ndim != 1 else got
 
 
-def recv_bytes(link: Link, src: int, target: memoryview) -> None:
-    """Receive the next raw block from ``src`` into ``target``."""
-    land_bytes(link, link.recv(src, target if target.nbytes else None), src, target)
+def recv_bytes(
+    link: Link, src: int, target: memoryview, send: tuple[int, Encoded] | None = None
+) -> None:
+    """Receive the next raw block from ``src`` into ``target``; ``send``: ``(dst, msg)`` to
+    send first (:func:`~collectives.algorithms.link.sendrecv`)."""
+    into = target if target.nbytes else None
+    msg = link.recv(src, into) if send is None else sendrecv(link, *send, src, into)
+    land_bytes(link, msg, src, target)
 
 
 def _address(view: memoryview) -> int:
@@ -93,9 +99,13 @@ def tensor_bytes_or_none(t: torch.Tensor) -> memoryview | None:
     return t.detach().reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
-def recv_tensor(link: Link, src: int, out: torch.Tensor) -> None:
-    """Receive the next tensor block from ``src`` into ``out``, checking dtype and size."""
-    msg = link.recv(src, tensor_bytes_or_none(out))
+def recv_tensor(
+    link: Link, src: int, out: torch.Tensor, send: tuple[int, Encoded] | None = None
+) -> None:
+    """Receive the next tensor block from ``src`` into ``out``, checking dtype and size;
+    ``send``: ``(dst, msg)`` to send first (:func:`~collectives.algorithms.link.sendrecv`)."""
+    into = tensor_bytes_or_none(out)
+    msg = link.recv(src, into) if send is None else sendrecv(link, *send, src, into)
     got = link.decode_tensor(msg, src)
     if got.dtype != out.dtype or got.numel() != out.numel():
         raise RemoteProtocolError(

@@ -110,9 +110,8 @@ def receive(link: Link, head: Encoded, src: int, root: int, into: memoryview | N
     recv_bytes(link, root, parts[vrank])
     left, right = (link.rank - 1) % size, (link.rank + 1) % size
     for s in range(size - 1):
-        if right != root:
-            link.send(right, bytes_message(parts[(vrank - s) % size]))
-        recv_bytes(link, left, parts[(vrank - s - 1) % size])
+        send = (right, bytes_message(parts[(vrank - s) % size])) if right != root else None
+        recv_bytes(link, left, parts[(vrank - s - 1) % size], send=send)
     if header is not None and into is not None:
         return Encoded(header=header, buffers=[into])
     return unpack(frame, link.codec)

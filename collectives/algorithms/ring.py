@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from collectives.algorithms.link import Link
+from collectives.algorithms.link import Link, sendrecv
 
 if TYPE_CHECKING:
     from collectives.codec import Encoded
@@ -23,7 +23,6 @@ def allgather(
     for _ in range(size - 1):
         current = out[block]
         assert current is not None
-        link.send(right, current)
         block = (block - 1) % size
-        out[block] = link.recv(left, None if into is None else into[block])
+        out[block] = sendrecv(link, right, current, left, None if into is None else into[block])
     return [m for m in out if m is not None]

@@ -98,9 +98,9 @@ def allgather_blocks(
     flat[start:stop].copy_(mine)
     for step in range(size - 1):
         start, stop = parts[(rank - step) % size]
-        link.send(right, encode(flat[start:stop]))  # written once already, never again
+        block = encode(flat[start:stop])  # written once already, never again
         start, stop = parts[(rank - step - 1) % size]
-        recv_tensor(link, left, flat[start:stop])
+        recv_tensor(link, left, flat[start:stop], send=(right, block))
 
 
 def allreduce(link: Link, tensor: torch.Tensor, op: ReduceOp) -> None:

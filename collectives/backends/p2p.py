@@ -67,6 +67,7 @@ receive unpickle.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from collectives import algorithms
@@ -119,6 +120,12 @@ class P2PBackend(Backend):
 
     def _flush(self) -> None:
         """Send what ``_post_soon`` held back (nothing, unless a transport holds)."""
+
+    def _offer(self, src: int, channel: str, into: memoryview) -> Callable[[], None] | None:
+        """Offer ``into`` to the next message from ``src`` on ``channel`` ahead of its take
+        (which passes the same ``into``); returns what withdraws the offer, or None when none
+        was made (the default: a transport that only receives inside ``_take``)."""
+        return None
 
     def envelope(self, op: str, seq: int, root: int = NO_ROOT) -> Envelope:
         """The envelope of ``op`` number ``seq`` in this communicator and epoch."""
@@ -255,6 +262,10 @@ class _CollectiveLink:
 
     def has_message(self, src: int) -> bool:
         return self._backend._has_message(src, COLLECTIVE_CHANNEL)
+
+    def offer(self, src: int, into: memoryview) -> Callable[[], None] | None:
+        """See :func:`collectives.algorithms.link.sendrecv`."""
+        return self._backend._offer(src, COLLECTIVE_CHANNEL, into)
 
     def decode_tensor(self, msg: Encoded, src: int) -> torch.Tensor:
         """A block received from ``src`` that must be a tensor, decoded with this rank's options."""

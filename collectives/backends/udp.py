@@ -33,7 +33,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from collectives import algorithms
@@ -301,6 +301,14 @@ class UdpBackend(P2PBackend):
         self, src: int, channel: str, dl: Deadline, into: memoryview | None = None
     ) -> tuple[Envelope, Encoded]:
         return self._require_engine(dl.op).take(src, channel_id(channel), dl, into)
+
+    def _offer(self, src: int, channel: str, into: memoryview) -> Callable[[], None] | None:
+        engine = self._engine
+        if engine is None:
+            return None
+        key = (src, channel_id(channel))
+        engine.offer([(*key, into)])
+        return lambda: engine.withdraw([key])
 
     def gatherv_into(
         self, blocks: list[torch.Tensor] | None, tensor: torch.Tensor, root: int, ctx: OpContext

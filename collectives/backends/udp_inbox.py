@@ -13,6 +13,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
 from collectives.backends.envelope import Envelope
@@ -22,6 +23,9 @@ from collectives.codec import CodecOptions, Encoded, Header, alloc_buffer, check
 from collectives.errors import CodecError, CollectivesError, RemoteProtocolError
 from collectives.transport.events import MessageReceived
 from collectives.transport.frames import FrameError
+
+if TYPE_CHECKING:
+    from collectives.transport.endpoint import Endpoint
 
 _POOL_MIN = 64 << 10  # smaller bodies are cheap to allocate: not pooled
 # Distinct codec headers remembered as checked: a loop of ops repeats a handful of them, and a
@@ -54,6 +58,7 @@ class _Incoming:
     landing: Landing | None
     error: CollectivesError | None
     pooled: bool = False
+    buffer: memoryview | None = None  # the pool buffer it was allocated, while ``pooled``
 
 
 @dataclass
@@ -74,6 +79,7 @@ class Inbox:
     counters: dict[str, int]
     _incoming: dict[Key, deque[_Incoming]]
     _pool: BufferPool
+    ep: Endpoint
     _codec: Callable[[], CodecOptions]
     # header bytes -> (the options it was checked with, the parsed header: frozen, shareable)
     _headers: dict[bytes, tuple[CodecOptions, Header]]
@@ -114,6 +120,34 @@ class Inbox:
     def _withdraw(self, key: Key, landing: Landing) -> None:
         if self.landings.get(key) is landing:
             del self.landings[key]  # unclaimed: later messages go to the pool again
+
+    def _land_late(self, key: Key, into: memoryview) -> Landing | None:
+        """A take posted after its message began to arrive in a pool buffer (the sender ran
+        ahead while this rank was busy, often copying the previous message out of the pool):
+        the rest of the body lands in ``into`` and the core copies the part that came, not
+        :meth:`_hand_over` the whole body after it completed.  A 128 MiB broadcast loop at
+        2 ranks copied every body once more that way.  Called holding the lock; None when
+        the message is not one that can land (:meth:`_allocate`'s rules)."""
+        incoming = self._incoming.get(key)
+        if not incoming or self.boxes.get(key):
+            return None
+        item = incoming[0]
+        if (
+            item.landing is not None
+            or item.error is not None
+            or len(item.sizes) != 1
+            or item.sizes[0] != into.nbytes
+            or not lands_in(item.header if item.checked is None else item.checked, into.nbytes)
+            or not self.ep.retarget(key[0], key[1], into)
+        ):
+            return None
+        if item.pooled and item.buffer is not None:
+            self._pool.put(item.buffer)  # the core no longer writes it
+        item.pooled, item.buffer = False, None
+        item.landing = landing = Landing(into)
+        landing.claimed = True
+        self.counters["landed_late"] += 1
+        return landing
 
     def _hand_over(self, item: _Queued, into: memoryview | None) -> Taken:
         """A queued message for a ``take`` (outside the lock): copied into ``into`` when it
@@ -177,7 +211,8 @@ class Inbox:
         if body_len < _POOL_MIN or item.error is not None:
             return alloc_buffer(body_len)
         item.pooled = True
-        return self._pool.get(body_len)
+        item.buffer = self._pool.get(body_len)
+        return item.buffer
 
     def _received(self, event: MessageReceived) -> None:
         key = (event.peer, event.channel)

@@ -133,6 +133,7 @@ class Engine(Inbox, Health):
             "wakeups": 0,
             "address_changes": 0,
             "landed": 0,  # messages written straight into a waiting receive's buffer
+            "landed_late": 0,  # taken after they began to arrive: the rest landed (_land_late)
             "copied_in": 0,  # messages copied into a receive's buffer that came later
             "caller_turns": 0,  # turns taken by waiting callers
             "io_turns": 0,  # turns taken by the IO thread
@@ -252,8 +253,11 @@ class Engine(Inbox, Health):
             # An offered buffer serves this take whatever ``into`` is: its message may be in it
             # already (the caller copies from it when it is not ``into``).
             landing = self._offered.pop(key, None)
-            if landing is None and into is not None and not queue and not self._incoming.get(key):
-                landing = self.landings[key] = Landing(into)
+            if landing is None and into is not None and not queue:
+                if not self._incoming.get(key):
+                    landing = self.landings[key] = Landing(into)
+                else:
+                    landing = self._land_late(key, into)
 
             def ready() -> bool:
                 if landing is not None and landing.claimed:

@@ -260,6 +260,13 @@ class Endpoint:
             out.queue.append(msg)
         return message_id
 
+    def retarget(self, peer: int, channel: int, body: memoryview) -> bool:
+        """Land the rest of the next message to deliver from ``peer`` on ``channel`` in ``body``
+        (see :meth:`~.receiving.Inbox.retarget`); the buffer its allocation returned is then no
+        longer written.  False if there is no such message in progress of ``body``'s size."""
+        session = self._sessions.get(peer)
+        return session is not None and session.inbox.retarget(channel, body)
+
     # -- datagrams in -----------------------------------------------------------------------------
 
     def receive(

@@ -170,7 +170,16 @@ def layout_ok(header: Header, payload_len: int, max_frame: int) -> bool:
 
 
 class _InMessage:
-    __slots__ = ("body", "body_len", "message_id", "meta", "meta_len", "received", "staged")
+    __slots__ = (
+        "body",
+        "body_len",
+        "high",
+        "message_id",
+        "meta",
+        "meta_len",
+        "received",
+        "staged",
+    )
 
     def __init__(self) -> None:
         self.meta: bytes | None = None
@@ -180,6 +189,7 @@ class _InMessage:
         self.body: memoryview | None = None
         self.staged: list[tuple[int, bytes]] = []
         self.received = 0  # stream bytes (meta included) that arrived
+        self.high = 0  # body bytes [0, high) may have been written: what retarget() copies
 
 
 class _Channel:
@@ -235,6 +245,23 @@ class Inbox:
             return
         self._on_chunk_general(chunk, chan)
 
+    def retarget(self, channel: int, body: memoryview) -> bool:
+        """Write the rest of ``channel``'s next message to deliver into ``body`` (a buffer of its
+        body's size) instead of the one its allocation returned, copying what arrived so far:
+        a receive posted after its message began to arrive (the sender ran ahead while the
+        receiver was busy) gets it in its own buffer, not in a pool buffer copied afterwards.
+        False, changing nothing, if that message is not allocated yet or not this size."""
+        chan = self._channels.get(channel)
+        msg = None if chan is None else chan.messages.get(chan.deliver_next)
+        if msg is None or msg.body is None or body.nbytes != msg.body_len:
+            return False
+        body = body.cast("B") if body.format != "B" or body.ndim != 1 else body
+        high = msg.high
+        if high:
+            body[:high] = msg.body[:high]
+        msg.body = body
+        return True
+
     def _on_chunk_general(self, chunk: DataChunk, chan: _Channel | None = None) -> None:
         """:meth:`on_chunk` for any chunk (its fast path takes a whole message next in line)."""
         if chan is None:
@@ -270,7 +297,9 @@ class Inbox:
         if len(data):
             if msg.body is not None:
                 at = offset - msg.meta_len
-                msg.body[at : at + len(data)] = data
+                end = at + len(data)
+                msg.body[at:end] = data
+                msg.high = end if end > msg.high else msg.high
                 self.released += len(data)
             else:
                 msg.staged.append((offset, bytes(data)))
@@ -295,6 +324,7 @@ class Inbox:
             for offset, data in msg.staged:
                 at = offset - msg.meta_len
                 body[at : at + len(data)] = data
+                msg.high = max(msg.high, at + len(data))
                 self.staged_bytes -= len(data)
                 self.released += len(data)
             msg.staged = []

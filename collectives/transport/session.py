@@ -132,7 +132,7 @@ class Session:
         self._partial_budget = 2 * config.window_bytes + config.frame_bytes
         self._replay = ReplayWindow()
         self._rejected: set[int] = set()
-        self._inbox = Inbox(peer, allocate, emit)
+        self.inbox = Inbox(peer, allocate, emit)
         self._credit_granted = config.window_bytes
         self._window = config.window_bytes  # (config is frozen: read once, used per frame)
         self._credit_step = config.window_bytes // 4  # a grant this large is due at once
@@ -424,7 +424,7 @@ class Session:
             if isinstance(chunk, DataChunk):
                 if chunk[1] != self._comm_id or chunk[2] != self._epoch:  # comm id, epoch
                     raise FrameError("data chunk of another communicator or epoch")
-                self._inbox.on_chunk(chunk)
+                self.inbox.on_chunk(chunk)
                 eliciting = True
                 continue
             kind, msg = chunk
@@ -461,7 +461,7 @@ class Session:
 
     def _controls(self, now: float) -> list[bytes]:
         controls: list[bytes] = []
-        inbox = self._inbox
+        inbox = self.inbox
         window = self._window
         credit_due = inbox.released + window - self._credit_granted >= self._credit_step
         out = self.out
