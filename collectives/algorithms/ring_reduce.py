@@ -15,12 +15,16 @@ in the last bit from another algorithm's order, as any reduction order may).
 
 Memory.  A link that is done with a message when ``send`` returns (``send_copies``: the P2P seam,
 whose posts copy or seal the bytes) needs no private copy of the first block sent, and an
-allreduce (and a reduce's root) receives every partial into the storage of the block it sent
-just before (its own values of that block are never read again, and the result overwrites it
-last): no fresh buffer per op (unless a block it sent is shorter than the partial, by the one
-element of an uneven split).  Blocks over ~32 MiB come from fresh ``mmap`` memory, a page fault
-per 4 KiB written: a 128 MiB allreduce at 2 ranks took 32,800 faults per rank and op, 1,100
-after (with the sender's recycled frames, CPU per op 262 -> 138 ms on the udp backend).
+allreduce (and a reduce's root) receives every partial into the storage of a block whose own
+values it no longer reads (the result overwrites it last): the first into the block it sent
+first, each later one into the block it combined at the step before.  That one is not being
+sent, so it is offered before the send (:func:`~collectives.algorithms.link.sendrecv`) and the
+peer's partial lands there meanwhile; a 4-rank 128 MiB allreduce on udp copied three 32 MiB
+partials per rank and op out of pool buffers before.  No fresh buffer per op either (unless a
+block is shorter than the partial, by the one element of an uneven split).  Blocks over
+~32 MiB come from fresh ``mmap`` memory, a page fault per 4 KiB written: a 128 MiB allreduce
+at 2 ranks took 32,800 faults per rank and op, 1,100 after (with the sender's recycled frames,
+CPU per op 262 -> 138 ms on the udp backend).
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def reduce_scatter(
     """The blocks of ``flat`` (1-d) and this rank's block reduced over every rank and finished
     (AVG divided).  ``flat`` is read only unless ``scratch`` (an allreduce, which overwrites
     every block afterwards) and the link sends copies: then each partial is received into the
-    block sent before it, and the result lives there too (see the module docstring)."""
+    storage of a block this rank no longer reads, and the result lives there too (see the
+    module docstring)."""
     import torch
 
     size, rank = link.size, link.rank
@@ -70,20 +75,29 @@ def reduce_scatter(
     right, left = (rank + 1) % size, (rank - 1) % size
     start, stop = parts[(rank - 1) % size]
     copies = sends_copies(link)
+    reuse = copies and scratch
     # Else a copy: the caller may overwrite its blocks (allreduce lands results in them) while
     # this message may still be sent by reference.
-    link.send(right, encode(flat[start:stop] if copies else flat[start:stop].clone()))
-    spare = flat[start:stop] if copies and scratch else None  # sent: free to reuse
+    outgoing = encode(flat[start:stop] if copies else flat[start:stop].clone())
+    spare = flat[start:stop] if reuse else None  # sent by the time the first partial lands
     for step in range(size - 1):
         start, stop = parts[(rank - step - 2) % size]
         if spare is not None and spare.numel() >= stop - start:
             partial = spare[: stop - start]
         else:
             partial = torch.empty(stop - start, dtype=flat.dtype, device=flat.device)
-        recv_tensor(link, left, partial)
+        if step == 0 and reuse:
+            # ``partial`` is the block being sent: it may take the peer's only once sent.
+            link.send(right, outgoing)
+            recv_tensor(link, left, partial)
+        else:
+            # The previous step's partial goes with this step's buffer offered first (another
+            # one), so the peer's partial lands in it while this rank still sends.
+            recv_tensor(link, left, partial, send=(right, outgoing))
         combine_(partial, flat[start:stop], op)
-        if step < size - 2:
-            link.send(right, encode(partial))
+        if reuse:
+            spare = flat[start:stop]  # this block's own values are never read again
+        outgoing = encode(partial)  # (not sent after the last step)
     finish_(partial, op, size)
     return parts, partial
 

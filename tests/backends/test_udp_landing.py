@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from collectives.backends.p2p import byte_view
@@ -26,7 +27,7 @@ _RELEASE = threading.Event()
 _OFFERED = threading.Event()
 
 
-def _in_progress(comm: Communicator) -> Any:
+def _in_progress(comm: Communicator, via_offer: bool = False) -> Any:
     data = torch.arange(1 << 20, dtype=torch.int32).view(torch.uint8)  # 4 MiB: pool-sized
     engine = comm.engine._engine  # type: ignore[attr-defined]
     comm.barrier()
@@ -56,7 +57,16 @@ def _in_progress(comm: Communicator) -> Any:
         time.sleep(0.002)
     out = torch.zeros_like(data)
     before = comm.stats()
-    threading.Timer(0.3, _RELEASE.set).start()  # after the receive below is posted
+    if via_offer:
+        # A ring step's offer before its send (algorithms.link.sendrecv): the message ends
+        # while this rank is still busy, and its take comes after that.
+        from collectives.backends.p2p import p2p_channel
+
+        comm.engine._offer(0, p2p_channel(0), byte_view(out))  # type: ignore[attr-defined]
+        _RELEASE.set()
+        time.sleep(0.5)
+    else:
+        threading.Timer(0.3, _RELEASE.set).start()  # after the receive below is posted
     comm.recv_into(out, 0)
     after = comm.stats()
     comm.barrier()
@@ -67,9 +77,10 @@ def _in_progress(comm: Communicator) -> Any:
     )
 
 
-def test_a_receive_posted_mid_message_gets_the_rest_in_its_buffer() -> None:
+@pytest.mark.parametrize("via_offer", [False, True], ids=["take", "offer"])
+def test_a_receive_posted_mid_message_gets_the_rest_in_its_buffer(via_offer: bool) -> None:
     _RELEASE.clear()
-    exact, late, copied = run_world(2, keyed(2), _in_progress)[1]
+    exact, late, copied = run_world(2, keyed(2), lambda c: _in_progress(c, via_offer))[1]
     assert exact
     assert (late, copied) == (1, 0)
 
