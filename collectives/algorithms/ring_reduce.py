@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from collectives.algorithms.blocks import recv_tensor, split
+from collectives.algorithms.scratch import partial_buffer
 from collectives.codec import encode
 from collectives.reduce_op import ReduceOp, combine_, finish_
 
@@ -66,7 +67,8 @@ def reduce_scatter(
     (AVG divided).  ``flat`` is read only unless ``scratch`` (an allreduce, which overwrites
     every block afterwards) and the link sends copies: then each partial is received into the
     storage of a block this rank no longer reads, and the result lives there too (see the
-    module docstring)."""
+    module docstring).  Otherwise, on a link that sends copies, partials live in this thread's
+    scratch memory (:mod:`.scratch`): the result is valid until its next reduction."""
     import torch
 
     size, rank = link.size, link.rank
@@ -84,6 +86,8 @@ def reduce_scatter(
         start, stop = parts[(rank - step - 2) % size]
         if spare is not None and spare.numel() >= stop - start:
             partial = spare[: stop - start]
+        elif copies:  # sent when send returns: reused by this thread's next reduction
+            partial = partial_buffer(step % 2, stop - start, flat)
         else:
             partial = torch.empty(stop - start, dtype=flat.dtype, device=flat.device)
         if step == 0 and reuse:

@@ -105,3 +105,42 @@ def test_encode_of_a_slice_aliases_the_tensor() -> None:
     """What the in-storage checks above rely on: encoding a contiguous slice copies nothing."""
     t = torch.zeros(10)
     assert _in(encode(t[2:5]), t.data_ptr(), t.data_ptr() + 40)
+
+
+def _reduce_pair(numel: int, ops: int) -> list[tuple[torch.Tensor, list[int]]]:
+    """``ops`` reduces to rank 0 over a copying pair: each rank's tensor after the last one,
+    and the address of every partial rank 1 sent (its reduced block, to the root)."""
+    boxes: list[queue.Queue[Any]] = [queue.Queue(), queue.Queue()]
+    out: list[Any] = [None, None]
+
+    def run(rank: int) -> None:
+        link = _QueueLink(rank, boxes, True)
+        sent_from: list[int] = []
+        for _ in range(ops):
+            t = torch.arange(numel, dtype=torch.float32) * (rank + 1) + 0.25
+            ring_reduce.reduce(link, t, 0, ReduceOp.SUM)
+            if rank == 1:
+                sent_from.append(_address(link.sent[-1]))
+        out[rank] = (t, sent_from)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    return out
+
+
+def _address(msg: Encoded) -> int:
+    import numpy as np
+
+    return int(np.frombuffer(msg.buffers[0], dtype=np.uint8).ctypes.data)
+
+
+def test_a_non_root_reduces_in_scratch_memory_reused_across_ops() -> None:
+    # 1M float32 per block: a fresh allocation each op would be fresh pages (see scratch.py).
+    numel = 2 << 20
+    (root, _), (other, sent_from) = _reduce_pair(numel, 3)
+    assert torch.equal(root, _want(numel))
+    assert torch.equal(other, torch.arange(numel, dtype=torch.float32) * 2 + 0.25)  # unchanged
+    assert len(set(sent_from)) == 1, "each reduce's partial was a fresh buffer"
