@@ -21,7 +21,9 @@ first, each later one into the block it combined at the step before.  That one i
 sent, so it is offered before the send (:func:`~collectives.algorithms.link.sendrecv`) and the
 peer's partial lands there meanwhile; a 4-rank 128 MiB allreduce on udp copied three 32 MiB
 partials per rank and op out of pool buffers before.  No fresh buffer per op either (unless a
-block is shorter than the partial, by the one element of an uneven split).  Blocks over
+block is shorter than the partial, by the one element of an uneven split).  A rank whose tensor
+must stay unchanged (a reduce's non-root) receives its partials into per-thread scratch memory
+(:mod:`.scratch`) on such a link, not a fresh buffer per step.  Blocks over
 ~32 MiB come from fresh ``mmap`` memory, a page fault per 4 KiB written: a 128 MiB allreduce
 at 2 ranks took 32,800 faults per rank and op, 1,100 after (with the sender's recycled frames,
 CPU per op 262 -> 138 ms on the udp backend).
