@@ -59,6 +59,11 @@ def _allreduce_pair(copies: bool, numel: int) -> list[tuple[torch.Tensor, list[b
         ring_reduce.allgather_blocks(link, flat, parts, mine)
         out[rank] = (t, inside)
 
+    return _both(run, out)
+
+
+def _both(run: Any, out: list[Any]) -> list[Any]:
+    """``run(rank)`` on two threads, one per rank of the pair; ``out`` once both are done."""
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for th in threads:
         th.start()
@@ -67,11 +72,14 @@ def _allreduce_pair(copies: bool, numel: int) -> list[tuple[torch.Tensor, list[b
     return out
 
 
-def _in(msg: Encoded, lo: int, hi: int) -> bool:
+def _address(msg: Encoded) -> int:
     import numpy as np
 
-    address = int(np.frombuffer(msg.buffers[0], dtype=np.uint8).ctypes.data)
-    return lo <= address < hi
+    return int(np.frombuffer(msg.buffers[0], dtype=np.uint8).ctypes.data)
+
+
+def _in(msg: Encoded, lo: int, hi: int) -> bool:
+    return lo <= _address(msg) < hi
 
 
 def _want(numel: int) -> torch.Tensor:
@@ -123,18 +131,7 @@ def _reduce_pair(numel: int, ops: int) -> list[tuple[torch.Tensor, list[int]]]:
                 sent_from.append(_address(link.sent[-1]))
         out[rank] = (t, sent_from)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    return out
-
-
-def _address(msg: Encoded) -> int:
-    import numpy as np
-
-    return int(np.frombuffer(msg.buffers[0], dtype=np.uint8).ctypes.data)
+    return _both(run, out)
 
 
 def test_a_non_root_reduces_in_scratch_memory_reused_across_ops() -> None:
