@@ -89,16 +89,28 @@ def _collect(
     """Receive one message from each pending rank, taking whichever has arrived first.
 
     Serving arrivals in any order keeps a slow rank from delaying the copy-out of fast ones; on
-    timeout the error names every rank still silent, not just the first one waited for.
+    timeout the error names every rank still silent, not just the first one waited for.  Every
+    pending rank's buffer is offered first where the link can (see :class:`Link`): the peers
+    send at once, and a body that arrives while another is waited for lands in its place (on
+    udp a 4-rank 128 MiB gather copied about half of its bodies out of pool buffers).
     """
     from collectives.errors import CollectiveTimeoutError
 
-    while pending:
-        ready = [r for r in pending if link.has_message(r)]
-        src = ready[0] if ready else pending[0]
-        try:
-            out[src] = link.recv(src, None if into is None else into[src])
-        except CollectiveTimeoutError:
-            silent = [r for r in pending if not link.has_message(r)]
-            raise link.deadline.error(silent or [src]) from None
-        pending.remove(src)
+    offer = getattr(link, "offer", None)
+    offered = []
+    if offer is not None and into is not None:
+        offered = [offer(r, into[r]) for r in pending if into[r] is not None]
+    try:
+        while pending:
+            ready = [r for r in pending if link.has_message(r)]
+            src = ready[0] if ready else pending[0]
+            try:
+                out[src] = link.recv(src, None if into is None else into[src])
+            except CollectiveTimeoutError:
+                silent = [r for r in pending if not link.has_message(r)]
+                raise link.deadline.error(silent or [src]) from None
+            pending.remove(src)
+    finally:
+        for withdraw in offered:
+            if withdraw is not None:
+                withdraw()  # an offer no receive took (the op failed) must not catch a later one

@@ -313,23 +313,17 @@ class UdpBackend(P2PBackend):
     def gatherv_into(
         self, blocks: list[torch.Tensor] | None, tensor: torch.Tensor, root: int, ctx: OpContext
     ) -> None:
-        """The root offers every block to the transport before it waits for anyone
-        (:meth:`Engine.offer`): all peers send at once, and each body lands in its block
-        whichever peer the gather waits for, instead of in a pool buffer copied afterwards
-        (the base class's way: a 4-rank fan-in of 24 MB per rank cost the root twice the CPU).
-        """
+        """The root receives each peer's body straight into its block: the gather offers every
+        block to the transport before it waits for anyone (``algorithms.rooted._collect``), so
+        all peers send at once and each body lands in its block whichever peer is waited for,
+        instead of in a pool buffer copied afterwards (the base class's way: a 4-rank fan-in of
+        24 MB per rank cost the root twice the CPU)."""
         if blocks is None or self._engine is None:
             super().gatherv_into(blocks, tensor, root, ctx)
             return
         into = [None if r == root else byte_view(b) for r, b in enumerate(blocks)]
-        chan = channel_id(COLLECTIVE_CHANNEL)
-        offers = [(r, chan, view) for r, view in enumerate(into) if view is not None]
-        self._engine.offer(offers)
-        try:
-            with _Agreement(self._link(ctx, root)) as link:
-                msgs = algorithms.gather(link, encode(tensor), root, into=into)
-        finally:
-            self._engine.withdraw([(r, c) for r, c, _ in offers])
+        with _Agreement(self._link(ctx, root)) as link:
+            msgs = algorithms.gather(link, encode(tensor), root, into=into)
         assert msgs is not None
         for src, msg in enumerate(msgs):
             if src != root:

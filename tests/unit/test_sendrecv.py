@@ -1,5 +1,6 @@
-"""``algorithms.link.sendrecv``: the receive's buffer is offered before the send, and the offer
-is withdrawn when the send fails (no later op's message may land in a buffer nobody takes)."""
+"""Offers ahead of receives: ``algorithms.link.sendrecv`` offers the receive's buffer before the
+send, a gather offers every block before it waits; an offer no receive took is withdrawn (no
+later op's message may land in a buffer nobody takes)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,42 @@ def test_a_failed_send_withdraws_the_offer() -> None:
     with pytest.raises(TimeoutError):
         sendrecv(link, 1, encode(b"mine"), 3, memoryview(bytearray(8)))  # type: ignore[arg-type]
     assert link.calls == ["offer 3 8", "send 1", "withdraw 3"]
+
+
+class _GatherLink(_Link):
+    rank, size = 0, 3
+
+    def has_message(self, src: int) -> bool:
+        return False
+
+
+def test_a_gather_offers_every_block_before_it_waits() -> None:
+    from collectives.algorithms import gather
+
+    link = _GatherLink()
+    into = [None, memoryview(bytearray(8)), memoryview(bytearray(4))]
+    got = gather(link, encode(b"mine"), 0, into=into)  # type: ignore[arg-type]
+    assert got is not None and len(got) == 3
+    assert link.calls == [
+        "offer 1 8",
+        "offer 2 4",
+        "recv 1 8",
+        "recv 2 4",
+        "withdraw 1",  # no-ops once their receive took them (the backend's concern)
+        "withdraw 2",
+    ]
+
+
+def test_a_failed_gather_withdraws_its_offers() -> None:
+    from collectives.algorithms import gather
+
+    class _Failing(_GatherLink):
+        def recv(self, src: int, into: memoryview | None = None) -> Encoded:
+            self.calls.append(f"recv {src}")
+            raise TimeoutError("rank 1 went away")
+
+    link = _Failing()
+    into = [None, memoryview(bytearray(8)), memoryview(bytearray(4))]
+    with pytest.raises(TimeoutError):
+        gather(link, encode(b"mine"), 0, into=into)  # type: ignore[arg-type]
+    assert link.calls == ["offer 1 8", "offer 2 4", "recv 1", "withdraw 1", "withdraw 2"]
