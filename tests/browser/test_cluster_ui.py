@@ -176,7 +176,13 @@ def test_the_panel_lists_both_ranks_and_they_are_idle(leader: Any, artifacts: Pa
     DOCS_SHOT.parent.mkdir(parents=True, exist_ok=True)
     # A clip of the page, not the element's own screenshot: the panel re-renders on every report,
     # and an element replaced mid-screenshot fails it ("not attached to the DOM").
-    box = leader.locator("[data-testid=cluster-panel]").bounding_box()
+    # bounding_box() is None while the panel is replaced, so it is asked again for a moment.
+    panel = leader.locator("[data-testid=cluster-panel]")
+    box = panel.bounding_box()
+    deadline = time.monotonic() + 5
+    while box is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        box = panel.bounding_box()
     assert box is not None, "the panel is not rendered"
     leader.screenshot(path=str(DOCS_SHOT), clip=box)
     print(f"panel: {shot}, {DOCS_SHOT}")
