@@ -4,7 +4,8 @@ Split from :mod:`collectives.backends.udp_io` (whose module docstring describes 
 ``_allocate`` runs once per message in FIFO order per ``(peer, channel)``, checks the codec
 header before anything is allocated, and lands the body in a waiting receive's buffer, a pool
 buffer or a fresh one).  :class:`Inbox` is a mixin of :class:`~collectives.backends.udp_io.Engine`:
-everything here runs holding the engine's lock except :meth:`Inbox._hand_over`.
+everything here runs holding the engine's lock, except :meth:`Inbox.take` (which takes it, and
+drives the engine while it waits) and :meth:`Inbox._hand_over`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collectives.transport.events import MessageReceived
 from collectives.transport.frames import FrameError
 
 if TYPE_CHECKING:
+    from collectives.deadline import Deadline
     from collectives.transport.endpoint import Endpoint
 
 _POOL_MIN = 64 << 10  # smaller bodies are cheap to allocate: not pooled
@@ -83,6 +85,9 @@ class Inbox:
     _codec: Callable[[], CodecOptions]
     # header bytes -> (the options it was checked with, the parsed header: frozen, shareable)
     _headers: dict[bytes, tuple[CodecOptions, Header]]
+    _held: bool
+    _release_held: Callable[[], None]
+    _drive: Callable[[Callable[[], bool], int, Deadline, str | None], None]
 
     def offer(self, offers: Sequence[tuple[int, int, memoryview]]) -> None:
         """Offer ``(src, channel, into)`` buffers ahead of their takes (which should pass the
@@ -104,6 +109,42 @@ class Inbox:
                         self._offered[key] = landing
                     continue
                 self._offered[key] = self.landings[key] = Landing(into)
+
+    def take(self, src: int, channel: int, dl: Deadline, into: memoryview | None) -> Taken:
+        """The next message from ``src`` on ``channel`` (see ``P2PBackend._take``)."""
+        key = (src, channel)
+        with self.lock:
+            if self._held:
+                self._release_held()  # before any wait: the peer may need it to answer
+            queue = self.boxes.setdefault(key, deque())
+            # An offered buffer serves this take whatever ``into`` is: its message may be in it
+            # already (the caller copies from it when it is not ``into``).
+            landing = self._offered.pop(key, None)
+            if landing is None and into is not None and not queue:
+                if not self._incoming.get(key):
+                    landing = self.landings[key] = Landing(into)
+                else:
+                    landing = self._land_late(key, into)
+
+            def ready() -> bool:
+                if landing is not None and landing.claimed:
+                    # The body is landing in ``into``: it is this receive's message, ahead of
+                    # anything queued meanwhile.
+                    return landing.result is not None
+                return bool(queue)
+
+            try:
+                self._drive(ready, src, dl, None)
+            finally:
+                if landing is not None and self.landings.get(key) is landing:
+                    del self.landings[key]
+            if landing is not None and landing.claimed:
+                assert landing.result is not None
+                return _unwrap(landing.result)
+            item = queue.popleft()
+        if isinstance(item, CollectivesError):
+            raise item
+        return self._hand_over(item, into)
 
     def has_message(self, src: int, channel: int) -> bool:
         """Whether a message from ``src`` on ``channel`` waits for its take."""

@@ -54,7 +54,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from collectives.backends.udp_health import Health
-from collectives.backends.udp_inbox import Inbox, Key, Landing, Taken, _Incoming, _Queued, _unwrap
+from collectives.backends.udp_inbox import Inbox, Key, Landing, _Incoming, _Queued
 from collectives.backends.udp_socket import RECV_BYTES, BufferPool, fine_timer_slack
 from collectives.codec import CodecOptions, Header
 from collectives.errors import (
@@ -242,42 +242,6 @@ class Engine(Inbox, Health):
 
         with self.lock:
             self._drive(done, peer, dl, "the peer did not acknowledge")
-
-    def take(self, src: int, channel: int, dl: Deadline, into: memoryview | None) -> Taken:
-        """The next message from ``src`` on ``channel`` (see ``P2PBackend._take``)."""
-        key = (src, channel)
-        with self.lock:
-            if self._held:
-                self._release_held()  # before any wait: the peer may need it to answer
-            queue = self.boxes.setdefault(key, deque())
-            # An offered buffer serves this take whatever ``into`` is: its message may be in it
-            # already (the caller copies from it when it is not ``into``).
-            landing = self._offered.pop(key, None)
-            if landing is None and into is not None and not queue:
-                if not self._incoming.get(key):
-                    landing = self.landings[key] = Landing(into)
-                else:
-                    landing = self._land_late(key, into)
-
-            def ready() -> bool:
-                if landing is not None and landing.claimed:
-                    # The body is landing in ``into``: it is this receive's message, ahead of
-                    # anything queued meanwhile.
-                    return landing.result is not None
-                return bool(queue)
-
-            try:
-                self._drive(ready, src, dl, None)
-            finally:
-                if landing is not None and self.landings.get(key) is landing:
-                    del self.landings[key]
-            if landing is not None and landing.claimed:
-                assert landing.result is not None
-                return _unwrap(landing.result)
-            item = queue.popleft()
-        if isinstance(item, CollectivesError):
-            raise item
-        return self._hand_over(item, into)
 
     def _drive(self, ready: Callable[[], bool], peer: int, dl: Deadline, what: str | None) -> None:
         """Make progress until ``ready()`` (holding the lock; see the module docstring): take
