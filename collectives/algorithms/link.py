@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from collectives.codec import CodecOptions, Encoded
@@ -31,7 +33,8 @@ class Link(Protocol):
     A link that can land a message that arrives before its ``recv`` is called (a transport
     that receives in the background) may have an ``offer(src, into)`` method, optional: it
     offers ``into`` to the next message from ``src`` and returns a callable that withdraws
-    the offer, or None when it made none.  :func:`sendrecv` uses it.
+    the offer, or None when it made none.  :func:`offer_to` calls it (for :func:`sendrecv` and the
+    gather).
     """
 
     rank: int
@@ -48,6 +51,13 @@ class Link(Protocol):
     def decode_tensor(self, msg: Encoded, src: int) -> torch.Tensor: ...
 
 
+def offer_to(link: Link, src: int, into: memoryview | None) -> Callable[[], None] | None:
+    """Offer ``into`` to the next message from ``src`` where the link can (its optional
+    ``offer``, see :class:`Link`); what withdraws the offer, or None when none was made."""
+    offer = getattr(link, "offer", None)
+    return offer(src, into) if offer is not None and into is not None else None
+
+
 def sendrecv(
     link: Link, dst: int, msg: Encoded, src: int, into: memoryview | None = None
 ) -> Encoded:
@@ -58,8 +68,7 @@ def sendrecv(
     transfer, and meanwhile the peer's block arrives.  Without the offer it went to a pool
     buffer and was copied into ``into`` afterwards (on udp, a 4-rank 128 MiB broadcast's ring
     copied two 32 MiB blocks per rank and op that way)."""
-    offer = getattr(link, "offer", None)
-    withdraw = offer(src, into) if offer is not None and into is not None else None
+    withdraw = offer_to(link, src, into)
     try:
         link.send(dst, msg)
     except BaseException:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from collectives.algorithms import large_broadcast
-from collectives.algorithms.link import Link, binomial_parent_children
+from collectives.algorithms.link import Link, binomial_parent_children, offer_to
 
 if TYPE_CHECKING:
     from collectives.codec import Encoded
@@ -96,10 +96,7 @@ def _collect(
     """
     from collectives.errors import CollectiveTimeoutError
 
-    offer = getattr(link, "offer", None)
-    offered = []
-    if offer is not None and into is not None:
-        offered = [offer(r, into[r]) for r in pending if into[r] is not None]
+    offered = [] if into is None else [offer_to(link, r, into[r]) for r in pending]
     try:
         while pending:
             ready = [r for r in pending if link.has_message(r)]
