@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from hypothesis import settings
 
@@ -20,3 +23,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _mpich_segments_removed() -> Iterator[None]:
+    """Failed MPI scenarios leave MPICH segments in /dev/shm: removed at the end (see
+    :mod:`tests.shm_leftovers`)."""
+    from tests.shm_leftovers import remove_leftovers, segments
+
+    shm = Path("/dev/shm")
+    before = segments(shm)
+    yield
+    remove_leftovers(shm, before)
