@@ -184,7 +184,34 @@ def machine_info() -> dict[str, Any]:
     }
     if hasattr(os, "getloadavg"):
         info["loadavg_at_start"] = list(os.getloadavg())  # how noisy the box was
+    shm = shm_used_bytes()
+    if shm is not None:
+        info["shm_used_bytes"] = shm
     return info
+
+
+SHM_WARN_BYTES = 256 << 20
+
+
+def shm_used_bytes() -> int | None:
+    """What ``/dev/shm`` holds (RAM): 1.2 GB of leftover files there made the e2e prompts
+    10-15 % slower on the reference machine (docs/benchmarks.md)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def shm_warning(info: dict[str, Any]) -> str | None:
+    used = info.get("shm_used_bytes")
+    if used is None or used < SHM_WARN_BYTES:
+        return None
+    return (
+        f"note: /dev/shm already holds {used / 1e6:.0f} MB (RAM); leftovers there (such as the "
+        "mpich_shm_* segments of MPI jobs that were killed) slowed every prompt's page "
+        "allocations on the reference machine: remove what is stale before timing"
+    )
 
 
 def _proc_field(path: str, name: str) -> str | None:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from benchmarks._report import machine_info
+from benchmarks._report import machine_info, shm_warning
 from benchmarks._timing import median
 from benchmarks.e2e_args import MEASUREMENTS, _check_args, build_parser
 from benchmarks.e2e_client import BenchClient, Timed
@@ -479,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now().astimezone()
     clock = time.monotonic()
     machine = machine_info()  # load average before we add to it
+    if (warning := shm_warning(machine)) is not None:
+        print(warning, file=sys.stderr)
 
     from comfyui_cluster.launchers.comfyui import default_python
 

@@ -284,3 +284,14 @@ def test_udp_p2p_wan_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert doc["settings"]["mtu"] == 1200
     [row] = doc["results"]
     assert row["backend"] == "udp" and _finite_positive(row["ours_gbps"])
+
+
+def test_machine_info_records_shm_and_warns_when_full() -> None:
+    from benchmarks._report import SHM_WARN_BYTES, machine_info, shm_used_bytes, shm_warning
+
+    used = shm_used_bytes()
+    if used is not None:  # a box with /dev/shm: the figure is in every report's machine section
+        assert machine_info()["shm_used_bytes"] >= 0
+    assert shm_warning({"shm_used_bytes": SHM_WARN_BYTES - 1}) is None
+    warning = shm_warning({"shm_used_bytes": 2 * SHM_WARN_BYTES})
+    assert warning is not None and "/dev/shm" in warning and "537 MB" in warning
