@@ -15,7 +15,16 @@ from typing import Any
 from . import cluster_info, distribute, memory
 from . import images as image_files
 from .distribute import LOSSLESS
-from .nodes_base import _CODEC, _HIDDEN_ID, _WEIGHTS, ANY, _ClusterNode, _leader_input, _Node
+from .nodes_base import (
+    _CODEC,
+    _HIDDEN_ID,
+    _WEIGHTS,
+    ANY,
+    _ClusterNode,
+    _FromLeader,
+    _leader_input,
+    _Node,
+)
 from .nodes_lists import (
     ClusterFlattenBatchedImageList,
     ClusterGetInstanceWorkItemFromBatch,
@@ -96,10 +105,11 @@ class ClusterFinallyFree(_ClusterNode):
 
 
 # -- broadcast ------------------------------------------------------------------------------------
-class ClusterBroadcastTensor(_ClusterNode):
+class ClusterBroadcastTensor(_FromLeader):
+    LEADER_INPUTS = ("tensor",)
     DESCRIPTION = (
         "The leader's value (IMAGE, LATENT, MASK or anything else) on every rank, batch "
-        "dimension kept. Followers' inputs are ignored."
+        "dimension kept. Followers do not evaluate their input (it is lazy)."
     )
     RETURN_TYPES = (ANY,)
     RETURN_NAMES = ("tensor",)
@@ -173,7 +183,8 @@ class ClusterBroadcastLoadedImage(_ClusterNode):
 
 
 # -- fan-out / fan-in / gather --------------------------------------------------------------------
-class ClusterFanOutImage(_ClusterNode):
+class ClusterFanOutImage(_FromLeader):
+    LEADER_INPUTS = ("image",)
     DESCRIPTION = "Split the leader's IMAGE batch over the ranks; each rank outputs its slice."
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -232,7 +243,8 @@ class ClusterGatherImages(_ClusterNode):
         return (distribute.gather_batch(comm, images, self.tag(unique_id), codec),)
 
 
-class ClusterFanOutLatent(_ClusterNode):
+class ClusterFanOutLatent(_FromLeader):
+    LEADER_INPUTS = ("samples",)
     DESCRIPTION = (
         "Split the leader's LATENT batch over the ranks (noise_mask and batch_index included, so "
         "each item gets the noise it gets in a single-instance run)."
@@ -284,7 +296,8 @@ class ClusterGatherLatents(_ClusterNode):
         return (distribute.gather_latents(comm, samples, self.tag(unique_id)),)
 
 
-class ClusterFanOutMask(_ClusterNode):
+class ClusterFanOutMask(_FromLeader):
+    LEADER_INPUTS = ("mask",)
     DESCRIPTION = "Split the leader's MASK batch over the ranks; each rank outputs its slice."
     RETURN_TYPES = ("MASK",)
     RETURN_NAMES = ("mask",)

@@ -49,10 +49,12 @@ _HIDDEN_ID = {"unique_id": "UNIQUE_ID"}
 
 
 def _leader_input(type_name: str, what: str) -> tuple[str, dict[str, Any]]:
-    # Not lazy, on purpose: a follower skipping what feeds this input would execute a different
-    # set of nodes than the leader, and ComfyUI's execution order (hence the order of the
-    # collectives) depends on that set.  Followers compute the value and it is ignored.
-    return (type_name, {"tooltip": f"{what} Only the leader's value is used."})
+    # Lazy: only the leader evaluates what feeds it (``_FromLeader.check_lazy_status``), so a
+    # follower does not recompute the leader's upstream (a whole generation, say) only to throw
+    # it away.  The collectives still run in one order on every rank whatever else a rank
+    # runs: the prompt rewrite chains them through ``cluster_after`` (an ordinary input), so a
+    # collective upstream of a leader input runs everywhere, before this node.
+    return (type_name, {"tooltip": f"{what} Only the leader's value is used.", "lazy": True})
 
 
 class _Node:
@@ -120,3 +122,19 @@ def _ignoring_after_input(run: Any) -> Any:
     at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
     wrapped.__signature__ = sig.replace(parameters=[*params[:at], after, *params[at:]])  # type: ignore[attr-defined]
     return wrapped
+
+
+class _FromLeader(_ClusterNode):
+    """A cluster node whose :func:`_leader_input` inputs (named in ``LEADER_INPUTS``) only the
+    leader evaluates; followers get None for them and receive the leader's value instead."""
+
+    LEADER_INPUTS: ClassVar[tuple[str, ...]] = ()
+
+    def check_lazy_status(self, **inputs: Any) -> list[str]:
+        """ComfyUI's lazy-input hook: the inputs still to evaluate before ``run``.  It passes a
+        lazy input not evaluated yet as None (an unconnected one not at all) and asks again
+        once what was named is evaluated; then nothing is missing (a value that is None
+        itself is not asked for twice: ComfyUI drops names it evaluated already)."""
+        if not self.runtime.is_leader():
+            return []
+        return [name for name in self.LEADER_INPUTS if name in inputs and inputs[name] is None]

@@ -129,6 +129,33 @@ def test_workflow_a_on_four_ranks_equals_one_instance(cluster: Cluster) -> None:
     print(f"workflow a on {RANKS} ranks: {cluster_s:.1f} s")
 
 
+def test_followers_do_not_evaluate_leader_inputs(cluster: Cluster) -> None:
+    # What feeds a broadcast's or a fan-out's input runs on the leader only (the input is lazy);
+    # a collective feeding a leader input still runs on every rank (the broadcast here, which
+    # the fan-out's image comes from); what the followers need (after the fan-out) runs
+    # everywhere.
+    wf = {
+        "1": _node("IndexedImages", batch=4, size=8, dtype="float32"),
+        "2": _node("RecordRun", images=["1", 0], name="lazy_upstream"),
+        "3": _node("ClusterBroadcastTensor", tensor=["2", 0]),
+        "4": _node("ClusterFanOutImage", image=["3", 0]),
+        "5": _node("RecordRun", images=["4", 0], name="lazy_slice"),
+        "6": _node("ClusterFanInImages", images=["5", 0]),
+        "7": _node("SaveTensor", value=["6", 0], name="lazy_fan"),
+        "8": _node("SaveTensor", value=["1", 0], name="lazy_source"),
+    }
+    cluster.leader.run(wf, timeout=120)
+    base = cluster.base
+    source = _saved(base, 0, "lazy_source")["value"]
+    assert source.shape == (4, 8, 8, 3)
+    assert torch.equal(_saved(base, 0, "lazy_fan")["value"], source)
+    for rank in range(RANKS):
+        out = base / f"rank{rank}" / "output"
+        assert (out / "lazy_slice.ran").exists(), f"rank {rank} did not run its slice's node"
+        ran_upstream = (out / "lazy_upstream.ran").exists()
+        assert ran_upstream == (rank == 0), f"rank {rank}: upstream ran: {ran_upstream}"
+
+
 def test_image_mask_latent_and_list_paths_are_exact(cluster: Cluster) -> None:
     leader = cluster.leader
     base = cluster.base

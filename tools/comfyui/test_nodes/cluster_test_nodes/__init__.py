@@ -4,6 +4,8 @@
   (the tiny models of tools/comfyui/make_tiny_sd.py have none).
 - ``IndexedImages`` / ``SaveTensor``: distinct seeded images and masks in, exact tensors out (the
   end-to-end tests compare values bit for bit, which SaveImage's 8-bit PNGs cannot show).
+- ``RecordRun``: passes an IMAGE through and leaves ``<name>.ran`` in the output folder: which
+  ranks ran a node (followers must not evaluate what feeds a leader-only input).
 - ``SleepPerImage``: passes an IMAGE batch through unchanged after sleeping
   ``seconds_per_image`` x batch size: a stand-in for per-image GPU work whose cost is known
   exactly, so a benchmark can tell the cluster's overhead from the work it spreads.
@@ -123,6 +125,27 @@ class SaveTensor:
         return {"ui": {"tensors": [path]}}
 
 
+class RecordRun:
+    DESCRIPTION = "Return the IMAGE unchanged; leave <name>.ran in the output folder."
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"images": ("IMAGE",), "name": ("STRING", {"default": "run"})}}
+
+    def run(self, images: torch.Tensor, name: str) -> tuple[torch.Tensor]:
+        import os
+
+        import folder_paths
+
+        path = os.path.join(folder_paths.get_output_directory(), f"{name}.ran")
+        with open(path, "a") as marker:
+            marker.write("ran\n")
+        return (images,)
+
+
 class RankLocalModel:
     DESCRIPTION = (
         "Stands in for a model file only one instance has: its only valid choice names this "
@@ -144,6 +167,7 @@ class RankLocalModel:
 
 NODE_CLASS_MAPPINGS = {
     "RankLocalModel": RankLocalModel,
+    "RecordRun": RecordRun,
     "ZeroConditioning": ZeroConditioning,
     "SleepPerImage": SleepPerImage,
     "IndexedImages": IndexedImages,
@@ -151,6 +175,7 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "RankLocalModel": "Rank-local model (test)",
+    "RecordRun": "Record run (test)",
     "ZeroConditioning": "Zero conditioning (test)",
     "SleepPerImage": "Sleep per image (test)",
     "IndexedImages": "Indexed images (test)",
