@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-MEASUREMENTS = ("scaling", "overhead", "ksampler")
+MEASUREMENTS = ("scaling", "overhead", "ksampler", "upstream")
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -57,19 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ranks", type=_positive_ints, default=[1, 2, 4], metavar="N[,N...]",
         help="cluster sizes (default: 1,2,4); speedups need 1 among them")  # fmt: skip
     add("--images", type=int, default=8, metavar="B",
-        help="batch of the scaling, overhead and ksampler workflows "
+        help="batch of the scaling, overhead, ksampler and upstream workflows "
         "(default: %(default)s)")  # fmt: skip
     add("--many-images", type=int, default=32, metavar="B",
         help="second batch of the overhead measurement, to amortise the per-prompt cost "
         "(default: %(default)s; 0 skips it)")  # fmt: skip
     add("--sleep-per-image", type=_non_negative, default=0.5, metavar="S",
-        help="SleepPerImage seconds per image in the scaling workflow "
+        help="SleepPerImage seconds per image in the scaling and upstream workflows "
         "(default: %(default)s)")  # fmt: skip
     add("--size", type=int, default=512, metavar="PX",
         help="IndexedImages width and height (float32 RGB; default: %(default)s)")  # fmt: skip
-    add("--ksampler-steps", type=int, default=3, metavar="K", help="default: %(default)s")
+    add("--ksampler-steps", type=int, default=3, metavar="K",
+        help="KSampler steps of the ksampler and upstream workflows "
+        "(default: %(default)s)")  # fmt: skip
     add("--ksampler-size", type=int, default=64, metavar="PX",
-        help="EmptyLatentImage width and height (default: %(default)s)")  # fmt: skip
+        help="their EmptyLatentImage width and height (default: %(default)s)")  # fmt: skip
     add("--repeats", type=int, default=2, metavar="R",
         help="timed runs per variant after one warm-up; tables show medians "
         "(default: %(default)s)")  # fmt: skip
@@ -106,5 +108,5 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--many-images must be >= 0")
     if args.ksampler_size % 8:
         parser.error("--ksampler-size must be a multiple of 8 (latent pixels)")
-    if "scaling" in args.only and args.sleep_per_image <= 0:
-        parser.error("--sleep-per-image must be > 0 for the scaling measurement")
+    if {"scaling", "upstream"} & set(args.only) and args.sleep_per_image <= 0:
+        parser.error("--sleep-per-image must be > 0 for the scaling and upstream measurements")

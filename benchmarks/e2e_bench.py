@@ -16,6 +16,10 @@ leader's ordinary ``POST /prompt``, one at a time.  Measured, after one warm-up 
    prompt against the smallest plain prompt: the fixed cost of one cluster prompt.
 3. **ksampler**: the tiny-model txt2img (EmptyLatentImage -> ClusterFanOutLatent -> KSampler ->
    VAEDecode -> ClusterFanInImages -> SaveImage), on CPU cores that the ranks share.
+4. **upstream**: a generation on the leader feeding a fan-out (KSampler -> VAEDecode ->
+   ClusterFanOutImage -> SleepPerImage -> ClusterFanInImages -> SaveTensor), a new seed per
+   prompt.  Followers do not run the generation (the fan-out's input is lazy): the ideal at N
+   ranks is T1's generation part, serial on the leader, plus 1/N of the sleep.
 
 A prompt's time runs from ``POST /prompt`` to ComfyUI's websocket note that its history is
 written (see ``e2e_client``).  Variants of one measurement alternate, in rotating order; a short
@@ -60,6 +64,7 @@ from benchmarks.e2e_workflows import (
     images_workflow,
     ksampler_workflow,
     minimal_plain_workflow,
+    upstream_workflow,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +130,7 @@ class Variant:
 class Measurement:
     """Variants timed together: warm-up of each, then ``repeats`` rounds in rotating order."""
 
-    key: str  # scaling | transfer | transfer_many | prompt | ksampler
+    key: str  # scaling | transfer | transfer_many | prompt | ksampler | upstream
     variants: tuple[Variant, ...]
 
 
@@ -190,6 +195,27 @@ def plan(args: argparse.Namespace) -> list[Measurement]:
                             size=args.ksampler_size,
                             steps=args.ksampler_steps,
                             prefix="e2e_ksampler",
+                        ),
+                        True,
+                    ),
+                ),
+            )
+        )
+    if "upstream" in args.only:
+        out.append(
+            Measurement(
+                "upstream",
+                (
+                    Variant(
+                        "cluster",
+                        images,
+                        lambda nonce: upstream_workflow(
+                            images=images,
+                            size=args.ksampler_size,
+                            steps=args.ksampler_steps,
+                            sleep=args.sleep_per_image,
+                            nonce=nonce,
+                            name="e2e_upstream",
                         ),
                         True,
                     ),

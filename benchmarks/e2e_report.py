@@ -58,13 +58,15 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 def build_rows(runs: Sequence[ClusterRun], args: argparse.Namespace) -> dict[str, list[Row]]:
-    """``{"scaling": [...], "overhead": [...], "ksampler": [...]}``, one row per cluster size."""
+    """``{"scaling": [...], "overhead": [...], "ksampler": [...], "upstream": [...]}``, one row
+    per cluster size."""
     ok = [run for run in runs if run.ok]
     image_bytes = args.size * args.size * 3 * 4
-    out: dict[str, list[Row]] = {"scaling": [], "overhead": [], "ksampler": []}
+    out: dict[str, list[Row]] = {"scaling": [], "overhead": [], "ksampler": [], "upstream": []}
 
     scaling_t1 = _baseline(ok, "scaling", "cluster")
     ksampler_t1 = _baseline(ok, "ksampler", "cluster")
+    upstream_t1 = _baseline(ok, "upstream", "cluster")
     for run in ok:
         n, res = run.ranks, run.results
         if "scaling" in res:
@@ -113,7 +115,31 @@ def build_rows(runs: Sequence[ClusterRun], args: argparse.Namespace) -> dict[str
                     "efficiency": _div(speedup, n),
                 }
             )
+        if "upstream" in res:
+            out["upstream"].append(_upstream_row(n, res["upstream"]["cluster"], upstream_t1, args))
     return out
+
+
+def _upstream_row(n: int, entry: Any, t1: float | None, args: argparse.Namespace) -> Row:
+    wall = _med(_walls(entry))
+    work = args.images * args.sleep_per_image
+    # What one instance spends beside the sleep (the generation, mostly) runs on the leader
+    # only, whatever N: the ideal divides the sleep alone.
+    serial = None if t1 is None else max(0.0, t1 - work)
+    ideal = None if serial is None else serial + work / n
+    return {
+        "ranks": n,
+        "images": args.images,
+        "steps": args.ksampler_steps,
+        "size": args.ksampler_size,
+        "sleep_per_image_s": args.sleep_per_image,
+        "wall_s": wall,
+        "server_s": _med(_walls(entry, "server_s")),
+        "serial_s": serial,
+        "ideal_s": ideal,
+        "speedup": _div(t1, wall),
+        "ideal_over_wall": _div(ideal, wall),
+    }
 
 
 def _baseline(runs: Sequence[ClusterRun], key: str, variant: str) -> float | None:
@@ -243,6 +269,22 @@ def tables(rows: dict[str, list[Row]], args: argparse.Namespace) -> str:
             lines.append(
                 f"| {r['ranks']} | {r['threads_per_rank']} | {_s(r['wall_s'])} "
                 f"| {_x(r['speedup'])}x | {_x(r['efficiency'], 3)} |"
+            )
+        parts.append("\n".join(lines))
+    if rows["upstream"]:
+        lines = [
+            f"upstream: a generation on the leader (tiny model, batch {args.images}, "
+            f"{args.ksampler_size}x{args.ksampler_size}, {args.ksampler_steps} steps) feeding a "
+            f"fan-out, then SleepPerImage {args.sleep_per_image:g} s/image; ideal = T1's part "
+            "beside the sleep (the generation, serial on the leader) + the sleep / N",
+            "",
+            "| N | wall | speedup | ideal | ideal / wall |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows["upstream"]:
+            lines.append(
+                f"| {r['ranks']} | {_s(r['wall_s'])} | {_x(r['speedup'])}x "
+                f"| {_s(r['ideal_s'])} | {_x(r['ideal_over_wall'], 3)} |"
             )
         parts.append("\n".join(lines))
     if not parts:

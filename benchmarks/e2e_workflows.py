@@ -86,6 +86,33 @@ def ksampler_workflow(
     return wf
 
 
+def upstream_workflow(
+    *, images: int, size: int, steps: int, sleep: float, nonce: int, name: str
+) -> Workflow:
+    """A generation on the leader feeding a fan-out, the pattern of "generate, then spread the
+    per-image work": EmptyLatentImage -> KSampler -> VAEDecode -> ClusterFanOutImage ->
+    SleepPerImage -> ClusterFanInImages -> SaveTensor.
+
+    The seed is the nonce, so every prompt generates anew (a user's next seed).  The fan-out's
+    input is lazy: followers do not run the generation, so N ranks should take the generation
+    (serial, on the leader) plus 1/N of the sleep.
+    """
+    return {
+        "1": _node("UNETLoader", unet_name="tiny_sd15_unet.safetensors", weight_dtype="default"),
+        "2": _node("ZeroConditioning", tokens=77, width=768),
+        "3": _node("EmptyLatentImage", width=size, height=size, batch_size=images),
+        "4": _node("KSampler", model=["1", 0], seed=nonce, steps=steps, cfg=2.0,
+                   sampler_name="euler", scheduler="normal", positive=["2", 0],
+                   negative=["2", 0], latent_image=["3", 0], denoise=1.0),
+        "5": _node("VAELoader", vae_name="taesd"),
+        "6": _node("VAEDecode", samples=["4", 0], vae=["5", 0]),
+        "7": _node("ClusterFanOutImage", image=["6", 0]),
+        "8": _sleep(["7", 0], sleep, 0),
+        "9": _node("ClusterFanInImages", images=["8", 0]),
+        "10": _node("SaveTensor", value=["9", 0], name=name),
+    }  # fmt: skip
+
+
 __all__ = [
     "NONCE_SECONDS",
     "Workflow",
@@ -93,4 +120,5 @@ __all__ = [
     "images_workflow",
     "ksampler_workflow",
     "minimal_plain_workflow",
+    "upstream_workflow",
 ]

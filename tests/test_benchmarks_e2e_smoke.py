@@ -25,6 +25,7 @@ MEASURED = {
     "transfer_many": ("cluster", "plain"),
     "prompt": ("cluster_info", "plain_min"),
     "ksampler": ("cluster",),
+    "upstream": ("cluster",),
 }
 
 
@@ -73,6 +74,7 @@ def test_e2e_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0, printed.out[-3000:] + printed.err[-5000:]
     assert "| N | ideal | wall | above ideal | speedup | efficiency |" in printed.out
     assert "| N | threads/rank | wall | speedup | efficiency |" in printed.out
+    assert "| N | wall | speedup | ideal | ideal / wall |" in printed.out
     assert "N=2 ksampler cluster x2 (repeat 1/1)" in printed.err  # progress
     assert png.read_bytes().startswith(PNG_MAGIC)
 
@@ -100,7 +102,7 @@ def test_e2e_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
                     assert isinstance(sample["prompt_id"], str) and sample["prompt_id"]
 
     results = doc["results"]
-    for key in ("scaling", "overhead", "ksampler"):
+    for key in ("scaling", "overhead", "ksampler", "upstream"):
         assert [r["ranks"] for r in results[key]] == [1, 2], key
     for row in results["scaling"]:
         for name in ("ideal_s", "wall_s", "speedup", "efficiency", "ideal_over_wall"):
@@ -122,3 +124,9 @@ def test_e2e_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         for name in ("wall_s", "speedup", "efficiency"):
             assert _positive(row[name]), (name, row)
         assert row["threads_per_rank"] >= 1
+    for row in results["upstream"]:
+        for name in ("wall_s", "speedup", "ideal_s", "ideal_over_wall"):
+            assert _positive(row[name]), (name, row)
+        # The ideal keeps T1's part beside the sleep whole: at one rank it is T1 itself.
+        assert row["serial_s"] >= 0 and row["ideal_s"] >= row["serial_s"], row
+    assert results["upstream"][0]["ideal_over_wall"] == pytest.approx(1.0)
