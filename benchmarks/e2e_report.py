@@ -206,87 +206,79 @@ def _x(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _table(title: str, columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A titled markdown table, every column right-aligned."""
+    lines = [title, "", f"| {' | '.join(columns)} |", "|" + "---:|" * len(columns)]
+    lines += [f"| {' | '.join(row)} |" for row in cells]
+    return "\n".join(lines)
+
+
 def tables(rows: dict[str, list[Row]], args: argparse.Namespace) -> str:
     """Markdown tables, one per measurement that has rows."""
     parts: list[str] = []
     if rows["scaling"]:
-        lines = [
+        title = (
             f"scaling: {args.images} images {args.size}x{args.size}, SleepPerImage "
             f"{args.sleep_per_image:g} s/image; ideal = images x sleep / N; "
             f"efficiency = T1 / (N x TN) (target >= {TARGET_EFFICIENCY} at N=4); ceiling = "
             "the efficiency of a cluster that added nothing, T1's part beside the sleep "
-            "(serial, on the leader) not divided",
-            "",
-            "| N | ideal | wall | above ideal | speedup | efficiency | ceiling |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
-        ]
+            "(serial, on the leader) not divided"
+        )
+        columns = ("N", "ideal", "wall", "above ideal", "speedup", "efficiency", "ceiling")
+        cells = []
         for r in rows["scaling"]:
-            flag = (
-                " *"
-                if r["ranks"] == 4
-                and r["efficiency"] is not None
-                and r["efficiency"] < TARGET_EFFICIENCY
-                else ""
-            )
-            lines.append(
-                f"| {r['ranks']} | {_s(r['ideal_s'])} | {_s(r['wall_s'])} "
-                f"| {_ms(r['above_ideal_s'])} | {_x(r['speedup'])}x "
-                f"| {_x(r['efficiency'], 3)}{flag} | {_x(r['efficiency_ceiling'], 3)} |"
-            )
-        parts.append("\n".join(lines))
+            low = r["ranks"] == 4 and r["efficiency"] is not None
+            flag = " *" if low and r["efficiency"] < TARGET_EFFICIENCY else ""
+            cells.append(
+                (str(r["ranks"]), _s(r["ideal_s"]), _s(r["wall_s"]), _ms(r["above_ideal_s"]),
+                 f"{_x(r['speedup'])}x", f"{_x(r['efficiency'], 3)}{flag}",
+                 _x(r["efficiency_ceiling"], 3))
+            )  # fmt: skip
+        parts.append(_table(title, columns, cells))
     if rows["overhead"]:
         many = args.many_images
         mb = rows["overhead"][0]["image_bytes"] / 1e6
-        lines = [
+        title = (
             f"overhead: cluster chain (fan-out, sleep 0, fan-in) minus the plain chain, "
             f"{args.size}x{args.size} float32 images ({mb:.2f} MB each); slope = per-image "
             f"cost between {args.images} and {many} images (per-prompt part cancelled); "
             f"fixed = ClusterInfo prompt minus the smallest plain prompt "
-            f"(target <= {TARGET_PER_IMAGE_S * 1e3:g} ms/image)",
-            "",
-            f"| N | Δ {args.images} img | per img | Δ {many} img | per img | slope per img "
-            "| intercept | ClusterInfo | plain min | fixed/prompt |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in rows["overhead"]:
-            lines.append(
-                f"| {r['ranks']} | {_ms(r['delta_s'])} | {_ms(r['per_image_s'])} "
-                f"| {_ms(r['many_delta_s'])} | {_ms(r['many_per_image_s'])} "
-                f"| {_ms(r['slope_per_image_s'])} | {_ms(r['intercept_s'])} "
-                f"| {_ms(r['cluster_info_s'])} | {_ms(r['plain_min_s'])} | {_ms(r['fixed_s'])} |"
-            )
-        parts.append("\n".join(lines))
+            f"(target <= {TARGET_PER_IMAGE_S * 1e3:g} ms/image)"
+        )
+        columns = ("N", f"Δ {args.images} img", "per img", f"Δ {many} img", "per img",
+                   "slope per img", "intercept", "ClusterInfo", "plain min",
+                   "fixed/prompt")  # fmt: skip
+        keys = ("delta_s", "per_image_s", "many_delta_s", "many_per_image_s", "slope_per_image_s",
+                "intercept_s", "cluster_info_s", "plain_min_s", "fixed_s")  # fmt: skip
+        cells = [(str(r["ranks"]), *(_ms(r[k]) for k in keys)) for r in rows["overhead"]]
+        parts.append(_table(title, columns, cells))
     if rows["ksampler"]:
-        lines = [
+        title = (
             f"ksampler: tiny SD1.5-shaped model, batch {args.images}, "
             f"{args.ksampler_size}x{args.ksampler_size}, {args.ksampler_steps} steps, CPU "
-            "(the ranks share this machine's cores)",
-            "",
-            "| N | threads/rank | wall | speedup | efficiency |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for r in rows["ksampler"]:
-            lines.append(
-                f"| {r['ranks']} | {r['threads_per_rank']} | {_s(r['wall_s'])} "
-                f"| {_x(r['speedup'])}x | {_x(r['efficiency'], 3)} |"
-            )
-        parts.append("\n".join(lines))
+            "(the ranks share this machine's cores)"
+        )
+        columns = ("N", "threads/rank", "wall", "speedup", "efficiency")
+        cells = [
+            (str(r["ranks"]), str(r["threads_per_rank"]), _s(r["wall_s"]),
+             f"{_x(r['speedup'])}x", _x(r["efficiency"], 3))
+            for r in rows["ksampler"]
+        ]  # fmt: skip
+        parts.append(_table(title, columns, cells))
     if rows["upstream"]:
-        lines = [
+        title = (
             f"upstream: a generation on the leader (tiny model, batch {args.images}, "
             f"{args.ksampler_size}x{args.ksampler_size}, {args.ksampler_steps} steps) feeding a "
             f"fan-out, then SleepPerImage {args.sleep_per_image:g} s/image; ideal = T1's part "
-            "beside the sleep (the generation, serial on the leader) + the sleep / N",
-            "",
-            "| N | wall | speedup | ideal | ideal / wall |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for r in rows["upstream"]:
-            lines.append(
-                f"| {r['ranks']} | {_s(r['wall_s'])} | {_x(r['speedup'])}x "
-                f"| {_s(r['ideal_s'])} | {_x(r['ideal_over_wall'], 3)} |"
-            )
-        parts.append("\n".join(lines))
+            "beside the sleep (the generation, serial on the leader) + the sleep / N"
+        )
+        columns = ("N", "wall", "speedup", "ideal", "ideal / wall")
+        cells = [
+            (str(r["ranks"]), _s(r["wall_s"]), f"{_x(r['speedup'])}x", _s(r["ideal_s"]),
+             _x(r["ideal_over_wall"], 3))
+            for r in rows["upstream"]
+        ]  # fmt: skip
+        parts.append(_table(title, columns, cells))
     if not parts:
         return "no results (every cluster failed)"
     return "\n\n".join(parts)
