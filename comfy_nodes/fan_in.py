@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from . import collective
+from . import collective, recycled
 from .cluster import LEADER
 from .tensors import as_batch, concat_batches
 
@@ -93,23 +93,29 @@ class _Landing:
                 what = f"failed: {item[1]}" if _is_error(item) else f"sent {item!r}"
                 self.peer_error = collective.PeerNodeError(f"{tag}: rank {src} {what}", rank=src)
             slices.append(described)
-        self.blocks: list[torch.Tensor] = [
-            torch.empty(s.shape, dtype=s.dtype, device=device) if s is not None else _NOTHING
-            for s in slices
-        ]
-        filled = [(r, s) for r, s in enumerate(slices) if s is not None and s.shape[0] > 0]
-        if not filled:
-            return
-        first = filled[0][1]
-        if any(s.shape[1:] != first.shape[1:] or s.dtype != first.dtype for _, s in filled):
-            return  # slices that concat_batches must promote, or refuse naming the rank
-        rows = sum(s.shape[0] for _, s in filled)
-        batch = torch.empty((rows, *first.shape[1:]), dtype=first.dtype, device=device)
+        filled = [s for s in slices if s is not None and s.shape[0] > 0]
+        # One batch when every non-empty slice has the first one's trailing shape and dtype;
+        # otherwise concat_batches promotes them, or refuses naming the rank.
+        if (
+            filled
+            and all(s.shape[1:] == filled[0].shape[1:] for s in filled)
+            and all(s.dtype == filled[0].dtype for s in filled)
+        ):
+            shape = (sum(s.shape[0] for s in filled), *filled[0].shape[1:])
+            if device.type == "cpu":
+                self.batch = recycled.empty(shape, filled[0].dtype)  # warm pages: see module
+            else:
+                self.batch = torch.empty(shape, dtype=filled[0].dtype, device=device)
+        self.blocks: list[torch.Tensor] = []
         start = 0
-        for r, s in filled:
-            self.blocks[r] = batch[start : start + s.shape[0]]
-            start += s.shape[0]
-        self.batch = batch
+        for s in slices:
+            if s is None:
+                self.blocks.append(_NOTHING)
+            elif self.batch is not None and s.shape[0] > 0:  # its rows of the batch
+                self.blocks.append(self.batch[start : start + s.shape[0]])
+                start += s.shape[0]
+            else:  # a tensor of its own (an empty slice keeps its shape and dtype)
+                self.blocks.append(torch.empty(s.shape, dtype=s.dtype, device=device))
 
 
 def _is_error(item: Any) -> bool:

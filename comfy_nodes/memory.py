@@ -24,6 +24,11 @@ def _model_management() -> ModuleType | None:
 def free_now(unload_models: bool = False) -> list[str]:
     """Collect garbage and return cached allocator memory to the device; say what was done."""
     done = [f"gc collected {gc.collect()} objects"]
+    from . import recycled
+
+    released = recycled.release_idle()  # after the collection: it may have ended some uses
+    if released:
+        done.append(f"unmapped {released / 1e6:.0f} MB of idle recycled batches")
     mm = _model_management()
     if mm is not None:
         if unload_models:
