@@ -84,3 +84,13 @@ def test_fan_in_output_reuses_the_previous_batch() -> None:
 
     ptrs = spmd(2, rank)[0]
     assert ptrs[0] == ptrs[1] == ptrs[2]  # each prompt's output dropped before the next
+
+
+def test_free_now_unmaps_idle_batches() -> None:
+    from comfy_nodes import memory
+
+    recycled.empty(SHAPE, torch.float32)  # dropped at once: idle
+    assert recycled.stats() == (0, 3 * 2**20)
+    done = memory.free_now()
+    assert any(step.startswith("unmapped 3 MB") for step in done), done
+    assert recycled.stats() == (0, 0)
