@@ -9,7 +9,8 @@ request, so each prompt's batch lands in fresh pages.
 
 So large CPU batches come from a small pool of anonymous mappings.  A mapping goes back into use
 once every tensor on it is gone: the numpy array that backs them (the tensors' storage keeps it
-alive, views included) is tracked by a weak reference.  At most :data:`IDLE_LIMIT_BYTES` of
+alive, views included, and so does a transport's byte view of a batch it still receives into,
+even after a timeout) is tracked by a weak reference.  At most :data:`IDLE_LIMIT_BYTES` of
 mappings are kept while not in use, least recently used dropped first; :func:`release_idle`
 (ClusterFreeNow) unmaps them all.  Memory in use belongs to whoever holds the tensors, as with
 ``torch.empty``.
