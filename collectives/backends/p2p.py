@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 
 from collectives import algorithms
 from collectives.algorithms.sync import TOKEN, dissemination
-from collectives.backends.base import Backend, OpContext
+from collectives.backends.base import Backend, OpContext, copy_own_block
 from collectives.backends.envelope import NO_ROOT, Envelope, comm_id, op_envelope, user_envelope
 from collectives.codec import CodecOptions, Encoded, decode_array, encode
 from collectives.codec.frames import CODEC_NONE, Header, Kind
@@ -202,6 +202,26 @@ class P2PBackend(Backend):
         if msgs is not None:
             assert blocks is not None and into is not None
             self._land_all(blocks, msgs, tensor, ctx, into)
+
+    def gatherv_into(
+        self, blocks: list[torch.Tensor] | None, tensor: torch.Tensor, root: int, ctx: OpContext
+    ) -> None:
+        """The root receives each peer's body straight into its block where the transport can:
+        the gather offers every block before it waits for anyone (``algorithms.rooted._collect``),
+        so all peers send at once and each body lands in its block whichever peer is waited
+        for, instead of in a pool buffer copied afterwards (the base class's way: a 4-rank
+        fan-in of 24 MB per rank cost a udp root twice the CPU)."""
+        if blocks is None:
+            super().gatherv_into(blocks, tensor, root, ctx)
+            return
+        into = [None if r == root else byte_view(b) for r, b in enumerate(blocks)]
+        with _Agreement(self._link(ctx, root)) as link:
+            msgs = algorithms.gather(link, encode(tensor), root, into=into)
+        assert msgs is not None
+        for src, msg in enumerate(msgs):
+            if src != root:
+                place_block(blocks[src], msg, src, ctx, codec=self.codec, into=into[src])
+        copy_own_block(blocks[root], tensor)
 
     def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: OpContext) -> None:
         blocks = out.view(self.size, *tensor.shape)

@@ -36,18 +36,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from collectives import algorithms
 from collectives.auth import INSECURE_ENV, KEY_ENV, ClusterKey, insecure_allowed, require_key
 from collectives.backends import udp_peers, udp_rendezvous
-from collectives.backends.base import BackendConfig, close_at_exit, copy_own_block, register_backend
+from collectives.backends.base import BackendConfig, close_at_exit, register_backend
 from collectives.backends.envelope import Envelope
 from collectives.backends.p2p import (
     AGREEMENT_CHANNEL,
     COLLECTIVE_CHANNEL,
     P2PBackend,
-    _Agreement,
-    byte_view,
-    place_block,
 )
 from collectives.backends.udp_peers import Announcer, Plan
 from collectives.backends.udp_socket import (
@@ -57,14 +53,10 @@ from collectives.backends.udp_socket import (
     UdpSocket,
     max_datagram_for,
 )
-from collectives.codec import encode
 from collectives.errors import ConfigurationError, InvalidArgumentError
 from collectives.rendezvous.env import read_rank_env
 
 if TYPE_CHECKING:
-    import torch
-
-    from collectives.backends.base import OpContext
     from collectives.backends.udp_io import Engine
     from collectives.backends.udp_nat import NatDriver
     from collectives.backends.udp_rendezvous import StunRendezvous
@@ -309,26 +301,6 @@ class UdpBackend(P2PBackend):
         key = (src, channel_id(channel))
         engine.offer([(*key, into)])
         return lambda: engine.withdraw([key])
-
-    def gatherv_into(
-        self, blocks: list[torch.Tensor] | None, tensor: torch.Tensor, root: int, ctx: OpContext
-    ) -> None:
-        """The root receives each peer's body straight into its block: the gather offers every
-        block to the transport before it waits for anyone (``algorithms.rooted._collect``), so
-        all peers send at once and each body lands in its block whichever peer is waited for,
-        instead of in a pool buffer copied afterwards (the base class's way: a 4-rank fan-in of
-        24 MB per rank cost the root twice the CPU)."""
-        if blocks is None or self._engine is None:
-            super().gatherv_into(blocks, tensor, root, ctx)
-            return
-        into = [None if r == root else byte_view(b) for r, b in enumerate(blocks)]
-        with _Agreement(self._link(ctx, root)) as link:
-            msgs = algorithms.gather(link, encode(tensor), root, into=into)
-        assert msgs is not None
-        for src, msg in enumerate(msgs):
-            if src != root:
-                place_block(blocks[src], msg, src, ctx, codec=self.codec, into=into[src])
-        copy_own_block(blocks[root], tensor)
 
     def _has_message(self, src: int, channel: str) -> bool:
         return self._engine is not None and self._engine.has_message(src, channel_id(channel))
