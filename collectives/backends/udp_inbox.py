@@ -59,8 +59,7 @@ class _Incoming:
     sizes: list[int]
     landing: Landing | None
     error: CollectivesError | None
-    pooled: bool = False
-    buffer: memoryview | None = None  # the pool buffer it was allocated, while ``pooled``
+    buffer: memoryview | None = None  # the pool buffer it was allocated, while it writes there
 
 
 @dataclass
@@ -188,9 +187,9 @@ class Inbox:
             or not self.ep.retarget(key[0], key[1], into)
         ):
             return None
-        if item.pooled and item.buffer is not None:
+        if item.buffer is not None:
             self._pool.put(item.buffer)  # the core no longer writes it
-        item.pooled, item.buffer = False, None
+            item.buffer = None
         item.landing = landing = Landing(into)
         landing.claimed = True
         self.counters["landed_late"] += 1
@@ -257,7 +256,6 @@ class Inbox:
         incoming.append(item)
         if body_len < _POOL_MIN or item.error is not None:
             return alloc_buffer(body_len)
-        item.pooled = True
         item.buffer = self._pool.get(body_len)
         return item.buffer
 
@@ -287,7 +285,8 @@ class Inbox:
                 for size in item.sizes:
                     buffers.append(event.body[offset : offset + size])
                     offset += size
-            result = _Queued((item.env, Encoded(item.header, buffers, item.checked)), item.pooled)
+            taken = (item.env, Encoded(item.header, buffers, item.checked))
+            result = _Queued(taken, pooled=item.buffer is not None)
         if item.landing is not None:
             item.landing.result = result if isinstance(result, CollectivesError) else result.taken
         else:
