@@ -102,12 +102,9 @@ class Inbox:
                 key = (src, channel)
                 if key in self.landings or self.boxes.get(key):
                     continue
-                if self._incoming.get(key):
-                    landing = self._land_late(key, into)
-                    if landing is not None:
-                        self._offered[key] = landing
-                    continue
-                self._offered[key] = self.landings[key] = Landing(into)
+                landing = self._landing(key, into)
+                if landing is not None:
+                    self._offered[key] = landing
 
     def take(self, src: int, channel: int, dl: Deadline, into: memoryview | None) -> Taken:
         """The next message from ``src`` on ``channel`` (see ``P2PBackend._take``)."""
@@ -120,10 +117,7 @@ class Inbox:
             # already (the caller copies from it when it is not ``into``).
             landing = self._offered.pop(key, None)
             if landing is None and into is not None and not queue:
-                if not self._incoming.get(key):
-                    landing = self.landings[key] = Landing(into)
-                else:
-                    landing = self._land_late(key, into)
+                landing = self._landing(key, into)
 
             def ready() -> bool:
                 if landing is not None and landing.claimed:
@@ -166,6 +160,15 @@ class Inbox:
     def _withdraw(self, key: Key, landing: Landing) -> None:
         if self.landings.get(key) is landing:
             del self.landings[key]  # unclaimed: later messages go to the pool again
+
+    def _landing(self, key: Key, into: memoryview) -> Landing | None:
+        """Where the next message of ``key`` (none queued whole) will land in ``into``: a
+        landing its allocation claims, or the rest of one already arriving
+        (:meth:`_land_late`; None when that one cannot land).  Holding the lock."""
+        if self._incoming.get(key):
+            return self._land_late(key, into)
+        landing = self.landings[key] = Landing(into)
+        return landing
 
     def _land_late(self, key: Key, into: memoryview) -> Landing | None:
         """A take posted after its message began to arrive in a pool buffer (the sender ran
