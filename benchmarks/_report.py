@@ -194,8 +194,8 @@ SHM_WARN_BYTES = 256 << 20
 
 
 def shm_used_bytes() -> int | None:
-    """What ``/dev/shm`` holds (RAM): 1.2 GB of leftover files there made the e2e prompts
-    10-15 % slower on the reference machine (docs/benchmarks.md)."""
+    """What ``/dev/shm`` holds (RAM): 1.2 GB of leftover files there made the 4-rank e2e prompts
+    9-11 % slower on the reference machine (docs/benchmarks.md)."""
     try:
         st = os.statvfs("/dev/shm")
     except OSError:
