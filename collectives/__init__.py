@@ -9,6 +9,8 @@ Backends: ``local`` (threads in one process), ``mpi`` (mpi4py), ``gloo``/``nccl`
 (torch.distributed).  See the README for the full API and the environment variables.
 """
 
+# First: decides whether the transport runs compiled or from source (see _compiled).
+from collectives import _compiled  # noqa: F401
 from collectives import backends as _backends  # noqa: F401  (registers the built-in backends)
 from collectives.backends.base import Backend, BackendConfig, OpContext, register_backend
 from collectives.backends.base import registered_backends as available_backends

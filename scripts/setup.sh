@@ -13,5 +13,10 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ]
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
   .venv/bin/pip install -q --disable-pip-version-check -e '.[torch,mpi,compression,images,bench,server,dev]' mpich
   touch "$STAMP"
+elif [ setup.py -nt "$STAMP" ] || [ -n "$(find collectives/transport collectives/_compiled.py -maxdepth 1 -name '*.py' -newer "$STAMP")" ]; then
+  # A source of the compiled transport core changed (collectives/_compiled.py): rebuild it, or
+  # the package runs that source, slower, with a warning.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+  touch "$STAMP"
 fi
-.venv/bin/python -c "import collectives, torch, mpi4py; print('setup ok: torch', torch.__version__, '| mpi4py', mpi4py.__version__, '| backends', collectives.available_backends())"
+.venv/bin/python -c "import collectives, torch, mpi4py; print('setup ok: torch', torch.__version__, '| mpi4py', mpi4py.__version__, '| backends', collectives.available_backends(), '| transport', collectives._compiled.status()['mode'])"

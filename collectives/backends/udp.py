@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from collectives import _compiled
 from collectives.auth import INSECURE_ENV, KEY_ENV, ClusterKey, insecure_allowed, require_key
 from collectives.backends import udp_peers, udp_rendezvous
 from collectives.backends.base import BackendConfig, close_at_exit, register_backend
@@ -352,7 +353,8 @@ class UdpBackend(P2PBackend):
 
     def stats(self) -> dict[str, Any]:
         """The core's counters, the driver's, and what the socket got from the kernel."""
-        out: dict[str, Any] = {"mode": self.mode}
+        # "compiled" (mypyc) or "python": collectives/_compiled.py
+        out: dict[str, Any] = {"mode": self.mode, "core": _compiled.status()["mode"]}
         if self._engine is not None:
             out.update(self._engine.stats())
             if self._engine.nat is not None:

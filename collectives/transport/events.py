@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 Address = tuple[str, int]
+View = memoryview  # (mypyc looks class-body annotations other than int/str/... up in the module)
 _set = object.__setattr__  # (frozen dataclasses: see MessageReceived.__init__)
 
 
@@ -24,7 +25,7 @@ class MessageReceived:
     channel: int
     message_id: int
     meta: bytes
-    body: memoryview
+    body: View
 
     # The __init__ dataclass writes, with object.__setattr__ looked up once (a frozen class's
     # own is a lookup per field): one of these is made per message.

@@ -55,6 +55,9 @@ _CREDIT_KIND = int(ChunkKind.CREDIT)
 assert CONTROL_HEADER.size == 8
 
 
+View = memoryview  # (mypyc looks class-body annotations other than int/str/... up in the module)
+
+
 class FrameError(ValueError):
     """An authenticated frame whose chunks do not parse (a peer bug)."""
 
@@ -68,7 +71,7 @@ class DataChunk(NamedTuple):
     offset: int  # in the message's stream: meta, then body
     meta_len: int
     body_len: int
-    data: memoryview
+    data: View
 
 
 class ControlChunk(NamedTuple):

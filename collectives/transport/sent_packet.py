@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = ["AckResult", "SentPacket", "TimeoutResult"]
 
@@ -27,7 +27,7 @@ class SentPacket:
     delivered_at: float = 0.0
     first_sent_at: float = 0.0
     app_limited: bool = False
-    data: object = None
+    data: Any = None  # Any, not object: see View in frames.py
     seq: int = field(default=-1, repr=False)
     lost: bool = field(default=False, repr=False)
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from collectives import _compiled
 from collectives.auth import ClusterKey
 from collectives.backends import udp_peers
 from collectives.backends.udp import UdpBackend, channel_id
@@ -258,6 +259,7 @@ def test_a_world_of_one_needs_nothing() -> None:
         assert comm.broadcast({"x": 1}) == {"x": 1}
         assert comm.allgather(3) == [3]
         assert comm.stats()["mode"] == "env"
+        assert comm.stats()["core"] == _compiled.status()["mode"]  # compiled or python
     finally:
         comm.close()
 

@@ -58,8 +58,16 @@ class _Recording:
         self.bbr.on_timeout(pto_count, now)
 
 
+def _fields(obj: object) -> dict[str, object]:
+    """An object's attributes: vars() of the source build; a compiled (mypyc) class has no
+    ``__dict__``, its ``__getstate__`` lists them."""
+    if hasattr(obj, "__dict__"):
+        return dict(vars(obj))
+    return dict(obj.__getstate__())  # type: ignore[attr-defined]
+
+
 def _bbr_state(bbr: Bbr) -> dict[str, object]:
-    state = dict(vars(bbr))
+    state = _fields(bbr)
     for name, value in state.items():
         if isinstance(value, WindowedFilter):
             state[name] = (list(value._v), list(value._t))
@@ -142,7 +150,7 @@ def _recovery_state(rec: Recovery) -> tuple[object, ...]:
     ]  # fmt: skip
     simple = {
         k: v
-        for k, v in vars(rec).items()
+        for k, v in _fields(rec).items()
         if k not in ("rtt", "congestion", "pacer", "_unacked", "_outstanding", "_numbers")
     }
     rtt = rec.rtt
