@@ -41,10 +41,10 @@ def _can_compile() -> bool:
     return shutil.which("cc") is not None or shutil.which("gcc") is not None
 
 
-def _run(code: str, **env: str) -> str:
+def _run(code: str, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=REPO,
+        cwd=cwd,
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -52,7 +52,7 @@ def _run(code: str, **env: str) -> str:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    return done
 
 
 _PROBE = (
@@ -64,7 +64,7 @@ _PROBE = (
 
 @pytest.mark.skipif(not _can_compile(), reason="no C compiler or mypyc: the build stays pure")
 def test_a_build_with_a_compiler_runs_the_compiled_core() -> None:
-    status = _run(_PROBE, **{_compiled.PURE_ENV: ""})
+    status = _run(_PROBE, **{_compiled.PURE_ENV: ""}).stdout.strip()
     assert status == "compiled False", (
         f"{status}: the transport is not compiled although a compiler is here; "
         "run scripts/setup.sh (it rebuilds after a source edit)"
@@ -73,7 +73,7 @@ def test_a_build_with_a_compiler_runs_the_compiled_core() -> None:
 
 
 def test_the_switch_runs_the_source() -> None:
-    assert _run(_PROBE, **{_compiled.PURE_ENV: "1"}) == "python True"
+    assert _run(_PROBE, **{_compiled.PURE_ENV: "1"}).stdout.split() == ["python", "True"]
 
 
 def _tree(tmp_path: Path, *, git: bool) -> Path:
@@ -117,15 +117,6 @@ def test_a_stale_build_runs_the_source_and_says_so(tmp_path: Path) -> None:
     (copy / ".git").mkdir()
     src = copy / "collectives" / "transport" / "rtt.py"
     os.utime(src, (src.stat().st_mtime + 3600,) * 2)
-    done = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        cwd=copy,
-        env={**os.environ, _compiled.PURE_ENV: "", "PYTHONPATH": str(copy)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = _run(_PROBE, cwd=copy, **{_compiled.PURE_ENV: "", "PYTHONPATH": str(copy)})
     assert done.stdout.split() == ["python", "True"]
     assert "older than its source (collectives.transport.rtt)" in done.stderr
