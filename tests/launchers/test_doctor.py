@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from collectives import _compiled
 from collectives.auth import ClusterKey
 from collectives.doctor import Check, report, run_checks
 from collectives.rendezvous.stun_client import Candidate, StunClient
@@ -64,13 +65,26 @@ def _line(out: str, name: str) -> str:
 def test_a_good_setup_passes_every_check(server: StunProcess) -> None:
     got = _doctor(env=_stun_env(server.url))
     assert got.returncode == 0, got.stdout + got.stderr
-    for name in ("discovery", "server", "key", "udp port", "nat", "mtu", "socket buffers"):
+    for name in (
+        "discovery",
+        "server",
+        "key",
+        "udp port",
+        "nat",
+        "mtu",
+        "socket buffers",
+        "udp core",
+    ):
         assert _line(got.stdout, name).startswith("ok "), got.stdout
     assert f"UDP port {server.udp_port}" in _line(got.stdout, "server")
     assert "no NAT towards the server" in _line(got.stdout, "nat")
     assert "1200 B datagrams" in _line(got.stdout, "mtu")
     assert got.stdout.rstrip().endswith("no problem found")
     assert ALPHA_KEY not in got.stdout + got.stderr
+    core = _compiled.status()
+    assert (core["why"] if core["mode"] == "python" else "compiled (mypyc)") in _line(
+        got.stdout, "udp core"
+    )
 
 
 def test_doctor_takes_an_invite(server: StunProcess) -> None:
