@@ -31,6 +31,7 @@ def test_setup_compiles_exactly_that_list() -> None:
     exec(compile(code, "setup.py", "exec"), ns)  # everything before its setup() call
     assert ns["compiled_modules"]() == list(_compiled.COMPILED)  # type: ignore[operator]
     assert ns["GROUP"] + "__mypyc" == _compiled.SHARED  # type: ignore[operator]
+    assert ns["PURE_ENV"] == _compiled.PURE_ENV
 
 
 def _can_compile() -> bool:
@@ -116,7 +117,9 @@ def test_a_stale_build_runs_the_source_and_says_so(tmp_path: Path) -> None:
     )
     (copy / ".git").mkdir()
     src = copy / "collectives" / "transport" / "rtt.py"
-    os.utime(src, (src.stat().st_mtime + 3600,) * 2)
+    ext = _compiled.extension_path("collectives.transport.rtt", copy)
+    assert ext is not None
+    os.utime(src, (ext.stat().st_mtime + 3600,) * 2)  # newer than its build, whenever that was
     done = _run(_PROBE, cwd=copy, **{_compiled.PURE_ENV: "", "PYTHONPATH": str(copy)})
     assert done.stdout.split() == ["python", "True"]
     assert "older than its source (collectives.transport.rtt)" in done.stderr
