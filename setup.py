@@ -17,21 +17,29 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
-PURE_ENV = "COMFY_CLUSTER_PURE_PYTHON"
 # One shared library inside the package, not a top-level name of its own.
 GROUP = "collectives.transport._core"
 
 
-def compiled_modules() -> list[str]:
+def _constant(name: str) -> object:
+    """A constant of collectives/_compiled.py, read from its text (the package cannot be
+    imported while it is being built)."""
     tree = ast.parse((HERE / "collectives" / "_compiled.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "COMPILED":
-            return list(ast.literal_eval(node.value))
-    raise RuntimeError("collectives/_compiled.py defines no COMPILED")
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"collectives/_compiled.py defines no {name}")
+
+
+def compiled_modules() -> list[str]:
+    return list(_constant("COMPILED"))  # type: ignore[call-overload]  # (a tuple of str)
 
 
 def _pure(why: str) -> None:
     print(f"comfyui-cluster: installing the pure-Python transport ({why})", file=sys.stderr)
+
+
+PURE_ENV = str(_constant("PURE_ENV"))
 
 
 def _mypyc_extensions() -> list[Extension]:

@@ -113,32 +113,36 @@ def install() -> None:
         return
     built = [name for name in COMPILED if extension_path(name) is not None]
     if not built:
-        _state["mode"] = "python"
-        _state["why"] = "not compiled (no C compiler at install, or built pure)"
+        _state.update(
+            mode="python",
+            why="not compiled (no C compiler at install, or built pure)",
+            hint="install with a C compiler at hand to compile it (1 KiB ops up to 25 % faster)",
+        )
         return
+    hint = "reinstall (pip install -e . in a checkout) to build it whole"
     if os.environ.get(PURE_ENV, "") not in ("", "0"):
-        why = f"{PURE_ENV} is set"
+        why, hint = f"{PURE_ENV} is set", f"unset {PURE_ENV} to run the compiled build"
     elif len(built) != len(COMPILED) or extension_path(SHARED) is None:
         missing = sorted(set(COMPILED) - set(built)) or [SHARED]
         why = "compiled only in part, missing " + ", ".join(missing)
     elif old := stale(built):
         why = "compiled files are older than " + ", ".join(old)
+        hint = "run scripts/setup.sh (or pip install -e . again) to rebuild it"
         log.warning(
             "collectives: the compiled transport is older than its source (%s); running the "
             "source. Run scripts/setup.sh to rebuild it.",
             ", ".join(old),
         )
     else:
-        _state["mode"] = "compiled"
-        _state["why"] = "mypyc"
+        _state.update(mode="compiled", why="mypyc", hint="")
         return
     sys.meta_path.insert(0, _SourceFinder(COMPILED))
-    _state["mode"] = "python"
-    _state["why"] = why
+    _state.update(mode="python", why=why, hint=hint)
 
 
 def status() -> dict[str, str]:
-    """``{"mode": "compiled" | "python", "why": ...}``; in ``comm.stats()`` of the udp backend."""
+    """``{"mode": "compiled" | "python", "why": ..., "hint": what would compile it}``; in
+    ``comm.stats()`` of the udp backend and ``comfycluster doctor``."""
     install()
     return dict(_state)
 

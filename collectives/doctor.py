@@ -128,10 +128,7 @@ def _core() -> Check:
     status = _compiled.status()
     if status["mode"] == "compiled":
         return Check("udp core", True, "compiled (mypyc)")
-    hint = "; install with a C compiler at hand to compile it (1 KiB ops up to 25 % faster)"
-    if "older than" in status["why"]:
-        hint = "; run scripts/setup.sh (or pip install -e . again) to rebuild it"
-    return Check("udp core", True, f"pure Python ({status['why']}){hint}")
+    return Check("udp core", True, f"pure Python ({status['why']}); {status['hint']}")
 
 
 # -- configuration ------------------------------------------------------------------------------

@@ -98,8 +98,7 @@ _pool = _Pool(IDLE_LIMIT_BYTES)
 
 def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype)`` on the CPU, in recycled memory when it is large."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = math.prod(shape) * itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES:
         return torch.empty(tuple(shape), dtype=dtype)
     flat = torch.from_numpy(_pool.take(nbytes))
