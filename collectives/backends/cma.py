@@ -26,7 +26,10 @@ import os
 import secrets
 import struct
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 ENV = "COMFY_CLUSTER_CMA"
 MIN_BYTES = 256 << 10  # smaller parts go through the engine: the acknowledgement costs a round trip
@@ -149,6 +152,49 @@ def can_read(descriptor: bytes) -> bool:
     return bool(got.raw == token)
 
 
+class _Gathers(Protocol):
+    """What :func:`probe_world` needs of a backend: its rank, size and an allgather."""
+
+    rank: int
+    size: int
+
+    def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: Any) -> None: ...
+
+
+def probe_world(backend: _Gathers, timeout: float) -> tuple[dict[int, int], frozenset[int]]:
+    """Find who can read whose memory when a world forms: every rank tries every other once.
+
+    Two small allgathers over ``backend`` (which must already move messages): probe
+    descriptors, then who could read whom.  A rank with cross-memory attach off or unavailable
+    takes part with an empty descriptor.  Returns ``(sources, readers)``: peer -> the pid this
+    process may read (a message naming any other pid is refused), and the peers that may read
+    this process.  Every rank must call it, at the same point.
+    """
+    import torch
+
+    from collectives.backends.base import OpContext
+    from collectives.deadline import Deadline
+
+    rank, size = backend.rank, backend.size
+    ctx = OpContext("cma probe", 0, Deadline.start(timeout, "cma probe", rank))
+    use = enabled()
+    probe = Probe() if use else None
+    desc = probe.descriptor() if probe is not None else no_descriptor()
+    every = torch.empty((size, DESCRIPTOR_BYTES), dtype=torch.uint8)
+    backend.allgather_into(every, torch.frombuffer(bytearray(desc), dtype=torch.uint8), ctx)
+    readable = {
+        r: descriptor_pid(every[r].numpy().tobytes())
+        for r in range(size)
+        if use and r != rank and can_read(every[r].numpy().tobytes())
+    }
+    mine = torch.tensor([r in readable for r in range(size)], dtype=torch.uint8)
+    verdicts = torch.empty((size, size), dtype=torch.uint8)
+    backend.allgather_into(verdicts, mine, ctx)
+    del probe  # every peer has tried it
+    readers = frozenset(r for r in range(size) if r != rank and verdicts[r, rank])
+    return readable, readers
+
+
 __all__ = [
     "DESCRIPTOR_BYTES",
     "ENV",
@@ -159,5 +205,6 @@ __all__ = [
     "enabled",
     "host_identity",
     "no_descriptor",
+    "probe_world",
     "read",
 ]

@@ -55,7 +55,6 @@ from collectives.backends.torch_engine import (
 )
 from collectives.backends.torch_rendezvous import Joined, join
 from collectives.codec import encode
-from collectives.deadline import Deadline
 from collectives.errors import CommunicatorAbortedError
 from collectives.reduce_op import ReduceOp, finish_
 
@@ -156,35 +155,9 @@ class TorchBackend(Backend):
         return backend
 
     def _probe_cma(self, timeout: float) -> None:
-        """Find who can read whose memory: every rank tries every other once.
-
-        Two small allgathers when the world forms: probe descriptors, then who could read whom.
-        A rank with cross-memory attach off or unavailable takes part with an empty descriptor.
-        Sets the engine's ``cma_readers`` (peers that may read this process) and ``cma_sources``
-        (peer -> pid this process may read: an envelope naming any other pid is refused).
-        """
-        import torch
-
-        ctx = OpContext("cma probe", 0, Deadline.start(timeout, "cma probe", self.rank))
-        use = cma.enabled()
-        probe = cma.Probe() if use else None
-        desc = probe.descriptor() if probe is not None else cma.no_descriptor()
-        every = torch.empty((self.size, cma.DESCRIPTOR_BYTES), dtype=torch.uint8)
-        self.allgather_into(every, torch.frombuffer(bytearray(desc), dtype=torch.uint8), ctx)
-        readable = {
-            r: cma.descriptor_pid(every[r].numpy().tobytes())
-            for r in range(self.size)
-            if use and r != self.rank and cma.can_read(every[r].numpy().tobytes())
-        }
-        mine = torch.tensor([r in readable for r in range(self.size)], dtype=torch.uint8)
-        verdicts = torch.empty((self.size, self.size), dtype=torch.uint8)
-        self.allgather_into(verdicts, mine, ctx)
-        del probe  # every peer has tried it
-        engine = self._engine
-        engine.cma_sources = readable
-        engine.cma_readers = frozenset(
-            r for r in range(self.size) if r != self.rank and verdicts[r, self.rank]
-        )
+        """Who can read whose memory (:func:`cma.probe_world`): the engine's ``cma_sources``
+        (peer -> pid this process may read) and ``cma_readers`` (peers that may read it)."""
+        self._engine.cma_sources, self._engine.cma_readers = cma.probe_world(self, timeout)
 
     # -- helpers -------------------------------------------------------------------------------
     def _check(self, ctx: OpContext) -> None:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from collectives import _compiled
 from collectives.auth import INSECURE_ENV, KEY_ENV, ClusterKey, insecure_allowed, require_key
-from collectives.backends import udp_peers, udp_rendezvous
+from collectives.backends import cma, udp_peers, udp_rendezvous
 from collectives.backends.base import BackendConfig, close_at_exit, register_backend
 from collectives.backends.envelope import Envelope
 from collectives.backends.p2p import (
@@ -190,7 +190,22 @@ class UdpBackend(P2PBackend):
             announcer.stop()  # every peer is connected: nobody needs our address any more
         if rendezvous is not None:
             backend._watch(rendezvous)
+        else:
+            backend._probe_cma(config.timeout)
         return backend
+
+    def _probe_cma(self, timeout: float) -> None:
+        """Which peers share this host and may read each other (udp_cma), probed once.  Not
+        under ``stun`` discovery: a rejoining rank there may come back with another pid.  Every
+        other rank probes, one with cross-memory attach off too (with an empty descriptor)."""
+        engine = self._engine
+        assert engine is not None
+        try:
+            engine.cma_sources, engine.cma_readers = cma.probe_world(self, timeout)
+        except BaseException:
+            self.abort("the same-host probe failed")
+            self.close()
+            raise
 
     def _watch(self, rendezvous: StunRendezvous) -> None:
         """Heartbeat the server and hand new candidates (and a rejoin's token) to the engine."""
@@ -274,6 +289,9 @@ class UdpBackend(P2PBackend):
         meta = env.pack() + bytes(msg.header)
         body = [b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in msg.buffers]
         nbytes = sum(b.nbytes for b in body)
+        if nbytes >= cma.MIN_BYTES and dst in engine.cma_readers:
+            engine.send_far(dst, channel_id(channel), meta, body, dl)  # udp_cma
+            return
         if nbytes <= COPY_LIMIT:
             owned = [memoryview(b"".join(body))] if nbytes else []
             engine.send(dst, channel_id(channel), meta, owned, hold=hold)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("collectives.backends.udp_io")
 
+PEER_CLOSED = "peer closed"  # the core's PeerLost reason of a CLOSE (not an ABORT)
+
 _DROP_LOG_S = 10.0  # at most one log line per this many seconds about refused datagrams
 # Refusals that mean someone sent this rank datagrams it must not accept (duplicates and
 # overload are the network's doing and stay in comm.stats() only).
@@ -120,4 +122,4 @@ class Health:
             self._drops_logged = total
 
 
-__all__ = ["Health"]
+__all__ = ["PEER_CLOSED", "Health"]

@@ -19,9 +19,25 @@ from typing import TYPE_CHECKING
 from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
 from collectives.backends.envelope import Envelope
 from collectives.backends.p2p import lands_in
+from collectives.backends.udp_cma import (
+    ACK_CHANNEL,
+    REFUSED,
+    Far,
+    ack_meta,
+    failure,
+    is_far,
+    parse_ack,
+    parse_far,
+    read_far,
+)
 from collectives.backends.udp_socket import BufferPool
 from collectives.codec import CodecOptions, Encoded, Header, alloc_buffer, check_header
-from collectives.errors import CodecError, CollectivesError, RemoteProtocolError
+from collectives.errors import (
+    CodecError,
+    CollectivesError,
+    ConnectionLostError,
+    RemoteProtocolError,
+)
 from collectives.transport.events import MessageReceived
 from collectives.transport.frames import FrameError
 
@@ -34,6 +50,7 @@ _POOL_MIN = 64 << 10  # smaller bodies are cheap to allocate: not pooled
 # parse costs more than the rest of a small message's allocation.  Cleared when full.
 _HEADER_CACHE = 64
 
+_EMPTY = memoryview(bytearray(0))  # the core's body of a message with none
 Key = tuple[int, int]  # (peer, channel)
 Taken = tuple[Envelope, Encoded]
 
@@ -60,6 +77,8 @@ class _Incoming:
     landing: Landing | None
     error: CollectivesError | None
     buffer: memoryview | None = None  # the pool buffer it was allocated, while it writes there
+    far: Far | None = None  # a far message (udp_cma): its body is read from the sender
+    dest: memoryview | None = None  # where a far message's body is read into
 
 
 @dataclass
@@ -87,6 +106,12 @@ class Inbox:
     _held: bool
     _release_held: Callable[[], None]
     _drive: Callable[[Callable[[], bool], int, Deadline, str | None], None]
+    clock: Callable[[], float]
+    # Same-host messages (udp_cma): peer -> the pid this process may read; transfer id -> the
+    # errno its receiver answered (None: no answer yet); whether an answer waits to be sent.
+    cma_sources: dict[int, int]
+    far_answers: dict[int, int | None]
+    _urgent: bool
 
     def offer(self, offers: Sequence[tuple[int, int, memoryview]]) -> None:
         """Offer ``(src, channel, into)`` buffers ahead of their takes (which should pass the
@@ -184,6 +209,7 @@ class Inbox:
         if (
             item.landing is not None
             or item.error is not None
+            or item.far is not None
             or len(item.sizes) != 1
             or item.sizes[0] != into.nbytes
             or not lands_in(item.header if item.checked is None else item.checked, into.nbytes)
@@ -213,11 +239,21 @@ class Inbox:
 
     def _allocate(self, peer: int, channel: int, meta: bytes, body_len: int) -> memoryview:
         """The core's allocator (called holding the lock; see the module docstring)."""
+        if channel == ACK_CHANNEL:
+            return _EMPTY  # an acknowledgement of a far message: all in its meta (_received)
         key = (peer, channel)
         incoming = self._incoming.setdefault(key, deque())
         codec = self._codec()
         item = _Incoming(None, b"", None, [], None, None)
         try:
+            if is_far(meta):
+                item.far = far = parse_far(meta, peer)
+                meta = far.meta
+                if peer not in self.cma_sources or body_len:
+                    raise RemoteProtocolError(
+                        f"rank {peer} sent a same-host message, but it was not found readable "
+                        "when the world formed"
+                    )
             item.env = Envelope.unpack_from(meta, src=peer)
             item.header = header = bytes(meta[ENVELOPE_SIZE:])
             known = self._headers.get(header)
@@ -229,7 +265,7 @@ class Inbox:
                     self._headers.clear()
                 self._headers[header] = (codec, item.checked)
             item.sizes = item.checked.wire_sizes
-            if sum(item.sizes) != body_len:
+            if item.far is None and sum(item.sizes) != body_len:
                 raise RemoteProtocolError(
                     f"rank {peer} sent a {body_len}-byte body but its codec header announces "
                     f"{sum(item.sizes)} bytes"
@@ -239,6 +275,18 @@ class Inbox:
                 # Not even drained: the core drops the session as a protocol breach.
                 raise FrameError(f"rank {peer}: {err}") from None
             item.error = err
+        # A far message's body is read in _received, into what is chosen here as for any other.
+        nbytes = body_len if item.far is None or item.error is not None else sum(item.sizes)
+        body = self._destination(key, item, incoming, nbytes)
+        if item.far is None:
+            return body
+        item.dest = body
+        return _EMPTY
+
+    def _destination(
+        self, key: Key, item: _Incoming, incoming: deque[_Incoming], nbytes: int
+    ) -> memoryview:
+        """Where ``item``'s body of ``nbytes`` goes (queued in ``incoming``, holding the lock)."""
         landing = self.landings.get(key)
         if (
             item.error is None
@@ -247,8 +295,8 @@ class Inbox:
             and not incoming
             and not self.boxes.get(key)
             and len(item.sizes) == 1
-            and landing.into.nbytes == body_len
-            and lands_in(item.header if item.checked is None else item.checked, body_len)
+            and landing.into.nbytes == nbytes
+            and lands_in(item.header if item.checked is None else item.checked, nbytes)
         ):
             landing.claimed = True
             del self.landings[key]
@@ -257,12 +305,39 @@ class Inbox:
             self.counters["landed"] += 1
             return landing.into
         incoming.append(item)
-        if body_len < _POOL_MIN or item.error is not None:
-            return alloc_buffer(body_len)
-        item.buffer = self._pool.get(body_len)
+        if nbytes < _POOL_MIN or item.error is not None:
+            return alloc_buffer(nbytes)
+        item.buffer = self._pool.get(nbytes)
         return item.buffer
 
+    def _read_far(self, peer: int, item: _Incoming) -> CollectivesError | None:
+        """Copy a far message's body out of ``peer`` and answer it (holding the lock); the
+        error its receive gets instead, if any."""
+        far = item.far
+        assert far is not None
+        error, code = item.error, REFUSED
+        if error is None:
+            assert item.dest is not None
+            try:
+                read_far(self.cma_sources[peer], far, item.sizes, item.dest)
+                code = 0
+                self.counters["far_read"] += 1
+            except OSError as err:
+                code = err.errno or REFUSED
+                error = ConnectionLostError(failure(peer, code), [peer])
+        try:
+            self.ep.send(peer, ACK_CHANNEL, ack_meta(far.xfer, code), [], self.clock())
+            self._urgent = True  # the sender waits for it: out this turn, not with the next
+        except CollectivesError:
+            pass  # the peer is gone: nobody waits for the answer
+        return error
+
     def _received(self, event: MessageReceived) -> None:
+        if event.channel == ACK_CHANNEL:
+            answer = parse_ack(event.meta)
+            if answer is not None and answer[0] in self.far_answers:
+                self.far_answers[answer[0]] = answer[1]  # anything else is dropped: not ours
+            return
         key = (event.peer, event.channel)
         incoming = self._incoming.get(key)
         if not incoming:  # the core skipped our allocator: never, unless it is broken
@@ -271,6 +346,12 @@ class Inbox:
             )
             return
         item = incoming.popleft()
+        body = event.body
+        if item.far is not None:
+            item.error = self._read_far(event.peer, item)
+            body = item.dest if item.dest is not None else body
+            if item.error is not None and item.buffer is not None:
+                self._pool.put(item.buffer)
         result: _Queued | CollectivesError
         if item.error is not None or item.env is None:
             result = item.error or CodecError(f"malformed message from rank {event.peer}")
@@ -282,11 +363,11 @@ class Inbox:
                 # small landed receive was decoded again).  Landing needs exactly one buffer.
                 buffers = [item.landing.into]
             elif len(item.sizes) == 1:
-                buffers = [event.body]
+                buffers = [body]
             else:
                 buffers, offset = [], 0
                 for size in item.sizes:
-                    buffers.append(event.body[offset : offset + size])
+                    buffers.append(body[offset : offset + size])
                     offset += size
             taken = (item.env, Encoded(item.header, buffers, item.checked))
             result = _Queued(taken, pooled=item.buffer is not None)

@@ -53,7 +53,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from collectives.backends.udp_health import Health
+from collectives.backends.udp_cma import FarSender
+from collectives.backends.udp_health import PEER_CLOSED, Health
 from collectives.backends.udp_inbox import Inbox, Key, Landing, _Incoming, _Queued
 from collectives.backends.udp_socket import RECV_BYTES, BufferPool, fine_timer_slack
 from collectives.codec import CodecOptions, Header
@@ -87,12 +88,11 @@ _BUSY_S = 1.0  # a rank that posted or read within this is busy (see _run)
 # trip (tens of us each, more under a hypervisor); a small op's answer usually comes sooner.
 # Bounded per wait, and only where each rank can have a CPU of its own (see _spin_budget).
 _SPIN_S = 200e-6
-_PEER_CLOSED = "peer closed"  # the core's PeerLost reason of a CLOSE (not an ABORT)
 
 _tuned = threading.local()
 
 
-class Engine(Inbox, Health):
+class Engine(Inbox, FarSender, Health):
     """Drives one :class:`Endpoint` over one :class:`UdpSocket` (see the module docstring)."""
 
     def __init__(
@@ -137,7 +137,14 @@ class Engine(Inbox, Health):
             "copied_in": 0,  # messages copied into a receive's buffer that came later
             "caller_turns": 0,  # turns taken by waiting callers
             "io_turns": 0,  # turns taken by the IO thread
+            "far_sent": 0,  # same-host messages whose body the receiver copied (udp_cma)
+            "far_read": 0,  # same-host messages copied out of their sender
         }
+        self.cma_sources: dict[int, int] = {}  # set by UdpBackend when the world formed
+        self.cma_readers: frozenset[int] = frozenset()
+        self.far_answers: dict[int, int | None] = {}
+        self._xfers = 0
+        self._urgent = False  # an answer to a far message waits to be sent (see _turn)
         self._pool = BufferPool(per_size=max(2, size - 1))  # one per peer: see BufferPool
         self._headers: dict[bytes, tuple[CodecOptions, Header]] = {}
         self._rbuf = bytearray(RECV_BYTES + 1)
@@ -225,7 +232,7 @@ class Engine(Inbox, Health):
         unframed = self.unframed[peer]
 
         def done() -> bool:
-            return mid not in unframed or self.lost.get(peer, "").startswith(_PEER_CLOSED)
+            return mid not in unframed or self.lost.get(peer, "").startswith(PEER_CLOSED)
 
         with self.lock:
             self._drive(done, peer, dl, "the peer did not open its window")
@@ -238,7 +245,7 @@ class Engine(Inbox, Health):
             # A peer that closed (not aborted) took what it wanted: the core stopped sending to
             # it, so the buffers are free, and the post was eager anyway.  Its CLOSE can overtake
             # the ACK of our last bytes, after it took the message they carried.
-            return mid not in outstanding or self.lost.get(peer, "").startswith(_PEER_CLOSED)
+            return mid not in outstanding or self.lost.get(peer, "").startswith(PEER_CLOSED)
 
         with self.lock:
             self._drive(done, peer, dl, "the peer did not acknowledge")
@@ -444,7 +451,13 @@ class Engine(Inbox, Health):
             self.counters["reads"] += reads
             self._last_active = now
         self._events(now)
-        if done is not None and not due and done() and not any(self.unframed.values()):
+        if (
+            done is not None
+            and not due
+            and not self._urgent
+            and done()
+            and not any(self.unframed.values())
+        ):
             self._unpumped = True
         else:
             self._send_out(now)
@@ -531,7 +544,7 @@ class Engine(Inbox, Health):
 
     def _send_out(self, now: float) -> None:
         """Send what the core lets out (holding the lock)."""
-        self._held = self._unpumped = False
+        self._held = self._unpumped = self._urgent = False
         unsent = self._unsent
         while unsent:
             addr, payload, segment = unsent[0]

@@ -1,11 +1,14 @@
 """The conformance suite on the udp backend: ranks are real processes on loopback, started by
 the launcher (env discovery through rank 0's authenticated store, the launcher's cluster key); the
-destructive scenarios are in test_process_scenarios.py."""
+destructive scenarios are in test_process_scenarios.py.  Ranks of one host copy large bodies out
+of each other (collectives.backends.udp_cma); a second run with that turned off sends them
+through the socket, as between hosts."""
 
 from __future__ import annotations
 
 import pytest
 
+from collectives.backends import cma
 from collectives.testing import CHECKS
 from tests.conformance.worlds import check_result
 
@@ -18,3 +21,9 @@ SIZES = [1, 2, 3, 4, 5, 8]
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_check(name: str, size: int) -> None:
     check_result("udp", size, name)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_check_through_the_socket(name: str, size: int) -> None:
+    check_result("udp", size, name, environ=((cma.ENV, "0"),))

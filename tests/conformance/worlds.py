@@ -28,10 +28,12 @@ def run_world(
     scenario: str | None = None,
     timeout: float = 60.0,
     device: str | None = None,
+    environ: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, Any]:
     """Run the runner on ``n`` ranks of backend ``kind``; return the reports and the exit code.
 
-    ``device`` runs the device checks on that device instead of the CPU suite.
+    ``device`` runs the device checks on that device instead of the CPU suite; ``environ``:
+    variables every rank gets on top of this process's.
     """
     out = Path(tempfile.mkdtemp(prefix=f"conf-{kind}-{n}-"))
     extra = ["--timeout", str(timeout)]
@@ -39,7 +41,7 @@ def run_world(
         extra += ["--scenario", scenario]
     if device:
         extra += ["--device", device]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **dict(environ))
     proc = subprocess.run(
         _command(kind, n, out, extra),
         cwd=ROOT,
@@ -57,8 +59,14 @@ def run_world(
     return {"returncode": proc.returncode, "reports": reports, "log": proc.stdout + proc.stderr}
 
 
-def check_result(kind: str, n: int, name: str, device: str | None = None) -> None:
-    world = run_world(kind, n, device=device)
+def check_result(
+    kind: str,
+    n: int,
+    name: str,
+    device: str | None = None,
+    environ: tuple[tuple[str, str], ...] = (),
+) -> None:
+    world = run_world(kind, n, device=device, environ=environ)
     reports = world["reports"]
     assert len(reports) == n, f"only ranks {sorted(reports)} reported:\n{world['log'][-4000:]}"
     failures = {
