@@ -41,6 +41,7 @@ from collectives.algorithms.blocks import (
     recv_bytes,
     split,
 )
+from collectives.algorithms.link import send_each
 from collectives.codec import Encoded, alloc_buffer, header_length, header_limit, unpack
 from collectives.codec.frames import CODEC_NONE, FIXED_PREFIX, Header, Kind
 from collectives.errors import CodecError, RemoteProtocolError
@@ -66,14 +67,12 @@ def send_from_root(link: Link, msg: Encoded, root: int, children: list[int]) -> 
     size = link.size
     stream = _Stream([_LENGTH.pack(msg.nbytes) + bytes(msg.header), *msg.buffers])
     head = bytes_message(stream.take(0, HEAD_BYTES))
-    for dst in children:
-        link.send(dst, head)
+    send_each(link, [(dst, head) for dst in children])
     tail = split(stream.total - HEAD_BYTES, size)
     blocks = [
         bytes_message(stream.take(HEAD_BYTES + start, HEAD_BYTES + stop)) for start, stop in tail
     ]
-    for v in range(1, size):
-        link.send((v + root) % size, blocks[v])
+    send_each(link, [((v + root) % size, blocks[v]) for v in range(1, size)])
     right = (root + 1) % size
     for s in range(size - 1):
         link.send(right, blocks[-s % size])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     import torch
 
@@ -35,6 +35,11 @@ class Link(Protocol):
     offers ``into`` to the next message from ``src`` and returns a callable that withdraws
     the offer, or None when it made none.  :func:`offer_to` calls it (for :func:`sendrecv` and the
     gather).
+
+    A link may have a ``send_each(posts)`` method, optional: ``send`` of each ``(dst, msg)`` in
+    order, done when it returns, but free to overlap them (a udp post to a rank of the same host
+    waits for that rank to copy the body: one wait for all, not one after the other).
+    :func:`send_each` calls it where it exists (the fan-outs of the rooted collectives).
     """
 
     rank: int
@@ -56,6 +61,17 @@ def offer_to(link: Link, src: int, into: memoryview | None) -> Callable[[], None
     ``offer``, see :class:`Link`); what withdraws the offer, or None when none was made."""
     offer = getattr(link, "offer", None)
     return offer(src, into) if offer is not None and into is not None else None
+
+
+def send_each(link: Link, posts: Sequence[tuple[int, Encoded]]) -> None:
+    """``link.send(dst, msg)`` for each of ``posts``, overlapped where the link can (its
+    optional ``send_each``, see :class:`Link`)."""
+    many = getattr(link, "send_each", None)
+    if many is not None:
+        many(posts)
+        return
+    for dst, msg in posts:
+        link.send(dst, msg)
 
 
 def sendrecv(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from collectives.algorithms import large_broadcast
-from collectives.algorithms.link import Link, binomial_parent_children, offer_to
+from collectives.algorithms.link import Link, binomial_parent_children, offer_to, send_each
 
 if TYPE_CHECKING:
     from collectives.codec import Encoded
@@ -39,14 +39,12 @@ def broadcast(
         if large_broadcast.is_large(msg.nbytes, size):
             large_broadcast.send_from_root(link, msg, root, targets)
             return msg
-        for dst in targets:
-            link.send(dst, msg)
+        send_each(link, [(dst, msg) for dst in targets])
         return msg
     src = (parent + root) % size
     whole = into is not None and (size <= 2 or into.nbytes < large_broadcast.HEAD_BYTES)
     first = link.recv(src, into if whole else None)
-    for dst in targets:
-        link.send(dst, first)  # the whole message, or the head of a large one
+    send_each(link, [(dst, first) for dst in targets])  # the whole message, or a large one's head
     if large_broadcast.is_large(first.nbytes, size):
         return large_broadcast.receive(link, first, src, root, into)
     return first
@@ -74,9 +72,8 @@ def scatter(
     assert msgs is not None and len(msgs) == link.size
     # Each block is posted to its own rank only, nearest first after the root (the order every
     # rank's own turn comes in a ring of ranks), with no fence between them: the posts are eager.
-    for k in range(1, link.size):
-        dst = (root + k) % link.size
-        link.send(dst, msgs[dst])
+    send_each(link, [((root + k) % link.size, msgs[(root + k) % link.size])
+                     for k in range(1, link.size)])  # fmt: skip
     return msgs[root]
 
 

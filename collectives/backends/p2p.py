@@ -67,7 +67,7 @@ receive unpickle.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from collectives import algorithms
@@ -117,6 +117,14 @@ class P2PBackend(Backend):
     def _post_soon(self, dst: int, channel: str, env: Envelope, msg: Encoded, dl: Deadline) -> None:
         """``_post`` that may be held until the next ``_post``, ``_take`` or ``_flush``."""
         self._post(dst, channel, env, msg, dl)
+
+    def _post_each(
+        self, posts: Sequence[tuple[int, Encoded]], channel: str, env: Envelope, dl: Deadline
+    ) -> None:
+        """``_post`` of each ``(dst, msg)`` in order, which a transport may overlap (see
+        ``algorithms.link.send_each``)."""
+        for dst, msg in posts:
+            self._post(dst, channel, env, msg, dl)
 
     def _flush(self) -> None:
         """Send what ``_post_soon`` held back (nothing, unless a transport holds)."""
@@ -276,6 +284,9 @@ class _CollectiveLink:
 
     def send(self, dst: int, msg: Encoded) -> None:
         self._backend._post(dst, COLLECTIVE_CHANNEL, self.env, msg, self.deadline)
+
+    def send_each(self, posts: Sequence[tuple[int, Encoded]]) -> None:
+        self._backend._post_each(posts, COLLECTIVE_CHANNEL, self.env, self.deadline)
 
     def recv(self, src: int, into: memoryview | None = None) -> Encoded:
         return self._receive(src, COLLECTIVE_CHANNEL, into)

@@ -16,7 +16,10 @@ waiting for the window to take it.  A bigger body is sent from the caller's buff
 copy, and the post waits (within its deadline) until every byte is sealed: a copy of a large
 tensor into fresh memory costs about as much as sealing it (page faults), and the sealing is
 the copy the transport makes anyway.  The post never waits for an acknowledgement, nor for the
-peer to *take* the message (its IO thread receives into its own buffers).
+peer to *take* the message (its IO thread receives into its own buffers).  To a rank of the same
+host that may read this process, a body of ``cma.MIN_BYTES`` or more goes as a *far message*
+instead (:mod:`~collectives.backends.udp_cma`): the peer copies it out of this process on
+arrival, and the post waits for its answer; a fan-out (``_post_each``) posts all of them first.
 
 Security.  On by default: the transport uses the cluster key (``COMFY_CLUSTER_KEY`` or
 ``COMFY_CLUSTER_KEY_FILE``).  Without one, a rank whose traffic would leave loopback refuses to
@@ -33,7 +36,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from collectives import _compiled
@@ -287,17 +290,40 @@ class UdpBackend(P2PBackend):
     ) -> None:
         engine = self._require_engine(dl.op)
         meta = env.pack() + bytes(msg.header)
-        body = [b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in msg.buffers]
-        nbytes = sum(b.nbytes for b in body)
-        if nbytes >= cma.MIN_BYTES and dst in engine.cma_readers:
+        body = _bytes(msg)
+        if _far(engine, dst, body):
             engine.send_far(dst, channel_id(channel), meta, body, dl)  # udp_cma
             return
+        nbytes = sum(b.nbytes for b in body)
         if nbytes <= COPY_LIMIT:
             owned = [memoryview(b"".join(body))] if nbytes else []
             engine.send(dst, channel_id(channel), meta, owned, hold=hold)
             return
         mid = engine.send(dst, channel_id(channel), meta, body, borrowed=True)
         engine.wait_framed(dst, mid, dl)
+
+    def _post_each(
+        self, posts: Sequence[tuple[int, Encoded]], channel: str, env: Envelope, dl: Deadline
+    ) -> None:
+        # Far messages (udp_cma) first, without waiting: the receivers copy at the same time.
+        if not posts:
+            return  # a world of one: no engine, nothing to send
+        engine = self._require_engine(dl.op)
+        meta, far = env.pack(), []
+        try:
+            for dst, msg in posts:
+                body = _bytes(msg)
+                if _far(engine, dst, body):
+                    mid = engine.post_far(dst, channel_id(channel), meta + bytes(msg.header),
+                                          body, dl)  # fmt: skip
+                    far.append((dst, mid))
+                else:
+                    self._post(dst, channel, env, msg, dl)
+        except BaseException:
+            engine.forget_far(far)  # the op failed: nobody waits for their answers
+            raise
+        if far:
+            engine.wait_far(far, dl)
 
     def _post_soon(self, dst: int, channel: str, env: Envelope, msg: Encoded, dl: Deadline) -> None:
         # Queued in the core without a send: the next post's frame carries it (one seal, one
@@ -380,6 +406,17 @@ class UdpBackend(P2PBackend):
         if self._announcer is not None:
             out.update(self._announcer.dropped)
         return out
+
+
+def _far(engine: Engine, dst: int, body: list[memoryview]) -> bool:
+    """Whether ``body`` goes to ``dst`` as a far message (udp_cma): a large one, to a rank that
+    may read this process."""
+    return dst in engine.cma_readers and sum(b.nbytes for b in body) >= cma.MIN_BYTES
+
+
+def _bytes(msg: Encoded) -> list[memoryview]:
+    """``msg``'s buffers as flat byte views."""
+    return [b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in msg.buffers]
 
 
 def _missing() -> str | None:

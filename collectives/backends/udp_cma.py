@@ -150,6 +150,13 @@ class FarSender:
     ) -> None:
         """Post a message whose ``body`` ``peer`` copies out of this process, and wait (within
         ``dl``) until it answers: only then may the caller reuse ``body``."""
+        self.wait_far([(peer, self.post_far(peer, channel, meta, body, dl))], dl)
+
+    def post_far(
+        self, peer: int, channel: int, meta: bytes, body: list[memoryview], dl: Deadline
+    ) -> int:
+        """Post a far message without waiting for its answer; its transfer id, for
+        :meth:`wait_far` (``body`` must stay put until then)."""
         with self.lock:
             self.check_usable(peer, dl.op)
             self._xfers += 1
@@ -164,19 +171,37 @@ class FarSender:
             self.far_answers[xfer] = None
             self.counters["far_sent"] += 1
             self._release_held()
-            answers, lost = self.far_answers, self.lost
+        return xfer
 
-            def answered() -> bool:
-                # A peer that closed (not aborted) took what it wanted: as for wait_sent.
-                return answers[xfer] is not None or lost.get(peer, "").startswith(PEER_CLOSED)
+    def wait_far(self, posted: list[tuple[int, int]], dl: Deadline) -> None:
+        """Wait (within ``dl``) for the answers to the ``(peer, transfer id)`` far messages
+        ``posted``; raise the first failure after every answer is in (or the first wait's
+        error, the rest then forgotten)."""
+        answers, lost = self.far_answers, self.lost
+        failed: ConnectionLostError | None = None
+        try:
+            with self.lock:
+                for peer, xfer in posted:
 
-            try:
-                self._drive(answered, peer, dl, "the peer did not copy")
-                code = answers[xfer]
-            finally:
-                del answers[xfer]
-        if code:
-            raise ConnectionLostError(failure(peer, code), [peer])
+                    def answered(peer: int = peer, xfer: int = xfer) -> bool:
+                        # A peer that closed (not aborted) took what it wanted, as for wait_sent.
+                        closed = lost.get(peer, "").startswith(PEER_CLOSED)
+                        return answers[xfer] is not None or closed
+
+                    self._drive(answered, peer, dl, "the peer did not copy")
+                    code = answers[xfer]
+                    if code and failed is None:
+                        failed = ConnectionLostError(failure(peer, code), [peer])
+        finally:
+            self.forget_far(posted)
+        if failed is not None:
+            raise failed
+
+    def forget_far(self, posted: list[tuple[int, int]]) -> None:
+        """Stop waiting for the answers to ``posted`` (an answer that comes later is dropped)."""
+        with self.lock:
+            for _, xfer in posted:
+                self.far_answers.pop(xfer, None)
 
 
 __all__ = [

@@ -58,6 +58,11 @@ def test_far_messages_carry_every_collective_bit_exact() -> None:
         out = torch.empty_like(big)
         comm.broadcast_into(out if r else big.clone(), 0)
         got = comm.allgather([big, torch.arange(3), b"z" * (cma.MIN_BYTES + 1)])
+        # A fan-out: the root posts every far block before it waits for the copies (send_each).
+        whole = torch.arange(comm.size).repeat_interleave(1 << 17).float() if r == 0 else None
+        part = torch.empty(1 << 17)
+        comm.scatter_into(part, whole, 0)
+        assert bool((part == r).all())
         if r == 0:
             comm.send_buffer(big, 1)
         elif r == 1:
