@@ -141,6 +141,29 @@ def test_an_unmapped_address_fails_both_sides_without_touching_memory() -> None:
     assert run_world(2, keyed(2), fn) == [0, 1]
 
 
+def test_a_far_message_over_the_receivers_limit_is_refused_before_any_copy() -> None:
+    import dataclasses
+
+    from collectives.errors import CodecError
+
+    def fn(comm: Communicator) -> Any:
+        _readable(comm)
+        if comm.rank == 1:
+            backend: Any = comm.engine
+            backend.codec = dataclasses.replace(backend.codec, max_message_bytes=1 << 16)
+        comm.barrier()  # the limit is in place before the message comes
+        if comm.rank == 0:
+            with pytest.raises(ConnectionLostError, match="refused"):
+                _post_far(comm)  # 1 MiB
+        else:
+            with pytest.raises(CodecError, match="max_message_bytes"):
+                comm.recv(0)
+            assert comm.stats()["far_read"] == 0
+        return comm.rank
+
+    assert run_world(2, keyed(2), fn) == [0, 1]
+
+
 def test_a_forged_answer_for_a_transfer_nobody_waits_for_is_dropped() -> None:
     def fn(comm: Communicator) -> Any:
         engine = _engine(comm)
