@@ -110,6 +110,16 @@ def read(pid: int, address: int, into: int, nbytes: int) -> None:
         done += got
 
 
+def address_of(view: memoryview) -> int:
+    """The address of a contiguous byte view's first byte (read-only views too; 0 when empty):
+    what a peer reads with :func:`read`."""
+    if view.nbytes == 0:
+        return 0
+    import numpy as np
+
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
 class Probe:
     """A token in this process's memory that peers try to read, and its description."""
 
@@ -200,6 +210,7 @@ __all__ = [
     "ENV",
     "MIN_BYTES",
     "Probe",
+    "address_of",
     "can_read",
     "descriptor_pid",
     "enabled",

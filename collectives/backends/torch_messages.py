@@ -159,7 +159,7 @@ def outgoing(msg: Encoded, envelope: Envelope, *, readable: bool = False) -> Out
         n = view.nbytes
         if is_far:
             at = ENVELOPE_BYTES - _ADDRESS.size * (k - len(far))
-            _ADDRESS.pack_into(env.data, at, _address(view))
+            _ADDRESS.pack_into(env.data, at, cma.address_of(view))
             far.append(view)
         elif n == 0:
             continue
@@ -169,10 +169,6 @@ def outgoing(msg: Encoded, envelope: Envelope, *, readable: bool = False) -> Out
         else:
             parts.append(_sendable(view))
     return Outgoing(parts, far)
-
-
-def _address(view: memoryview) -> int:
-    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 def ack_tag(tag: int) -> int:

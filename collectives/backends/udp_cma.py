@@ -32,8 +32,6 @@ import os
 import struct
 from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
-
 from collectives.backends import cma
 from collectives.backends.udp_health import PEER_CLOSED
 from collectives.errors import ConnectionLostError, RemoteProtocolError
@@ -100,19 +98,12 @@ def parse_ack(meta: bytes) -> tuple[int, int] | None:
     return (xfer, code) if mark == ACK_MARK else None
 
 
-def address_of(view: memoryview) -> int:
-    """The address of a contiguous byte view's first byte (read-only views too)."""
-    if view.nbytes == 0:
-        return 0
-    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
-
-
 def read_far(pid: int, far: Far, sizes: list[int], into: memoryview) -> None:
     """Copy each buffer of ``far`` (``sizes`` from its checked codec header) from process
     ``pid`` into ``into``, back to back.  Raises ``OSError`` with the kernel's errno."""
     if len(far.addresses) != len(sizes):
         raise OSError(REFUSED, f"{len(far.addresses)} addresses for {len(sizes)} buffers")
-    base, offset = address_of(into), 0
+    base, offset = cma.address_of(into), 0
     for address, size in zip(far.addresses, sizes, strict=True):
         if size:
             cma.read(pid, address, base + offset, size)
@@ -161,7 +152,7 @@ class FarSender:
             self.check_usable(peer, dl.op)
             self._xfers += 1
             xfer = self._xfers
-            addresses = [address_of(b) for b in body]
+            addresses = [cma.address_of(b) for b in body]
             mid = self.ep.send(
                 peer, channel, far_meta(xfer, addresses, meta), [], self.clock(),
                 notify_framed=True,
@@ -210,7 +201,6 @@ __all__ = [
     "Far",
     "FarSender",
     "ack_meta",
-    "address_of",
     "failure",
     "far_meta",
     "is_far",
