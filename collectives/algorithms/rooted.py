@@ -72,8 +72,8 @@ def scatter(
     assert msgs is not None and len(msgs) == link.size
     # Each block is posted to its own rank only, nearest first after the root (the order every
     # rank's own turn comes in a ring of ranks), with no fence between them: the posts are eager.
-    send_each(link, [((root + k) % link.size, msgs[(root + k) % link.size])
-                     for k in range(1, link.size)])  # fmt: skip
+    order = [(root + k) % link.size for k in range(1, link.size)]
+    send_each(link, [(dst, msgs[dst]) for dst in order])
     return msgs[root]
 
 

@@ -290,17 +290,7 @@ class UdpBackend(P2PBackend):
     ) -> None:
         engine = self._require_engine(dl.op)
         meta = env.pack() + bytes(msg.header)
-        body = _bytes(msg)
-        if _far(engine, dst, body):
-            engine.send_far(dst, channel_id(channel), meta, body, dl)  # udp_cma
-            return
-        nbytes = sum(b.nbytes for b in body)
-        if nbytes <= COPY_LIMIT:
-            owned = [memoryview(b"".join(body))] if nbytes else []
-            engine.send(dst, channel_id(channel), meta, owned, hold=hold)
-            return
-        mid = engine.send(dst, channel_id(channel), meta, body, borrowed=True)
-        engine.wait_framed(dst, mid, dl)
+        _send(engine, dst, channel_id(channel), meta, _bytes(msg), dl=dl, hold=hold)
 
     def _post_each(
         self, posts: Sequence[tuple[int, Encoded]], channel: str, env: Envelope, dl: Deadline
@@ -309,16 +299,14 @@ class UdpBackend(P2PBackend):
         if not posts:
             return  # a world of one: no engine, nothing to send
         engine = self._require_engine(dl.op)
-        meta, far = env.pack(), []
+        cid, envelope, far = channel_id(channel), env.pack(), []
         try:
             for dst, msg in posts:
-                body = _bytes(msg)
+                meta, body = envelope + bytes(msg.header), _bytes(msg)
                 if _far(engine, dst, body):
-                    mid = engine.post_far(dst, channel_id(channel), meta + bytes(msg.header),
-                                          body, dl)  # fmt: skip
-                    far.append((dst, mid))
+                    far.append((dst, engine.post_far(dst, cid, meta, body, dl)))
                 else:
-                    self._post(dst, channel, env, msg, dl)
+                    _send(engine, dst, cid, meta, body, dl=dl)
         except BaseException:
             engine.forget_far(far)  # the op failed: nobody waits for their answers
             raise
@@ -406,6 +394,29 @@ class UdpBackend(P2PBackend):
         if self._announcer is not None:
             out.update(self._announcer.dropped)
         return out
+
+
+def _send(
+    engine: Engine,
+    dst: int,
+    channel: int,
+    meta: bytes,
+    body: list[memoryview],
+    *,
+    dl: Deadline,
+    hold: bool = False,
+) -> None:
+    """One post (see the module docstring): a far message, a copy, or a borrowed body."""
+    if _far(engine, dst, body):
+        engine.send_far(dst, channel, meta, body, dl)  # udp_cma
+        return
+    nbytes = sum(b.nbytes for b in body)
+    if nbytes <= COPY_LIMIT:
+        owned = [memoryview(b"".join(body))] if nbytes else []
+        engine.send(dst, channel, meta, owned, hold=hold)
+        return
+    mid = engine.send(dst, channel, meta, body, borrowed=True)
+    engine.wait_framed(dst, mid, dl)
 
 
 def _far(engine: Engine, dst: int, body: list[memoryview]) -> bool:

@@ -349,7 +349,8 @@ class Inbox:
         body = event.body
         if item.far is not None:
             item.error = self._read_far(event.peer, item)
-            body = item.dest if item.dest is not None else body
+            assert item.dest is not None  # _allocate gives every far message one
+            body = item.dest
             if item.error is not None and item.buffer is not None:
                 self._pool.put(item.buffer)
         result: _Queued | CollectivesError
