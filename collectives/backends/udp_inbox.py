@@ -30,7 +30,7 @@ from collectives.backends.udp_cma import (
     parse_far,
     read_far,
 )
-from collectives.backends.udp_socket import BufferPool
+from collectives.backends.udp_pool import BufferPool
 from collectives.codec import CodecOptions, Encoded, Header, alloc_buffer, check_header
 from collectives.errors import (
     CodecError,
@@ -83,10 +83,11 @@ class _Incoming:
 
 @dataclass
 class _Queued:
-    """A whole message waiting for its ``take``; ``pooled``: its body is a pool buffer."""
+    """A whole message waiting for its ``take``; ``pooled``: the size of the pool buffer its
+    body is in (0: none)."""
 
     taken: Taken
-    pooled: bool
+    pooled: int
 
 
 class Inbox:
@@ -235,6 +236,8 @@ class Inbox:
                 self._pool.put(msg.buffers[0])
             self.counters["copied_in"] += 1
             return env, Encoded(msg.header, [into], msg.checked)
+        if item.pooled:
+            self._pool.gone(item.pooled)  # the caller keeps it (decoded zero-copy)
         return item.taken
 
     def _allocate(self, peer: int, channel: int, meta: bytes, body_len: int) -> memoryview:
@@ -371,7 +374,7 @@ class Inbox:
                     buffers.append(body[offset : offset + size])
                     offset += size
             taken = (item.env, Encoded(item.header, buffers, item.checked))
-            result = _Queued(taken, pooled=item.buffer is not None)
+            result = _Queued(taken, pooled=0 if item.buffer is None else item.buffer.nbytes)
         if item.landing is not None:
             item.landing.result = result if isinstance(result, CollectivesError) else result.taken
         else:

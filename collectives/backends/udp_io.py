@@ -56,7 +56,8 @@ from typing import TYPE_CHECKING
 from collectives.backends.udp_cma import FarSender
 from collectives.backends.udp_health import PEER_CLOSED, Health
 from collectives.backends.udp_inbox import Inbox, Key, Landing, _Incoming, _Queued
-from collectives.backends.udp_socket import RECV_BYTES, BufferPool, fine_timer_slack
+from collectives.backends.udp_pool import BufferPool
+from collectives.backends.udp_socket import RECV_BYTES, fine_timer_slack
 from collectives.codec import CodecOptions, Header
 from collectives.errors import (
     CollectivesError,
@@ -83,6 +84,7 @@ _READS_PER_TURN = 64  # reads fed to the core before its timers and sends get a 
 _IDLE_WAIT_S = 1.0  # the longest wait without a timer (a lost wakeup costs at most this)
 _IO_GRACE_S = 0.002  # how long the IO thread leaves the socket to callers after the last one
 _BUSY_S = 1.0  # a rank that posted or read within this is busy (see _run)
+_REFILL_QUIET_S = 0.01  # refill the buffer pool only after this long without traffic
 # How long a waiting caller polls the socket without sleeping before it blocks in select.  A
 # sleeping receiver costs the sender a wakeup inside its sendto and itself a scheduler round
 # trip (tens of us each, more under a hypervisor); a small op's answer usually comes sooner.
@@ -135,6 +137,7 @@ class Engine(Inbox, FarSender, Health):
             "landed": 0,  # messages written straight into a waiting receive's buffer
             "landed_late": 0,  # taken after they began to arrive: the rest landed (_land_late)
             "copied_in": 0,  # messages copied into a receive's buffer that came later
+            "refilled": 0,  # pool buffers replaced while quiet (udp_pool)
             "caller_turns": 0,  # turns taken by waiting callers
             "io_turns": 0,  # turns taken by the IO thread
             "far_sent": 0,  # same-host messages whose body the receiver copied (udp_cma)
@@ -376,6 +379,12 @@ class Engine(Inbox, FarSender, Health):
                                 self._io_deep = False
                         continue
                     until = self._io_turn()
+                if until > -math.inf and self._refill_due():
+                    # Outside the lock, a slice at a time: a caller who comes meanwhile drives.
+                    self._io_until = -math.inf
+                    if self._pool.refill_step():
+                        self.counters["refilled"] += 1
+                    continue
                 # Outside the lock: back from select, this thread does not take the lock from
                 # a caller who started driving meanwhile (a hand-off, or a stall if preempted).
                 try:
@@ -400,6 +409,11 @@ class Engine(Inbox, FarSender, Health):
         until = now + (_IO_GRACE_S if busy else _IDLE_WAIT_S)
         self._io_until = until if timer is None else min(until, timer)
         return self._io_until
+
+    def _refill_due(self) -> bool:
+        """Whether to touch the pool's next replacement buffer now: one is wanted and the rank
+        has been quiet for :data:`_REFILL_QUIET_S` (its page faults then delay no message)."""
+        return self._pool.wanted and self.clock() - self._last_active >= _REFILL_QUIET_S
 
     def _failed(self, err: Exception) -> None:
         log.error("udp rank %d: the IO driver failed", self.rank, exc_info=err)

@@ -36,12 +36,10 @@ import errno
 import logging
 import socket
 import sys
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from collectives.auth import is_loopback
-from collectives.codec import alloc_buffer
 from collectives.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -69,8 +67,6 @@ GSO_MAX_BYTES = 65000
 RECV_BYTES = 65535
 BUFFER_REQUEST = 16 << 20
 BUFFER_WANTED = 4 << 20
-POOL_BYTES = 256 << 20  # receive buffers kept for reuse (BufferPool), in all
-_POOL_PER_SIZE = 2
 _PR_SET_TIMERSLACK = 29
 _TIMER_SLACK_NS = 1000
 
@@ -288,38 +284,6 @@ class UdpSocket:
         self.sock.close()
 
 
-class BufferPool:
-    """Receive buffers of large message bodies, kept for the next message of the same size:
-    writing into fresh memory costs a page fault per 4 KiB (about a tenth of memcpy's speed).
-    Bounded in bytes; thread-safe.
-
-    ``per_size`` buffers of each size are kept: a fan-in has every peer's body of one size in
-    flight at once, so a rank with ``n`` peers wants ``n`` of them (with two, the third peer
-    of a 4-rank fan-in wrote into fresh memory on every op)."""
-
-    def __init__(self, per_size: int = _POOL_PER_SIZE) -> None:
-        self._per_size = max(per_size, 1)
-        self._free: dict[int, list[memoryview]] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, nbytes: int) -> memoryview:
-        with self._lock:
-            free = self._free.get(nbytes)
-            if free:
-                self._bytes -= nbytes
-                return free.pop()
-        return alloc_buffer(nbytes)
-
-    def put(self, buf: memoryview) -> None:
-        nbytes = buf.nbytes
-        with self._lock:
-            free = self._free.setdefault(nbytes, [])
-            if len(free) < self._per_size and self._bytes + nbytes <= POOL_BYTES:
-                free.append(buf)
-                self._bytes += nbytes
-
-
 def fine_timer_slack() -> None:
     """Ask Linux for 1 us of timer slack on this thread (the default, 50 us, stretches every
     sub-millisecond wait of a pacing gap).  Per thread, harmless elsewhere: a no-op off Linux."""
@@ -391,7 +355,6 @@ def gro_segment(ancillary: list[tuple[int, int, bytes]]) -> int | None:
 
 __all__ = [
     "DEFAULT_DATAGRAM",
-    "BufferPool",
     "LOOPBACK_DATAGRAM",
     "MTU_ENV",
     "Address",
