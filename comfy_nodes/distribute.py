@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import collective
+from . import collective, recycled
 from .cluster import LEADER
 from .fan_in import gather_batch_to_leader
 from .partition import resolve_weights, split_ranges
@@ -204,9 +204,19 @@ def fan_out_batch(
     mine = as_batch(_scatter_from_leader(comm, make_items, tag), tag)
     if comm.rank == LEADER and not lossy:
         # The leader's own slice is a view of its input, which it must not alias downstream.
-        # Cloned only now: the followers wait for their slices, not for this copy.
-        mine = mine.clone()
+        # Copied only now: the followers wait for their slices, not for this copy.  Into
+        # recycled memory: a clone's fresh pages cost the leader 1-45 ms of faults per prompt.
+        mine = _copy(mine)
     return mine
+
+
+def _copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` that aliases nothing; a CPU one in recycled memory."""
+    if x.device.type != "cpu":
+        return x.clone()
+    out = recycled.empty(x.shape, x.dtype)
+    out.copy_(x)
+    return out
 
 
 def fan_in_batch(

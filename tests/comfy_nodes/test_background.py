@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from collectives import CollectivesError, Communicator
-from comfy_nodes import cluster, collective
+from comfy_nodes import cluster, collective, recycled
 
 from .helpers import images, run_node, spmd
 
@@ -118,3 +118,23 @@ def test_the_leaders_own_fan_out_slice_is_a_copy_made_after_the_others_are_sent(
     for r in (1, 2):
         assert torch.equal(results[r][0], before_images[2 * r : 2 * r + 2])
         assert torch.equal(results[r][1], before_samples[2 * r : 2 * r + 2])
+
+
+def test_the_leaders_large_fan_out_slice_is_copied_into_recycled_memory() -> None:
+    # A clone's fresh pages cost the leader a page fault each, every prompt: a slice of 1 MiB
+    # or more goes into recycled memory instead (comfy_nodes.recycled), still a copy.
+    full = torch.rand(4, 256, 256, 3)  # 1.5 MiB per rank at 2 ranks
+
+    def rank(comm: Communicator) -> tuple[torch.Tensor, int]:
+        try:
+            in_use = recycled.stats()[0]
+            mine = run_node("ClusterFanOutImage", full if comm.rank == 0 else None)[0]
+            collective.settle(comm)
+            return mine, recycled.stats()[0] - in_use
+        finally:
+            cluster.runtime().background.pop(comm, None)
+
+    (mine, grown), (theirs, _) = spmd(2, rank)
+    assert torch.equal(mine, full[:2]) and torch.equal(theirs, full[2:])
+    assert mine.untyped_storage().data_ptr() != full.untyped_storage().data_ptr()
+    assert grown >= mine.nbytes
