@@ -83,11 +83,10 @@ class _Incoming:
 
 @dataclass
 class _Queued:
-    """A whole message waiting for its ``take``; ``pooled``: the size of the pool buffer its
-    body is in (0: none)."""
+    """A whole message waiting for its ``take``; ``pooled``: the pool buffer its body is in."""
 
     taken: Taken
-    pooled: int
+    pooled: memoryview | None
 
 
 class Inbox:
@@ -232,11 +231,11 @@ class Inbox:
         header = msg.header if msg.checked is None else msg.checked  # parsed once
         if into is not None and len(msg.buffers) == 1 and lands_in(header, into.nbytes):
             into[:] = msg.buffers[0]
-            if item.pooled:
-                self._pool.put(msg.buffers[0])
+            if item.pooled is not None:
+                self._pool.put(item.pooled)
             self.counters["copied_in"] += 1
             return env, Encoded(msg.header, [into], msg.checked)
-        if item.pooled:
+        if item.pooled is not None:
             self._pool.gone(item.pooled)  # the caller keeps it (decoded zero-copy)
         return item.taken
 
@@ -374,7 +373,7 @@ class Inbox:
                     buffers.append(body[offset : offset + size])
                     offset += size
             taken = (item.env, Encoded(item.header, buffers, item.checked))
-            result = _Queued(taken, pooled=0 if item.buffer is None else item.buffer.nbytes)
+            result = _Queued(taken, pooled=item.buffer)
         if item.landing is not None:
             item.landing.result = result if isinstance(result, CollectivesError) else result.taken
         else:
