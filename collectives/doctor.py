@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from collectives import _compiled
 from collectives.auth import KEY_ENV, ClusterKey
-from collectives.backends import udp_peers
+from collectives.backends import cma, udp_peers
 from collectives.backends.udp_socket import (
     BUFFER_REQUEST,
     BUFFER_WANTED,
@@ -119,6 +119,7 @@ def run_checks(
     if comm is not None:
         _comm(comm, checks)
     checks.append(_core())
+    checks.append(Check("same-host copies", True, cma.host_policy()[1]))  # speed, not a problem
     return checks
 
 
@@ -572,12 +573,14 @@ def _comm(comm: Any, checks: list[Check]) -> None:
         )
         return
     paths = stats.get("paths", {}) if isinstance(stats, dict) else {}
+    same_host = set(stats.get("same_host", ())) if isinstance(stats, dict) else set()
     for peer in sorted(states):
         info = paths.get(peer, {})
         path = info.get("path", "direct") if isinstance(info, dict) else "direct"
         where = info.get("address") if isinstance(info, dict) else None
         state = states[peer]
         detail = f"{state}, path {path}" + (f" via {where[0]}:{where[1]}" if where else "")
+        detail += ", large bodies copied from its memory" if peer in same_host else ""
         if state == "lost":
             checks.append(
                 Check(

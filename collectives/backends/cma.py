@@ -74,6 +74,51 @@ def enabled() -> bool:
     return True
 
 
+_YAMA = "/proc/sys/kernel/yama/ptrace_scope"
+_CAP_SYS_PTRACE = 19
+
+
+def host_policy() -> tuple[bool, str]:
+    """Whether ranks of this host started side by side (siblings, same user) may copy out of
+    each other here, and why, for ``comfycluster doctor``.  What the kernel allows is decided
+    per pair when a world forms; this reads the settings that decide it."""
+    if not enabled():
+        if sys.platform.startswith("linux") and os.environ.get(ENV, "1").strip() in ("0", "off"):
+            return False, f"off ({ENV}=0): ranks of this host send bodies through the socket"
+        return False, "process_vm_readv is Linux's: ranks of this host use the socket"
+    try:
+        with open(_YAMA) as f:
+            scope = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        scope = 0  # no Yama: ordinary ptrace rules (same user) apply
+    privileged = os.geteuid() == 0 or _has_cap_sys_ptrace()
+    if scope == 0 or (scope in (1, 2) and privileged):
+        why = "same user" if scope == 0 else "root or CAP_SYS_PTRACE"
+        return True, f"ranks of this host copy large bodies out of each other's memory ({why})"
+    hint = (
+        "sysctl kernel.yama.ptrace_scope=0, or run the ranks as root or with CAP_SYS_PTRACE"
+        if scope == 1
+        else "run the ranks with CAP_SYS_PTRACE"
+        if scope == 2
+        else "not while Yama's scope is 3"
+    )
+    return False, (
+        f"Yama ptrace_scope {scope} refuses it between sibling ranks: they send through the "
+        f"socket (copies need {hint})"
+    )
+
+
+def _has_cap_sys_ptrace() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_PTRACE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 @functools.cache
 def host_identity() -> bytes:
     """16 bytes equal for two processes exactly when one can name the other by its pid."""

@@ -389,6 +389,7 @@ class UdpBackend(P2PBackend):
         out: dict[str, Any] = {"mode": self.mode, "core": _compiled.status()["mode"]}
         if self._engine is not None:
             out.update(self._engine.stats())
+            out["same_host"] = sorted(self._engine.cma_sources)  # peers copied from (udp_cma)
             if self._engine.nat is not None:
                 out["paths"] = self.paths()
         if self._announcer is not None:

@@ -210,8 +210,11 @@ _SCRIPT = textwrap.dedent(
     got = comm.allgather(big)
     assert all(bool((t == r).all()) for r, t in enumerate(got))
     stats = comm.stats()
+    from collectives.doctor import run_checks
+    paths = [c.line() for c in run_checks(comm=comm, timeout=2) if c.name.startswith("path to")]
     report = dict(readers=sorted(engine.cma_readers), sources=engine.cma_sources,
-                  sent=stats["far_sent"], read=stats["far_read"], pid=os.getpid())
+                  sent=stats["far_sent"], read=stats["far_read"], pid=os.getpid(),
+                  same_host=stats["same_host"], paths=paths)
     with open(os.path.join(sys.argv[1], f"rank{comm.rank}.json"), "w") as f:
         json.dump(report, f)
     comm.close()
@@ -242,9 +245,49 @@ def test_processes_of_one_host_copy_large_bodies_out_of_each_other(tmp_path: Pat
         assert rep["readers"] == others
         assert {int(k): v for k, v in rep["sources"].items()} == {p: pids[p] for p in others}
         assert rep["sent"] > 0 and rep["read"] > 0
+        assert rep["same_host"] == others  # comm.stats(), and the doctor's path lines
+        assert len(rep["paths"]) == len(others)
+        assert all("large bodies copied from its memory" in line for line in rep["paths"])
 
 
 def test_turned_off_every_body_goes_through_the_socket(tmp_path: Path) -> None:
     reports = _processes(tmp_path, {cma.ENV: "0"}, n=2)
     assert all(rep["readers"] == [] and rep["sources"] == {} for rep in reports.values())
     assert all(rep["sent"] == 0 and rep["read"] == 0 for rep in reports.values())
+    assert all(rep["same_host"] == [] for rep in reports.values())
+    assert not any("copied from its memory" in x for rep in reports.values() for x in rep["paths"])
+
+
+@pytest.mark.parametrize(
+    ("scope", "root", "cap", "allowed", "names"),
+    [
+        (None, False, False, True, "same user"),  # no Yama
+        (0, False, False, True, "same user"),
+        (1, False, False, False, "kernel.yama.ptrace_scope=0"),
+        (1, True, False, True, "root or CAP_SYS_PTRACE"),
+        (1, False, True, True, "root or CAP_SYS_PTRACE"),
+        (2, False, False, False, "CAP_SYS_PTRACE"),
+        (3, True, True, False, "scope is 3"),
+    ],
+)
+def test_the_doctor_reads_whether_sibling_ranks_may_copy(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    scope: int | None,
+    root: bool,
+    cap: bool,
+    allowed: bool,
+    names: str,
+) -> None:
+    yama = tmp_path / "ptrace_scope"
+    if scope is not None:
+        yama.write_text(f"{scope}\n")
+    monkeypatch.setattr(cma, "_YAMA", str(yama))
+    monkeypatch.setattr(cma.os, "geteuid", lambda: 0 if root else 1000)
+    monkeypatch.setattr(cma, "_has_cap_sys_ptrace", lambda: cap)
+    monkeypatch.delenv(cma.ENV, raising=False)
+    assert cma.host_policy() == (allowed, cma.host_policy()[1])
+    assert names in cma.host_policy()[1]
+    monkeypatch.setenv(cma.ENV, "0")
+    off, why = cma.host_policy()
+    assert not off and f"{cma.ENV}=0" in why

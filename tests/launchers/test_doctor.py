@@ -74,6 +74,7 @@ def test_a_good_setup_passes_every_check(server: StunProcess) -> None:
         "mtu",
         "socket buffers",
         "udp core",
+        "same-host copies",
     ):
         assert _line(got.stdout, name).startswith("ok "), got.stdout
     assert f"UDP port {server.udp_port}" in _line(got.stdout, "server")
