@@ -76,6 +76,10 @@ def enabled() -> bool:
 
 _YAMA = "/proc/sys/kernel/yama/ptrace_scope"
 _CAP_SYS_PTRACE = 19
+_YAMA_HINTS = {
+    1: "sysctl kernel.yama.ptrace_scope=0, or run the ranks as root or with CAP_SYS_PTRACE",
+    2: "run the ranks with CAP_SYS_PTRACE",
+}
 
 
 def host_policy() -> tuple[bool, str]:
@@ -85,7 +89,7 @@ def host_policy() -> tuple[bool, str]:
     if not enabled():
         if sys.platform.startswith("linux") and os.environ.get(ENV, "1").strip() in ("0", "off"):
             return False, f"off ({ENV}=0): ranks of this host send bodies through the socket"
-        return False, "process_vm_readv is Linux's: ranks of this host use the socket"
+        return False, "no process_vm_readv here (it is Linux's): ranks of this host use the socket"
     try:
         with open(_YAMA) as f:
             scope = int(f.read().strip() or 0)
@@ -95,13 +99,7 @@ def host_policy() -> tuple[bool, str]:
     if scope == 0 or (scope in (1, 2) and privileged):
         why = "same user" if scope == 0 else "root or CAP_SYS_PTRACE"
         return True, f"ranks of this host copy large bodies out of each other's memory ({why})"
-    hint = (
-        "sysctl kernel.yama.ptrace_scope=0, or run the ranks as root or with CAP_SYS_PTRACE"
-        if scope == 1
-        else "run the ranks with CAP_SYS_PTRACE"
-        if scope == 2
-        else "not while Yama's scope is 3"
-    )
+    hint = _YAMA_HINTS.get(scope, "not while Yama's scope is 3")
     return False, (
         f"Yama ptrace_scope {scope} refuses it between sibling ranks: they send through the "
         f"socket (copies need {hint})"
