@@ -88,8 +88,13 @@ _REFILL_QUIET_S = 0.01  # refill the buffer pool only after this long without tr
 # How long a waiting caller polls the socket without sleeping before it blocks in select.  A
 # sleeping receiver costs the sender a wakeup inside its sendto and itself a scheduler round
 # trip (tens of us each, more under a hypervisor); a small op's answer usually comes sooner.
-# Bounded per wait, and only where each rank can have a CPU of its own (see _spin_budget).
+# Bounded per wait (see _spin_budget).
 _SPIN_S = 200e-6
+# Where ranks of this host outnumber its CPUs, a waiting caller still polls, but gives its CPU
+# away between polls (sched_yield): a peer that is runnable gets it at once, and the answer is
+# read without a sleep and a wakeup.  4 ranks on 2 cores, 1 KiB broadcast: 1.02-1.07 ms
+# blocking in select, 0.60-0.79 ms polling with yields, 1.39-2.07 ms polling without.
+_YIELD_SPIN_S = 500e-6
 
 _tuned = threading.local()
 
@@ -159,7 +164,7 @@ class Engine(Inbox, FarSender, Health):
         self._poll_until = -math.inf
         self._io_until = -math.inf
         self._sock_fd = sock.fileno()
-        self._spin_s = _spin_budget(sock.address[0], size)
+        self._spin_s, self._spin_yields = _spin_budget(sock.address[0], size)
         self._spin_poll = select.poll()
         self._spin_poll.register(self._sock_fd, select.POLLIN)
         # The core's timer as of its last input (every touch of the core ends by reading it).
@@ -490,7 +495,7 @@ class Engine(Inbox, FarSender, Health):
     def _spin(self, until: float) -> bool:
         """Poll the socket (lock released, no sleep) until it is readable or ``until``; whether
         it is.  Posters from other threads get the lock between polls."""
-        clock, poll = self.clock, self._spin_poll.poll
+        clock, poll, yields = self.clock, self._spin_poll.poll, self._spin_yields
         if clock() >= until:
             return False
         self.lock.release()
@@ -500,6 +505,8 @@ class Engine(Inbox, FarSender, Health):
                     return True
                 if clock() >= until:
                     return False
+                if yields:
+                    os.sched_yield()
         finally:
             self.lock.acquire()
 
@@ -582,14 +589,16 @@ class Engine(Inbox, FarSender, Health):
                 self.counters["send_blocked"] += 1
 
 
-def _spin_budget(host: str, size: int) -> float:
-    """:data:`_SPIN_S`, or 0 where ranks share CPUs: on loopback every rank is on this host,
-    and with more ranks than CPUs a spinning rank takes the CPU its peer needs to answer."""
+def _spin_budget(host: str, size: int) -> tuple[float, bool]:
+    """How long a waiting caller polls before it blocks, and whether it yields its CPU between
+    polls: :data:`_SPIN_S` where each rank can have a CPU of its own; where they share CPUs (on
+    loopback every rank is on this host), :data:`_YIELD_SPIN_S` with yields, since a rank that
+    polls without yielding takes the CPU its peer needs to answer."""
     from collectives.auth import is_loopback
 
     if is_loopback(host) and size > len(os.sched_getaffinity(0)):
-        return 0.0
-    return _SPIN_S
+        return _YIELD_SPIN_S, True
+    return _SPIN_S, False
 
 
 __all__ = ["Engine", "Landing"]

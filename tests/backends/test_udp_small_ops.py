@@ -229,10 +229,10 @@ def test_a_rank_that_goes_quiet_after_a_long_take_still_acknowledges() -> None:
     assert elapsed < 0.3
 
 
-def test_spinning_is_off_where_loopback_ranks_outnumber_the_cpus() -> None:
+def test_waits_poll_with_yields_where_loopback_ranks_outnumber_the_cpus() -> None:
     import os
 
     cpus = len(os.sched_getaffinity(0))
-    assert udp_io._spin_budget("127.0.0.1", cpus + 1) == 0.0
-    assert udp_io._spin_budget("127.0.0.1", 1) == udp_io._SPIN_S
-    assert udp_io._spin_budget("10.0.0.5", cpus + 1) == udp_io._SPIN_S
+    assert udp_io._spin_budget("127.0.0.1", cpus + 1) == (udp_io._YIELD_SPIN_S, True)
+    assert udp_io._spin_budget("127.0.0.1", 1) == (udp_io._SPIN_S, False)
+    assert udp_io._spin_budget("10.0.0.5", cpus + 1) == (udp_io._SPIN_S, False)
