@@ -93,7 +93,7 @@ _SPIN_S = 200e-6
 # Where ranks of this host outnumber its CPUs, a waiting caller still polls, but gives its CPU
 # away between polls (sched_yield): a peer that is runnable gets it at once, and the answer is
 # read without a sleep and a wakeup.  4 ranks on 2 cores, 1 KiB broadcast: 1.02-1.07 ms
-# blocking in select, 0.60-0.79 ms polling with yields, 1.39-2.07 ms polling without.
+# blocking in select, 0.60-0.86 ms polling with yields, 1.39-2.07 ms polling without.
 _YIELD_SPIN_S = 500e-6
 
 _tuned = threading.local()
