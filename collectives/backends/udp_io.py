@@ -19,8 +19,9 @@ Who runs what (a *turn*: feed every datagram the socket has to ``Endpoint.receiv
 * A wait that a turn satisfies leaves the core's output unasked for (see ``Engine._turn``).
 
 One lock guards the core (it is not thread-safe); ``select`` is the only syscall made without
-it, so datagrams leave in the order the core emits them.  Waits use ``select`` (microsecond
-timeouts, where ``poll`` counts milliseconds) with 1 us timer slack on the driving threads.
+it, so datagrams leave in the order the core emits them.  Waits (a bounded poll, then
+``select``: :mod:`~collectives.backends.udp_wait`) run with 1 us timer slack on the driving
+threads.
 
 Receiving (in :mod:`~collectives.backends.udp_inbox`): the core calls ``Engine._allocate`` once
 per message, in FIFO order per ``(peer, channel)``, when its meta is complete.  The codec header
@@ -45,8 +46,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import select
 import threading
 import time
 from collections import deque
@@ -58,6 +57,7 @@ from collectives.backends.udp_health import PEER_CLOSED, Health
 from collectives.backends.udp_inbox import Inbox, Key, Landing, _Incoming, _Queued
 from collectives.backends.udp_pool import BufferPool
 from collectives.backends.udp_socket import RECV_BYTES, fine_timer_slack
+from collectives.backends.udp_wait import Waits
 from collectives.codec import CodecOptions, Header
 from collectives.errors import (
     CollectivesError,
@@ -85,21 +85,10 @@ _IDLE_WAIT_S = 1.0  # the longest wait without a timer (a lost wakeup costs at m
 _IO_GRACE_S = 0.002  # how long the IO thread leaves the socket to callers after the last one
 _BUSY_S = 1.0  # a rank that posted or read within this is busy (see _run)
 _REFILL_QUIET_S = 0.01  # refill the buffer pool only after this long without traffic
-# How long a waiting caller polls the socket without sleeping before it blocks in select.  A
-# sleeping receiver costs the sender a wakeup inside its sendto and itself a scheduler round
-# trip (tens of us each, more under a hypervisor); a small op's answer usually comes sooner.
-# Bounded per wait (see _spin_budget).
-_SPIN_S = 200e-6
-# Where ranks of this host outnumber its CPUs, a waiting caller still polls, but gives its CPU
-# away between polls (sched_yield): a peer that is runnable gets it at once, and the answer is
-# read without a sleep and a wakeup.  4 ranks on 2 cores, 1 KiB broadcast: 1.02-1.07 ms
-# blocking in select, 0.60-0.86 ms polling with yields, 1.39-2.07 ms polling without.
-_YIELD_SPIN_S = 500e-6
-
 _tuned = threading.local()
 
 
-class Engine(Inbox, FarSender, Health):
+class Engine(Inbox, FarSender, Health, Waits):
     """Drives one :class:`Endpoint` over one :class:`UdpSocket` (see the module docstring)."""
 
     def __init__(
@@ -163,10 +152,7 @@ class Engine(Inbox, FarSender, Health):
         # poster knows whether an earlier timer needs a wakeup.
         self._poll_until = -math.inf
         self._io_until = -math.inf
-        self._sock_fd = sock.fileno()
-        self._spin_s, self._spin_yields = _spin_budget(sock.address[0], size)
-        self._spin_poll = select.poll()
-        self._spin_poll.register(self._sock_fd, select.POLLIN)
+        self._init_waits(sock.fileno(), sock.address[0], size)
         # The core's timer as of its last input (every touch of the core ends by reading it).
         self._timer: float | None = -math.inf  # -inf: not asked yet (a first turn asks)
         self._last_active = -math.inf  # when this rank last posted or read
@@ -176,9 +162,6 @@ class Engine(Inbox, FarSender, Health):
         self._unpumped = False  # the core was fed and not asked for output since (see _turn)
         self._drive_gen = 0  # counts the times callers started driving (see _run)
         self._io_deep = False  # the IO thread is parked until the last driver leaves
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
         self.ep = make_endpoint(self._allocate)
         self._thread = threading.Thread(target=self._run, name=f"udp-io-{rank}", daemon=True)
         self._thread.start()
@@ -352,13 +335,7 @@ class Engine(Inbox, FarSender, Health):
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
         self.sock.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"\0")
+        self._close_waits()
 
     # -- the IO thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -492,42 +469,6 @@ class Engine(Inbox, FarSender, Health):
         other = self.nat.timer()
         return other if timer is None or (other is not None and other < timer) else timer
 
-    def _spin(self, until: float) -> bool:
-        """Poll the socket (lock released, no sleep) until it is readable or ``until``; whether
-        it is.  Posters from other threads get the lock between polls."""
-        clock, poll, yields = self.clock, self._spin_poll.poll, self._spin_yields
-        if clock() >= until:
-            return False
-        self.lock.release()
-        try:
-            while True:
-                if poll(0):
-                    return True
-                if clock() >= until:
-                    return False
-                if yields:
-                    os.sched_yield()
-        finally:
-            self.lock.acquire()
-
-    def _block(self, until: float) -> None:  # :meth:`_select`, the lock released meanwhile
-        self.lock.release()
-        try:
-            self._select(until)
-        finally:
-            self.lock.acquire()
-
-    def _select(self, until: float) -> None:
-        """Wait until the socket is readable (writable, when sends wait for room), a wakeup
-        comes, or ``until`` (not holding the lock)."""
-        timeout = max(until - self.clock(), 0.0)
-        fd, wake_r = self._sock_fd, self._wake_r
-        ready, _, _ = select.select([fd, wake_r], [fd] if self._unsent else [], [], timeout)
-        if wake_r in ready:
-            self.counters["wakeups"] += 1
-            with contextlib.suppress(OSError):
-                os.read(wake_r, 4096)
-
     def _pump(self, now: float) -> None:
         """Hand out the core's events, send what it lets out, then what sending emitted (so a
         ``wait_framed`` returns now, not at the next datagram) (holding the lock)."""
@@ -587,18 +528,6 @@ class Engine(Inbox, FarSender, Health):
             if done < view.nbytes:
                 unsent.append((addr, view[done:], segment))
                 self.counters["send_blocked"] += 1
-
-
-def _spin_budget(host: str, size: int) -> tuple[float, bool]:
-    """How long a waiting caller polls before it blocks, and whether it yields its CPU between
-    polls: :data:`_SPIN_S` where each rank can have a CPU of its own; where they share CPUs (on
-    loopback every rank is on this host), :data:`_YIELD_SPIN_S` with yields, since a rank that
-    polls without yielding takes the CPU its peer needs to answer."""
-    from collectives.auth import is_loopback
-
-    if is_loopback(host) and size > len(os.sched_getaffinity(0)):
-        return _YIELD_SPIN_S, True
-    return _SPIN_S, False
 
 
 __all__ = ["Engine", "Landing"]

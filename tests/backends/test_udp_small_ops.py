@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from collectives.algorithms.sync import TOKEN
-from collectives.backends import udp_io
+from collectives.backends import udp_wait
 from collectives.backends.base import OpContext
 from collectives.backends.envelope import Envelope
 from collectives.backends.p2p import (
@@ -233,6 +233,6 @@ def test_waits_poll_with_yields_where_loopback_ranks_outnumber_the_cpus() -> Non
     import os
 
     cpus = len(os.sched_getaffinity(0))
-    assert udp_io._spin_budget("127.0.0.1", cpus + 1) == (udp_io._YIELD_SPIN_S, True)
-    assert udp_io._spin_budget("127.0.0.1", 1) == (udp_io._SPIN_S, False)
-    assert udp_io._spin_budget("10.0.0.5", cpus + 1) == (udp_io._SPIN_S, False)
+    assert udp_wait.spin_budget("127.0.0.1", cpus + 1) == (udp_wait._YIELD_SPIN_S, True)
+    assert udp_wait.spin_budget("127.0.0.1", 1) == (udp_wait._SPIN_S, False)
+    assert udp_wait.spin_budget("10.0.0.5", cpus + 1) == (udp_wait._SPIN_S, False)
