@@ -303,10 +303,11 @@ class UdpBackend(P2PBackend):
         try:
             for dst, msg in posts:
                 meta, body = envelope + bytes(msg.header), _bytes(msg)
-                if _far(engine, dst, body):
+                nbytes = sum(b.nbytes for b in body)
+                if _far(engine, dst, nbytes):
                     far.append((dst, engine.post_far(dst, cid, meta, body, dl)))
                 else:
-                    _send(engine, dst, cid, meta, body, dl=dl)
+                    _send_near(engine, dst, cid, meta, body, nbytes=nbytes, dl=dl)
         except BaseException:
             engine.forget_far(far)  # the op failed: nobody waits for their answers
             raise
@@ -408,10 +409,26 @@ def _send(
     hold: bool = False,
 ) -> None:
     """One post (see the module docstring): a far message, a copy, or a borrowed body."""
-    if _far(engine, dst, body):
+    nbytes = sum(b.nbytes for b in body)
+    if _far(engine, dst, nbytes):
         engine.send_far(dst, channel, meta, body, dl)  # udp_cma
         return
-    nbytes = sum(b.nbytes for b in body)
+    _send_near(engine, dst, channel, meta, body, nbytes=nbytes, dl=dl, hold=hold)
+
+
+def _send_near(
+    engine: Engine,
+    dst: int,
+    channel: int,
+    meta: bytes,
+    body: list[memoryview],
+    *,
+    nbytes: int,
+    dl: Deadline,
+    hold: bool = False,
+) -> None:
+    """A post through the socket: ``body`` (``nbytes`` in all) copied, or borrowed until it is
+    sealed."""
     if nbytes <= COPY_LIMIT:
         owned = [memoryview(b"".join(body))] if nbytes else []
         engine.send(dst, channel, meta, owned, hold=hold)
@@ -420,10 +437,10 @@ def _send(
     engine.wait_framed(dst, mid, dl)
 
 
-def _far(engine: Engine, dst: int, body: list[memoryview]) -> bool:
-    """Whether ``body`` goes to ``dst`` as a far message (udp_cma): a large one, to a rank that
-    may read this process."""
-    return dst in engine.cma_readers and sum(b.nbytes for b in body) >= cma.MIN_BYTES
+def _far(engine: Engine, dst: int, nbytes: int) -> bool:
+    """Whether a body of ``nbytes`` goes to ``dst`` as a far message (udp_cma): a large one, to
+    a rank that may read this process."""
+    return dst in engine.cma_readers and nbytes >= cma.MIN_BYTES
 
 
 def _bytes(msg: Encoded) -> list[memoryview]:
