@@ -63,9 +63,13 @@ def _load() -> Any:
     return _readv
 
 
+def _turned_off() -> bool:
+    return os.environ.get(ENV, "1").strip() in ("0", "off")
+
+
 def enabled() -> bool:
     """Linux, a libc with ``process_vm_readv``, and not turned off by ``COMFY_CLUSTER_CMA``."""
-    if not sys.platform.startswith("linux") or os.environ.get(ENV, "1").strip() in ("0", "off"):
+    if not sys.platform.startswith("linux") or _turned_off():
         return False
     try:
         _load()
@@ -87,7 +91,7 @@ def host_policy() -> tuple[bool, str]:
     each other here, and why, for ``comfycluster doctor``.  What the kernel allows is decided
     per pair when a world forms; this reads the settings that decide it."""
     if not enabled():
-        if sys.platform.startswith("linux") and os.environ.get(ENV, "1").strip() in ("0", "off"):
+        if sys.platform.startswith("linux") and _turned_off():
             return False, f"off ({ENV}=0): ranks of this host send bodies through the socket"
         return False, "no process_vm_readv here (it is Linux's): ranks of this host use the socket"
     try:
