@@ -71,6 +71,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from collectives import algorithms
+from collectives.algorithms.blocks import known_fit, landing_key, remember_fit
 from collectives.algorithms.sync import TOKEN, dissemination
 from collectives.backends.base import Backend, OpContext, copy_own_block
 from collectives.backends.envelope import NO_ROOT, Envelope, comm_id, op_envelope, user_envelope
@@ -436,15 +437,6 @@ def received_block(
     return value
 
 
-# Codec headers, with the options they were decoded under, that decode to a tensor of this dtype
-# and element count.  The outcome of a decode (its checks, the dtype, the size) follows from the
-# header and the options alone, never from an uncompressed payload's bytes, so a message that
-# landed in the caller's buffer under a known header is already in place: no decode, no checks
-# to repeat.  A loop of small ops repeats a few headers; cleared when full.
-_FITS: dict[tuple[bytes, CodecOptions], tuple[Any, int]] = {}
-_FITS_MAX = 64
-
-
 def place_block(
     out: torch.Tensor,
     msg: Encoded,
@@ -457,15 +449,11 @@ def place_block(
     """Put a received block into ``out``; no copy when it was received straight into it.
     ``into``: the byte view of ``out`` the receive was offered (the transport then returns it as
     the message's only buffer when the payload landed there)."""
-    landed = into is not None and len(msg.buffers) == 1 and msg.buffers[0] is into
-    key = (bytes(msg.header), codec) if landed else None
-    if key is not None and _FITS.get(key) == (out.dtype, out.numel()):
+    key = landing_key(msg, into, codec)
+    if known_fit(key, out):
         return
     got = received_block(msg, out, src, ctx, codec=codec)
-    if key is not None:
-        if len(_FITS) >= _FITS_MAX:
-            _FITS.clear()
-        _FITS[key] = (got.dtype, got.numel())
+    remember_fit(key, got)
     if got.data_ptr() != out.data_ptr() or got.device != out.device:
         out.copy_(got.view(out.shape))
 
