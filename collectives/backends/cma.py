@@ -218,14 +218,27 @@ class _Gathers(Protocol):
     def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: Any) -> None: ...
 
 
-def probe_world(backend: _Gathers, timeout: float) -> tuple[dict[int, int], frozenset[int]]:
+class _Peers(Protocol):
+    """Where :func:`probe_world` puts what it found (a backend's engine)."""
+
+    cma_sources: dict[int, int]
+    cma_readers: frozenset[int]
+
+
+def probe_world(backend: _Gathers, timeout: float, engine: _Peers) -> None:
     """Find who can read whose memory when a world forms: every rank tries every other once.
 
     Two small allgathers over ``backend`` (which must already move messages): probe
     descriptors, then who could read whom.  A rank with cross-memory attach off or unavailable
-    takes part with an empty descriptor.  Returns ``(sources, readers)``: peer -> the pid this
-    process may read (a message naming any other pid is refused), and the peers that may read
-    this process.  Every rank must call it, at the same point.
+    takes part with an empty descriptor.  Sets ``engine.cma_sources`` (peer -> the pid this
+    process may read; a message naming any other pid is refused) and ``engine.cma_readers``
+    (the peers that may read this process).  Every rank must call it, at the same point.
+
+    The sources are set before this rank's verdicts leave.  A peer that learns from them that
+    this rank can read it sends it same-host messages as soon as its own probe returns, which
+    can be before this one's (the verdicts' ring ends at different times on different ranks),
+    and the udp driver checks the sources the moment such a message arrives: set after the
+    probe, a 3-rank world under load refused a broadcast's first message now and then.
     """
     import torch
 
@@ -244,12 +257,12 @@ def probe_world(backend: _Gathers, timeout: float) -> tuple[dict[int, int], froz
         for r in range(size)
         if use and r != rank and can_read(every[r].numpy().tobytes())
     }
+    engine.cma_sources = readable  # before the verdicts leave (see above)
     mine = torch.tensor([r in readable for r in range(size)], dtype=torch.uint8)
     verdicts = torch.empty((size, size), dtype=torch.uint8)
     backend.allgather_into(verdicts, mine, ctx)
     del probe  # every peer has tried it
-    readers = frozenset(r for r in range(size) if r != rank and verdicts[r, rank])
-    return readable, readers
+    engine.cma_readers = frozenset(r for r in range(size) if r != rank and verdicts[r, rank])
 
 
 __all__ = [

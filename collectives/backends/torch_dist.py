@@ -157,7 +157,7 @@ class TorchBackend(Backend):
     def _probe_cma(self, timeout: float) -> None:
         """Who can read whose memory (:func:`cma.probe_world`): the engine's ``cma_sources``
         (peer -> pid this process may read) and ``cma_readers`` (peers that may read it)."""
-        self._engine.cma_sources, self._engine.cma_readers = cma.probe_world(self, timeout)
+        cma.probe_world(self, timeout, self._engine)
 
     # -- helpers -------------------------------------------------------------------------------
     def _check(self, ctx: OpContext) -> None:

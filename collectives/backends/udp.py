@@ -204,7 +204,7 @@ class UdpBackend(P2PBackend):
         engine = self._engine
         assert engine is not None
         try:
-            engine.cma_sources, engine.cma_readers = cma.probe_world(self, timeout)
+            cma.probe_world(self, timeout, engine)
         except BaseException:
             self.abort("the same-host probe failed")
             self.close()

@@ -50,6 +50,55 @@ def test_thread_worlds_do_not_probe_themselves_readable() -> None:
     assert run_world(2, keyed(2), fn) == [({}, frozenset())] * 2
 
 
+class _ProbeBackend:
+    """Rank 0 of 2 for :func:`cma.probe_world`, its peer a probe in a real child process;
+    records what the engine held when the verdicts left."""
+
+    rank, size = 0, 2
+
+    def __init__(self, engine: Any, peer_descriptor: bytes) -> None:
+        self.engine = engine
+        self.peer_descriptor = peer_descriptor
+        self.sources_at_verdicts: dict[int, int] | None = None
+
+    def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: Any) -> None:
+        out[0].copy_(tensor)
+        if out.shape[1] == cma.DESCRIPTOR_BYTES:  # the descriptors
+            out[1].copy_(torch.frombuffer(bytearray(self.peer_descriptor), dtype=torch.uint8))
+            return
+        self.sources_at_verdicts = dict(self.engine.cma_sources)  # the verdicts leave now
+        out[1].copy_(torch.tensor([1, 0], dtype=torch.uint8))  # the peer can read rank 0
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.cma_sources: dict[int, int] = {}
+        self.cma_readers: frozenset[int] = frozenset()
+
+
+def test_the_probe_sets_the_sources_before_the_verdicts_leave() -> None:
+    """A peer that learns from this rank's verdict that it is read may send a same-host message
+    before this rank's probe returns; the driver checks the sources when it arrives."""
+    code = (
+        "import sys; from collectives.backends import cma; p = cma.Probe(); "
+        "print(p.descriptor().hex(), flush=True); sys.stdin.read()"
+    )
+    peer = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert peer.stdout is not None
+        descriptor = bytes.fromhex(peer.stdout.readline().strip())
+        engine = _Engine()
+        backend = _ProbeBackend(engine, descriptor)
+        cma.probe_world(backend, 5.0, engine)
+    finally:
+        peer.communicate("", timeout=30)
+    assert backend.sources_at_verdicts == {1: peer.pid}
+    assert engine.cma_sources == {1: peer.pid} and engine.cma_readers == frozenset({1})
+
+
 def test_far_messages_carry_every_collective_bit_exact() -> None:
     def fn(comm: Communicator) -> Any:
         _readable(comm)
