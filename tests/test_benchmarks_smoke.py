@@ -295,3 +295,17 @@ def test_machine_info_records_shm_and_warns_when_full() -> None:
     assert shm_warning({"shm_used_bytes": SHM_WARN_BYTES - 1}) is None
     warning = shm_warning({"shm_used_bytes": 2 * SHM_WARN_BYTES})
     assert warning is not None and "/dev/shm" in warning and "537 MB" in warning
+
+
+@udp_available
+def test_udp_hop_trace_splits_one_way(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import udp_hop_trace
+
+    assert udp_hop_trace.main(["--iters", "200"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    times = {line.split(" us  ", 1)[1]: float(line.split()[0]) for line in lines}
+    assert len(times) == 7, lines  # every step was stamped in some iteration
+    assert all(_finite_positive(t) for t in times.values())
+    steps = sum(t for name, t in times.items() if name != "one way in all")
+    # Medians of parts need not add up to the median of the whole, but not by a factor of 2.
+    assert 0.5 * times["one way in all"] < steps < 2 * times["one way in all"]
