@@ -28,9 +28,15 @@ from typing import Any
 Marks = list[tuple[str, int]]
 
 
-def _stamp(marks: Marks, cls: type, name: str, tag: str, *, only: Callable[[Any], bool]) -> None:
-    """Wrap ``cls.name`` so that each call appends ``(tag, ns)`` when it returns a value
-    ``only`` accepts (a read that found nothing is not a step)."""
+def _always(result: object) -> bool:
+    return True
+
+
+def _stamp(
+    marks: Marks, cls: type, name: str, tag: str, *, only: Callable[[Any], bool] = _always
+) -> None:
+    """Wrap ``cls.name`` so that each call appends ``(tag + ">", start)`` and ``(tag + "<",
+    end)`` when it returns a value ``only`` accepts (a read that found nothing is no step)."""
     inner = getattr(cls, name)
     clock = time.perf_counter_ns
 
@@ -54,27 +60,26 @@ def _rank_main(out: Path, iters: int, nbytes: int) -> None:
 
     comm = init("udp", timeout=60.0)
     marks: Marks = []
-    always: Callable[[Any], bool] = lambda result: True  # noqa: E731
-    _stamp(marks, udp_io.Engine, "send", "driver send", only=always)
-    _stamp(marks, udp_socket.UdpSocket, "_send_one", "sendto", only=always)
+    _stamp(marks, udp_io.Engine, "send", "driver send")
+    _stamp(marks, udp_socket.UdpSocket, "_send_one", "sendto")
     _stamp(marks, udp_socket.UdpSocket, "read_into", "read", only=lambda r: r is not None)
-    _stamp(marks, udp_io.Engine, "_turn", "turn", only=always)
+    _stamp(marks, udp_io.Engine, "_turn", "turn")
     buf = torch.from_numpy(np.full(nbytes, 1, dtype=np.uint8))
     rows = []
     clock = time.perf_counter_ns
     for i in range(iters):
         marks.clear()
-        start = clock()
+        row: dict[str, Any] = {"start": clock()}
         if comm.rank == 0:
             comm.send_buffer(buf, 1)
             comm.recv_into(buf, 1)
         else:
             comm.recv_into(buf, 0)
-            received = clock()
+            row["received"] = clock()  # rank 1 answers: the end of rank 0's one way
             comm.send_buffer(buf, 0)
+        row["marks"] = list(marks)
         if i >= iters // 10:  # warm-up left out
-            rows.append({"start": start, "marks": list(marks), "end": clock()}
-                        | ({"received": received} if comm.rank else {}))  # fmt: skip
+            rows.append(row)
     (out / f"rank{comm.rank}.json").write_text(json.dumps(rows))
     comm.close()
 
