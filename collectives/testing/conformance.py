@@ -376,9 +376,19 @@ def scenario_rank_silent(comm: Communicator, timeout: float) -> dict[str, Any]:
 
 @scenario
 def scenario_rank_exit(comm: Communicator, timeout: float) -> dict[str, Any]:
-    """The last rank's process exits in the middle of the job (not on the in-process backend)."""
+    """The last rank's process exits in the middle of the job (not on the in-process backend).
+
+    It leaves after a barrier, so every rank has joined the world first: a rank that exits
+    while another still forms it is another scenario (that one fails in ``init``, and under a
+    launcher it is stopped before it could report)."""
     start = time.monotonic()
     if comm.rank == comm.size - 1:
+        comm.barrier(timeout=timeout)
         os._exit(17)
-    error = _attempt(lambda: comm.allgather(comm.rank, timeout=timeout))
+
+    def job() -> None:
+        comm.barrier(timeout=timeout)
+        comm.allgather(comm.rank, timeout=timeout)
+
+    error = _attempt(job)
     return {"error": error, "elapsed": time.monotonic() - start}

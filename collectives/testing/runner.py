@@ -48,16 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    if args.scenario:
+        # A launcher stops the other ranks (SIGTERM) as soon as one exits; the scenario is about
+        # what the survivors see, so let them finish and write their report (the launcher still
+        # SIGKILLs them after its grace period if they hang).  Before init: a rank may still be
+        # forming the world when another is done with it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     comm = init(args.backend, timeout=args.timeout)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"rank": comm.rank, "size": comm.size, "backend": comm.backend}
     path = args.out / f"rank{comm.rank}.json"
     ok = True
     if args.scenario:
-        # A launcher stops the other ranks (SIGTERM) as soon as one exits; the scenario is about
-        # what the survivors see, so let them finish and write their report (the launcher still
-        # SIGKILLs them after its grace period if they hang).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # Written before the run too, so a rank that exits on purpose still leaves a record.
         report["scenario"] = {"name": args.scenario, "started": True}
         path.write_text(json.dumps(report))
