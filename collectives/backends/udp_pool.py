@@ -75,16 +75,15 @@ class BufferPool:
 
     def put(self, buf: memoryview) -> None:
         """``buf`` (from :meth:`get`) is not used any more."""
-        master = _master(buf)
+        master = _master(_view(buf))
         with self._lock:
             self._keep(master)
 
     def gone(self, buf: memoryview) -> None:
         """``buf`` (from :meth:`get`) left with its message: it comes back once its holder drops
         it, and is replaced meanwhile."""
-        view = buf.obj
-        assert isinstance(view, np.ndarray)
-        master = _master(buf)
+        view = _view(buf)
+        master = _master(view)
         nbytes = master.nbytes
         with self._lock:
             self._lent.append((nbytes, weakref.ref(view), master))
@@ -167,10 +166,15 @@ class BufferPool:
             self._bytes -= size
 
 
-def _master(buf: memoryview) -> np.ndarray:
-    """The array whose memory ``buf`` (from :meth:`BufferPool.get`) is."""
+def _view(buf: memoryview) -> np.ndarray:
+    """The view of a master that ``buf`` (from :meth:`BufferPool.get`) exposes."""
     view = buf.obj
     assert isinstance(view, np.ndarray)
+    return view
+
+
+def _master(view: np.ndarray) -> np.ndarray:
+    """The array whose memory ``view`` is."""
     base = view.base
     return base if isinstance(base, np.ndarray) else view
 
