@@ -1,10 +1,13 @@
 """Reduce and allreduce of tensors: trees and recursive doubling for small tensors, the ring
-(:mod:`~collectives.algorithms.ring_reduce`) for large ones.
+(:mod:`~collectives.algorithms.ring_reduce`) for large ones (a reduce keeps its tree in worlds
+of up to :data:`TREE_MAX_RANKS` ranks).
 
 Every result is bit-identical on every rank, for every :class:`ReduceOp` and dtype, because each
 element is reduced along one fixed tree of ranks that does not depend on who computes it:
 
-* tree reduce: a node combines its own value with its children's, in a fixed child order;
+* tree reduce: a node combines its own value with its children's, in a fixed child order (a
+  non-root folds its own values into its first child's partial, the root its children's
+  partials into its own values: the result is only the root's);
 * recursive doubling: both partners of a round compute ``(lower half's value) op (upper half's
   value)`` from the same two operands, so they hold the same bytes after every round (the
   operand order is fixed even for ops that commute, so NaN payloads and signed zeros agree too);
@@ -20,41 +23,72 @@ from typing import TYPE_CHECKING
 from collectives.algorithms import ring_reduce
 from collectives.algorithms.blocks import recv_tensor
 from collectives.algorithms.link import Link, binomial_parent_children
+from collectives.algorithms.scratch import partial_buffer
 from collectives.codec import encode
-from collectives.errors import RemoteProtocolError
 from collectives.reduce_op import ReduceOp, combine_, finish_
 
 if TYPE_CHECKING:
     import torch
 
+TREE_MAX_RANKS = 4
+"""Worlds up to this size reduce large tensors up the tree too (see :func:`reduce_tensor`)."""
+
 
 def reduce_tensor(link: Link, tensor: torch.Tensor, root: int, op: ReduceOp) -> None:
     """Reduce into ``tensor`` on the root.  Other ranks' tensors are left unchanged.
 
-    Small tensors go up a binomial tree (log2(size) steps, the root combines log2(size) whole
-    tensors); large ones are reduce-scattered on the ring and gathered to the root, so no rank
-    receives more than about two tensors' worth.
+    Up a binomial tree (log2(size) steps, the root combines log2(size) whole tensors), unless
+    the tensor is large and the world has more than :data:`TREE_MAX_RANKS` ranks: then it is
+    reduce-scattered on the ring and gathered to the root, so no rank receives more than about
+    two tensors' worth.  The tree moves the fewest bytes (each rank's tensor once) in the fewest
+    hops; the ring balances what each rank receives.  On one host every byte copied costs the
+    same memory bus, so fewer bytes win: 16 MiB float32 on udp (same-host copies, 2 cores),
+    medians of the root's time, tree against ring: 2 ranks 1.6 against 2.6-3.0 ms, 4 ranks
+    6.3-7.1 against 9.9-11.1 ms, 8 ranks 17-21 against 40-45 ms.  Between hosts the root's link
+    is the limit, and there the tree's log2(size) tensors into the root cost more than the
+    ring's 2(size-1)/size from 8 ranks on (3 against 1.75): hence the bound.
     """
-    if link.size > 1 and ring_reduce.use_ring(_nbytes(tensor), link.size):
+    size = link.size
+    if size > TREE_MAX_RANKS and ring_reduce.use_ring(_nbytes(tensor), size):
         ring_reduce.reduce(link, tensor, root, op)
         return
-    size = link.size
     vrank = (link.rank - root) % size
     parent, children = binomial_parent_children(vrank, size)
-    acc = tensor if link.rank == root else tensor.clone()
+    own = tensor if tensor.is_contiguous() else tensor.contiguous()
+    flat = own.view(-1)
+    # The children's partials are received into scratch memory (see _partial), the first one
+    # combined with this rank's values there (its own tensor stays unchanged), the next ones
+    # into it; the root combines into its own tensor.
+    acc = flat if parent is None else None
     for child in reversed(children):
         src = (child + root) % size
-        other = link.decode_tensor(link.recv(src), src)
-        if other.shape != acc.shape:
-            raise RemoteProtocolError(
-                f"{link.deadline.op}: rank {src} sent a block that does not match this rank's "
-                f"tensor {tuple(acc.shape)} {acc.dtype}"
-            )
-        combine_(acc, other.to(acc.dtype), op)
+        other = _partial(link, 0 if acc is None else 1, flat)
+        recv_tensor(link, src, other)
+        if acc is None:
+            combine_(other, flat, op)  # the child's subtree first, then this rank's values
+            acc = other
+        else:
+            combine_(acc, other, op)
     if parent is not None:
-        link.send((parent + root) % size, encode(acc))
-    else:
-        finish_(acc, op, size)
+        out = own if acc is None else acc  # a leaf sends its own values
+        if out is tensor and not ring_reduce.sends_copies(link):
+            out = out.clone()  # a link that sends by reference must not lend the caller's tensor
+        link.send((parent + root) % size, encode(out))
+        return
+    finish_(own, op, size)
+    if own is not tensor:
+        tensor.copy_(own)
+
+
+def _partial(link: Link, slot: int, like: torch.Tensor) -> torch.Tensor:
+    """A buffer for a child's partial: scratch slot ``slot`` (:mod:`.scratch`) where the link is
+    done with a message when ``send`` returns, else a fresh tensor (the partial may be sent
+    by reference)."""
+    import torch
+
+    if ring_reduce.sends_copies(link):
+        return partial_buffer(slot, like.numel(), like)
+    return torch.empty(like.numel(), dtype=like.dtype, device=like.device)
 
 
 def allreduce_tensor(

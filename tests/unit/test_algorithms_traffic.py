@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from collectives.algorithms import large_broadcast
+from collectives.algorithms import large_broadcast, reduction
 from collectives.backends.base import BackendConfig, OpContext
 from collectives.backends.envelope import Envelope
 from collectives.backends.local import LocalBackend
@@ -126,8 +126,10 @@ def test_large_allreduce_moves_2_n_minus_1_over_n_of_the_tensor(size: int) -> No
         assert ideal <= sent <= ideal * 1.01  # codec headers are the only extra
 
 
-@pytest.mark.parametrize("size", [3, 6])
-def test_large_reduce_root_receives_about_one_tensor(size: int) -> None:
+@pytest.mark.parametrize("size", [3, 4, 6])
+def test_large_reduce_moves_each_tensor_once_on_the_tree_and_balances_on_the_ring(
+    size: int,
+) -> None:
     numel = MiB
     root = 1
     got: dict[int, bool] = {}
@@ -141,8 +143,12 @@ def test_large_reduce_root_receives_about_one_tensor(size: int) -> None:
     posted = _spmd(size, fn)
     assert got == {root: True}
     tensor = numel * 4
-    # Every rank sends (size-1)/size of the tensor in the reduce-scatter; non-roots then send
-    # their block (1/size) to the root.
     for rank, sent in enumerate(posted):
-        ideal = tensor * (size - 1) / size + (0 if rank == root else tensor / size)
+        if size <= reduction.TREE_MAX_RANKS:
+            # Up the tree: every non-root sends one tensor (its own or its subtree's partial).
+            ideal = 0.0 if rank == root else tensor
+        else:
+            # Every rank sends (size-1)/size of the tensor in the reduce-scatter; non-roots
+            # then send their block (1/size) to the root.
+            ideal = tensor * (size - 1) / size + (0 if rank == root else tensor / size)
         assert ideal <= sent <= ideal * 1.01
