@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._worker import Progress, WorkerSpec, run_local_world
+from comfyui_cluster.launchers.launch import THP_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 _POLL_S = 0.2
@@ -129,6 +130,9 @@ def _run_and_follow(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     # Two cores, several ranks: intra-op threads would only fight the ranks for them.
     env.setdefault("OMP_NUM_THREADS", "1")
+    # What comfycluster-launch gives its ranks (launchers.launch.THP_ENV), for mpiexec's too:
+    # every engine of a run allocates its tensors alike.
+    env.setdefault(THP_ENV, "1")
     log_path = out / "world.log"
     progress_path = out / "progress"
     deadline = time.monotonic() + timeout
