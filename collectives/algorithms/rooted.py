@@ -18,9 +18,10 @@ def broadcast(
 ) -> Encoded:
     """The root's ``msg`` on every rank.
 
-    Below :data:`~.large_broadcast.HEAD_BYTES` (or with two ranks) the message goes whole down a
-    binomial tree: log2(size) sequential hops, the root sends log2(size) copies.  Larger ones
-    take :mod:`~.large_broadcast`: the root sends about two copies whatever the world size.
+    Below :data:`~.large_broadcast.HEAD_BYTES` (or in a world of up to
+    :data:`~.large_broadcast.TREE_MAX_RANKS` ranks) the message goes whole down a binomial tree:
+    log2(size) sequential hops, the root sends log2(size) copies.  Larger ones take
+    :mod:`~.large_broadcast`: the root sends about two copies whatever the world size.
 
     ``into``: where a non-root's payload may land (see :class:`Link`); it is forwarded from
     there.  It is offered to the first receive whenever that receive is the whole message: with
@@ -42,7 +43,9 @@ def broadcast(
         send_each(link, [(dst, msg) for dst in targets])
         return msg
     src = (parent + root) % size
-    whole = into is not None and (size <= 2 or into.nbytes < large_broadcast.HEAD_BYTES)
+    whole = into is not None and (
+        size <= large_broadcast.TREE_MAX_RANKS or into.nbytes < large_broadcast.HEAD_BYTES
+    )
     first = link.recv(src, into if whole else None)
     send_each(link, [(dst, first) for dst in targets])  # the whole message, or a large one's head
     if large_broadcast.is_large(first.nbytes, size):

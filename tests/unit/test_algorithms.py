@@ -263,10 +263,11 @@ def test_broadcast_into_small_large_and_empty(size: int) -> None:
     assert _run(size, fn) == [[]] * size
 
 
-@pytest.mark.parametrize("size", [3, 4, 7])
+@pytest.mark.parametrize("size", [3, 4, 5, 7])
 def test_broadcast_messages_around_the_head_size(size: int) -> None:
     """Bytes messages whose total size (codec header included) is just below, at and just
-    above HEAD_BYTES: the first takes the tree, the others the large path, and all arrive."""
+    above HEAD_BYTES: the first takes the tree, the others the large path (above
+    TREE_MAX_RANKS ranks; with fewer all go down the tree), and all arrive."""
     overhead = len(_encoded_header(b""))
 
     def fn(comm: Communicator) -> list[bool]:
