@@ -7,8 +7,9 @@ its deadline.  Small messages take latency-bound shapes: a binomial tree for bro
 reduce, recursive doubling for allreduce.  Large ones take bandwidth-bound shapes, so no rank
 sends or receives more than about two copies of the payload whatever the world size: broadcast
 as scatter + ring allgather (:mod:`.large_broadcast`), allreduce and reduce as a ring
-reduce-scatter followed by a ring allgather or a gather (:mod:`.ring_reduce`), except that a
-reduce in a world of a few ranks stays on its tree (fewer bytes and hops:
+reduce-scatter followed by a ring allgather or a gather (:mod:`.ring_reduce`).  In a world of
+up to four ranks, broadcast and reduce stay on their trees whatever the size (at most two
+copies through the root either way, in fewer hops: :data:`.large_broadcast.TREE_MAX_RANKS`,
 :func:`.reduction.reduce_tensor`).  Allgather is a ring, gather and scatter are direct, the
 barrier is dissemination.
 """

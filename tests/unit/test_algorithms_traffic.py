@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from collectives.algorithms import large_broadcast, reduction
+from collectives.algorithms import large_broadcast, reduction, ring
 from collectives.backends.base import BackendConfig, OpContext
 from collectives.backends.envelope import Envelope
 from collectives.backends.local import LocalBackend
@@ -30,15 +30,22 @@ class CountingBackend(LocalBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.posted = 0
+        self.posts_to: list[int] = []  # the destination of every post, in order
 
     def _post(self, dst: int, channel: str, env: Envelope, msg: Encoded, dl: Deadline) -> None:
         if channel == COLLECTIVE_CHANNEL:
             self.posted += msg.nbytes
+            self.posts_to.append(dst)
         super()._post(dst, channel, env, msg, dl)
 
 
-def _spmd(size: int, fn: Callable[[CountingBackend, OpContext], Any]) -> list[int]:
-    """Run ``fn`` on every rank of a fresh counting world; bytes each rank posted."""
+def _spmd(
+    size: int,
+    fn: Callable[[CountingBackend, OpContext], Any],
+    posts_to: list[list[int]] | None = None,
+) -> list[int]:
+    """Run ``fn`` on every rank of a fresh counting world; bytes each rank posted (and, into
+    ``posts_to``, each rank's destinations)."""
     name = f"traffic-{uuid.uuid4().hex}"
     backends = [
         CountingBackend.create(BackendConfig(rank=r, size=size, world=name)) for r in range(size)
@@ -57,6 +64,8 @@ def _spmd(size: int, fn: Callable[[CountingBackend, OpContext], Any]) -> list[in
     for t in threads:
         t.join(timeout=90)
     assert not any(t.is_alive() for t in threads), "a rank hung"
+    if posts_to is not None:
+        posts_to.extend(b.posts_to for b in backends)
     for b in backends:
         b.close()
     if errors:
@@ -157,3 +166,25 @@ def test_large_reduce_moves_each_tensor_once_on_the_tree_and_balances_on_the_rin
             # then send their block (1/size) to the root.
             ideal = tensor * (size - 1) / size + (0 if rank == root else tensor / size)
         assert ideal <= sent <= ideal * 1.01
+
+
+@pytest.mark.parametrize("size", [3, 4, 5])
+def test_allgather_posts_directly_in_small_worlds_and_around_the_ring_in_larger(size: int) -> None:
+    numel = MiB // 4
+    ok: dict[int, bool] = {}
+
+    def fn(b: CountingBackend, ctx: OpContext) -> None:
+        out = torch.empty(size * numel)
+        b.allgather_into(out, torch.full((numel,), float(b.rank)), ctx)
+        want = torch.arange(size, dtype=torch.float32).repeat_interleave(numel)
+        ok[b.rank] = bool(torch.equal(out, want))
+
+    dests: list[list[int]] = []
+    posted = _spmd(size, fn, dests)
+    assert ok == dict.fromkeys(range(size), True)
+    for rank, to in enumerate(dests):
+        if size <= ring.DIRECT_MAX_RANKS:  # its own block, once to every other rank
+            assert sorted(to) == [p for p in range(size) if p != rank]
+        else:  # size - 1 blocks, all to its right neighbour
+            assert to == [(rank + 1) % size] * (size - 1)
+        assert numel * 4 * (size - 1) <= posted[rank] <= numel * 4 * (size - 1) * 1.01
