@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +310,16 @@ def test_udp_hop_trace_splits_one_way(capsys: pytest.CaptureFixture[str]) -> Non
     steps = sum(t for name, t in times.items() if name != "one way in all")
     # Medians of parts need not add up to the median of the whole, but not by a factor of 2.
     assert 0.5 * times["one way in all"] < steps < 2 * times["one way in all"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process_vm_readv is Linux's")
+def test_cma_pages_prints_a_rate_per_kind_of_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import cma_pages
+
+    assert cma_pages.main(["--reps", "3", "--mib", "4"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    kinds = {
+        row.split(" | ")[0].lstrip("| "): float(row.split(" | ")[2].rstrip(" |")) for row in rows
+    }
+    assert set(kinds) == {"torch, 4 KiB pages", "torch, huge pages", "numpy"}, rows
+    assert all(_finite_positive(rate) for rate in kinds.values())
