@@ -35,9 +35,9 @@ THP_ENV = "THP_MEM_ALLOC_ENABLE"
 """torch's switch for transparent huge pages in its CPU allocator (tensors of 2 MiB and up), on
 by default in the ranks (the environment's value wins).  A same-host peer copies a large message
 straight out of the sender's tensor with ``process_vm_readv``, which pins every page it reads:
-16 MiB from huge pages at 11-30 GB/s, from 4 KiB pages at 7-8 GB/s here (a 4-rank 16 MiB reduce
-6.2-7.1 ms against 9.1-9.3 ms).  torch reads it once, at its first allocation, so it must be in
-the environment a rank starts with."""
+16 MiB out of huge pages at 15-23 GB/s, out of 4 KiB pages at 5.5-10 GB/s here (``python -m
+benchmarks.cma_pages``; a 4-rank 16 MiB reduce on udp 6.2-6.3 ms against 9.1-9.3 ms).  torch
+reads it once, at its first allocation, so it must be in the environment a rank starts with."""
 
 
 def child_env(

@@ -45,6 +45,7 @@ def partial_buffer(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
     if buf is None or buf.numel() < nbytes:
         # numpy's memory, not torch's: numpy asks for transparent huge pages (arrays of 4 MiB up),
         # and a same-host peer copies a partial out of this memory (process_vm_readv pins
-        # every page it reads: 16 MiB from huge pages at 17-30 GB/s, from 4 KiB pages 7-8).
+        # every page it reads: 16 MiB out of huge pages at 15-23 GB/s, out of 4 KiB pages at
+        # 5.5-10 here; python -m benchmarks.cma_pages).
         buf = slots[slot] = torch.from_numpy(np.empty(nbytes, dtype=np.uint8))
     return buf[:nbytes].view(like.dtype)
