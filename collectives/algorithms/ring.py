@@ -52,19 +52,20 @@ def _direct(link: Link, msg: Encoded, into: Sequence[memoryview | None] | None) 
     size, rank = link.size, link.rank
     others = [(rank + k) % size for k in range(1, size)]
     withdraws: list[Callable[[], None]] = []
+    out: list[Encoded] = [msg] * size
     try:
         for src in others:
             withdraw = offer_to(link, src, None if into is None else into[src])
             if withdraw is not None:
                 withdraws.append(withdraw)
         send_each(link, [(dst, msg) for dst in others])
-    except BaseException:
+        for src in others:
+            out[src] = link.recv(src, None if into is None else into[src])
+    finally:
+        # A take uses up its offer; one left (a send or an earlier receive failed) must not
+        # catch a later op's message.
         for withdraw in withdraws:
-            withdraw()  # no recv takes them: a later op's message must not land there
-        raise
-    out: list[Encoded] = [msg] * size
-    for src in others:
-        out[src] = link.recv(src, None if into is None else into[src])
+            withdraw()
     return out
 
 
