@@ -123,50 +123,73 @@ function stale(row) {
 }
 
 // actions: { queue(), interrupt(), free(), getWeights(), setWeights(value) }
+// A status push comes every heartbeat, and each redraws the panel. The panel element and the
+// leader's controls (buttons, the weights input) are made once per root and stay in the page
+// across redraws: an input that was replaced lost the user's half-typed weights, the caret and
+// the focus, and the Enter that followed went to a fresh input with nothing to change.
 export function renderPanel(root, view, actions) {
-  root.replaceChildren();
-  const panel = el("div", { className: "cluster-panel", dataset: { testid: "cluster-panel" } });
-  root.append(panel);
+  let panel = root.__clusterPanel;
+  if (!panel || panel.parentNode !== root) {
+    panel = el("div", { className: "cluster-panel", dataset: { testid: "cluster-panel" } });
+    root.replaceChildren(panel);
+    root.__clusterPanel = panel;
+  }
+  const head = [];
+  const tail = [];
+  let controls = null;
   if (!view) {
-    panel.append(el("div", {}, "Waiting for the cluster's status…"));
-    return;
+    head.push(el("div", {}, "Waiting for the cluster's status…"));
+  } else if (view.size <= 1) {
+    head.push(el("h3", {}, "Cluster"), el("div", {}, "This ComfyUI is a single instance (no cluster)."));
+  } else {
+    head.push(
+      el("h3", {}, `Cluster · ${view.size} ranks`),
+      el(
+        "div",
+        { className: "cluster-summary" },
+        `world ${view.epoch} · ${view.state} · this is rank ${view.rank}` +
+          ` · heartbeat ${view.heartbeat_s} s, lost after ${view.heartbeat_timeout_s} s`,
+      ),
+    );
+    if (view.is_leader) controls = leaderControls(root, view, actions);
+    else tail.push(followerNotice(view));
+    if (view.leader_error) tail.push(el("div", { className: "cluster-error" }, view.leader_error));
+    for (const row of view.rows ?? []) tail.push(rankCard(row, 0));
   }
-  if (view.size <= 1) {
-    panel.append(el("h3", {}, "Cluster"), el("div", {}, "This ComfyUI is a single instance (no cluster)."));
-    return;
+  // Everything but the controls goes; they never leave the page (leaving would blur the input).
+  for (const child of [...panel.children]) if (child !== controls) child.remove();
+  if (controls && controls.parentNode === panel) {
+    controls.before(...head);
+    controls.after(...tail);
+  } else {
+    panel.append(...head, ...(controls ? [controls] : []), ...tail);
   }
-  panel.append(
-    el("h3", {}, `Cluster · ${view.size} ranks`),
-    el(
-      "div",
-      { className: "cluster-summary" },
-      `world ${view.epoch} · ${view.state} · this is rank ${view.rank}` +
-        ` · heartbeat ${view.heartbeat_s} s, lost after ${view.heartbeat_timeout_s} s`,
-    ),
-  );
-  if (view.is_leader) {
+}
+
+function leaderControls(root, view, actions) {
+  let controls = root.__clusterControls;
+  if (!controls) {
     const weights = el("input", {
-      value: actions.getWeights(),
-      placeholder: view.weights_env || "equal",
       title: "Per-rank fan-out weights for the next prompt, e.g. 3,1 (empty: equal, or COMFY_CLUSTER_WEIGHTS)",
       dataset: { testid: "cluster-weights" },
       onchange: (e) => actions.setWeights(e.target.value.trim()),
     });
-    panel.append(
-      el(
-        "div",
-        { className: "cluster-controls" },
-        el("button", { dataset: { testid: "cluster-queue" }, onclick: () => actions.queue() }, "Queue Cluster"),
-        el("button", { dataset: { testid: "cluster-interrupt" }, onclick: () => actions.interrupt() }, "Interrupt all"),
-        el("button", { dataset: { testid: "cluster-free" }, onclick: () => actions.free() }, "Free memory"),
-        el("label", {}, "weights ", weights),
-      ),
+    controls = el(
+      "div",
+      { className: "cluster-controls" },
+      el("button", { dataset: { testid: "cluster-queue" }, onclick: () => actions.queue() }, "Queue Cluster"),
+      el("button", { dataset: { testid: "cluster-interrupt" }, onclick: () => actions.interrupt() }, "Interrupt all"),
+      el("button", { dataset: { testid: "cluster-free" }, onclick: () => actions.free() }, "Free memory"),
+      el("label", {}, "weights ", weights),
     );
-  } else {
-    panel.append(followerNotice(view));
+    controls.__weights = weights;
+    root.__clusterControls = controls;
   }
-  if (view.leader_error) panel.append(el("div", { className: "cluster-error" }, view.leader_error));
-  for (const row of view.rows ?? []) panel.append(rankCard(row, 0));
+  const weights = controls.__weights;
+  weights.placeholder = view.weights_env || "equal";
+  // The setting may have changed elsewhere (the settings dialog); not under the user's hands.
+  if (document.activeElement !== weights) weights.value = actions.getWeights();
+  return controls;
 }
 
 function followerNotice(view) {

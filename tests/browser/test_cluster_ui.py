@@ -1,9 +1,10 @@
 """The cluster's UI in a real browser, on a real 2-rank cluster: what a new user sees and does.
 
 One cluster for the module (ComfyUI starts in ~15 s on two cores), one leader page for the tests
-in order: the panel lists both ranks; weights typed in the panel go with the next prompt; the
-"Queue Cluster" button in the action bar runs a loaded cluster workflow and the leader saves the
-images; "Interrupt all" stops a running prompt on both ranks and the next one runs; "Free memory"
+in order: the panel lists both ranks; a status push while the user types the weights keeps the
+text and the focus; weights typed in the panel go with the next prompt; the "Queue Cluster"
+button in the action bar runs a loaded cluster workflow and the leader saves the images;
+"Interrupt all" stops a running prompt on both ranks and the next one runs; "Free memory"
 reaches both ranks; the follower's control endpoint refuses forged, wrongly addressed and unknown
 commands (sealed UDP datagrams, real sockets), and its HTTP server has no command route; a
 killed follower turns "lost" within the heartbeat timeout with the error and its fix,
@@ -186,6 +187,33 @@ def test_the_panel_lists_both_ranks_and_they_are_idle(leader: Any, artifacts: Pa
     assert box is not None, "the panel is not rendered"
     leader.screenshot(path=str(DOCS_SHOT), clip=box)
     print(f"panel: {shot}, {DOCS_SHOT}")
+
+
+_PUSH_STATUS = """async () => {
+  const view = await (await fetch("/cluster/panel")).json();
+  window.comfyAPI.api.api.dispatchEvent(new CustomEvent("cluster.status", { detail: view }));
+}"""
+
+
+def test_a_status_push_while_typing_keeps_the_weights_text_and_focus(
+    leader: Any, pair: ComfyCluster
+) -> None:
+    """The panel redraws on every push (each heartbeat): the weights a user is typing stay."""
+    weights = leader.locator("[data-testid=cluster-weights]")
+    weights.click()
+    weights.press_sequentially("2,")
+    typed_in = weights.element_handle()
+    leader.evaluate(_PUSH_STATUS)  # a redraw now, and the heartbeat's meanwhile
+    time.sleep(3 * BEAT_S)
+    assert leader.evaluate("el => el.isConnected && document.activeElement === el", typed_in), (
+        "a redraw replaced the input the user was typing in"
+    )
+    weights.press_sequentially("5")
+    weights.press("Enter")
+    deadline = time.monotonic() + 10
+    while _http(f"{pair.leader_url}/settings").get("Cluster.Weights") != "2,5":
+        assert time.monotonic() < deadline, "the typed weights never reached the user's settings"
+        time.sleep(0.1)
 
 
 def test_queue_cluster_runs_the_loaded_workflow_with_the_panels_weights(
