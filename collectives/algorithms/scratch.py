@@ -11,14 +11,21 @@ CPU partials of at least :data:`MIN_BYTES` use them (smaller allocations come fr
 CUDA's caching allocator already reuses memory).  A buffer is handed out again by the next
 reduction on the same thread, so its partial must be done with by then: only links that are done
 with a message when ``send`` returns may use it (``ring_reduce.sends_copies``).
+
+The slots are anonymous memory mapped for them, starting on a 2 MiB boundary and advised for
+transparent huge pages (:func:`_huge_page_memory`): a same-host peer copies a partial out of
+this memory, and ``process_vm_readv`` pins every page it reads (16 MiB out of huge pages at
+15-23 GB/s, out of 4 KiB pages at 5.5-10 here: ``python -m benchmarks.cma_pages``).  Not
+malloc's memory: below its mmap threshold (raised as a process frees large blocks, and set to
+32 MiB in the ComfyUI launch mode) that is heap memory faulted in on 4 KiB pages long before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import threading
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +33,7 @@ if TYPE_CHECKING:
 MIN_BYTES = 1 << 20
 MAX_BYTES = 64 << 20
 """The most one slot keeps (two per thread that ran a large reduction)."""
+HUGE_PAGE = 2 << 20  # x86-64's and arm64's (4 KiB base pages) transparent huge page
 
 _local = threading.local()
 
@@ -43,9 +51,23 @@ def partial_buffer(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
         slots = _local.slots = [None, None]
     buf = slots[slot]
     if buf is None or buf.numel() < nbytes:
-        # numpy's memory, not torch's: numpy asks for transparent huge pages (arrays of 4 MiB up),
-        # and a same-host peer copies a partial out of this memory (process_vm_readv pins
-        # every page it reads: 16 MiB out of huge pages at 15-23 GB/s, out of 4 KiB pages at
-        # 5.5-10 here; python -m benchmarks.cma_pages).
-        buf = slots[slot] = torch.from_numpy(np.empty(nbytes, dtype=np.uint8))
+        buf = slots[slot] = _huge_page_memory(nbytes)
     return buf[:nbytes].view(like.dtype)
+
+
+def _huge_page_memory(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of fresh anonymous memory as a uint8 tensor, starting on a
+    :data:`HUGE_PAGE` boundary and advised for transparent huge pages where the platform has
+    them (the tensor keeps the mapping alive)."""
+    import torch
+
+    private = getattr(mmap, "MAP_PRIVATE", None)
+    if private is None:  # Windows: no such mapping, and no same-host copies either
+        return torch.empty(nbytes, dtype=torch.uint8)
+    # Private: an anonymous mmap is shared by default, and shared memory gets no huge pages.
+    area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=private | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):  # no madvise, or no THP: plain pages
+        area.madvise(mmap.MADV_HUGEPAGE)
+    whole = torch.frombuffer(area, dtype=torch.uint8)
+    start = -whole.data_ptr() % HUGE_PAGE
+    return whole[start : start + nbytes]

@@ -2,8 +2,9 @@
 
 ``process_vm_readv`` pins every page it reads, so a peer copies 16 MiB out of huge pages 2-4x
 faster than out of 4 KiB pages.  The scratch memory a reduce's partials are sent from is
-numpy's, which asks for huge pages; the ranks' own tensors get them from torch's allocator,
-which ``comfycluster-launch`` switches on (``THP_MEM_ALLOC_ENABLE=1``) unless told otherwise.
+mapped for them and advised for huge pages; the ranks' own tensors get them from torch's
+allocator, which ``comfycluster-launch`` switches on (``THP_MEM_ALLOC_ENABLE=1``) unless told
+otherwise.
 
 Checked in ``/proc/self/smaps``: where the kernel gives huge pages only on request
 (``madvise``, this machine's and the usual distributions' default) or always; skipped where it
