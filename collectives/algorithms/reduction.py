@@ -56,13 +56,14 @@ def reduce_tensor(link: Link, tensor: torch.Tensor, root: int, op: ReduceOp) -> 
     parent, children = binomial_parent_children(vrank, size)
     own = tensor if tensor.is_contiguous() else tensor.contiguous()
     flat = own.view(-1)
-    # The children's partials are received into scratch memory (see _partial), the first one
-    # combined with this rank's values there (its own tensor stays unchanged), the next ones
-    # into it; the root combines into its own tensor.
+    # The children's partials are received into scratch memory (:mod:`.scratch`), the first
+    # one combined with this rank's values there (its own tensor stays unchanged), the next
+    # ones into it; the root combines into its own tensor.
     acc = flat if parent is None else None
     for child in reversed(children):
         src = (child + root) % size
-        other = _partial(link, 0 if acc is None else 1, flat)
+        slot = 0 if acc is None else 1
+        other = partial_buffer(slot, flat.numel(), flat, reuse=ring_reduce.sends_copies(link))
         recv_tensor(link, src, other)
         if acc is None:
             combine_(other, flat, op)  # the child's subtree first, then this rank's values
@@ -78,17 +79,6 @@ def reduce_tensor(link: Link, tensor: torch.Tensor, root: int, op: ReduceOp) -> 
     finish_(own, op, size)
     if own is not tensor:
         tensor.copy_(own)
-
-
-def _partial(link: Link, slot: int, like: torch.Tensor) -> torch.Tensor:
-    """A buffer for a child's partial: scratch slot ``slot`` (:mod:`.scratch`) where the link is
-    done with a message when ``send`` returns, else a fresh tensor (the partial may be sent
-    by reference)."""
-    import torch
-
-    if ring_reduce.sends_copies(link):
-        return partial_buffer(slot, like.numel(), like)
-    return torch.empty(like.numel(), dtype=like.dtype, device=like.device)
 
 
 def allreduce_tensor(

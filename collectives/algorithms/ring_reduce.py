@@ -71,8 +71,6 @@ def reduce_scatter(
     storage of a block this rank no longer reads, and the result lives there too (see the
     module docstring).  Otherwise, on a link that sends copies, partials live in this thread's
     scratch memory (:mod:`.scratch`): the result is valid until its next reduction."""
-    import torch
-
     size, rank = link.size, link.rank
     assert size > 1, "a ring needs two ranks"
     parts = split(flat.numel(), size)
@@ -88,10 +86,8 @@ def reduce_scatter(
         start, stop = parts[(rank - step - 2) % size]
         if spare is not None and spare.numel() >= stop - start:
             partial = spare[: stop - start]
-        elif copies:  # sent when send returns: reused by this thread's next reduction
-            partial = partial_buffer(step % 2, stop - start, flat)
-        else:
-            partial = torch.empty(stop - start, dtype=flat.dtype, device=flat.device)
+        else:  # scratch where sent when send returns: reused by this thread's next reduction
+            partial = partial_buffer(step % 2, stop - start, flat, reuse=copies)
         if step == 0 and reuse:
             # ``partial`` is the block being sent: it may take the peer's only once sent.
             link.send(right, outgoing)

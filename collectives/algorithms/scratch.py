@@ -38,13 +38,16 @@ HUGE_PAGE = 2 << 20  # x86-64's and arm64's (4 KiB base pages) transparent huge 
 _local = threading.local()
 
 
-def partial_buffer(slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+def partial_buffer(
+    slot: int, numel: int, like: torch.Tensor, *, reuse: bool = True
+) -> torch.Tensor:
     """``numel`` elements of ``like``'s dtype: slot 0 or 1 of this thread's scratch memory, or a
-    fresh tensor when the size or device does not qualify."""
+    fresh tensor when the size or device does not qualify, or without ``reuse`` (the caller's
+    link may still hold the partial after ``send``: see the module docstring)."""
     import torch
 
     nbytes = numel * like.element_size()
-    if like.device.type != "cpu" or not MIN_BYTES <= nbytes <= MAX_BYTES:
+    if not reuse or like.device.type != "cpu" or not MIN_BYTES <= nbytes <= MAX_BYTES:
         return torch.empty(numel, dtype=like.dtype, device=like.device)
     slots: list[torch.Tensor | None] | None = getattr(_local, "slots", None)
     if slots is None:
