@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     import torch
 
@@ -61,6 +62,22 @@ def offer_to(link: Link, src: int, into: memoryview | None) -> Callable[[], None
     ``offer``, see :class:`Link`); what withdraws the offer, or None when none was made."""
     offer = getattr(link, "offer", None)
     return offer(src, into) if offer is not None and into is not None else None
+
+
+@contextlib.contextmanager
+def offers(
+    link: Link, srcs: Sequence[int], into: Sequence[memoryview | None] | None
+) -> Iterator[None]:
+    """Offer ``into[src]`` to the next message of each of ``srcs`` (:func:`offer_to`) for the
+    block's receives, which pass the same buffers; when it ends, withdraw every offer: a receive
+    uses its own up, and one a failed op left must not catch a later op's message."""
+    withdraws = [] if into is None else [offer_to(link, src, into[src]) for src in srcs]
+    try:
+        yield
+    finally:
+        for withdraw in withdraws:
+            if withdraw is not None:
+                withdraw()
 
 
 def send_each(link: Link, posts: Sequence[tuple[int, Encoded]]) -> None:

@@ -14,10 +14,10 @@ seam's posts are eager: ``send_copies``): every rank sends before it receives.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from collectives.algorithms.link import Link, offer_to, send_each, sendrecv
+from collectives.algorithms.link import Link, offers, send_each, sendrecv
 from collectives.algorithms.ring_reduce import sends_copies
 
 if TYPE_CHECKING:
@@ -51,21 +51,11 @@ def _direct(link: Link, msg: Encoded, into: Sequence[memoryview | None] | None) 
     where the link can), then every other rank's block taken."""
     size, rank = link.size, link.rank
     others = [(rank + k) % size for k in range(1, size)]
-    withdraws: list[Callable[[], None]] = []
     out: list[Encoded] = [msg] * size
-    try:
-        for src in others:
-            withdraw = offer_to(link, src, None if into is None else into[src])
-            if withdraw is not None:
-                withdraws.append(withdraw)
+    with offers(link, others, into):
         send_each(link, [(dst, msg) for dst in others])
         for src in others:
             out[src] = link.recv(src, None if into is None else into[src])
-    finally:
-        # A take uses up its offer; one left (a send or an earlier receive failed) must not
-        # catch a later op's message.
-        for withdraw in withdraws:
-            withdraw()
     return out
 
 

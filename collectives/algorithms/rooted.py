@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from collectives.algorithms import large_broadcast
-from collectives.algorithms.link import Link, binomial_parent_children, offer_to, send_each
+from collectives.algorithms.link import Link, binomial_parent_children, offers, send_each
 
 if TYPE_CHECKING:
     from collectives.codec import Encoded
@@ -96,8 +96,7 @@ def _collect(
     """
     from collectives.errors import CollectiveTimeoutError
 
-    offered = [] if into is None else [offer_to(link, r, into[r]) for r in pending]
-    try:
+    with offers(link, pending, into):
         while pending:
             ready = [r for r in pending if link.has_message(r)]
             src = ready[0] if ready else pending[0]
@@ -107,7 +106,3 @@ def _collect(
                 silent = [r for r in pending if not link.has_message(r)]
                 raise link.deadline.error(silent or [src]) from None
             pending.remove(src)
-    finally:
-        for withdraw in offered:
-            if withdraw is not None:
-                withdraw()  # an offer no receive took (the op failed) must not catch a later one
