@@ -71,8 +71,10 @@ def offers(
     """Offer ``into[src]`` to the next message of each of ``srcs`` (:func:`offer_to`) for the
     block's receives, which pass the same buffers; when it ends, withdraw every offer: a receive
     uses its own up, and one a failed op left must not catch a later op's message."""
-    withdraws = [] if into is None else [offer_to(link, src, into[src]) for src in srcs]
+    withdraws: list[Callable[[], None] | None] = []
     try:
+        for src in srcs:
+            withdraws.append(offer_to(link, src, None if into is None else into[src]))
         yield
     finally:
         for withdraw in withdraws:
