@@ -67,17 +67,19 @@ def _address(msg: Encoded) -> int:
 
 def _world(size: int, copies: bool, ops: int, root: int) -> list[dict[str, Any]]:
     """``ops`` sum-reduces to ``root``; per rank: its tensor after the last, the address range
-    of that tensor, and what it sent."""
+    of that tensor and of each op's, and what it sent (an op's tensor may reuse the memory of
+    the previous op's freed copy, so a sent address is only compared with its own op's)."""
     boxes = {(s, d): queue.Queue() for s in range(size) for d in range(size)}
     out: list[Any] = [None] * size
 
     def run(rank: int) -> None:
         link = _Link(rank, size, boxes, copies)
+        ranges: list[tuple[int, int]] = []
         for _ in range(ops):
             t = torch.full((NUMEL,), float(rank + 1))
             reduction.reduce_tensor(link, t, root, ReduceOp.SUM)
-        lo = t.data_ptr()
-        out[rank] = {"tensor": t, "range": (lo, lo + NUMEL * 4), "sent": link.sent}
+            ranges.append((t.data_ptr(), t.data_ptr() + NUMEL * 4))
+        out[rank] = {"tensor": t, "range": ranges[-1], "ranges": ranges, "sent": link.sent}
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
     for th in threads:
@@ -117,7 +119,8 @@ def test_a_link_that_sends_by_reference_gets_private_copies() -> None:
     got = _world(2, False, 2, 0)
     assert torch.equal(got[0]["tensor"], torch.full((NUMEL,), 3.0))
     assert torch.equal(got[1]["tensor"], torch.full((NUMEL,), 2.0))
-    assert not any(_inside(a, got[1]["range"]) for _, a in got[1]["sent"]), (
+    pairs = zip(got[1]["sent"], got[1]["ranges"], strict=True)
+    assert not any(_inside(a, span) for (_, a), span in pairs), (
         "the leaf lent its own tensor to a link that sends by reference"
     )
 
