@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from collectives import _compiled
 from collectives.auth import INSECURE_ENV, KEY_ENV, ClusterKey, insecure_allowed, require_key
-from collectives.backends import cma, udp_peers, udp_rendezvous
+from collectives.backends import cma, udp_peers, udp_rendezvous, udp_shm
 from collectives.backends.base import BackendConfig, close_at_exit, register_backend
 from collectives.backends.envelope import Envelope
 from collectives.backends.p2p import (
@@ -205,6 +205,7 @@ class UdpBackend(P2PBackend):
         assert engine is not None
         try:
             cma.probe_world(self, timeout, engine)
+            udp_shm.attach_world(self, timeout, engine)
         except BaseException:
             self.abort("the same-host probe failed")
             self.close()
@@ -391,6 +392,7 @@ class UdpBackend(P2PBackend):
         if self._engine is not None:
             out.update(self._engine.stats())
             out["same_host"] = sorted(self._engine.cma_sources)  # peers copied from (udp_cma)
+            out["shm_peers"] = self._engine.shm_peers()  # peers written to through a ring
             if self._engine.nat is not None:
                 out["paths"] = self.paths()
         if self._announcer is not None:

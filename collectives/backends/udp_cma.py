@@ -38,8 +38,9 @@ from collectives.errors import ConnectionLostError, RemoteProtocolError
 
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
+    from collectives.backends.shm_ring import Ring
     from collectives.deadline import Deadline
     from collectives.transport.endpoint import Endpoint
 
@@ -135,6 +136,8 @@ class FarSender:
     check_usable: Callable[[int, str], None]
     _release_held: Callable[[], None]
     _drive: Callable[[Callable[[], bool], int, Deadline, str | None], None]
+    shm_out: dict[int, Ring]
+    _shm_send: Callable[[int, Ring, int, bytes, Sequence[memoryview]], int]
 
     def send_far(
         self, peer: int, channel: int, meta: bytes, body: list[memoryview], dl: Deadline
@@ -153,14 +156,18 @@ class FarSender:
             self._xfers += 1
             xfer = self._xfers
             addresses = [cma.address_of(b) for b in body]
+            self.far_answers[xfer] = None
+            self.counters["far_sent"] += 1
+            ring = self.shm_out.get(peer)
+            if ring is not None:  # in order with the ring's other messages (udp_shm)
+                self._shm_send(peer, ring, channel, far_meta(xfer, addresses, meta), ())
+                return xfer
             mid = self.ep.send(
                 peer, channel, far_meta(xfer, addresses, meta), [], self.clock(),
                 notify_framed=True,
             )  # fmt: skip
             self.outstanding[peer].add(mid)
             self.unframed[peer].add(mid)
-            self.far_answers[xfer] = None
-            self.counters["far_sent"] += 1
             self._release_held()
         return xfer
 

@@ -42,6 +42,7 @@ from collectives.transport.events import MessageReceived
 from collectives.transport.frames import FrameError
 
 if TYPE_CHECKING:
+    from collectives.backends.shm_ring import Ring
     from collectives.deadline import Deadline
     from collectives.transport.endpoint import Endpoint
 
@@ -112,6 +113,8 @@ class Inbox:
     cma_sources: dict[int, int]
     far_answers: dict[int, int | None]
     _urgent: bool
+    shm_out: dict[int, Ring]  # same-host rings (udp_shm)
+    _shm_send: Callable[[int, Ring, int, bytes, Sequence[memoryview]], int]
 
     def offer(self, offers: Sequence[tuple[int, int, memoryview]]) -> None:
         """Offer ``(src, channel, into)`` buffers ahead of their takes (which should pass the
@@ -328,8 +331,12 @@ class Inbox:
                 code = err.errno or REFUSED
                 error = ConnectionLostError(failure(peer, code), [peer])
         try:
-            self.ep.send(peer, ACK_CHANNEL, ack_meta(far.xfer, code), [], self.clock())
-            self._urgent = True  # the sender waits for it: out this turn, not with the next
+            ring = self.shm_out.get(peer)
+            if ring is not None:  # the message came through the ring (udp_shm): so does this
+                self._shm_send(peer, ring, ACK_CHANNEL, ack_meta(far.xfer, code), ())
+            else:
+                self.ep.send(peer, ACK_CHANNEL, ack_meta(far.xfer, code), [], self.clock())
+                self._urgent = True  # the sender waits for it: out this turn, not the next
         except CollectivesError:
             pass  # the peer is gone: nobody waits for the answer
         return error

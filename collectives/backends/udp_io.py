@@ -56,6 +56,7 @@ from collectives.backends.udp_cma import FarSender
 from collectives.backends.udp_health import PEER_CLOSED, Health
 from collectives.backends.udp_inbox import Inbox, Key, Landing, _Incoming, _Queued
 from collectives.backends.udp_pool import BufferPool
+from collectives.backends.udp_shm import ShmLinks
 from collectives.backends.udp_socket import RECV_BYTES, fine_timer_slack
 from collectives.backends.udp_wait import Waits
 from collectives.codec import CodecOptions, Header
@@ -88,7 +89,7 @@ _REFILL_QUIET_S = 0.01  # refill the buffer pool only after this long without tr
 _tuned = threading.local()
 
 
-class Engine(Inbox, FarSender, Health, Waits):
+class Engine(Inbox, FarSender, Health, Waits, ShmLinks):
     """Drives one :class:`Endpoint` over one :class:`UdpSocket` (see the module docstring)."""
 
     def __init__(
@@ -137,6 +138,7 @@ class Engine(Inbox, FarSender, Health, Waits):
             "far_sent": 0,  # same-host messages whose body the receiver copied (udp_cma)
             "far_read": 0,  # same-host messages copied out of their sender
         }
+        self._init_shm()  # rings to ranks of this host (udp_shm), set when the world formed
         self.cma_sources: dict[int, int] = {}  # set by UdpBackend when the world formed
         self.cma_readers: frozenset[int] = frozenset()
         self.far_answers: dict[int, int | None] = {}
@@ -183,6 +185,10 @@ class Engine(Inbox, FarSender, Health, Waits):
         ``P2PBackend._post_soon``)."""
         with self.lock:
             self.check_usable(peer, "send")
+            ring = self.shm_out.get(peer)
+            if ring is not None:  # a rank of this host (udp_shm): no seal, no socket
+                self._last_active = self.clock()
+                return self._shm_send(peer, ring, channel, meta, body)
             now = self.clock()
             # Every message reports when it is sealed, not only a borrowed one (whose caller
             # waits for that): _turn needs to know that nothing of ours waits to be sealed.
@@ -336,6 +342,8 @@ class Engine(Inbox, FarSender, Health, Waits):
             self._thread.join(timeout=5.0)
         self.sock.close()
         self._close_waits()
+        with self.lock:
+            self._close_shm()
 
     # -- the IO thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -370,7 +378,7 @@ class Engine(Inbox, FarSender, Health, Waits):
                 # Outside the lock: back from select, this thread does not take the lock from
                 # a caller who started driving meanwhile (a hand-off, or a stall if preempted).
                 try:
-                    self._select(until)
+                    self._select(until, 0)
                 finally:
                     self._io_until = -math.inf
         except Exception as err:  # the core or the socket broke: fail every waiter, loudly
@@ -416,15 +424,16 @@ class Engine(Inbox, FarSender, Health, Waits):
         now = self.clock()
         timer = self._timer
         due = timer is not None and timer <= now
-        reads = 0
-        while reads < _READS_PER_TURN:
+        reads = polled = 0
+        while polled < _READS_PER_TURN:
             got = sock.read_into(buf)
             if got is None:
                 break
-            reads += 1
+            polled += 1
             n, addr, segment = got
-            if n < 0:
-                continue
+            if n <= 0:
+                continue  # an ICMP error, or an empty datagram: a ring's doorbell (udp_shm)
+            reads += 1
             if nat is None:
                 ep.receive(view[:n], addr, now, segment)
             else:
@@ -438,15 +447,23 @@ class Engine(Inbox, FarSender, Health, Waits):
                 ep.unreachable(addr, now)
             hints.clear()
             due = True  # the core PINGs the peer and set a deadline: pump and re-read the timer
+        rings = bool(self._rings_in or self._shm_pending)  # same-host rings (udp_shm)
         if due:
             ep.handle_timer(now)
         elif not reads and not self._unsent and not self._held and not self._unpumped:
+            if rings and self._shm_turn():
+                self._last_active = now
             self._timer = timer if nat is None else self._next_timer()
             return False  # nothing reached the core since it last spoke: it has nothing new
         if reads:
             self.counters["reads"] += reads
             self._last_active = now
         self._events(now)
+        # The rings after the socket's messages: a far message's place in its queue was taken
+        # when the core read its meta (``_allocate``), before any ring message read after it;
+        # and a message written before its peer's CLOSE is read before the CLOSE is acted on.
+        if rings and self._shm_turn():
+            self._last_active = now
         if (
             done is not None
             and not due
@@ -459,7 +476,7 @@ class Engine(Inbox, FarSender, Health, Waits):
             self._send_out(now)
             self._events(now)  # what sending emitted (MessageFramed): a waiter sees it now
         self._timer = self._next_timer()
-        return reads == _READS_PER_TURN
+        return polled == _READS_PER_TURN
 
     def _next_timer(self) -> float | None:
         """The core's timer, or the NAT layer's when that comes first."""
@@ -490,12 +507,14 @@ class Engine(Inbox, FarSender, Health, Waits):
                 self.outstanding[event.peer].discard(event.message_id)
             elif isinstance(event, PeerConnected):
                 self.connected.add(event.peer)
+                self.peer_addrs[event.peer] = event.addr
                 if self.nat is not None:
                     self.nat.core_address(ep, event.peer, event.addr, now)
             elif isinstance(event, PeerLost):
                 self.lost.setdefault(event.peer, event.reason)
                 log.info("udp rank %d: rank %d lost (%s)", self.rank, event.peer, event.reason)
             elif isinstance(event, PeerAddressChanged):
+                self.peer_addrs[event.peer] = event.new
                 if self.nat is not None and self.nat.core_address(ep, event.peer, event.new, now):
                     continue
                 self.counters["address_changes"] += 1

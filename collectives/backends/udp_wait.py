@@ -39,6 +39,10 @@ class Waits:
     clock: Callable[[], float]
     counters: dict[str, int]
     _unsent: deque[tuple[Address, memoryview, int]]
+    # The same-host rings (udp_shm): polled with the socket, flagged while asleep.
+    shm_readable: Callable[[], bool]
+    _shm_sleep: Callable[[int], bool]
+    _shm_awake: Callable[[int], None]
 
     def _init_waits(self, sock_fd: int, host: str, size: int) -> None:
         self._sock_fd = sock_fd
@@ -62,12 +66,13 @@ class Waits:
         """Poll the socket (lock released, no sleep) until it is readable or ``until``; whether
         it is.  Posters from other threads get the lock between polls."""
         clock, poll, yields = self.clock, self._spin_poll.poll, self._spin_yields
+        rings = self.shm_readable
         if clock() >= until:
             return False
         self.lock.release()
         try:
             while True:
-                if poll(0):
+                if rings() or poll(0):
                     return True
                 if clock() >= until:
                     return False
@@ -79,16 +84,23 @@ class Waits:
     def _block(self, until: float) -> None:  # :meth:`_select`, the lock released meanwhile
         self.lock.release()
         try:
-            self._select(until)
+            self._select(until, 1)
         finally:
             self.lock.acquire()
 
-    def _select(self, until: float) -> None:
+    def _select(self, until: float, slot: int) -> None:
         """Wait until the socket is readable (writable, when sends wait for room), a wakeup
-        comes, or ``until`` (not holding the lock)."""
+        comes, or ``until`` (not holding the lock).  ``slot``: the sleeper's flag in the rings
+        (0: the IO thread, 1: a waiting caller; udp_shm), whose writers ring the socket."""
+        if self._shm_sleep(slot):
+            self._shm_awake(slot)
+            return  # a ring has bytes: no sleep
         timeout = max(until - self.clock(), 0.0)
         fd, wake_r = self._sock_fd, self._wake_r
-        ready, _, _ = select.select([fd, wake_r], [fd] if self._unsent else [], [], timeout)
+        try:
+            ready, _, _ = select.select([fd, wake_r], [fd] if self._unsent else [], [], timeout)
+        finally:
+            self._shm_awake(slot)
         if wake_r in ready:
             self.counters["wakeups"] += 1
             with contextlib.suppress(OSError):
