@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="udp-hop-") as tmp:
         procs = []
         for rank in range(2):
+            # Rings off: two ranks of one host would bypass the socket path this traces.
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                       COMFY_CLUSTER_SHM="0")  # fmt: skip
             cmd = [sys.executable, "-m", "benchmarks.udp_hop_trace", "--rank-main", tmp,
                    "--iters", str(args.iters), "--bytes", str(args.bytes)]  # fmt: skip
             procs.append(subprocess.Popen(cmd, env=env))

@@ -143,16 +143,7 @@ class Ring:
 def create() -> tuple[int, Ring]:
     """A new ring for this process to write: its sealed memfd (close it once the reader
     attached: the mapping keeps the memory) and the writer's mapping."""
-    import fcntl
-
-    fd = os.memfd_create(NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, TOTAL_BYTES)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _seal_bits())
-        area = mmap.mmap(fd, TOTAL_BYTES)
-    except BaseException:
-        os.close(fd)
-        raise
+    fd, area = make_shared(TOTAL_BYTES, NAME)
     return fd, Ring(area)
 
 
@@ -160,19 +151,41 @@ def attach(pid: int, fd: int) -> Ring:
     """Map the ring that process ``pid`` made as its descriptor ``fd``, for reading.  Raises
     ``OSError`` when the kernel refuses, or when the descriptor is not a sealed ring of ours of
     the right size (a stale or reused descriptor number)."""
+    return Ring(map_shared(pid, fd, TOTAL_BYTES, NAME))
+
+
+def make_shared(nbytes: int, name: str) -> tuple[int, mmap.mmap]:
+    """``nbytes`` of shared memory named ``name`` (a memfd, sealed at that size) and this
+    process's mapping of it."""
+    import fcntl
+
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, nbytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _seal_bits())
+        area = mmap.mmap(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, area
+
+
+def map_shared(pid: int, fd: int, nbytes: int, name: str) -> mmap.mmap:
+    """Map what :func:`make_shared` made in process ``pid`` as its descriptor ``fd``; raises
+    ``OSError`` unless it is a sealed memfd named ``name`` of ``nbytes``."""
     import fcntl
 
     if pid <= 0 or fd < 0:
-        raise OSError(f"no ring: pid {pid}, descriptor {fd}")
+        raise OSError(f"no shared memory: pid {pid}, descriptor {fd}")
     path = f"/proc/{pid}/fd/{fd}"
-    if not os.readlink(path).startswith(f"/memfd:{NAME}"):
-        raise OSError(f"{path} is not a ring")
+    if not os.readlink(path).startswith(f"/memfd:{name}"):
+        raise OSError(f"{path} is not a {name}")
     local = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         seals = fcntl.fcntl(local, fcntl.F_GET_SEALS)
-        if seals & _seal_bits() != _seal_bits() or os.fstat(local).st_size != TOTAL_BYTES:
-            raise OSError(f"{path} is not a sealed ring of {TOTAL_BYTES} bytes")
-        return Ring(mmap.mmap(local, TOTAL_BYTES))
+        if seals & _seal_bits() != _seal_bits() or os.fstat(local).st_size != nbytes:
+            raise OSError(f"{path} is not a sealed {name} of {nbytes} bytes")
+        return mmap.mmap(local, nbytes)
     finally:
         os.close(local)
 
@@ -186,4 +199,14 @@ def _seal_bits() -> int:
     return bits
 
 
-__all__ = ["CAPACITY", "ENV", "Ring", "attach", "available", "create", "fence"]
+__all__ = [
+    "CAPACITY",
+    "ENV",
+    "Ring",
+    "attach",
+    "available",
+    "create",
+    "fence",
+    "make_shared",
+    "map_shared",
+]

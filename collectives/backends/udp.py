@@ -47,8 +47,8 @@ from collectives.backends.envelope import Envelope
 from collectives.backends.p2p import (
     AGREEMENT_CHANNEL,
     COLLECTIVE_CHANNEL,
-    P2PBackend,
 )
+from collectives.backends.udp_arena import ArenaCollectives
 from collectives.backends.udp_peers import Announcer, Plan
 from collectives.backends.udp_socket import (
     DEFAULT_DATAGRAM,
@@ -89,7 +89,7 @@ def channel_id(channel: str) -> int:
     return number
 
 
-class UdpBackend(P2PBackend):
+class UdpBackend(ArenaCollectives):
     name = "udp"
 
     def __init__(
@@ -206,6 +206,7 @@ class UdpBackend(P2PBackend):
         try:
             cma.probe_world(self, timeout, engine)
             udp_shm.attach_world(self, timeout, engine)
+            self._arena = engine.arena
         except BaseException:
             self.abort("the same-host probe failed")
             self.close()
@@ -395,6 +396,8 @@ class UdpBackend(P2PBackend):
             out["shm_peers"] = self._engine.shm_peers()  # peers written to through a ring
             if self._engine.nat is not None:
                 out["paths"] = self.paths()
+        out["arena"] = self._arena is not None  # small collectives in shared memory (udp_arena)
+        out["arena_ops"] = self._arena_ops
         if self._announcer is not None:
             out.update(self._announcer.dropped)
         return out

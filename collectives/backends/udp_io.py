@@ -247,10 +247,18 @@ class Engine(Inbox, FarSender, Health, Waits, ShmLinks):
         with self.lock:
             self._drive(done, peer, dl, "the peer did not acknowledge")
 
-    def _drive(self, ready: Callable[[], bool], peer: int, dl: Deadline, what: str | None) -> None:
+    def _drive(
+        self,
+        ready: Callable[[], bool],
+        peer: int,
+        dl: Deadline,
+        what: str | None,
+        hint: Callable[[], bool] | None = None,
+    ) -> None:
         """Make progress until ``ready()`` (holding the lock; see the module docstring): take
         turns as the poller, or wait for the one who is.  Raises at ``dl``, when ``peer`` is
-        lost, on abort and close."""
+        lost, on abort and close.  ``hint``: what else ends a poll or a sleep early (without
+        the lock: shared memory only, the arena's slots; see udp_arena)."""
         if not getattr(_tuned, "done", False):
             _tuned.done = True
             fine_timer_slack()
@@ -265,7 +273,9 @@ class Engine(Inbox, FarSender, Health, Waits, ShmLinks):
                 if remaining <= 0:
                     raise dl.error([peer]) if what is None else dl.error([peer], what)
                 if self._poller:
-                    self.cond.wait(remaining)
+                    # Another thread polls; its turns notify what they hand out, but not a
+                    # ``hint``'s shared memory: look again every millisecond then.
+                    self.cond.wait(remaining if hint is None else min(remaining, 1e-3))
                     continue
                 self._poller = True
                 try:
@@ -273,11 +283,11 @@ class Engine(Inbox, FarSender, Health, Waits, ShmLinks):
                     if self._turn(ready) or ready():
                         continue  # more to read, or done: no wait
                     timer = self._timer
-                    if self._spin(spin_until if timer is None else min(spin_until, timer)):
+                    if self._spin(spin_until if timer is None else min(spin_until, timer), hint):
                         continue
                     until = self.clock() + min(remaining, _IDLE_WAIT_S)
                     self._poll_until = until if timer is None else min(until, timer)
-                    self._block(self._poll_until)
+                    self._block(self._poll_until, hint)
                 finally:
                     self._poll_until = -math.inf
                     self._poller = False
@@ -431,8 +441,8 @@ class Engine(Inbox, FarSender, Health, Waits, ShmLinks):
                 break
             polled += 1
             n, addr, segment = got
-            if n <= 0:
-                continue  # an ICMP error, or an empty datagram: a ring's doorbell (udp_shm)
+            if n < 0 or (n == 0 and self.doorbells_expected):
+                continue  # an ICMP error, or a doorbell of the same-host rings (udp_shm)
             reads += 1
             if nat is None:
                 ep.receive(view[:n], addr, now, segment)

@@ -41,8 +41,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from collectives.backends import shm_ring
-from collectives.backends.shm_ring import ASLEEP, WAITING, Ring, fence
+from collectives.backends import shm_arena, shm_ring
+from collectives.backends.shm_arena import Arena
+from collectives.backends.shm_ring import ASLEEP, READ, WAITING, Ring, fence
 from collectives.errors import CollectivesError, InvalidArgumentError
 from collectives.transport.events import MessageReceived
 from collectives.transport.frames import FrameError
@@ -104,16 +105,28 @@ class ShmLinks:
         self._shm_pending: dict[int, deque[_Out]] = {}
         self.peer_addrs: dict[int, Address] = {}  # where each peer's socket is (doorbells)
         self._shm_mids = 0
+        self._rung: dict[int, int] = {}  # peer -> its ring's read position when last rung
+        self.arena: Arena | None = None  # the world's, when every rank is on this host
         for name in ("shm_sent", "shm_received", "doorbells"):
             self.counters[name] = 0
 
-    def start_shm(self, outbound: dict[int, Ring], inbound: dict[int, Ring]) -> None:
+    def start_shm(
+        self, outbound: dict[int, Ring], inbound: dict[int, Ring], arena: Arena | None = None
+    ) -> None:
         """Write to the peers of ``outbound`` and read the peers of ``inbound`` through these
-        rings from now on (see :func:`attach_world`)."""
+        rings from now on, and run small collectives through ``arena`` (see
+        :func:`attach_world`)."""
         with self.lock:
+            self.arena = arena
             self.shm_out.update(outbound)
             self._shm_in.update({peer: _In(ring) for peer, ring in inbound.items()})
             self._rings_in = tuple(state.ring for state in self._shm_in.values())
+
+    @property
+    def doorbells_expected(self) -> bool:
+        """Whether an empty datagram is a doorbell here (this rank has rings or an arena);
+        elsewhere it goes to the core, which counts it as malformed."""
+        return bool(self.shm_out or self._rings_in or self.arena is not None)
 
     def shm_peers(self) -> list[int]:
         """The peers this rank writes to through a ring."""
@@ -184,10 +197,13 @@ class ShmLinks:
         return done
 
     def _wrote(self, peer: int, ring: Ring) -> None:
-        """Ring ``peer``'s doorbell if its reader sleeps (after a write)."""
+        """Ring ``peer``'s doorbell if its reader sleeps (after a write), once: a reader that
+        has not read since the last ring has that doorbell still to wake it, and reads what
+        came since with it."""
         fence()  # the position before the look at the flags (see shm_ring.fence)
         slots = ring.slots
-        if slots[ASLEEP] or slots[ASLEEP + 1]:
+        if (slots[ASLEEP] or slots[ASLEEP + 1]) and self._rung.get(peer) != slots[READ]:
+            self._rung[peer] = slots[READ]
             self._doorbell(peer)
 
     def _doorbell(self, peer: int) -> None:
@@ -296,17 +312,21 @@ class ShmLinks:
         """Raise sleeper ``slot``'s flag (0: the IO thread, 1: a waiting caller) in every ring
         this rank reads; whether one has bytes after all (then the caller must not sleep, and
         lowers the flags with :meth:`_shm_awake`)."""
-        rings = self._rings_in
-        if not rings:
+        rings, arena = self._rings_in, self.arena if slot == 1 else None
+        if not rings and arena is None:
             return False
         for ring in rings:
             ring.slots[ASLEEP + slot] = 1
+        if arena is not None:  # a caller may wait on the arena (udp_arena)
+            arena.sleep_flag(1)
         fence()  # the flags before the look at the positions (see shm_ring.fence)
         return any(ring.readable() for ring in rings)
 
     def _shm_awake(self, slot: int) -> None:
         for ring in self._rings_in:
             ring.slots[ASLEEP + slot] = 0
+        if slot == 1 and self.arena is not None:
+            self.arena.sleep_flag(0)
 
     def _close_shm(self) -> None:
         """Forget every ring (holding the lock): each is unmapped when the last reference goes
@@ -335,19 +355,33 @@ def attach_world(backend: Any, timeout: float, engine: Any) -> None:
     sources: dict[int, int] = engine.cma_sources
     mutual = [p for p in sorted(sources) if p in engine.cma_readers] if shm_ring.available() else []
     made: dict[int, tuple[int, Ring]] = {}
+    # Descriptors for each peer; on the diagonal of rank 0's row, the arena's (udp_arena),
+    # made only when every other rank shares this host.
     mine = torch.full((size,), -1, dtype=torch.int64)
     inbound: dict[int, Ring] = {}
+    arena_fd, area = -1, None
     try:
         for peer in mutual:
             with contextlib.suppress(OSError):
                 made[peer] = shm_ring.create()
                 mine[peer] = made[peer][0]
+        if rank == 0 and len(mutual) == size - 1:
+            with contextlib.suppress(OSError):
+                arena_fd, area = shm_arena.create(size)
+                mine[0] = arena_fd
         every = torch.empty((size, size), dtype=torch.int64)
         backend.allgather_into(every, mine, ctx)
         for peer in mutual:
             with contextlib.suppress(OSError):
                 inbound[peer] = shm_ring.attach(sources[peer], int(every[peer, rank]))
-        have = torch.tensor([p in inbound for p in range(size)], dtype=torch.uint8)
+        if rank != 0 and 0 in mutual and int(every[0, 0]) >= 0:
+            with contextlib.suppress(OSError):
+                area = shm_arena.attach(sources[0], int(every[0, 0]), size)
+        # Off the diagonal: the rings this rank mapped; on it: the arena.
+        have = torch.tensor(
+            [p in inbound if p != rank else area is not None for p in range(size)],
+            dtype=torch.uint8,
+        )
         verdicts = torch.empty((size, size), dtype=torch.uint8)
         backend.allgather_into(verdicts, have, ctx)
     except BaseException:
@@ -357,7 +391,7 @@ def attach_world(backend: Any, timeout: float, engine: Any) -> None:
             ring.close()
         raise
     finally:
-        for fd, _ in made.values():
+        for fd in [fd for fd, _ in made.values()] + ([arena_fd] if arena_fd >= 0 else []):
             os.close(fd)  # the peers mapped it (or never will): the mappings keep the memory
     outbound = {}
     for peer, (_, ring) in made.items():
@@ -365,7 +399,10 @@ def attach_world(backend: Any, timeout: float, engine: Any) -> None:
             outbound[peer] = ring
         else:
             ring.close()
-    engine.start_shm(outbound, inbound)
+    # The arena only where every rank has it and every pair has its rings: the same verdict
+    # on every rank (they all see the same matrix).
+    whole = area is not None and bool(verdicts.all())
+    engine.start_shm(outbound, inbound, Arena(area, rank, size) if whole else None)
 
 
 __all__ = ["ShmLinks", "attach_world"]

@@ -1,0 +1,368 @@
+"""Small collectives of a one-host ``udp`` world through its arena (a mixin of ``UdpBackend``).
+
+When every rank of the world shares this host and every pair of them reads each other through
+rings (``udp_shm.attach_world`` sets :attr:`ArenaCollectives._arena`), a collective whose
+payload fits a slot (:data:`~collectives.backends.shm_arena.CAPACITY`) runs as one exchange
+in the arena (:mod:`~collectives.backends.shm_arena`): each rank writes its envelope and its
+part into its slot, waits until every rank has written the same op's slot, checks every
+envelope (the agreement of a rooted collective comes with it), and copies out what it needs.
+
+Which path an op takes is decided alike on every rank: by sizes every rank knows (a buffer
+op's tensor, a reduction's), or, where only some ranks know them (a broadcast or gather of
+Python objects), by the exchange itself: a payload that does not fit leaves a mark in its slot,
+and then every rank, having seen the same marks, runs the message path's algorithm.
+
+A reduction combines the ranks' tensors in rank order on every rank, so an allreduce gives
+every rank the same bits.  Anything the arena does not take (a scatter of objects, larger
+payloads) takes the message path unchanged.
+
+Waits drive the IO engine like a receive (``Engine._drive``: its turns, its deadline, a lost
+peer named), polling the arena alongside the socket and the rings; a rank that stores a word
+another may be asleep waiting for rings that rank's socket (the rings' doorbell).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from collectives.backends.base import land_gathered
+from collectives.backends.envelope import NO_ROOT, Envelope
+from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
+from collectives.backends.p2p import P2PBackend, place_block
+from collectives.backends.shm_arena import CAPACITY, Arena
+from collectives.codec import Encoded, check_header, encode
+from collectives.errors import RemoteProtocolError
+from collectives.reduce_op import ReduceOp, combine_, finish_
+
+if TYPE_CHECKING:
+    import torch
+
+    from collectives.backends.base import OpContext
+    from collectives.backends.udp_io import Engine
+
+_HEADER_ALLOWANCE = 512  # a tensor's codec header is well under this
+
+
+class ArenaCollectives(P2PBackend):
+    """The arena's collectives (see the module docstring), the message path's otherwise."""
+
+    _engine: Engine | None
+    _arena: Arena | None = None
+    _arena_ops = 0  # arena ops so far: the same count on every rank
+
+    # -- the exchange --------------------------------------------------------------------------
+    def _arena_for(self, nbytes: int | None) -> Arena | None:
+        """The arena, when this op goes through it: ``nbytes`` (the payload's size where every
+        rank knows it, None where some do not) fits.  Decided on sizes alone, so alike on
+        every rank (a device tensor goes through host memory, as the message path's does)."""
+        arena = self._arena
+        if arena is None:
+            return None
+        if nbytes is not None and nbytes + ENVELOPE_SIZE + _HEADER_ALLOWANCE > CAPACITY:
+            return None
+        return arena
+
+    def _exchange(
+        self, arena: Arena, ctx: OpContext, root: int, msg: Encoded | None
+    ) -> tuple[int, Envelope]:
+        """Write this rank's envelope and ``msg`` (if any) as the next arena op and wait for
+        every rank's; check their envelopes.  The op's number (:meth:`Arena.finish` it once
+        its slots are read, also after an error) and envelope."""
+        k = self._arena_ops = self._arena_ops + 1
+        env = self.envelope(ctx.name, ctx.seq, root)
+        try:
+            if not arena.free(k):
+                self._arena_wait(ctx, lambda: arena.free(k), arena.behind(k - 2))
+            meta = env.pack() if msg is None else env.pack() + bytes(msg.header)
+            body = [] if msg is None else [_flat(b) for b in msg.buffers]
+            arena.publish(k, meta, body)
+            self._ring(arena)
+            for src in range(self.size):
+                if src != self.rank and not arena.ready(src, k):
+                    self._arena_wait(ctx, functools.partial(arena.ready, src, k), [src])
+            for src in range(self.size):
+                if src != self.rank:
+                    meta_view, _ = arena.slot(src, k)
+                    env.expect(Envelope.unpack_from(meta_view, src=src), rank=self.rank, src=src)
+        except BaseException:
+            self._finish(arena, k)
+            raise
+        return k, env
+
+    def _finish(self, arena: Arena, k: int) -> None:
+        arena.finish(k)
+        self._ring(arena)
+
+    def _ring(self, arena: Arena) -> None:
+        engine = self._engine
+        if engine is not None:
+            for peer in arena.sleepers():
+                engine._doorbell(peer)
+
+    def _arena_wait(self, ctx: OpContext, ready: Callable[[], bool], peers: Sequence[int]) -> None:
+        engine = self._engine
+        assert engine is not None
+        for peer in peers:
+            with engine.lock:
+                engine._drive(ready, peer, ctx.deadline, "it did not reach the collective", ready)
+
+    def _message(self, arena: Arena, src: int, k: int, *, copy: bool = False) -> Encoded | None:
+        """``src``'s payload of op ``k`` as a message whose buffers are views into the arena
+        (``copy``: into memory of its own, for the caller to keep); None: it did not fit.  Its
+        codec header is checked against this rank's options, as a received message's is, and
+        the body split into the buffers it lists."""
+        meta, body = arena.slot(src, k)
+        if body is None:
+            return None
+        header = bytes(meta[ENVELOPE_SIZE:])
+        checked = check_header(header, self.codec)
+        sizes = checked.wire_sizes
+        if sum(sizes) != body.nbytes:
+            raise RemoteProtocolError(
+                f"rank {src} wrote a {body.nbytes}-byte body but its codec header announces "
+                f"{sum(sizes)} bytes"
+            )
+        if copy:
+            body = memoryview(bytearray(body))
+        buffers, at = [], 0
+        for size in sizes:
+            buffers.append(body[at : at + size])
+            at += size
+        return Encoded(header, buffers, checked)
+
+    def _owned(self, arena: Arena, src: int, k: int) -> Encoded | None:
+        return self._message(arena, src, k, copy=True)
+
+    # -- rootless ------------------------------------------------------------------------------
+    def barrier(self, ctx: OpContext) -> None:
+        arena = self._arena_for(0)
+        if arena is None:
+            super().barrier(ctx)
+            return
+        k, _ = self._exchange(arena, ctx, NO_ROOT, None)
+        self._finish(arena, k)
+
+    def allgather(self, msg: Encoded, ctx: OpContext) -> list[Encoded]:
+        arena = self._arena_for(None)
+        if arena is None:
+            return super().allgather(msg, ctx)
+        k, _ = self._exchange(arena, ctx, NO_ROOT, msg)
+        try:
+            # Every slot, this rank's too: the ranks decide alike only on the same marks.
+            fits = all(arena.slot(r, k)[1] is not None for r in range(self.size))
+            got = [msg if r == self.rank else self._owned(arena, r, k) for r in range(self.size)]
+        finally:
+            self._finish(arena, k)
+        if not fits:
+            return super().allgather(msg, ctx)  # a payload did not fit: every rank saw it
+        return [m for m in got if m is not None]
+
+    def allgather_into(self, out: torch.Tensor, tensor: torch.Tensor, ctx: OpContext) -> None:
+        arena = self._arena_for(_nbytes(tensor))
+        if arena is None:
+            super().allgather_into(out, tensor, ctx)
+            return
+        blocks = out.view(self.size, *tensor.shape)
+        k, _ = self._exchange(arena, ctx, NO_ROOT, encode(tensor))
+        try:
+            for src in range(self.size):
+                if src == self.rank:
+                    blocks[src].copy_(tensor)
+                else:
+                    self._place(arena, blocks[src], src, k, ctx)
+        finally:
+            self._finish(arena, k)
+
+    def allreduce(self, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext) -> None:
+        arena = self._arena_for(_nbytes(tensor))
+        if arena is None:
+            super().allreduce(tensor, op, ctx)
+            return
+        self._reduce(arena, tensor, op, ctx, NO_ROOT)
+
+    # -- rooted --------------------------------------------------------------------------------
+    def broadcast(self, msg: Encoded | None, root: int, ctx: OpContext) -> Encoded:
+        arena = self._arena_for(None)
+        if arena is None:
+            return super().broadcast(msg, root, ctx)
+        k, _ = self._exchange(arena, ctx, root, msg if self.rank == root else None)
+        try:
+            got = msg if self.rank == root else self._owned(arena, root, k)
+            fits = arena.slot(root, k)[1] is not None
+        finally:
+            self._finish(arena, k)
+        if not fits:
+            return super().broadcast(msg, root, ctx)  # every rank saw the root's mark
+        assert got is not None
+        return got
+
+    def broadcast_into(self, tensor: torch.Tensor, root: int, ctx: OpContext) -> None:
+        arena = self._arena_for(_nbytes(tensor))
+        if arena is None:
+            super().broadcast_into(tensor, root, ctx)
+            return
+        k, _ = self._exchange(arena, ctx, root, encode(tensor) if self.rank == root else None)
+        try:
+            if self.rank != root:
+                self._place(arena, tensor, root, k, ctx)
+        finally:
+            self._finish(arena, k)
+
+    def gather(self, msg: Encoded, root: int, ctx: OpContext) -> list[Encoded] | None:
+        arena = self._arena_for(None)
+        if arena is None:
+            return super().gather(msg, root, ctx)
+        k, _ = self._exchange(arena, ctx, root, msg)
+        try:
+            fits = all(arena.slot(r, k)[1] is not None for r in range(self.size))
+            got = None
+            if fits and self.rank == root:
+                got = [msg if r == root else self._owned(arena, r, k) for r in range(self.size)]
+        finally:
+            self._finish(arena, k)
+        if not fits:
+            return super().gather(msg, root, ctx)
+        return None if got is None else [m for m in got if m is not None]
+
+    def gather_into(
+        self, out: torch.Tensor | None, tensor: torch.Tensor, root: int, ctx: OpContext
+    ) -> None:
+        arena = self._arena_for(_nbytes(tensor))
+        if arena is None:
+            super().gather_into(out, tensor, root, ctx)
+            return
+        k, _ = self._exchange(arena, ctx, root, encode(tensor))
+        try:
+            if out is not None:
+                blocks = out.view(self.size, *tensor.shape)
+                for src in range(self.size):
+                    if src == self.rank:
+                        blocks[src].copy_(tensor)
+                    else:
+                        self._place(arena, blocks[src], src, k, ctx)
+        finally:
+            self._finish(arena, k)
+
+    def gatherv_into(
+        self, blocks: list[torch.Tensor] | None, tensor: torch.Tensor, root: int, ctx: OpContext
+    ) -> None:
+        # Blocks of any size: the object gather's exchange (which falls back alike on every
+        # rank), then the root copies each into its block.  Not the message path's own
+        # gatherv, whose non-roots would call the arena's gather while the root did not.
+        if self._arena is None:
+            super().gatherv_into(blocks, tensor, root, ctx)
+            return
+        msgs = self.gather(encode(tensor), root, ctx)
+        if msgs is not None:
+            assert blocks is not None
+            received = {r: m for r, m in enumerate(msgs) if r != root}
+            land_gathered(blocks, received, tensor, root, ctx, codec=self.codec)
+
+    def scatter_into(
+        self, out: torch.Tensor, tensor: torch.Tensor | None, root: int, ctx: OpContext
+    ) -> None:
+        # The root's slot holds every block: one codec header (the blocks are alike), then the
+        # blocks back to back; rank r takes block r.
+        nbytes = _nbytes(out) * self.size
+        arena = self._arena_for(nbytes)
+        if arena is None:
+            super().scatter_into(out, tensor, root, ctx)
+            return
+        msg = None
+        if self.rank == root:
+            assert tensor is not None
+            blocks = tensor.contiguous().view(self.size, *out.shape)
+            msg = Encoded(encode(blocks[0]).header, encode(blocks).buffers)
+        k, _ = self._exchange(arena, ctx, root, msg)
+        try:
+            if self.rank == root:
+                assert tensor is not None
+                out.copy_(tensor.view(self.size, *out.shape)[root])
+            else:
+                meta, body = arena.slot(root, k)
+                if body is None:  # never: every rank knew the size
+                    raise AssertionError("the arena's scatter did not fit")
+                header = bytes(meta[ENVELOPE_SIZE:])
+                checked = check_header(header, self.codec)
+                size = sum(checked.wire_sizes)  # one block's
+                if body.nbytes != size * self.size:
+                    raise RemoteProtocolError(
+                        f"rank {root} scattered {body.nbytes} bytes, not {self.size} blocks of "
+                        f"{size}"
+                    )
+                mine = body[self.rank * size : (self.rank + 1) * size]
+                place_block(out, Encoded(header, [mine], checked), root, ctx, codec=self.codec)
+        finally:
+            self._finish(arena, k)
+
+    def reduce(self, tensor: torch.Tensor, root: int, op: ReduceOp, ctx: OpContext) -> None:
+        arena = self._arena_for(_nbytes(tensor))
+        if arena is None:
+            super().reduce(tensor, root, op, ctx)
+            return
+        self._reduce(arena, tensor, op, ctx, root)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _place(self, arena: Arena, out: torch.Tensor, src: int, k: int, ctx: OpContext) -> None:
+        msg = self._message(arena, src, k)
+        if msg is None:  # never: every rank knew the size
+            raise AssertionError("an arena payload that every rank sized did not fit")
+        place_block(out, msg, src, ctx, codec=self.codec)
+
+    def _reduce(
+        self, arena: Arena, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext, root: int
+    ) -> None:
+        """Allreduce (``root`` is NO_ROOT) or reduce: every rank's tensor combined in the shape
+        of the message path's recursive doubling (the same bits on every rank that computes
+        it, and as the message path's: in low precision the shape decides the rounding)."""
+        import torch
+
+        k, _ = self._exchange(arena, ctx, root, encode(tensor))
+        try:
+            if root not in (NO_ROOT, self.rank):
+                return
+            parts = []
+            for src in range(self.size):
+                if src == self.rank:
+                    parts.append(tensor)
+                else:
+                    part = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+                    self._place(arena, part, src, k, ctx)
+                    parts.append(part)
+        finally:
+            self._finish(arena, k)
+        acc = _doubling(parts, op)
+        finish_(acc, op, self.size)
+        tensor.copy_(acc)
+
+
+def _doubling(parts: list[torch.Tensor], op: ReduceOp) -> torch.Tensor:
+    """``parts`` (in rank order) combined as ``reduction._recursive_doubling`` does: the first
+    ``2 * rem`` fold in pairs, then the ``2**m`` values pair up level by level, lower op upper."""
+    pof2 = 1 << (len(parts).bit_length() - 1)
+    rem = len(parts) - pof2
+    values = [_combined(parts[2 * i], parts[2 * i + 1], op) for i in range(rem)]
+    values += parts[2 * rem :]
+    while len(values) > 1:
+        values = [_combined(values[i], values[i + 1], op) for i in range(0, len(values), 2)]
+    return values[0] if values[0] is not parts[0] else parts[0].clone()
+
+
+def _combined(lower: torch.Tensor, upper: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+    out = lower.clone()
+    combine_(out, upper, op)
+    return out
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return int(tensor.numel()) * tensor.element_size()
+
+
+def _flat(view: Any) -> memoryview:
+    mv = view if isinstance(view, memoryview) else memoryview(view)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+__all__ = ["ArenaCollectives"]

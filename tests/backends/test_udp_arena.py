@@ -1,0 +1,202 @@
+"""Small collectives of a one-host udp world through its arena (collectives.backends.udp_arena):
+every op bit-exact against the message path, the fallbacks for payloads that do not fit,
+mismatched ops, a rank that never comes, and the arena real processes set up.
+
+Thread worlds (one process) never pass the same-host probe, so the thread tests give their
+ranks an arena by hand: one mapping, each rank's view of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from collectives.backends import cma, shm_arena, shm_ring
+from collectives.backends.shm_arena import Arena
+from collectives.communicator import Communicator
+from collectives.errors import CollectiveMismatchError, CollectiveTimeoutError
+from tests.backends.test_udp_driver import keyed
+from tests.backends.udp_worlds import run_world
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(
+    not (shm_ring.available() and cma.enabled()), reason="arenas need Linux on x86-64"
+)
+
+
+def _arena_world(n: int) -> Any:
+    """What each thread rank calls first: its view of one fresh arena, then a barrier (on the
+    message path: the arena is not set yet on every rank)."""
+    fd, area = shm_arena.create(n)
+    mappings = [area] + [shm_arena.attach(os.getpid(), fd, n) for _ in range(1, n)]
+    os.close(fd)
+    ready = threading.Barrier(n)
+
+    def start(comm: Communicator) -> None:
+        backend = comm.engine  # type: ignore[attr-defined]
+        ready.wait(10)
+        backend._arena = backend._engine.arena = Arena(mappings[comm.rank], comm.rank, n)
+        ready.wait(10)  # every rank has it before any takes the next op through it
+
+    return start
+
+
+def test_every_small_collective_matches_the_message_path() -> None:
+    start = _arena_world(3)
+
+    def ops(comm: Communicator) -> list[Any]:
+        r, n = comm.rank, comm.size
+        gen = torch.Generator().manual_seed(r)
+        x = torch.randn(300, generator=gen)
+        out: list[Any] = [comm.broadcast({"r": r, "x": [1, 2]}, root=1)]
+        out.append(comm.allgather((r, "s" * r)))
+        out.append(comm.gather(r * 3, root=2))
+        t = x.clone()
+        comm.allreduce(t)
+        out.append(t)
+        t = x.to(torch.bfloat16)
+        comm.allreduce(t, op="max")
+        out.append(t)
+        t = torch.arange(10, dtype=torch.int64) + r
+        comm.reduce(t, root=0, op="prod")
+        out.append(t)
+        b = torch.full((7,), float(r)) if r == 2 else torch.zeros(7)
+        comm.broadcast_into(b, root=2)
+        out.append(b)
+        g = torch.empty(n * 5, dtype=torch.int32)
+        comm.allgather_into(g, torch.full((5,), r, dtype=torch.int32))
+        out.append(g)
+        g2 = torch.empty(n * 2) if r == 0 else None
+        comm.gather_into(g2, torch.full((2,), r + 0.5), root=0)
+        out.append(g2)
+        s = torch.empty(4, dtype=torch.float16)
+        src = torch.arange(n * 4, dtype=torch.float16) if r == 1 else None
+        comm.scatter_into(s, src, root=1)
+        out.append(s)
+        comm.barrier()
+        return out
+
+    def fn(comm: Communicator) -> Any:
+        plain = ops(comm)  # the message path
+        start(comm)
+        before = comm.stats()["arena_ops"]
+        fast = ops(comm)
+        return plain, fast, comm.stats()["arena_ops"] - before
+
+    results = run_world(3, keyed(3), fn)
+    for rank, (plain, fast, used) in enumerate(results):
+        assert used == len(fast) + 1, rank  # every op of the second round (and the barrier)
+        for a, b in zip(plain, fast, strict=True):
+            if isinstance(a, torch.Tensor):
+                assert a.dtype == b.dtype and torch.equal(a, b), (rank, a, b)
+            else:
+                assert a == b, (rank, a, b)
+    # The allreduce gives every rank the same bits (the ranks' tensors added in rank order).
+    assert all(torch.equal(results[0][1][3], res[1][3]) for res in results)
+
+
+def test_payloads_that_do_not_fit_take_the_message_path_on_every_rank() -> None:
+    start = _arena_world(3)
+    big = bytes(range(256)) * 1024  # 256 KB: more than a slot
+
+    def fn(comm: Communicator) -> Any:
+        start(comm)
+        got = [comm.broadcast(big if comm.rank == 0 else None, root=0)]
+        got.append(comm.allgather(big if comm.rank == 1 else b"small"))
+        got.append(comm.gather(big if comm.rank == 2 else comm.rank, root=0))
+        t = torch.ones(100_000)  # 400 KB: every rank knows it does not fit
+        comm.allreduce(t)
+        got.append(bool((t == 3).all()))
+        got.append(comm.broadcast("after", root=2))  # the arena again
+        return got, comm.stats()["arena_ops"]
+
+    results = run_world(3, keyed(3), fn)
+    for rank, (got, arena_ops) in enumerate(results):
+        assert got[0] == big
+        assert got[1] == [b"small", big, b"small"]
+        assert got[2] == ([0, 1, big] if rank == 0 else None)
+        assert got[3] is True and got[4] == "after"
+        assert arena_ops == 4  # three exchanges that fell back, then the last broadcast
+
+
+def test_ranks_that_call_different_ops_all_get_a_mismatch() -> None:
+    start = _arena_world(3)
+
+    def fn(comm: Communicator) -> Any:
+        start(comm)
+        with pytest.raises(CollectiveMismatchError):
+            comm.broadcast("x", root=comm.rank % 2)  # rank 1 names another root
+        return True
+
+    assert run_world(3, keyed(3), fn) == [True] * 3
+
+
+def test_a_rank_that_never_comes_is_named_in_the_timeout() -> None:
+    start = _arena_world(2)
+    done = threading.Event()
+
+    def fn(comm: Communicator) -> Any:
+        start(comm)
+        if comm.rank == 1:
+            done.wait(20)  # alive, heartbeating, never in the barrier
+            return None
+        try:
+            with pytest.raises(CollectiveTimeoutError) as info:
+                comm.barrier(timeout=1.0)
+        finally:
+            done.set()
+        return info.value.ranks
+
+    assert run_world(2, keyed(2), fn)[0] == (1,)
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    import collectives
+    comm = collectives.init(timeout=60)
+    r, n = comm.rank, comm.size
+    got = comm.broadcast({"from": 0} if r == 0 else None, root=0)
+    assert got == {"from": 0}, got
+    t = torch.full((256,), float(r))
+    comm.allreduce(t)
+    assert bool((t == sum(range(n))).all())
+    assert comm.allgather(r) == list(range(n))
+    comm.barrier()
+    stats = comm.stats()
+    with open(os.path.join(sys.argv[1], f"rank{r}.json"), "w") as f:
+        json.dump(dict(arena=stats["arena"], ops=stats["arena_ops"]), f)
+    comm.close()
+    """
+)
+
+
+def _processes(tmp_path: Path, env: dict[str, str], n: int) -> dict[int, dict[str, Any]]:
+    script = tmp_path / "arena.py"
+    script.write_text(_SCRIPT)
+    cmd = [sys.executable, "-m", "comfyui_cluster.launchers", "--nproc", str(n),
+           "--backend", "udp", "--", sys.executable, str(script), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)}
+
+
+def test_processes_of_one_host_share_an_arena(tmp_path: Path) -> None:
+    for rep in _processes(tmp_path, {}, 4).values():
+        assert rep == {"arena": True, "ops": 4}
+
+
+def test_without_rings_there_is_no_arena(tmp_path: Path) -> None:
+    for rep in _processes(tmp_path, {shm_ring.ENV: "0"}, 3).values():
+        assert rep == {"arena": False, "ops": 0}
