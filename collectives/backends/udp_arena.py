@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 from collectives.backends.base import land_gathered
 from collectives.backends.envelope import NO_ROOT, Envelope
 from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
-from collectives.backends.p2p import P2PBackend, place_block
+from collectives.backends.p2p import P2PBackend, byte_view, lands_in, place_block
 from collectives.backends.shm_arena import CAPACITY, Arena
-from collectives.codec import Encoded, check_header, encode
+from collectives.codec import CodecOptions, Encoded, Header, check_header, encode
 from collectives.errors import RemoteProtocolError
 from collectives.reduce_op import ReduceOp, combine_, finish_
 
@@ -51,6 +51,7 @@ class ArenaCollectives(P2PBackend):
     _engine: Engine | None
     _arena: Arena | None = None
     _arena_ops = 0  # arena ops so far: the same count on every rank
+    _arena_headers: dict[bytes, tuple[CodecOptions, Header]] | None = None
 
     # -- the exchange --------------------------------------------------------------------------
     def _arena_for(self, nbytes: int | None) -> Arena | None:
@@ -117,7 +118,7 @@ class ArenaCollectives(P2PBackend):
         if body is None:
             return None
         header = bytes(meta[ENVELOPE_SIZE:])
-        checked = check_header(header, self.codec)
+        checked = self._checked(header)
         sizes = checked.wire_sizes
         if sum(sizes) != body.nbytes:
             raise RemoteProtocolError(
@@ -134,6 +135,21 @@ class ArenaCollectives(P2PBackend):
 
     def _owned(self, arena: Arena, src: int, k: int) -> Encoded | None:
         return self._message(arena, src, k, copy=True)
+
+    def _checked(self, header: bytes) -> Header:
+        """``header`` checked against this rank's options (:func:`check_header`), remembered:
+        a loop of ops repeats a few headers, and a parse costs more than the copy of a block."""
+        codec, cache = self.codec, self._arena_headers
+        if cache is None:
+            cache = self._arena_headers = {}
+        known = cache.get(header)
+        if known is not None and known[0] is codec:
+            return known[1]
+        checked = check_header(header, codec)
+        if len(cache) >= 64:
+            cache.clear()
+        cache[header] = (codec, checked)
+        return checked
 
     # -- rootless ------------------------------------------------------------------------------
     def barrier(self, ctx: OpContext) -> None:
@@ -167,11 +183,7 @@ class ArenaCollectives(P2PBackend):
         blocks = out.view(self.size, *tensor.shape)
         k, _ = self._exchange(arena, ctx, NO_ROOT, encode(tensor))
         try:
-            for src in range(self.size):
-                if src == self.rank:
-                    blocks[src].copy_(tensor)
-                else:
-                    self._place(arena, blocks[src], src, k, ctx)
+            self._place_all(arena, blocks, tensor, k, ctx)
         finally:
             self._finish(arena, k)
 
@@ -236,12 +248,7 @@ class ArenaCollectives(P2PBackend):
         k, _ = self._exchange(arena, ctx, root, encode(tensor))
         try:
             if out is not None:
-                blocks = out.view(self.size, *tensor.shape)
-                for src in range(self.size):
-                    if src == self.rank:
-                        blocks[src].copy_(tensor)
-                    else:
-                        self._place(arena, blocks[src], src, k, ctx)
+                self._place_all(arena, out.view(self.size, *tensor.shape), tensor, k, ctx)
         finally:
             self._finish(arena, k)
 
@@ -305,11 +312,49 @@ class ArenaCollectives(P2PBackend):
         self._reduce(arena, tensor, op, ctx, root)
 
     # -- helpers -------------------------------------------------------------------------------
-    def _place(self, arena: Arena, out: torch.Tensor, src: int, k: int, ctx: OpContext) -> None:
-        msg = self._message(arena, src, k)
-        if msg is None:  # never: every rank knew the size
+    def _place_all(
+        self, arena: Arena, blocks: torch.Tensor, tensor: torch.Tensor, k: int, ctx: OpContext
+    ) -> None:
+        """Every rank's block of op ``k`` into ``blocks`` (this rank's from ``tensor``); one
+        byte view of them all, sliced per block."""
+        whole = byte_view(blocks)
+        size = _nbytes(tensor)
+        for src in range(self.size):
+            if src == self.rank:
+                blocks[src].copy_(tensor)
+            else:
+                into = None if whole is None else whole[src * size : (src + 1) * size]
+                self._place(arena, blocks[src], src, k, ctx, into=into)
+
+    def _place(
+        self,
+        arena: Arena,
+        out: torch.Tensor,
+        src: int,
+        k: int,
+        ctx: OpContext,
+        *,
+        into: memoryview | None = None,
+    ) -> None:
+        """``src``'s block of op ``k`` into ``out``: its bytes copied straight into ``out``'s
+        memory when its header says it is one raw buffer of that size, then checked (and
+        decoded only the first time a header meets ``out``'s dtype and size: p2p's landed
+        receives), else decoded from the arena."""
+        meta, body = arena.slot(src, k)
+        if body is None:  # never: every rank knew the size
             raise AssertionError("an arena payload that every rank sized did not fit")
-        place_block(out, msg, src, ctx, codec=self.codec)
+        header = bytes(meta[ENVELOPE_SIZE:])
+        checked = self._checked(header)
+        if into is None:
+            into = byte_view(out)
+        if into is not None and body.nbytes == into.nbytes and lands_in(checked, into.nbytes):
+            into[:] = body
+            msg = Encoded(header, [into], checked)
+        else:
+            got = self._message(arena, src, k)
+            assert got is not None
+            into, msg = None, got
+        place_block(out, msg, src, ctx, codec=self.codec, into=into)
 
     def _reduce(
         self, arena: Arena, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext, root: int
