@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from collectives.algorithms import ring_reduce
-from collectives.algorithms.blocks import recv_tensor
-from collectives.algorithms.link import Link, binomial_parent_children
+from collectives.algorithms.blocks import recv_tensor, tensor_bytes_or_none
+from collectives.algorithms.link import Link, binomial_parent_children, offers
 from collectives.algorithms.scratch import partial_buffer
 from collectives.codec import encode
 from collectives.reduce_op import ReduceOp, combine_, finish_
@@ -58,18 +58,27 @@ def reduce_tensor(link: Link, tensor: torch.Tensor, root: int, op: ReduceOp) -> 
     flat = own.view(-1)
     # The children's partials are received into scratch memory (:mod:`.scratch`), the first
     # one combined with this rank's values there (its own tensor stays unchanged), the next
-    # ones into it; the root combines into its own tensor.
+    # ones into it; the root combines into its own tensor.  With two children at most (worlds
+    # of up to 4 ranks) each has a slot of its own, offered before any wait: the child not
+    # waited for yet lands in its slot instead of a pool buffer (fresh memory, the first time,
+    # and a copy after).
     acc = flat if parent is None else None
-    for child in reversed(children):
-        src = (child + root) % size
-        slot = 0 if acc is None else 1
-        other = partial_buffer(slot, flat.numel(), flat, reuse=ring_reduce.sends_copies(link))
-        recv_tensor(link, src, other)
-        if acc is None:
-            combine_(other, flat, op)  # the child's subtree first, then this rank's values
-            acc = other
-        else:
-            combine_(acc, other, op)
+    srcs = [(child + root) % size for child in reversed(children)]
+    reuse = ring_reduce.sends_copies(link)
+    slots = [partial_buffer(min(i, 1), flat.numel(), flat, reuse=reuse) for i in range(len(srcs))]
+    into: list[memoryview | None] | None = None
+    if 1 < len(srcs) <= 2:
+        into = [None] * size
+        for src, slot in zip(srcs, slots, strict=True):
+            into[src] = tensor_bytes_or_none(slot)
+    with offers(link, srcs, into):
+        for src, other in zip(srcs, slots, strict=True):
+            recv_tensor(link, src, other)
+            if acc is None:
+                combine_(other, flat, op)  # the child's subtree first, then this rank's values
+                acc = other
+            else:
+                combine_(acc, other, op)
     if parent is not None:
         out = own if acc is None else acc  # a leaf sends its own values
         if out is tensor and not ring_reduce.sends_copies(link):

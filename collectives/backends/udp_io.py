@@ -400,13 +400,17 @@ class Engine(Inbox, FarSender, Health, Waits, ShmLinks):
         waits (now: more to read, after posters had a chance at the lock)."""
         self.counters["io_turns"] += 1
         self._log_drops()
-        if self._turn():
-            return -math.inf
+        self._io_draining = True  # see ShmLinks._hold_far
+        try:
+            if self._turn():
+                return -math.inf
+        finally:
+            self._io_draining = False
         # While the rank is busy the thread looks every grace period, so a post wakes it only
         # for a timer due sooner (a pacing gap); idle, it sleeps.
         timer, now = self._timer, self.clock()
         busy = now - self._last_active < _BUSY_S
-        until = now + (_IO_GRACE_S if busy else _IDLE_WAIT_S)
+        until = min(now + (_IO_GRACE_S if busy else _IDLE_WAIT_S), self._held_until)
         self._io_until = until if timer is None else min(until, timer)
         return self._io_until
 

@@ -73,6 +73,12 @@ class BufferPool:
             master = np.empty(nbytes, dtype=np.uint8)
         return master[:].data  # a new view: its life tells whether the buffer is in use
 
+    def has_free(self, nbytes: int) -> bool:
+        """Whether :meth:`get` would hand out a free buffer of ``nbytes`` now (not fresh
+        memory; a lent one that came back is not looked for)."""
+        with self._lock:
+            return bool(self._free.get(nbytes))
+
     def put(self, buf: memoryview) -> None:
         """``buf`` (from :meth:`get`) is not used any more."""
         master = _master(_view(buf))
