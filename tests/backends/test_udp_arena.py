@@ -7,10 +7,7 @@ ranks an arena by hand: one mapping, each rank's view of it."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -24,9 +21,8 @@ from collectives.backends.shm_arena import Arena
 from collectives.communicator import Communicator
 from collectives.errors import CollectiveMismatchError, CollectiveTimeoutError
 from tests.backends.test_udp_driver import keyed
-from tests.backends.udp_worlds import run_world
+from tests.backends.udp_worlds import launched_world, run_world
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(
     not (shm_ring.available() and cma.enabled()), reason="arenas need Linux on x86-64"
 )
@@ -179,17 +175,8 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _processes(tmp_path: Path, env: dict[str, str], n: int) -> dict[int, dict[str, Any]]:
-    script = tmp_path / "arena.py"
-    script.write_text(_SCRIPT)
-    cmd = [sys.executable, "-m", "comfyui_cluster.launchers", "--nproc", str(n),
-           "--backend", "udp", "--", sys.executable, str(script), str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True, text=True, timeout=240, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)}
+def _processes(tmp_path: Path, env: dict[str, str], n: int = 3) -> dict[int, dict[str, Any]]:
+    return launched_world(tmp_path, _SCRIPT, env, n)
 
 
 def test_processes_of_one_host_share_an_arena(tmp_path: Path) -> None:

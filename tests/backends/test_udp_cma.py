@@ -23,7 +23,7 @@ from collectives.codec import encode
 from collectives.communicator import Communicator
 from collectives.errors import ConnectionLostError, RemoteProtocolError
 from tests.backends.test_udp_driver import keyed
-from tests.backends.udp_worlds import run_world
+from tests.backends.udp_worlds import launched_world, run_world
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not cma.enabled(), reason="no process_vm_readv on this platform")
@@ -272,18 +272,7 @@ _SCRIPT = textwrap.dedent(
 
 
 def _processes(tmp_path: Path, env: dict[str, str], n: int = 3) -> dict[int, dict[str, Any]]:
-    script = tmp_path / "far.py"
-    script.write_text(_SCRIPT)
-    cmd = [sys.executable, "-m", "comfyui_cluster.launchers", "--nproc", str(n),
-           "--backend", "udp", "--", sys.executable, str(script), str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True, text=True, timeout=240, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import json
-
-    return {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)}
+    return launched_world(tmp_path, _SCRIPT, env, n)
 
 
 def test_processes_of_one_host_copy_large_bodies_out_of_each_other(tmp_path: Path) -> None:

@@ -1,10 +1,16 @@
-"""Worlds of udp ranks run as threads of the test process, for the tests/backends udp tests."""
+"""Worlds of udp ranks for the tests/backends udp tests: threads of the test process, or real
+processes started by the launcher."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from collectives.communicator import Communicator
@@ -53,3 +59,24 @@ def run_world(
         raise errors[0]
     assert sorted(results) == list(range(n)), sorted(results)
     return [results[r] for r in range(n)]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def launched_world(
+    tmp_path: Path, script: str, env: dict[str, str], n: int
+) -> dict[int, dict[str, Any]]:
+    """Run ``script`` on ``n`` udp ranks started by ``comfycluster-launch`` (real processes,
+    this environment plus ``env``); each rank writes its report as ``rank<r>.json`` into the
+    folder its first argument names.  The reports by rank."""
+    path = tmp_path / "world.py"
+    path.write_text(script)
+    cmd = [sys.executable, "-m", "comfyui_cluster.launchers", "--nproc", str(n),
+           "--backend", "udp", "--", sys.executable, str(path), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)}
