@@ -126,7 +126,7 @@ def _recursive_doubling(link: Link, tensor: torch.Tensor, op: ReduceOp) -> None:
         return
     value = tensor
     if rank < 2 * rem:
-        value = _combined(_recv_like(link, rank - 1, tensor), tensor, op)
+        value = combined(_recv_like(link, rank - 1, tensor), tensor, op)
         vrank = rank // 2
     else:
         vrank = rank - rem
@@ -136,7 +136,7 @@ def _recursive_doubling(link: Link, tensor: torch.Tensor, op: ReduceOp) -> None:
         partner = 2 * partner_v + 1 if partner_v < rem else partner_v + rem
         link.send(partner, encode(value if value is not tensor else tensor.clone()))
         other = _recv_like(link, partner, tensor)
-        value = _combined(value, other, op) if vrank < partner_v else _combined(other, value, op)
+        value = combined(value, other, op) if vrank < partner_v else combined(other, value, op)
         mask <<= 1
     finish_(value, op, size)  # ``value`` is the last combine's new tensor: not sent yet
     tensor.copy_(value)
@@ -152,7 +152,7 @@ def _recv_like(link: Link, src: int, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _combined(lower: torch.Tensor, upper: torch.Tensor, op: ReduceOp) -> torch.Tensor:
+def combined(lower: torch.Tensor, upper: torch.Tensor, op: ReduceOp) -> torch.Tensor:
     """``lower op upper`` as a new tensor (neither operand is written)."""
     out = lower.clone()
     combine_(out, upper, op)

@@ -27,8 +27,6 @@ trust and on memory order apply here too).
 
 from __future__ import annotations
 
-import struct
-
 from collectives.backends import shm_ring
 
 NAME = "comfy-cluster-arena"
@@ -43,8 +41,6 @@ CAPACITY = SLOT_BYTES - HEAD_BYTES
 DONE, ASLEEP = 0, 1
 # Words of a slot's head.
 SEQ, META, BODY, OVER = 0, 1, 2, 3
-
-_U64 = struct.Struct("=Q")
 
 
 def arena_bytes(size: int) -> int:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from collectives.algorithms.blocks import known_fit, remember_fit
+from collectives.algorithms.reduction import combined
 from collectives.backends.base import land_gathered
 from collectives.backends.envelope import NO_ROOT, Envelope
 from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
@@ -39,9 +40,10 @@ from collectives.backends.p2p import (
     received_block,
 )
 from collectives.backends.shm_arena import CAPACITY, Arena
-from collectives.codec import CodecOptions, Encoded, Header, check_header, encode
+from collectives.backends.udp_inbox import checked_header, split_body
+from collectives.codec import CodecOptions, Encoded, Header, encode
 from collectives.errors import RemoteProtocolError
-from collectives.reduce_op import ReduceOp, combine_, finish_
+from collectives.reduce_op import ReduceOp, finish_
 
 if TYPE_CHECKING:
     import torch
@@ -73,12 +75,10 @@ class ArenaCollectives(P2PBackend):
             return None
         return arena
 
-    def _exchange(
-        self, arena: Arena, ctx: OpContext, root: int, msg: Encoded | None
-    ) -> tuple[int, Envelope]:
+    def _exchange(self, arena: Arena, ctx: OpContext, root: int, msg: Encoded | None) -> int:
         """Write this rank's envelope and ``msg`` (if any) as the next arena op and wait for
-        every rank's; check their envelopes.  The op's number (:meth:`Arena.finish` it once
-        its slots are read, also after an error) and envelope."""
+        every rank's; check their envelopes.  The op's number: :meth:`_finish` it once its slots
+        are read (done here when this raises)."""
         k = self._arena_ops = self._arena_ops + 1
         env = self.envelope(ctx.name, ctx.seq, root)
         try:
@@ -103,7 +103,7 @@ class ArenaCollectives(P2PBackend):
         except BaseException:
             self._finish(arena, k)
             raise
-        return k, env
+        return k
 
     def _finish(self, arena: Arena, k: int) -> None:
         arena.finish(k)
@@ -140,29 +140,18 @@ class ArenaCollectives(P2PBackend):
             )
         if copy:
             body = memoryview(bytearray(body))
-        buffers, at = [], 0
-        for size in sizes:
-            buffers.append(body[at : at + size])
-            at += size
-        return Encoded(header, buffers, checked)
+        return Encoded(header, split_body(body, sizes), checked)
 
     def _owned(self, arena: Arena, src: int, k: int) -> Encoded | None:
         return self._message(arena, src, k, copy=True)
 
     def _checked(self, header: bytes) -> Header:
-        """``header`` checked against this rank's options (:func:`check_header`), remembered:
-        a loop of ops repeats a few headers, and a parse costs more than the copy of a block."""
-        codec, cache = self.codec, self._arena_headers
+        """``header`` checked against this rank's options, remembered (as a received
+        message's is: ``udp_inbox.checked_header``)."""
+        cache = self._arena_headers
         if cache is None:
             cache = self._arena_headers = {}
-        known = cache.get(header)
-        if known is not None and known[0] is codec:
-            return known[1]
-        checked = check_header(header, codec)
-        if len(cache) >= 64:
-            cache.clear()
-        cache[header] = (codec, checked)
-        return checked
+        return checked_header(cache, header, self.codec)
 
     # -- rootless ------------------------------------------------------------------------------
     def barrier(self, ctx: OpContext) -> None:
@@ -170,14 +159,14 @@ class ArenaCollectives(P2PBackend):
         if arena is None:
             super().barrier(ctx)
             return
-        k, _ = self._exchange(arena, ctx, NO_ROOT, None)
+        k = self._exchange(arena, ctx, NO_ROOT, None)
         self._finish(arena, k)
 
     def allgather(self, msg: Encoded, ctx: OpContext) -> list[Encoded]:
         arena = self._arena_for(None)
         if arena is None:
             return super().allgather(msg, ctx)
-        k, _ = self._exchange(arena, ctx, NO_ROOT, msg)
+        k = self._exchange(arena, ctx, NO_ROOT, msg)
         try:
             # Every slot, this rank's too: the ranks decide alike only on the same marks.
             fits = all(arena.slot(r, k)[1] is not None for r in range(self.size))
@@ -194,7 +183,7 @@ class ArenaCollectives(P2PBackend):
             super().allgather_into(out, tensor, ctx)
             return
         blocks = out.view(self.size, *tensor.shape)
-        k, _ = self._exchange(arena, ctx, NO_ROOT, self._encoded(tensor))
+        k = self._exchange(arena, ctx, NO_ROOT, self._encoded(tensor))
         try:
             self._place_all(arena, blocks, tensor, k, ctx)
         finally:
@@ -212,7 +201,7 @@ class ArenaCollectives(P2PBackend):
         arena = self._arena_for(None)
         if arena is None:
             return super().broadcast(msg, root, ctx)
-        k, _ = self._exchange(arena, ctx, root, msg if self.rank == root else None)
+        k = self._exchange(arena, ctx, root, msg if self.rank == root else None)
         try:
             got = msg if self.rank == root else self._owned(arena, root, k)
             fits = arena.slot(root, k)[1] is not None
@@ -228,9 +217,7 @@ class ArenaCollectives(P2PBackend):
         if arena is None:
             super().broadcast_into(tensor, root, ctx)
             return
-        k, _ = self._exchange(
-            arena, ctx, root, self._encoded(tensor) if self.rank == root else None
-        )
+        k = self._exchange(arena, ctx, root, self._encoded(tensor) if self.rank == root else None)
         try:
             if self.rank != root:
                 self._place(arena, tensor, root, k, ctx)
@@ -241,7 +228,7 @@ class ArenaCollectives(P2PBackend):
         arena = self._arena_for(None)
         if arena is None:
             return super().gather(msg, root, ctx)
-        k, _ = self._exchange(arena, ctx, root, msg)
+        k = self._exchange(arena, ctx, root, msg)
         try:
             fits = all(arena.slot(r, k)[1] is not None for r in range(self.size))
             got = None
@@ -260,7 +247,7 @@ class ArenaCollectives(P2PBackend):
         if arena is None:
             super().gather_into(out, tensor, root, ctx)
             return
-        k, _ = self._exchange(arena, ctx, root, self._encoded(tensor))
+        k = self._exchange(arena, ctx, root, self._encoded(tensor))
         try:
             if out is not None:
                 self._place_all(arena, out.view(self.size, *tensor.shape), tensor, k, ctx)
@@ -297,7 +284,7 @@ class ArenaCollectives(P2PBackend):
             assert tensor is not None
             blocks = tensor.contiguous().view(self.size, *out.shape)
             msg = Encoded(encode(blocks[0]).header, encode(blocks).buffers)
-        k, _ = self._exchange(arena, ctx, root, msg)
+        k = self._exchange(arena, ctx, root, msg)
         try:
             if self.rank == root:
                 assert tensor is not None
@@ -424,7 +411,7 @@ class ArenaCollectives(P2PBackend):
         it, and as the message path's: in low precision the shape decides the rounding)."""
         import torch
 
-        k, _ = self._exchange(arena, ctx, root, self._encoded(tensor))
+        k = self._exchange(arena, ctx, root, self._encoded(tensor))
         try:
             if root not in (NO_ROOT, self.rank):
                 return
@@ -450,17 +437,11 @@ def _doubling(parts: list[torch.Tensor], op: ReduceOp) -> torch.Tensor:
     ``2 * rem`` fold in pairs, then the ``2**m`` values pair up level by level, lower op upper."""
     pof2 = 1 << (len(parts).bit_length() - 1)
     rem = len(parts) - pof2
-    values = [_combined(parts[2 * i], parts[2 * i + 1], op) for i in range(rem)]
+    values = [combined(parts[2 * i], parts[2 * i + 1], op) for i in range(rem)]
     values += parts[2 * rem :]
     while len(values) > 1:
-        values = [_combined(values[i], values[i + 1], op) for i in range(0, len(values), 2)]
+        values = [combined(values[i], values[i + 1], op) for i in range(0, len(values), 2)]
     return values[0] if values[0] is not parts[0] else parts[0].clone()
-
-
-def _combined(lower: torch.Tensor, upper: torch.Tensor, op: ReduceOp) -> torch.Tensor:
-    out = lower.clone()
-    combine_(out, upper, op)
-    return out
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -261,14 +261,7 @@ class Inbox:
                     )
             item.env = Envelope.unpack_from(meta, src=peer)
             item.header = header = bytes(meta[ENVELOPE_SIZE:])
-            known = self._headers.get(header)
-            if known is not None and known[0] is codec:
-                item.checked = known[1]  # the same bytes passed the same options' check
-            else:
-                item.checked = check_header(header, codec)
-                if len(self._headers) >= _HEADER_CACHE:
-                    self._headers.clear()
-                self._headers[header] = (codec, item.checked)
+            item.checked = checked_header(self._headers, header, codec)
             item.sizes = item.checked.wire_sizes
             if item.far is None and sum(item.sizes) != body_len:
                 raise RemoteProtocolError(
@@ -375,16 +368,38 @@ class Inbox:
             elif len(item.sizes) == 1:
                 buffers = [body]
             else:
-                buffers, offset = [], 0
-                for size in item.sizes:
-                    buffers.append(body[offset : offset + size])
-                    offset += size
+                buffers = split_body(body, item.sizes)
             taken = (item.env, Encoded(item.header, buffers, item.checked))
             result = _Queued(taken, pooled=item.buffer)
         if item.landing is not None:
             item.landing.result = result if isinstance(result, CollectivesError) else result.taken
         else:
             self.boxes.setdefault(key, deque()).append(result)
+
+
+def checked_header(
+    cache: dict[bytes, tuple[CodecOptions, Header]], header: bytes, codec: CodecOptions
+) -> Header:
+    """``header`` checked against ``codec`` (:func:`check_header`), remembered in ``cache``:
+    the same bytes pass the same options' check again (a loop of ops repeats a handful of
+    headers, and a parse costs more than the rest of a small message's allocation)."""
+    known = cache.get(header)
+    if known is not None and known[0] is codec:
+        return known[1]
+    checked = check_header(header, codec)
+    if len(cache) >= _HEADER_CACHE:
+        cache.clear()
+    cache[header] = (codec, checked)
+    return checked
+
+
+def split_body(body: memoryview, sizes: Sequence[int]) -> list[memoryview]:
+    """``body`` cut into the buffers of ``sizes`` (a codec header's ``wire_sizes``)."""
+    buffers, offset = [], 0
+    for size in sizes:
+        buffers.append(body[offset : offset + size])
+        offset += size
+    return buffers
 
 
 def _unwrap(item: Taken | CollectivesError) -> Taken:

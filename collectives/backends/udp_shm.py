@@ -47,7 +47,8 @@ from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
 from collectives.backends.shm_arena import Arena
 from collectives.backends.shm_ring import ASLEEP, READ, WAITING, Ring, fence
 from collectives.backends.udp_cma import is_far, parse_far
-from collectives.codec import CodecOptions, check_header
+from collectives.backends.udp_inbox import checked_header
+from collectives.codec import CodecOptions, Header
 from collectives.errors import CollectivesError, InvalidArgumentError
 from collectives.transport.events import MessageReceived
 from collectives.transport.frames import FrameError
@@ -116,6 +117,7 @@ class ShmLinks:
     _allocate: Callable[[int, int, bytes, int], memoryview]
     _codec: Callable[[], CodecOptions]
     _pool: BufferPool
+    _headers: dict[bytes, tuple[CodecOptions, Header]]
     landings: dict[tuple[int, int], Any]
     _offered: dict[tuple[int, int], Any]
     clock: Callable[[], float]
@@ -341,7 +343,8 @@ class ShmLinks:
             return False
         try:
             far = parse_far(bytes(meta), peer)
-            sizes = check_header(far.meta[ENVELOPE_SIZE:], self._codec()).wire_sizes
+            header = bytes(far.meta[ENVELOPE_SIZE:])
+            sizes = checked_header(self._headers, header, self._codec()).wire_sizes
         except CollectivesError:
             return False  # refused by _allocate, now
         if self._pool.has_free(sum(sizes)):
