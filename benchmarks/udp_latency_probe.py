@@ -38,6 +38,7 @@ def _ops(small_iters: int, big_iters: int) -> list[tuple[str, str, int, int]]:
         ("pingpong 1K (one way)", "pingpong", KIB, small_iters),
         ("broadcast 1K", "bcast", KIB, small_iters),
         ("allgather 1K", "allgather", KIB, small_iters),
+        ("allreduce 1K", "allreduce", KIB, small_iters),
         ("broadcast 64K", "bcast", 64 * KIB, small_iters // 2),
         ("broadcast 1M", "bcast", MIB, max(big_iters * 4, 10)),
         ("broadcast 16M", "bcast", 16 * MIB, big_iters),
@@ -74,6 +75,7 @@ def _rank_main(args: argparse.Namespace) -> None:
         # numpy-backed: fresh torch tensors page-fault on first touch (see BASELINE.md).
         buf = torch.from_numpy(np.full(nbytes, rank + 1, dtype=np.uint8))
         out = torch.from_numpy(np.zeros(size * nbytes, dtype=np.uint8))
+        fbuf = torch.from_numpy(np.full(nbytes // 4, rank + 1, dtype=np.float32))
         times: list[float] = []
         cpu: list[float] = []
         warm = 3 if nbytes >= 16 * MIB else 20
@@ -86,6 +88,8 @@ def _rank_main(args: argparse.Namespace) -> None:
                 comm.broadcast_into(buf, root=0)
             elif kind == "allgather":
                 comm.allgather_into(out, buf)
+            elif kind == "allreduce":
+                comm.allreduce(fbuf)
             else:  # ping-pong between ranks 0 and 1; the rest idle
                 if rank == 0:
                     comm.send_buffer(buf, 1)

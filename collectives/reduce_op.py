@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from collectives.errors import ConfigurationError
 
@@ -114,6 +115,37 @@ def combine_(acc: torch.Tensor, other: torch.Tensor, op: ReduceOp) -> None:
         acc.bitwise_or_(other)
     else:
         acc.bitwise_xor_(other)
+
+
+def out_combiner(op: ReduceOp, like: torch.Tensor) -> Callable[..., Any] | None:
+    """A torch function ``f(lower, upper, out=dst)`` that writes ``lower (op) upper`` into
+    ``dst`` with the same bits as :func:`combine_` on a copy of ``lower``, for the ops and
+    dtypes that :func:`combine_` runs as one plain kernel; None for the others (bool, float8,
+    uint16/32/64), which take :func:`combine_`.  Saves a reduction the copy of each step."""
+    import torch
+
+    dtype = like.dtype
+    if dtype == torch.bool or _needs_upcast(like):
+        return None
+    if dtype in (torch.uint16, torch.uint32, torch.uint64):
+        return None
+    if not _OUT_FUNCS:
+        _OUT_FUNCS.update(
+            {
+                ReduceOp.SUM: torch.add,
+                ReduceOp.AVG: torch.add,
+                ReduceOp.PROD: torch.mul,
+                ReduceOp.MIN: torch.minimum,
+                ReduceOp.MAX: torch.maximum,
+                ReduceOp.BAND: torch.bitwise_and,
+                ReduceOp.BOR: torch.bitwise_or,
+                ReduceOp.BXOR: torch.bitwise_xor,
+            }
+        )
+    return _OUT_FUNCS[op]
+
+
+_OUT_FUNCS: dict[ReduceOp, Callable[..., Any]] = {}
 
 
 def finish_(acc: torch.Tensor, op: ReduceOp, world_size: int) -> None:

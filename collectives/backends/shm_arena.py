@@ -7,11 +7,13 @@ libraries and NCCL run small collectives of one node through shared memory inste
 this: each rank writes its part once into its own *slot*, and reads what it needs out of the
 others' slots, in place.
 
-Layout (:class:`Arena`): one control line per rank (``done``: the last arena op this rank has
-finished reading; ``asleep``: it sleeps in ``select``, ring its socket), then two slots per
-rank, used by alternate ops.  A slot holds a header (the op's number, the lengths of the meta
-and the body, whether the payload fits) and then the meta (the op's envelope and its codec
-header) and the body.  Each word is written by the slot's owner only.
+Layout (:class:`Arena`): one world line (``complete``: the last op every rank has written its
+slot of; ``drained``: the last op every rank is done with), one control line per rank
+(``done``: the last arena op this rank has finished reading; ``sleeps``: it sleeps on a word of
+the world line), then two slots per rank, used by alternate ops.  A slot holds a header (the
+op's number, the lengths of the meta and the body, whether the payload fits) and then the meta
+(the op's envelope and its codec header) and the body.  Each word of a control line or a slot
+is written by its owner only.
 
 An op ``k`` (numbered per arena, the same on every rank, since every rank takes the same
 path for the same op) goes: wait until every rank is ``done`` with op ``k - 2`` (the last user
@@ -20,6 +22,15 @@ of the slot about to be written), write the slot, store its number last; wait fo
 The envelope of every rank is in its slot, so every rank checks every other's op, sequence
 number and root: a rooted collective needs no separate agreement round.
 
+Waiting (:meth:`Arena.sleep`): a rank waiting for every rank's slot of op ``k`` (or for every
+rank to be done with it) first polls for a short while, then raises its ``sleeps`` word, reads
+the world word, looks again, and sleeps on the world word (a ``futex``) unless it changed.  A
+rank whose store completes the op (it sees every other's after its own) stores ``k`` in the
+world word and, when a ``sleeps`` word is up, wakes its sleepers: one wake per op, from the last
+rank to arrive, however many sleep.  Several ranks may each see themselves last; they all store
+the same ``k``, so no store is lost.  A full fence sits between each side's store and its loads
+of the other's words (``sleeps`` and the slots), so one of them sees the other's.
+
 The mapping is a sealed memfd made by rank 0 and mapped by the others through
 ``/proc/<pid>/fd/<fd>``, as a ring is (:mod:`collectives.backends.shm_ring`, whose notes on
 trust and on memory order apply here too).
@@ -27,7 +38,9 @@ trust and on memory order apply here too).
 
 from __future__ import annotations
 
-from collectives.backends import shm_ring
+from collections.abc import Callable
+
+from collectives.backends import futex, shm_ring
 
 NAME = "comfy-cluster-arena"
 SLOT_BYTES = 64 << 10
@@ -37,14 +50,17 @@ HEAD_BYTES = 64
 CONTROL_BYTES = 64
 CAPACITY = SLOT_BYTES - HEAD_BYTES
 
-# Words of a control line (8-byte items from its start).
-DONE, ASLEEP = 0, 1
+# Words of the world line (8-byte items; the low 32 bits of each, its first four bytes on this
+# little-endian machine, are the futex word).
+COMPLETE, DRAINED = 0, 1
+# Words of a control line.
+DONE, SLEEPS = 0, 1
 # Words of a slot's head.
 SEQ, META, BODY, OVER = 0, 1, 2, 3
 
 
 def arena_bytes(size: int) -> int:
-    return size * CONTROL_BYTES + 2 * size * SLOT_BYTES
+    return (1 + size) * CONTROL_BYTES + 2 * size * SLOT_BYTES
 
 
 class Arena:
@@ -53,11 +69,14 @@ class Arena:
     def __init__(self, area: object, rank: int, size: int) -> None:
         self._area = area
         view = memoryview(area)  # type: ignore[arg-type]
+        base_address = futex.address_of(area)
+        self._words = [base_address + 8 * word for word in (COMPLETE, DRAINED)]
         self.rank, self.size = rank, size
+        self._world = view[:CONTROL_BYTES].cast("Q")
         self._control = [
-            view[r * CONTROL_BYTES : (r + 1) * CONTROL_BYTES].cast("Q") for r in range(size)
+            view[(1 + r) * CONTROL_BYTES : (2 + r) * CONTROL_BYTES].cast("Q") for r in range(size)
         ]
-        base = size * CONTROL_BYTES
+        base = (1 + size) * CONTROL_BYTES
         self._heads: list[memoryview] = []
         self._data: list[memoryview] = []
         for index in range(2 * size):  # slot (rank r, parity p) is index 2 * r + p
@@ -68,12 +87,15 @@ class Arena:
     # -- this rank's side --------------------------------------------------------------------
     def free(self, k: int) -> bool:
         """Whether every rank is done with op ``k - 2``: the slot op ``k`` writes is free."""
-        need = k - 2
-        return all(line[DONE] >= need for line in self._control)
+        return self.all_done(k - 2)
 
     def behind(self, k: int) -> list[int]:
         """The ranks not yet done with op ``k``."""
         return [r for r, line in enumerate(self._control) if line[DONE] < k]
+
+    def missing(self, k: int) -> list[int]:
+        """The ranks that have not written their slot of op ``k``."""
+        return [r for r in range(self.size) if not self.ready(r, k)]
 
     def publish(self, k: int, meta: bytes, body: list[memoryview]) -> bool:
         """Write op ``k``'s meta and body into this rank's slot (only the meta when they do not
@@ -94,11 +116,16 @@ class Arena:
         head[BODY] = nbytes if fits else 0
         head[OVER] = 0 if fits else 1
         head[SEQ] = k  # last: a reader that sees it sees the rest
+        self._arrived(COMPLETE, k, self.all_ready)
         return fits
 
     def finish(self, k: int) -> None:
         """This rank read what it needed of op ``k``: the slots of op ``k`` may be reused."""
         self._control[self.rank][DONE] = k
+        self._arrived(DRAINED, k, self.all_done)
+
+    def all_done(self, k: int) -> bool:
+        return all(line[DONE] >= k for line in self._control)
 
     # -- the others' slots -------------------------------------------------------------------
     def ready(self, src: int, k: int) -> bool:
@@ -121,14 +148,33 @@ class Arena:
         return meta, None if head[OVER] else data[meta_len : meta_len + body_len]
 
     # -- sleeping ----------------------------------------------------------------------------
-    def sleep_flag(self, value: int) -> None:
-        self._control[self.rank][ASLEEP] = value
+    def _arrived(self, word: int, k: int, whole: Callable[[int], bool]) -> None:
+        """After this rank's store for op ``k``: when ``whole(k)`` (every rank's store is in),
+        say so in the world ``word`` and wake its sleepers (see the module docstring)."""
+        shm_ring.fence()  # this rank's store before the look at the others'
+        if not whole(k):
+            return
+        # Never a step back: op k + 1 cannot be whole before this rank's store for it.
+        self._world[word] = k
+        shm_ring.fence()  # the world word before the look at the sleepers
+        if any(line[SLEEPS] for line in self._control):
+            futex.wake(self._words[word])
 
-    def sleepers(self) -> list[int]:
-        """The other ranks asleep in ``select`` (call after a store they may wait on)."""
-        shm_ring.fence()
-        me = self.rank
-        return [r for r, line in enumerate(self._control) if r != me and line[ASLEEP]]
+    def sleep(self, word: int, ready: Callable[[], bool], timeout_s: float) -> bool:
+        """Sleep on the world ``word`` (:data:`COMPLETE` or :data:`DRAINED`) until a rank
+        stores it, or ``timeout_s`` passes, unless ``ready()`` (what this rank waits for)
+        already holds; ``ready()`` after."""
+        mine = self._control[self.rank]
+        mine[SLEEPS] = 1
+        try:
+            shm_ring.fence()  # the sleeps word before the looks at the world word and the slots
+            seen = self._world[word]
+            if ready():
+                return True
+            futex.wait(self._words[word], seen, timeout_s)
+        finally:
+            mine[SLEEPS] = 0
+        return ready()
 
 
 def create(size: int) -> tuple[int, object]:

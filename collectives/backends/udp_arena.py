@@ -16,18 +16,19 @@ A reduction combines the ranks' tensors in rank order on every rank, so an allre
 every rank the same bits.  Anything the arena does not take (a scatter of objects, larger
 payloads) takes the message path unchanged.
 
-Waits drive the IO engine like a receive (``Engine._drive``: its turns, its deadline, a lost
-peer named), polling the arena alongside the socket and the rings; a rank that stores a word
-another may be asleep waiting for rings that rank's socket (the rings' doorbell).
+A rank waiting for another's store polls the arena briefly, then sleeps on that rank's bell (a
+futex, ``shm_arena``), waking every few milliseconds to ask the IO engine whether the rank was
+lost and to check the op's deadline; the IO thread serves the socket meanwhile.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import os
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from collectives.algorithms.blocks import known_fit, remember_fit
 from collectives.algorithms.reduction import combined
 from collectives.backends.base import land_gathered
 from collectives.backends.envelope import NO_ROOT, Envelope
@@ -39,11 +40,11 @@ from collectives.backends.p2p import (
     place_block,
     received_block,
 )
-from collectives.backends.shm_arena import CAPACITY, Arena
+from collectives.backends.shm_arena import CAPACITY, COMPLETE, DRAINED, Arena
 from collectives.backends.udp_inbox import checked_header, split_body
 from collectives.codec import CodecOptions, Encoded, Header, encode
 from collectives.errors import RemoteProtocolError
-from collectives.reduce_op import ReduceOp, finish_
+from collectives.reduce_op import ReduceOp, finish_, out_combiner
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +53,12 @@ if TYPE_CHECKING:
     from collectives.backends.udp_io import Engine
 
 _HEADER_ALLOWANCE = 512  # a tensor's codec header is well under this
+# How long a wait for another rank's store polls the arena (yielding the CPU between looks)
+# before it sleeps on the rank's bell; and how long each sleep lasts at most, between checks
+# for a lost peer, an abort and the deadline.
+_POLL_S = 50e-6
+_SLICE_S = 0.005
+_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
 class ArenaCollectives(P2PBackend):
@@ -62,6 +69,12 @@ class ArenaCollectives(P2PBackend):
     _arena_ops = 0  # arena ops so far: the same count on every rank
     _arena_headers: dict[bytes, tuple[CodecOptions, Header]] | None = None
     _tensor_headers: dict[tuple[torch.dtype, tuple[int, ...]], bytes] | None = None
+    # Codec headers checked and found to be a raw buffer: header -> (dtype, numel, bytes),
+    # under the codec options they were checked with (see _raw_body).
+    _raw_headers: tuple[CodecOptions, dict[bytes, tuple[torch.dtype, int, int]]] | None = None
+    # Tensors over the arena's slots, made once (see _view).
+    _slot_views: dict[tuple[Any, ...], torch.Tensor] | None = None
+    _scratch: dict[tuple[Any, ...], list[torch.Tensor]] | None = None  # see _reduce_scratch
 
     # -- the exchange --------------------------------------------------------------------------
     def _arena_for(self, nbytes: int | None) -> Arena | None:
@@ -77,21 +90,19 @@ class ArenaCollectives(P2PBackend):
 
     def _exchange(self, arena: Arena, ctx: OpContext, root: int, msg: Encoded | None) -> int:
         """Write this rank's envelope and ``msg`` (if any) as the next arena op and wait for
-        every rank's; check their envelopes.  The op's number: :meth:`_finish` it once its slots
-        are read (done here when this raises)."""
+        every rank's; check their envelopes.  The op's number: :meth:`Arena.finish` it once its
+        slots are read (done here when this raises)."""
         k = self._arena_ops = self._arena_ops + 1
         env = self.envelope(ctx.name, ctx.seq, root)
         try:
-            if not arena.free(k):
-                self._arena_wait(ctx, lambda: arena.free(k), arena.behind(k - 2))
+            if not arena.free(k):  # every rank done with op k - 2, the last user of the slot
+                self._arena_wait(ctx, DRAINED, functools.partial(arena.free, k), k - 2)
             mine = env.pack()
             meta = mine if msg is None else mine + bytes(msg.header)
             body = [] if msg is None else [_flat(b) for b in msg.buffers]
             arena.publish(k, meta, body)
-            self._ring(arena)
-            for src in range(self.size):
-                if src != self.rank and not arena.ready(src, k):
-                    self._arena_wait(ctx, functools.partial(arena.ready, src, k), [src])
+            if not arena.all_ready(k):
+                self._arena_wait(ctx, COMPLETE, functools.partial(arena.all_ready, k), k)
             for src in range(self.size):
                 if src != self.rank:
                     meta_view, _ = arena.slot(src, k)
@@ -101,26 +112,36 @@ class ArenaCollectives(P2PBackend):
                         got = Envelope.unpack_from(meta_view, src=src)
                         env.expect(got, rank=self.rank, src=src)
         except BaseException:
-            self._finish(arena, k)
+            arena.finish(k)
             raise
         return k
 
-    def _finish(self, arena: Arena, k: int) -> None:
-        arena.finish(k)
-        self._ring(arena)
-
-    def _ring(self, arena: Arena) -> None:
-        engine = self._engine
-        if engine is not None:
-            for peer in arena.sleepers():
-                engine._doorbell(peer)
-
-    def _arena_wait(self, ctx: OpContext, ready: Callable[[], bool], peers: Sequence[int]) -> None:
-        engine = self._engine
-        assert engine is not None
-        for peer in peers:
+    def _arena_wait(self, ctx: OpContext, word: int, ready: Callable[[], bool], k: int) -> None:
+        """Wait until ``ready()``: every rank's slot of op ``k`` is written (``word`` is
+        ``COMPLETE``), or every rank is done with op ``k`` (``DRAINED``).  Polls the arena for
+        up to :data:`_POLL_S`, then sleeps on the world word in slices of :data:`_SLICE_S`,
+        between which the IO engine says whether a rank it waits for was lost, this rank
+        aborted or closed, and the op's deadline is checked.  The IO thread serves the socket
+        meanwhile."""
+        arena, engine = self._arena, self._engine
+        assert arena is not None and engine is not None
+        clock = time.perf_counter
+        until = clock() + _POLL_S
+        while clock() < until:
+            _yield()
+            if ready():
+                return
+        dl = ctx.deadline
+        while True:
+            waited = arena.missing(k) if word == COMPLETE else arena.behind(k)
             with engine.lock:
-                engine._drive(ready, peer, ctx.deadline, "it did not reach the collective", ready)
+                for src in waited:
+                    engine.check_usable(src, dl.op)
+            remaining = dl.remaining()
+            if remaining <= 0:
+                raise dl.error(waited, "it did not reach the collective")
+            if arena.sleep(word, ready, min(remaining, _SLICE_S)):
+                return
 
     def _message(self, arena: Arena, src: int, k: int, *, copy: bool = False) -> Encoded | None:
         """``src``'s payload of op ``k`` as a message whose buffers are views into the arena
@@ -160,7 +181,7 @@ class ArenaCollectives(P2PBackend):
             super().barrier(ctx)
             return
         k = self._exchange(arena, ctx, NO_ROOT, None)
-        self._finish(arena, k)
+        arena.finish(k)
 
     def allgather(self, msg: Encoded, ctx: OpContext) -> list[Encoded]:
         arena = self._arena_for(None)
@@ -172,7 +193,7 @@ class ArenaCollectives(P2PBackend):
             fits = all(arena.slot(r, k)[1] is not None for r in range(self.size))
             got = [msg if r == self.rank else self._owned(arena, r, k) for r in range(self.size)]
         finally:
-            self._finish(arena, k)
+            arena.finish(k)
         if not fits:
             return super().allgather(msg, ctx)  # a payload did not fit: every rank saw it
         return [m for m in got if m is not None]
@@ -187,7 +208,7 @@ class ArenaCollectives(P2PBackend):
         try:
             self._place_all(arena, blocks, tensor, k, ctx)
         finally:
-            self._finish(arena, k)
+            arena.finish(k)
 
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext) -> None:
         arena = self._arena_for(_nbytes(tensor))
@@ -206,7 +227,7 @@ class ArenaCollectives(P2PBackend):
             got = msg if self.rank == root else self._owned(arena, root, k)
             fits = arena.slot(root, k)[1] is not None
         finally:
-            self._finish(arena, k)
+            arena.finish(k)
         if not fits:
             return super().broadcast(msg, root, ctx)  # every rank saw the root's mark
         assert got is not None
@@ -222,7 +243,7 @@ class ArenaCollectives(P2PBackend):
             if self.rank != root:
                 self._place(arena, tensor, root, k, ctx)
         finally:
-            self._finish(arena, k)
+            arena.finish(k)
 
     def gather(self, msg: Encoded, root: int, ctx: OpContext) -> list[Encoded] | None:
         arena = self._arena_for(None)
@@ -235,7 +256,7 @@ class ArenaCollectives(P2PBackend):
             if fits and self.rank == root:
                 got = [msg if r == root else self._owned(arena, r, k) for r in range(self.size)]
         finally:
-            self._finish(arena, k)
+            arena.finish(k)
         if not fits:
             return super().gather(msg, root, ctx)
         return None if got is None else [m for m in got if m is not None]
@@ -252,7 +273,7 @@ class ArenaCollectives(P2PBackend):
             if out is not None:
                 self._place_all(arena, out.view(self.size, *tensor.shape), tensor, k, ctx)
         finally:
-            self._finish(arena, k)
+            arena.finish(k)
 
     def gatherv_into(
         self, blocks: list[torch.Tensor] | None, tensor: torch.Tensor, root: int, ctx: OpContext
@@ -309,7 +330,7 @@ class ArenaCollectives(P2PBackend):
                 msg = Encoded(header, [mine], checked)
                 place_block(out, msg, root, ctx, codec=self.codec, into=into)
         finally:
-            self._finish(arena, k)
+            arena.finish(k)
 
     def reduce(self, tensor: torch.Tensor, root: int, op: ReduceOp, ctx: OpContext) -> None:
         arena = self._arena_for(_nbytes(tensor))
@@ -324,23 +345,59 @@ class ArenaCollectives(P2PBackend):
     ) -> torch.Tensor:
         """``src``'s tensor of op ``k`` as a view into the arena, shaped like ``like`` (valid
         until :meth:`Arena.finish`): decoded and checked the first time its header meets
-        ``like``'s dtype and size, then taken as raw bytes (p2p's landed receives)."""
+        ``like``'s dtype and size, then taken as raw bytes through a view of the slot made once
+        (the slot's memory stays where it is for the arena's life)."""
         import torch
 
+        raw = self._raw_body(arena, src, k, like)
+        if raw is not None:
+            body, at = raw
+            key = (src, k & 1, at, like.dtype, like.shape)
+            views = self._slot_views
+            if views is None:
+                views = self._slot_views = {}
+            view = views.get(key)
+            if view is None:
+                if len(views) >= 256:
+                    views.clear()
+                view = views[key] = torch.frombuffer(body, dtype=like.dtype).view(like.shape)
+            return view
+        msg = self._message(arena, src, k)
+        assert msg is not None  # every rank knew the size
+        got = received_block(msg, like, src, ctx, codec=self.codec)
+        self._learn_raw(msg, got)
+        return got.view(like.shape)
+
+    def _raw_body(
+        self, arena: Arena, src: int, k: int, like: torch.Tensor
+    ) -> tuple[memoryview, int] | None:
+        """``src``'s body of op ``k`` and its offset in the slot, when its codec header is one
+        this rank has already checked and decoded to a raw buffer of ``like``'s dtype and
+        element count (the body is then ``like``'s bytes as they are, with no decode); else
+        None."""
         meta, body = arena.slot(src, k)
         if body is None:  # never: every rank knew the size
             raise AssertionError("an arena payload that every rank sized did not fit")
-        header = bytes(meta[ENVELOPE_SIZE:])
-        checked = self._checked(header)
-        msg = Encoded(header, [body], checked)
-        key = (header, self.codec)
-        if body.nbytes == _nbytes(like) and lands_in(checked, body.nbytes):
-            if known_fit(key, like):
-                return torch.frombuffer(body, dtype=like.dtype).view(like.shape)
-            got = received_block(msg, like, src, ctx, codec=self.codec)
-            remember_fit(key, got)
-            return got.view(like.shape)
-        return received_block(msg, like, src, ctx, codec=self.codec).view(like.shape)
+        raws = self._raw_headers
+        if raws is None or raws[0] is not self.codec:
+            return None
+        fit = raws[1].get(bytes(meta[ENVELOPE_SIZE:]))
+        if fit is None or fit != (like.dtype, like.numel(), body.nbytes):
+            return None
+        return body, len(meta)
+
+    def _learn_raw(self, msg: Encoded, got: torch.Tensor) -> None:
+        """Remember that ``msg``'s header (checked, decoded to ``got``) is a raw buffer of
+        ``got``'s dtype and size, when it is one (see :meth:`_raw_body`)."""
+        nbytes = _nbytes(got)
+        if msg.checked is None or not lands_in(msg.checked, nbytes):
+            return
+        raws = self._raw_headers
+        if raws is None or raws[0] is not self.codec:
+            raws = self._raw_headers = (self.codec, {})
+        if len(raws[1]) >= 64:
+            raws[1].clear()
+        raws[1][bytes(msg.header)] = (got.dtype, got.numel(), nbytes)
 
     def _encoded(self, tensor: torch.Tensor) -> Encoded:
         """``encode(tensor)``, its header remembered by dtype and shape for a plain CPU tensor
@@ -383,25 +440,21 @@ class ArenaCollectives(P2PBackend):
         *,
         into: memoryview | None = None,
     ) -> None:
-        """``src``'s block of op ``k`` into ``out``: its bytes copied straight into ``out``'s
-        memory when its header says it is one raw buffer of that size, then checked (and
-        decoded only the first time a header meets ``out``'s dtype and size: p2p's landed
-        receives), else decoded from the arena."""
-        meta, body = arena.slot(src, k)
-        if body is None:  # never: every rank knew the size
-            raise AssertionError("an arena payload that every rank sized did not fit")
-        header = bytes(meta[ENVELOPE_SIZE:])
-        checked = self._checked(header)
+        """``src``'s block of op ``k`` into ``out`` (``into``: ``out``'s bytes, when the
+        caller has them): its bytes copied straight in once its header is known to be a raw
+        buffer of ``out``'s dtype and size (:meth:`_raw_body`), else decoded and checked."""
         if into is None:
             into = byte_view(out)
-        if into is not None and body.nbytes == into.nbytes and lands_in(checked, into.nbytes):
-            into[:] = body
-            msg = Encoded(header, [into], checked)
-        else:
-            got = self._message(arena, src, k)
-            assert got is not None
-            into, msg = None, got
-        place_block(out, msg, src, ctx, codec=self.codec, into=into)
+        if into is not None:
+            raw = self._raw_body(arena, src, k, out)
+            if raw is not None:
+                into[:] = raw[0]
+                return
+        msg = self._message(arena, src, k)
+        assert msg is not None  # every rank knew the size
+        got = received_block(msg, out, src, ctx, codec=self.codec)
+        self._learn_raw(msg, got)
+        out.copy_(got.view(out.shape))
 
     def _reduce(
         self, arena: Arena, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext, root: int
@@ -425,11 +478,35 @@ class ArenaCollectives(P2PBackend):
                     part = torch.empty_like(tensor, memory_format=torch.contiguous_format)
                     self._place(arena, part, src, k, ctx)
                     parts.append(part)
-            acc = _doubling(parts, op)
+            combine = out_combiner(op, tensor)
+            if combine is not None:  # each step written into scratch, the last into tensor
+                _doubling_into(parts, combine, tensor, self._reduce_scratch(tensor))
+                acc = tensor
+            else:
+                acc = _doubling(parts, op)
         finally:
-            self._finish(arena, k)
+            arena.finish(k)
         finish_(acc, op, self.size)
-        tensor.copy_(acc)
+        if acc is not tensor:
+            tensor.copy_(acc)
+
+    def _reduce_scratch(self, like: torch.Tensor) -> list[torch.Tensor]:
+        """``size - 2`` tensors like ``like`` (a reduction's steps but the last), kept."""
+        import torch
+
+        key = (like.dtype, like.shape, like.device)
+        cache = self._scratch
+        if cache is None:
+            cache = self._scratch = {}
+        got = cache.get(key)
+        if got is None:
+            if len(cache) >= 16:
+                cache.clear()
+            got = cache[key] = [
+                torch.empty(like.shape, dtype=like.dtype, device=like.device)
+                for _ in range(max(self.size - 2, 0))
+            ]
+        return got
 
 
 def _doubling(parts: list[torch.Tensor], op: ReduceOp) -> torch.Tensor:
@@ -442,6 +519,36 @@ def _doubling(parts: list[torch.Tensor], op: ReduceOp) -> torch.Tensor:
     while len(values) > 1:
         values = [combined(values[i], values[i + 1], op) for i in range(0, len(values), 2)]
     return values[0] if values[0] is not parts[0] else parts[0].clone()
+
+
+def _doubling_into(
+    parts: list[torch.Tensor],
+    combine: Callable[..., Any],
+    out: torch.Tensor,
+    scratch: list[torch.Tensor],
+) -> None:
+    """:func:`_doubling` with each step's result written by ``combine`` (``reduce_op.
+    out_combiner``) into a scratch tensor, and the last step's into ``out``: no copies.  ``out``
+    may be one of ``parts``: only the last step writes it, elementwise, after every read of
+    another part."""
+    free = iter(scratch)
+    pof2 = 1 << (len(parts).bit_length() - 1)
+    rem = len(parts) - pof2
+    values = []
+    for i in range(rem):  # never the last step: pof2 >= 2 values remain after these
+        dst = next(free)
+        combine(parts[2 * i], parts[2 * i + 1], out=dst)
+        values.append(dst)
+    values += parts[2 * rem :]
+    while len(values) > 1:
+        level = []
+        for i in range(0, len(values), 2):
+            dst = out if len(values) == 2 else next(free)
+            combine(values[i], values[i + 1], out=dst)
+            level.append(dst)
+        values = level
+    if values[0] is not out:  # one part: this rank's own, the result as it is
+        out.copy_(values[0])
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

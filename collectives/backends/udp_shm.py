@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from collectives.backends import shm_arena, shm_ring
+from collectives.backends import futex, shm_arena, shm_ring
 from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
 from collectives.backends.shm_arena import Arena
 from collectives.backends.shm_ring import ASLEEP, READ, WAITING, Ring, fence
@@ -151,9 +151,9 @@ class ShmLinks:
 
     @property
     def doorbells_expected(self) -> bool:
-        """Whether an empty datagram is a doorbell here (this rank has rings or an arena);
-        elsewhere it goes to the core, which counts it as malformed."""
-        return bool(self.shm_out or self._rings_in or self.arena is not None)
+        """Whether an empty datagram is a doorbell here (this rank has rings); elsewhere it goes
+        to the core, which counts it as malformed."""
+        return bool(self.shm_out or self._rings_in)
 
     def shm_peers(self) -> list[int]:
         """The peers this rank writes to through a ring."""
@@ -376,21 +376,17 @@ class ShmLinks:
         """Raise sleeper ``slot``'s flag (0: the IO thread, 1: a waiting caller) in every ring
         this rank reads; whether one has bytes after all (then the caller must not sleep, and
         lowers the flags with :meth:`_shm_awake`)."""
-        rings, arena = self._rings_in, self.arena if slot == 1 else None
-        if not rings and arena is None:
+        rings = self._rings_in
+        if not rings:
             return False
         for ring in rings:
             ring.slots[ASLEEP + slot] = 1
-        if arena is not None:  # a caller may wait on the arena (udp_arena)
-            arena.sleep_flag(1)
         fence()  # the flags before the look at the positions (see shm_ring.fence)
         return any(ring.readable() for ring in rings)
 
     def _shm_awake(self, slot: int) -> None:
         for ring in self._rings_in:
             ring.slots[ASLEEP + slot] = 0
-        if slot == 1 and self.arena is not None:
-            self.arena.sleep_flag(0)
 
     def _close_shm(self) -> None:
         """Forget every ring (holding the lock): each is unmapped when the last reference goes
@@ -429,7 +425,8 @@ def attach_world(backend: Any, timeout: float, engine: Any) -> None:
             with contextlib.suppress(OSError):
                 made[peer] = shm_ring.create()
                 mine[peer] = made[peer][0]
-        if rank == 0 and len(mutual) == size - 1:
+        arena_ok = futex.available()  # its waiters sleep on futexes
+        if rank == 0 and len(mutual) == size - 1 and arena_ok:
             with contextlib.suppress(OSError):
                 arena_fd, area = shm_arena.create(size)
                 mine[0] = arena_fd
@@ -438,7 +435,7 @@ def attach_world(backend: Any, timeout: float, engine: Any) -> None:
         for peer in mutual:
             with contextlib.suppress(OSError):
                 inbound[peer] = shm_ring.attach(sources[peer], int(every[peer, rank]))
-        if rank != 0 and 0 in mutual and int(every[0, 0]) >= 0:
+        if rank != 0 and 0 in mutual and int(every[0, 0]) >= 0 and arena_ok:
             with contextlib.suppress(OSError):
                 area = shm_arena.attach(sources[0], int(every[0, 0]), size)
         # Off the diagonal: the rings this rank mapped; on it: the arena.

@@ -6,10 +6,14 @@ ranks' views of one mapping in this process (rank 0 made it; the others map it t
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from collectives.backends import shm_arena, shm_ring
+from collectives.backends import futex, shm_arena, shm_ring
 from collectives.backends.shm_arena import CAPACITY, Arena
 
 pytestmark = pytest.mark.skipif(not shm_ring.available(), reason="arenas need Linux on x86-64")
@@ -77,14 +81,95 @@ def test_a_slot_that_announces_more_than_it_holds_is_refused(arenas: list[Arena]
         a1.slot(0, 1)
 
 
-def test_sleepers_are_the_other_ranks_with_their_flag_up(arenas: list[Arena]) -> None:
+def _sleep_in_thread(arena: Arena, word: int, ready: Callable[[], bool]) -> Callable[[], Any]:
+    """Start ``arena.sleep`` in a thread (20 s timeout); returns a join giving (ready, secs)."""
+    woke: list[tuple[bool, float]] = []
+
+    def sleeper() -> None:
+        start = time.monotonic()
+        woke.append((arena.sleep(word, ready, timeout_s=20.0), time.monotonic() - start))
+
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while arena._control[arena.rank][shm_arena.SLEEPS] != 1 and time.monotonic() < deadline:
+        time.sleep(0.001)  # until it has raised its flag
+    time.sleep(0.05)  # (and, most likely, sleeps)
+
+    def join() -> Any:
+        thread.join(15)
+        return woke[0] if woke else None
+
+    return join
+
+
+def test_a_sleeper_wakes_when_the_last_rank_writes_its_slot_not_before(
+    arenas: list[Arena],
+) -> None:
     a0, a1, a2 = arenas
-    assert a0.sleepers() == []
-    a1.sleep_flag(1)
-    a0.sleep_flag(1)
-    assert a0.sleepers() == [1] and a2.sleepers() == [0, 1]
-    a1.sleep_flag(0)
-    assert a2.sleepers() == [0]
+    a0.publish(1, b"m", [])
+    join = _sleep_in_thread(a0, shm_arena.COMPLETE, lambda: a0.all_ready(1))
+    a1.publish(1, b"m", [])
+    time.sleep(0.1)
+    assert a0._control[0][shm_arena.SLEEPS] == 1  # one rank is still missing: asleep
+    assert a0.missing(1) == [2]
+    a2.publish(1, b"m", [])
+    got = join()
+    assert got is not None and got[0], got
+    assert got[1] < 10, "the last slot did not wake the sleeper; it slept its timeout"
+    assert a0._control[0][shm_arena.SLEEPS] == 0  # lowered after
+    assert a0._world[shm_arena.COMPLETE] == 1
+
+
+def test_a_sleeper_wakes_when_every_rank_is_done(arenas: list[Arena]) -> None:
+    a0, a1, a2 = arenas
+    for a in arenas:
+        a.publish(1, b"m", [])
+        a.publish(2, b"m", [])
+    a0.finish(1)
+    a1.finish(1)
+    join = _sleep_in_thread(a0, shm_arena.DRAINED, lambda: a0.free(3))
+    a2.finish(1)
+    got = join()
+    assert got is not None and got[0] and got[1] < 10, got
+    assert a0._world[shm_arena.DRAINED] == 1
+
+
+def test_sleep_returns_at_once_when_ready_or_times_out(arenas: list[Arena]) -> None:
+    a0, a1, _ = arenas
+    start = time.monotonic()
+    assert a0.sleep(shm_arena.COMPLETE, lambda: True, timeout_s=20.0)
+    assert time.monotonic() - start < 5
+    start = time.monotonic()
+    assert not a0.sleep(shm_arena.COMPLETE, lambda: a0.all_ready(1), timeout_s=0.05)
+    assert 0.04 < time.monotonic() - start < 5
+
+
+def test_only_the_store_that_completes_an_op_wakes_and_only_with_a_sleeper(
+    arenas: list[Arena], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a0, a1, a2 = arenas
+    wakes: list[int] = []
+    monkeypatch.setattr(futex, "wake", lambda address: wakes.append(address) or 0)
+    for a in arenas:
+        a.publish(1, b"m", [])
+    assert wakes == [] and a0._world[shm_arena.COMPLETE] == 1  # complete, nobody asleep
+    a1._control[1][shm_arena.SLEEPS] = 1  # rank 1 sleeps
+    a0.publish(3, b"m", [])
+    a2.publish(3, b"m", [])
+    assert wakes == []  # op 3 is not whole yet
+    a1.publish(3, b"m", [])
+    assert len(wakes) == 1 and a0._world[shm_arena.COMPLETE] == 3
+
+
+def test_a_stale_bell_value_does_not_sleep() -> None:
+    word = bytearray(8)
+    address = futex.address_of(word)
+    start = time.monotonic()
+    assert futex.wait(address, 1, 20.0)  # the word holds 0, not 1
+    assert time.monotonic() - start < 5
+    assert not futex.wait(address, 0, 0.02)  # holds 0: sleeps until the timeout
+    assert futex.wake(address) == 0
 
 
 def test_attach_refuses_a_ring_or_the_wrong_world_size() -> None:
