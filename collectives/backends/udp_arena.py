@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from collectives.algorithms.link import binomial_parent_children
 from collectives.algorithms.reduction import combined
 from collectives.backends.base import land_gathered
 from collectives.backends.envelope import NO_ROOT, Envelope
@@ -460,8 +461,9 @@ class ArenaCollectives(P2PBackend):
         self, arena: Arena, tensor: torch.Tensor, op: ReduceOp, ctx: OpContext, root: int
     ) -> None:
         """Allreduce (``root`` is NO_ROOT) or reduce: every rank's tensor combined in the shape
-        of the message path's recursive doubling (the same bits on every rank that computes
-        it, and as the message path's: in low precision the shape decides the rounding)."""
+        of the message path's algorithm, recursive doubling for an allreduce and the binomial
+        tree for a reduce (the same bits as the message path's, and on every rank that computes
+        it: in floating point the shape decides the rounding)."""
         import torch
 
         k = self._exchange(arena, ctx, root, self._encoded(tensor))
@@ -480,10 +482,18 @@ class ArenaCollectives(P2PBackend):
                     parts.append(part)
             combine = out_combiner(op, tensor)
             if combine is not None:  # each step written into scratch, the last into tensor
-                _doubling_into(parts, combine, tensor, self._reduce_scratch(tensor))
-                acc = tensor
+                free = iter(self._reduce_scratch(tensor))
+
+                def step(lower: torch.Tensor, upper: torch.Tensor, last: bool) -> torch.Tensor:
+                    dst = tensor if last else next(free)
+                    combine(lower, upper, out=dst)
+                    return dst
             else:
-                acc = _doubling(parts, op)
+
+                def step(lower: torch.Tensor, upper: torch.Tensor, last: bool) -> torch.Tensor:
+                    return combined(lower, upper, op)
+
+            acc = _doubling(parts, step) if root == NO_ROOT else _tree(parts, root, step)
         finally:
             arena.finish(k)
         finish_(acc, op, self.size)
@@ -509,46 +519,49 @@ class ArenaCollectives(P2PBackend):
         return got
 
 
-def _doubling(parts: list[torch.Tensor], op: ReduceOp) -> torch.Tensor:
+Step = Callable[["torch.Tensor", "torch.Tensor", bool], "torch.Tensor"]
+"""``step(lower, upper, last)``: ``lower op upper``, as a tensor that neither is (the reduction's
+last step, ``last``, may write the caller's tensor: every other read of it is done)."""
+
+
+def _doubling(parts: list[torch.Tensor], step: Step) -> torch.Tensor:
     """``parts`` (in rank order) combined as ``reduction._recursive_doubling`` does: the first
-    ``2 * rem`` fold in pairs, then the ``2**m`` values pair up level by level, lower op upper."""
+    ``2 * rem`` fold in pairs, then the ``2**m`` values pair up level by level, lower op upper.
+    One part: that part."""
     pof2 = 1 << (len(parts).bit_length() - 1)
     rem = len(parts) - pof2
-    values = [combined(parts[2 * i], parts[2 * i + 1], op) for i in range(rem)]
+    # Never the last step: pof2 >= 2 values remain after these.
+    values = [step(parts[2 * i], parts[2 * i + 1], False) for i in range(rem)]
     values += parts[2 * rem :]
     while len(values) > 1:
-        values = [combined(values[i], values[i + 1], op) for i in range(0, len(values), 2)]
-    return values[0] if values[0] is not parts[0] else parts[0].clone()
+        last = len(values) == 2
+        values = [step(values[i], values[i + 1], last) for i in range(0, len(values), 2)]
+    return values[0]
 
 
-def _doubling_into(
-    parts: list[torch.Tensor],
-    combine: Callable[..., Any],
-    out: torch.Tensor,
-    scratch: list[torch.Tensor],
-) -> None:
-    """:func:`_doubling` with each step's result written by ``combine`` (``reduce_op.
-    out_combiner``) into a scratch tensor, and the last step's into ``out``: no copies.  ``out``
-    may be one of ``parts``: only the last step writes it, elementwise, after every read of
-    another part."""
-    free = iter(scratch)
-    pof2 = 1 << (len(parts).bit_length() - 1)
-    rem = len(parts) - pof2
-    values = []
-    for i in range(rem):  # never the last step: pof2 >= 2 values remain after these
-        dst = next(free)
-        combine(parts[2 * i], parts[2 * i + 1], out=dst)
-        values.append(dst)
-    values += parts[2 * rem :]
-    while len(values) > 1:
-        level = []
-        for i in range(0, len(values), 2):
-            dst = out if len(values) == 2 else next(free)
-            combine(values[i], values[i + 1], out=dst)
-            level.append(dst)
-        values = level
-    if values[0] is not out:  # one part: this rank's own, the result as it is
-        out.copy_(values[0])
+def _tree(parts: list[torch.Tensor], root: int, step: Step) -> torch.Tensor:
+    """``parts`` (in rank order) combined up the binomial tree rooted at ``root``, as
+    ``reduction.reduce_tensor`` does: a rank's children's partials in send order, the first
+    combined as (child op own) and the next into it, except at the root, which folds them
+    into its own values (own op child)."""
+    size = len(parts)
+
+    def value(vrank: int) -> torch.Tensor:
+        own = parts[(vrank + root) % size]
+        children = list(reversed(binomial_parent_children(vrank, size)[1]))
+        if not children:
+            return own
+        if vrank == 0:
+            acc = own
+            for i, child in enumerate(children):
+                acc = step(acc, value(child), i == len(children) - 1)
+            return acc
+        acc = step(value(children[0]), own, False)
+        for child in children[1:]:
+            acc = step(acc, value(child), False)
+        return acc
+
+    return value(0)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -99,6 +99,61 @@ def test_every_small_collective_matches_the_message_path() -> None:
     assert all(torch.equal(results[0][1][3], res[1][3]) for res in results)
 
 
+_REDUCTIONS: list[tuple[torch.dtype, tuple[str, ...]]] = [
+    (torch.float32, ("sum", "avg", "prod", "min", "max")),
+    (torch.float16, ("sum", "avg", "max")),
+    (torch.bfloat16, ("sum", "prod", "min")),
+    (torch.float8_e4m3fn, ("sum", "max")),  # no kernels: the general path
+    (torch.int32, ("sum", "prod", "band", "bor", "bxor")),
+    (torch.uint8, ("sum", "max")),
+    (torch.uint16, ("sum", "min")),  # no kernels: the general path
+    (torch.bool, ("sum", "prod")),
+    (torch.complex64, ("sum", "prod")),
+]
+
+
+def test_reductions_of_every_dtype_and_op_match_the_message_path() -> None:
+    # 5 ranks: recursive doubling with a remainder, three steps through scratch.  Each op runs
+    # twice: the second reads the peers' tensors through the views kept after the first.
+    start = _arena_world(5)
+
+    def ops(comm: Communicator) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(comm.rank)
+        out = []
+        for dtype, names in _REDUCTIONS:
+            for op in names:
+                for root in (None, 3, None):
+                    x = torch.randn(24, generator=gen) * 3
+                    if dtype.is_complex:
+                        t = torch.complex(x, x.flip(0)).to(dtype)
+                    elif dtype == torch.bool:
+                        t = x > 0
+                    elif dtype.is_floating_point:
+                        t = x.to(dtype)
+                    else:
+                        t = (x.abs().to(torch.int64) + 1).to(dtype)
+                    if root is None:
+                        comm.allreduce(t, op=op)
+                    else:
+                        comm.reduce(t, root=root, op=op)
+                    out.append(t)
+        return out
+
+    def fn(comm: Communicator) -> Any:
+        plain = ops(comm)
+        start(comm)
+        before = comm.stats()["arena_ops"]
+        fast = ops(comm)
+        return plain, fast, comm.stats()["arena_ops"] - before
+
+    results = run_world(5, keyed(5), fn)
+    for rank, (plain, fast, used) in enumerate(results):
+        assert used == len(fast), rank
+        for index, (a, b) in enumerate(zip(plain, fast, strict=True)):
+            same = a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            assert same, (rank, index, a, b)
+
+
 def test_payloads_that_do_not_fit_take_the_message_path_on_every_rank() -> None:
     start = _arena_world(3)
     big = bytes(range(256)) * 1024  # 256 KB: more than a slot
