@@ -421,14 +421,19 @@ class ArenaCollectives(P2PBackend):
         self, arena: Arena, blocks: torch.Tensor, tensor: torch.Tensor, k: int, ctx: OpContext
     ) -> None:
         """Every rank's block of op ``k`` into ``blocks`` (this rank's from ``tensor``); one
-        byte view of them all, sliced per block."""
+        byte view of them all, sliced per block, and ``tensor`` stands for every block in the
+        header checks (the blocks are alike: no block tensor made on the fast path)."""
         whole = byte_view(blocks)
         size = _nbytes(tensor)
         for src in range(self.size):
             if src == self.rank:
                 blocks[src].copy_(tensor)
+                continue
+            into = None if whole is None else whole[src * size : (src + 1) * size]
+            raw = None if into is None else self._raw_body(arena, src, k, tensor)
+            if raw is not None and into is not None:
+                into[:] = raw[0]
             else:
-                into = None if whole is None else whole[src * size : (src + 1) * size]
                 self._place(arena, blocks[src], src, k, ctx, into=into)
 
     def _place(
