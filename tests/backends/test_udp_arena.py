@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,11 @@ import torch
 from collectives.backends import cma, shm_arena, shm_ring
 from collectives.backends.shm_arena import Arena
 from collectives.communicator import Communicator
-from collectives.errors import CollectiveMismatchError, CollectiveTimeoutError
+from collectives.errors import (
+    CollectiveMismatchError,
+    CollectiveTimeoutError,
+    CommunicatorAbortedError,
+)
 from tests.backends.test_udp_driver import keyed
 from tests.backends.udp_worlds import launched_world, run_world
 
@@ -207,6 +212,32 @@ def test_a_rank_that_never_comes_is_named_in_the_timeout() -> None:
         return info.value.ranks
 
     assert run_world(2, keyed(2), fn)[0] == (1,)
+
+
+def test_an_abort_ends_a_wait_in_the_arena_within_a_few_milliseconds() -> None:
+    # Rank 0 sleeps on the arena's world word for a rank that never comes; an abort from
+    # another thread ends the wait at the next slice, long before the op's timeout.
+    start = _arena_world(2)
+    done = threading.Event()
+
+    def fn(comm: Communicator) -> Any:
+        start(comm)
+        if comm.rank == 1:
+            done.wait(20)
+            return None
+        timer = threading.Timer(0.3, comm.abort, args=("stopped by the test",))
+        timer.start()
+        began = time.monotonic()
+        try:
+            with pytest.raises(CommunicatorAbortedError, match="stopped by the test"):
+                comm.barrier(timeout=15.0)
+        finally:
+            done.set()
+            timer.cancel()
+        return time.monotonic() - began
+
+    took = run_world(2, keyed(2), fn)[0]
+    assert 0.25 < took < 5.0, took
 
 
 _SCRIPT = textwrap.dedent(
