@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from collectives.backends import cma, shm_arena, shm_ring
+from collectives.backends.p2p import P2PBackend
 from collectives.backends.shm_arena import Arena
 from collectives.communicator import Communicator
 from collectives.errors import (
@@ -157,6 +158,40 @@ def test_reductions_of_every_dtype_and_op_match_the_message_path() -> None:
         for index, (a, b) in enumerate(zip(plain, fast, strict=True)):
             same = a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
             assert same, (rank, index, a, b)
+
+
+def test_a_large_allreduce_of_a_one_host_world_goes_up_the_tree_and_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 3 ranks, 1 MiB: past the arena, where the message path would take the ring.  Every rank
+    # ends with the same bits, the sum (and the mean) computed here, by the tree's two ops.
+    start = _arena_world(3)
+    trees: list[str] = []
+    reduce = P2PBackend.reduce
+
+    def counted(self: Any, tensor: torch.Tensor, root: int, op: Any, ctx: Any) -> None:
+        trees.append(ctx.name)
+        reduce(self, tensor, root, op, ctx)
+
+    monkeypatch.setattr(P2PBackend, "reduce", counted)
+
+    def parts(rank: int) -> torch.Tensor:
+        return torch.randn(1 << 18, generator=torch.Generator().manual_seed(rank))
+
+    def fn(comm: Communicator) -> Any:
+        start(comm)
+        total, mean = parts(comm.rank), parts(comm.rank)
+        comm.allreduce(total)
+        comm.allreduce(mean, op="avg")
+        return total, mean
+
+    results = run_world(3, keyed(3), fn)
+    assert trees == ["allreduce/up"] * 6  # every rank, both ops
+    for total, mean in results:
+        assert torch.equal(total, results[0][0]) and torch.equal(mean, results[0][1])
+    expected = parts(0) + parts(1) + parts(2)
+    assert torch.allclose(results[0][0], expected, atol=1e-5)
+    assert torch.allclose(results[0][1], expected / 3, atol=1e-5)
 
 
 def test_payloads_that_do_not_fit_take_the_message_path_on_every_rank() -> None:
