@@ -39,7 +39,6 @@ from collectives.backends.p2p import (
     P2PBackend,
     byte_view,
     lands_in,
-    place_block,
     received_block,
 )
 from collectives.backends.shm_arena import CAPACITY, COMPLETE, DRAINED, Arena
@@ -328,33 +327,53 @@ class ArenaCollectives(P2PBackend):
         if self.rank == root:
             assert tensor is not None
             blocks = tensor.contiguous().view(self.size, *out.shape)
-            msg = Encoded(encode(blocks[0]).header, encode(blocks).buffers)
+            whole = byte_view(blocks)
+            if whole is None or blocks.requires_grad:
+                msg = Encoded(encode(blocks[0]).header, encode(blocks).buffers)
+            else:  # a raw tensor's blocks: one block's header, every block's bytes as they are
+                msg = Encoded(self._encoded(blocks[0]).header, [whole])
         k = self._exchange(arena, ctx, root, msg)
         try:
             if self.rank == root:
                 assert tensor is not None
                 out.copy_(tensor.view(self.size, *out.shape)[root])
             else:
-                meta, body = arena.slot(root, k)
-                if body is None:  # never: every rank knew the size
-                    raise AssertionError("the arena's scatter did not fit")
-                header = bytes(meta[ENVELOPE_SIZE:])
-                checked = self._checked(header)
-                size = sum(checked.wire_sizes)  # one block's
-                if body.nbytes != size * self.size:
-                    raise RemoteProtocolError(
-                        f"rank {root} scattered {body.nbytes} bytes, not {self.size} blocks of "
-                        f"{size}"
-                    )
-                mine = body[self.rank * size : (self.rank + 1) * size]
-                into = byte_view(out)
-                if into is not None and lands_in(checked, into.nbytes) and size == into.nbytes:
-                    into[:] = mine  # checked below without a decode once the header is known
-                    mine = into
-                msg = Encoded(header, [mine], checked)
-                place_block(out, msg, root, ctx, codec=self.codec, into=into)
+                self._take_scattered(arena, out, root, k, ctx)
         finally:
             arena.finish(k)
+
+    def _take_scattered(
+        self, arena: Arena, out: torch.Tensor, root: int, k: int, ctx: OpContext
+    ) -> None:
+        """This rank's block of the root's scatter (op ``k``) into ``out``: its bytes copied
+        straight in once the header is known to be a raw buffer of ``out``'s dtype and size
+        (:meth:`_raw_body`'s cache), else decoded and checked."""
+        meta, body = arena.slot(root, k)
+        if body is None:  # never: every rank knew the size
+            raise AssertionError("the arena's scatter did not fit")
+        header = bytes(meta[ENVELOPE_SIZE:])
+        size, rest = divmod(body.nbytes, self.size)
+        into = byte_view(out)
+        raws = self._raw_headers
+        if (
+            into is not None
+            and not rest
+            and raws is not None
+            and raws[0] is self.codec
+            and raws[1].get(header) == (out.dtype, out.numel(), size)
+        ):
+            into[:] = body[self.rank * size : (self.rank + 1) * size]
+            return
+        checked = self._checked(header)
+        size = sum(checked.wire_sizes)  # one block's
+        if body.nbytes != size * self.size:
+            raise RemoteProtocolError(
+                f"rank {root} scattered {body.nbytes} bytes, not {self.size} blocks of {size}"
+            )
+        msg = Encoded(header, [body[self.rank * size : (self.rank + 1) * size]], checked)
+        got = received_block(msg, out, root, ctx, codec=self.codec)
+        self._learn_raw(msg, got)
+        out.copy_(got.view(out.shape))
 
     def reduce(self, tensor: torch.Tensor, root: int, op: ReduceOp, ctx: OpContext) -> None:
         arena = self._arena_for(_nbytes(tensor))

@@ -194,6 +194,28 @@ def test_a_large_allreduce_of_a_one_host_world_goes_up_the_tree_and_back(
     assert torch.allclose(results[0][1], expected / 3, atol=1e-5)
 
 
+def test_scatters_through_the_arena_take_the_right_block_of_every_dtype() -> None:
+    # The second scatter of a dtype copies through the cached header; an int32 scatter of the
+    # same byte size after a float32 one must not be taken for it.
+    start = _arena_world(3)
+
+    def fn(comm: Communicator) -> Any:
+        start(comm)
+        got = []
+        for dtype in (torch.float32, torch.float32, torch.int32, torch.int32, torch.bfloat16):
+            src = torch.arange(3 * 8).to(dtype).view(3, 8) + 1 if comm.rank == 2 else None
+            out = torch.zeros(8, dtype=dtype)
+            comm.scatter_into(out, src, root=2)
+            got.append(out)
+        return got, comm.stats()["arena_ops"]
+
+    for rank, (got, used) in enumerate(run_world(3, keyed(3), fn)):
+        assert used >= 5
+        for out in got:
+            want = (torch.arange(3 * 8).view(3, 8)[rank] + 1).to(out.dtype)
+            assert out.dtype == want.dtype and torch.equal(out, want), (rank, out)
+
+
 def test_payloads_that_do_not_fit_take_the_message_path_on_every_rank() -> None:
     start = _arena_world(3)
     big = bytes(range(256)) * 1024  # 256 KB: more than a slot
