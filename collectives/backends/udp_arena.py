@@ -12,13 +12,16 @@ op's tensor, a reduction's), or, where only some ranks know them (a broadcast or
 Python objects), by the exchange itself: a payload that does not fit leaves a mark in its slot,
 and then every rank, having seen the same marks, runs the message path's algorithm.
 
-A reduction combines the ranks' tensors in rank order on every rank, so an allreduce gives
-every rank the same bits.  Anything the arena does not take (a scatter of objects, larger
-payloads) takes the message path unchanged.
+A reduction combines the ranks' tensors in the shape of the message path's algorithm
+(recursive doubling for an allreduce, the binomial tree for a reduce) on every rank that
+computes it, so an allreduce gives every rank the same bits, and the message path's.  Anything
+the arena does not take (a scatter of objects, larger payloads) takes the message path, but a
+large allreduce of a world of a few ranks, which goes up the tree and back down
+(:func:`_tree_allreduce`).
 
-A rank waiting for another's store polls the arena briefly, then sleeps on that rank's bell (a
-futex, ``shm_arena``), waking every few milliseconds to ask the IO engine whether the rank was
-lost and to check the op's deadline; the IO thread serves the socket meanwhile.
+A rank waiting for the others' stores polls the arena briefly, then sleeps on the arena's world
+word (a futex, ``shm_arena``), waking every few milliseconds to ask the IO engine whether a rank
+it waits for was lost and to check the op's deadline; the IO thread serves the socket meanwhile.
 """
 
 from __future__ import annotations

@@ -253,12 +253,10 @@ class Engine(Inbox, FarSender, Health, Waits, ShmLinks):
         peer: int,
         dl: Deadline,
         what: str | None,
-        hint: Callable[[], bool] | None = None,
     ) -> None:
         """Make progress until ``ready()`` (holding the lock; see the module docstring): take
         turns as the poller, or wait for the one who is.  Raises at ``dl``, when ``peer`` is
-        lost, on abort and close.  ``hint``: what else ends a poll or a sleep early (without
-        the lock: shared memory only, the arena's slots; see udp_arena)."""
+        lost, on abort and close."""
         if not getattr(_tuned, "done", False):
             _tuned.done = True
             fine_timer_slack()
@@ -273,9 +271,7 @@ class Engine(Inbox, FarSender, Health, Waits, ShmLinks):
                 if remaining <= 0:
                     raise dl.error([peer]) if what is None else dl.error([peer], what)
                 if self._poller:
-                    # Another thread polls; its turns notify what they hand out, but not a
-                    # ``hint``'s shared memory: look again every millisecond then.
-                    self.cond.wait(remaining if hint is None else min(remaining, 1e-3))
+                    self.cond.wait(remaining)  # another thread polls: its turns notify
                     continue
                 self._poller = True
                 try:
@@ -283,11 +279,11 @@ class Engine(Inbox, FarSender, Health, Waits, ShmLinks):
                     if self._turn(ready) or ready():
                         continue  # more to read, or done: no wait
                     timer = self._timer
-                    if self._spin(spin_until if timer is None else min(spin_until, timer), hint):
+                    if self._spin(spin_until if timer is None else min(spin_until, timer)):
                         continue
                     until = self.clock() + min(remaining, _IDLE_WAIT_S)
                     self._poll_until = until if timer is None else min(until, timer)
-                    self._block(self._poll_until, hint)
+                    self._block(self._poll_until)
                 finally:
                     self._poll_until = -math.inf
                     self._poller = False

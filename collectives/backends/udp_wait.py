@@ -62,7 +62,7 @@ class Waits:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"\0")
 
-    def _spin(self, until: float, hint: Callable[[], bool] | None = None) -> bool:
+    def _spin(self, until: float) -> bool:
         """Poll the socket (lock released, no sleep) until it is readable or ``until``; whether
         it is.  Posters from other threads get the lock between polls."""
         clock, poll, yields = self.clock, self._spin_poll.poll, self._spin_yields
@@ -72,7 +72,7 @@ class Waits:
         self.lock.release()
         try:
             while True:
-                if rings() or poll(0) or (hint is not None and hint()):
+                if rings() or poll(0):
                     return True
                 if clock() >= until:
                     return False
@@ -81,20 +81,19 @@ class Waits:
         finally:
             self.lock.acquire()
 
-    def _block(self, until: float, hint: Callable[[], bool] | None = None) -> None:
+    def _block(self, until: float) -> None:
         """:meth:`_select` for a waiting caller, the lock released meanwhile."""
         self.lock.release()
         try:
-            self._select(until, 1, hint)
+            self._select(until, 1)
         finally:
             self.lock.acquire()
 
-    def _select(self, until: float, slot: int, hint: Callable[[], bool] | None = None) -> None:
+    def _select(self, until: float, slot: int) -> None:
         """Wait until the socket is readable (writable, when sends wait for room), a wakeup
         comes, or ``until`` (not holding the lock).  ``slot``: the sleeper's flag in the rings
-        (0: the IO thread, 1: a waiting caller; udp_shm), whose writers ring the socket;
-        ``hint``: see ``Engine._drive``."""
-        if self._shm_sleep(slot) or (hint is not None and hint()):
+        (0: the IO thread, 1: a waiting caller; udp_shm), whose writers ring the socket."""
+        if self._shm_sleep(slot):
             self._shm_awake(slot)
             return  # a ring has bytes: no sleep
         timeout = max(until - self.clock(), 0.0)
