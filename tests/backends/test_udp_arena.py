@@ -11,6 +11,7 @@ import os
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -252,28 +253,9 @@ def test_ranks_that_call_different_ops_all_get_a_mismatch() -> None:
     assert run_world(3, keyed(3), fn) == [True] * 3
 
 
-def test_a_rank_that_never_comes_is_named_in_the_timeout() -> None:
-    start = _arena_world(2)
-    done = threading.Event()
-
-    def fn(comm: Communicator) -> Any:
-        start(comm)
-        if comm.rank == 1:
-            done.wait(20)  # alive, heartbeating, never in the barrier
-            return None
-        try:
-            with pytest.raises(CollectiveTimeoutError) as info:
-                comm.barrier(timeout=1.0)
-        finally:
-            done.set()
-        return info.value.ranks
-
-    assert run_world(2, keyed(2), fn)[0] == (1,)
-
-
-def test_an_abort_ends_a_wait_in_the_arena_within_a_few_milliseconds() -> None:
-    # Rank 0 sleeps on the arena's world word for a rank that never comes; an abort from
-    # another thread ends the wait at the next slice, long before the op's timeout.
+def _with_rank_1_away(body: Callable[[Communicator], Any]) -> Any:
+    """``body(comm)`` on rank 0 of a 2-rank arena world whose rank 1 is alive and heartbeating
+    but never calls a collective; what it returned."""
     start = _arena_world(2)
     done = threading.Event()
 
@@ -282,6 +264,27 @@ def test_an_abort_ends_a_wait_in_the_arena_within_a_few_milliseconds() -> None:
         if comm.rank == 1:
             done.wait(20)
             return None
+        try:
+            return body(comm)
+        finally:
+            done.set()
+
+    return run_world(2, keyed(2), fn)[0]
+
+
+def test_a_rank_that_never_comes_is_named_in_the_timeout() -> None:
+    def body(comm: Communicator) -> Any:
+        with pytest.raises(CollectiveTimeoutError) as info:
+            comm.barrier(timeout=1.0)
+        return info.value.ranks
+
+    assert _with_rank_1_away(body) == (1,)
+
+
+def test_an_abort_ends_a_wait_in_the_arena_within_a_few_milliseconds() -> None:
+    # Rank 0 sleeps on the arena's world word for a rank that never comes; an abort from
+    # another thread ends the wait at the next slice, long before the op's timeout.
+    def body(comm: Communicator) -> float:
         timer = threading.Timer(0.3, comm.abort, args=("stopped by the test",))
         timer.start()
         began = time.monotonic()
@@ -289,11 +292,10 @@ def test_an_abort_ends_a_wait_in_the_arena_within_a_few_milliseconds() -> None:
             with pytest.raises(CommunicatorAbortedError, match="stopped by the test"):
                 comm.barrier(timeout=15.0)
         finally:
-            done.set()
             timer.cancel()
         return time.monotonic() - began
 
-    took = run_world(2, keyed(2), fn)[0]
+    took = _with_rank_1_away(body)
     assert 0.25 < took < 5.0, took
 
 
