@@ -17,7 +17,7 @@ A reduction combines the ranks' tensors in the shape of the message path's algor
 computes it, so an allreduce gives every rank the same bits, and the message path's.  Anything
 the arena does not take (a scatter of objects, larger payloads) takes the message path, but a
 large allreduce of a world of a few ranks, which goes up the tree and back down
-(:func:`_tree_allreduce`).
+(``arena_reduction.tree_allreduce``).
 
 A rank waiting for the others' stores polls the arena briefly, then sleeps on the arena's world
 word (a futex, ``shm_arena``), waking every few milliseconds to ask the IO engine whether a rank
@@ -32,9 +32,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from collectives.algorithms.link import binomial_parent_children
-from collectives.algorithms.reduction import TREE_MAX_RANKS, combined
-from collectives.algorithms.ring_reduce import use_ring
+from collectives.algorithms.reduction import combined
+from collectives.backends.arena_reduction import doubling, tree, tree_allreduce
 from collectives.backends.base import land_gathered
 from collectives.backends.envelope import NO_ROOT, Envelope
 from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
@@ -235,9 +234,9 @@ class ArenaCollectives(P2PBackend):
         arena = self._arena_for(nbytes)
         if arena is not None:
             self._reduce(arena, tensor, op, ctx, NO_ROOT)
-        elif self._arena is not None and _tree_allreduce(nbytes, self.size):
+        elif self._arena is not None and tree_allreduce(nbytes, self.size):
             # One host, a few ranks, a large tensor: up the tree to rank 0 and back down, as
-            # two collectives of their own envelopes (see _tree_allreduce).
+            # two collectives of their own envelopes (see arena_reduction.tree_allreduce).
             super().reduce(tensor, 0, op, ctx._replace(name=f"{ctx.name}/up"))
             super().broadcast_into(tensor, 0, ctx._replace(name=f"{ctx.name}/down"))
         else:
@@ -350,21 +349,14 @@ class ArenaCollectives(P2PBackend):
     ) -> None:
         """This rank's block of the root's scatter (op ``k``) into ``out``: its bytes copied
         straight in once the header is known to be a raw buffer of ``out``'s dtype and size
-        (:meth:`_raw_body`'s cache), else decoded and checked."""
+        (:meth:`_known_raw`), else decoded and checked."""
         meta, body = arena.slot(root, k)
         if body is None:  # never: every rank knew the size
             raise AssertionError("the arena's scatter did not fit")
         header = bytes(meta[ENVELOPE_SIZE:])
         size, rest = divmod(body.nbytes, self.size)
         into = byte_view(out)
-        raws = self._raw_headers
-        if (
-            into is not None
-            and not rest
-            and raws is not None
-            and raws[0] is self.codec
-            and raws[1].get(header) == (out.dtype, out.numel(), size)
-        ):
+        if into is not None and not rest and self._known_raw(header, out, size):
             into[:] = body[self.rank * size : (self.rank + 1) * size]
             return
         checked = self._checked(header)
@@ -424,17 +416,21 @@ class ArenaCollectives(P2PBackend):
         meta, body = arena.slot(src, k)
         if body is None:  # never: every rank knew the size
             raise AssertionError("an arena payload that every rank sized did not fit")
-        raws = self._raw_headers
-        if raws is None or raws[0] is not self.codec:
-            return None
-        fit = raws[1].get(bytes(meta[ENVELOPE_SIZE:]))
-        if fit is None or fit != (like.dtype, like.numel(), body.nbytes):
+        if not self._known_raw(bytes(meta[ENVELOPE_SIZE:]), like, body.nbytes):
             return None
         return body, len(meta)
 
+    def _known_raw(self, header: bytes, like: torch.Tensor, nbytes: int) -> bool:
+        """Whether ``header`` was checked under this rank's codec options and decoded to a raw
+        buffer of ``nbytes`` holding ``like``'s dtype and element count (:meth:`_learn_raw`)."""
+        raws = self._raw_headers
+        if raws is None or raws[0] is not self.codec:
+            return False
+        return raws[1].get(header) == (like.dtype, like.numel(), nbytes)
+
     def _learn_raw(self, msg: Encoded, got: torch.Tensor) -> None:
         """Remember that ``msg``'s header (checked, decoded to ``got``) is a raw buffer of
-        ``got``'s dtype and size, when it is one (see :meth:`_raw_body`)."""
+        ``got``'s dtype and size, when it is one (see :meth:`_known_raw`)."""
         nbytes = _nbytes(got)
         if msg.checked is None or not lands_in(msg.checked, nbytes):
             return
@@ -543,7 +539,7 @@ class ArenaCollectives(P2PBackend):
                 def step(lower: torch.Tensor, upper: torch.Tensor, last: bool) -> torch.Tensor:
                     return combined(lower, upper, op)
 
-            acc = _doubling(parts, step) if root == NO_ROOT else _tree(parts, root, step)
+            acc = doubling(parts, step) if root == NO_ROOT else tree(parts, root, step)
         finally:
             arena.finish(k)
         finish_(acc, op, self.size)
@@ -567,63 +563,6 @@ class ArenaCollectives(P2PBackend):
                 for _ in range(max(self.size - 2, 0))
             ]
         return got
-
-
-Step = Callable[["torch.Tensor", "torch.Tensor", bool], "torch.Tensor"]
-"""``step(lower, upper, last)``: ``lower op upper``, as a tensor that neither is (the reduction's
-last step, ``last``, may write the caller's tensor: every other read of it is done)."""
-
-
-def _doubling(parts: list[torch.Tensor], step: Step) -> torch.Tensor:
-    """``parts`` (in rank order) combined as ``reduction._recursive_doubling`` does: the first
-    ``2 * rem`` fold in pairs, then the ``2**m`` values pair up level by level, lower op upper.
-    One part: that part."""
-    pof2 = 1 << (len(parts).bit_length() - 1)
-    rem = len(parts) - pof2
-    # Never the last step: pof2 >= 2 values remain after these.
-    values = [step(parts[2 * i], parts[2 * i + 1], False) for i in range(rem)]
-    values += parts[2 * rem :]
-    while len(values) > 1:
-        last = len(values) == 2
-        values = [step(values[i], values[i + 1], last) for i in range(0, len(values), 2)]
-    return values[0]
-
-
-def _tree(parts: list[torch.Tensor], root: int, step: Step) -> torch.Tensor:
-    """``parts`` (in rank order) combined up the binomial tree rooted at ``root``, as
-    ``reduction.reduce_tensor`` does: a rank's children's partials in send order, the first
-    combined as (child op own) and the next into it, except at the root, which folds them
-    into its own values (own op child)."""
-    size = len(parts)
-
-    def value(vrank: int) -> torch.Tensor:
-        own = parts[(vrank + root) % size]
-        children = list(reversed(binomial_parent_children(vrank, size)[1]))
-        if not children:
-            return own
-        if vrank == 0:
-            acc = own
-            for i, child in enumerate(children):
-                acc = step(acc, value(child), i == len(children) - 1)
-            return acc
-        acc = step(value(children[0]), own, False)
-        for child in children[1:]:
-            acc = step(acc, value(child), False)
-        return acc
-
-    return value(0)
-
-
-def _tree_allreduce(nbytes: int, size: int) -> bool:
-    """Whether a one-host world allreduces ``nbytes`` as a tree reduce to rank 0 and a tree
-    broadcast back, not on the ring (decided alike on every rank: sizes only).  Both move the
-    same bytes in all (each rank's tensor up once, the result down once, against 2(size-1)/size
-    of it each way per rank on the ring), and between hosts the ring's balance wins; on one
-    host every copy loads the same memory bus, and the ring's 2(size-1) steps cost more CPU:
-    4 ranks on 2 cores, 16 MiB float32, back to back, ring 17-20 ms (9 ms of CPU per rank),
-    reduce and broadcast 4 + 4 ms.  Worlds the tree reduce serves (``TREE_MAX_RANKS``), tensors
-    the message path would put on the ring."""
-    return size <= TREE_MAX_RANKS and use_ring(nbytes, size)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
