@@ -52,6 +52,22 @@ def _arena_world(n: int) -> Any:
     return start
 
 
+def _both_paths(
+    start: Callable[[Communicator], None], ops: Callable[[Communicator], list[Any]]
+) -> Callable[[Communicator], Any]:
+    """A rank's body that runs ``ops`` on the message path, then gives the rank its arena
+    (``start``) and runs them again: (message path's results, arena's, arena ops used)."""
+
+    def fn(comm: Communicator) -> Any:
+        plain = ops(comm)  # the message path
+        start(comm)
+        before = comm.stats()["arena_ops"]
+        fast = ops(comm)
+        return plain, fast, comm.stats()["arena_ops"] - before
+
+    return fn
+
+
 def test_every_small_collective_matches_the_message_path() -> None:
     start = _arena_world(3)
 
@@ -87,14 +103,7 @@ def test_every_small_collective_matches_the_message_path() -> None:
         comm.barrier()
         return out
 
-    def fn(comm: Communicator) -> Any:
-        plain = ops(comm)  # the message path
-        start(comm)
-        before = comm.stats()["arena_ops"]
-        fast = ops(comm)
-        return plain, fast, comm.stats()["arena_ops"] - before
-
-    results = run_world(3, keyed(3), fn)
+    results = run_world(3, keyed(3), _both_paths(start, ops))
     for rank, (plain, fast, used) in enumerate(results):
         assert used == len(fast) + 1, rank  # every op of the second round (and the barrier)
         for a, b in zip(plain, fast, strict=True):
@@ -146,14 +155,7 @@ def test_reductions_of_every_dtype_and_op_match_the_message_path() -> None:
                     out.append(t)
         return out
 
-    def fn(comm: Communicator) -> Any:
-        plain = ops(comm)
-        start(comm)
-        before = comm.stats()["arena_ops"]
-        fast = ops(comm)
-        return plain, fast, comm.stats()["arena_ops"] - before
-
-    results = run_world(5, keyed(5), fn)
+    results = run_world(5, keyed(5), _both_paths(start, ops))
     for rank, (plain, fast, used) in enumerate(results):
         assert used == len(fast), rank
         for index, (a, b) in enumerate(zip(plain, fast, strict=True)):
