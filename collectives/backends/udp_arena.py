@@ -39,11 +39,11 @@ from collectives.backends.envelope import NO_ROOT, Envelope
 from collectives.backends.envelope import SIZE as ENVELOPE_SIZE
 from collectives.backends.p2p import (
     P2PBackend,
-    byte_view,
     lands_in,
     received_block,
 )
 from collectives.backends.shm_arena import CAPACITY, COMPLETE, DRAINED, Arena
+from collectives.backends.tensor_bytes import ByteViews
 from collectives.backends.udp_inbox import checked_header, split_body
 from collectives.codec import CodecOptions, Encoded, Header, encode
 from collectives.errors import RemoteProtocolError
@@ -85,6 +85,7 @@ class ArenaCollectives(P2PBackend):
     _slot_views: dict[tuple[Any, ...], torch.Tensor] | None = None
     _scratch: dict[tuple[Any, ...], list[torch.Tensor]] | None = None  # see _reduce_scratch
     _poll_s: float | None = None  # see _arena_poll_s
+    _byte_views: ByteViews | None = None  # see _bytes_of
 
     # -- the exchange --------------------------------------------------------------------------
     def _arena_for(self, nbytes: int | None) -> Arena | None:
@@ -222,10 +223,9 @@ class ArenaCollectives(P2PBackend):
         if arena is None:
             super().allgather_into(out, tensor, ctx)
             return
-        blocks = out.view(self.size, *tensor.shape)
         k = self._exchange(arena, ctx, NO_ROOT, self._encoded(tensor))
         try:
-            self._place_all(arena, blocks, tensor, k, ctx)
+            self._place_all(arena, out, tensor, k, ctx)
         finally:
             arena.finish(k)
 
@@ -329,7 +329,7 @@ class ArenaCollectives(P2PBackend):
         if self.rank == root:
             assert tensor is not None
             blocks = tensor.contiguous().view(self.size, *out.shape)
-            whole = byte_view(blocks)
+            whole = self._bytes_of(blocks)
             if whole is None or blocks.requires_grad:
                 msg = Encoded(encode(blocks[0]).header, encode(blocks).buffers)
             else:  # a raw tensor's blocks: one block's header, every block's bytes as they are
@@ -355,7 +355,7 @@ class ArenaCollectives(P2PBackend):
             raise AssertionError("the arena's scatter did not fit")
         header = bytes(meta[ENVELOPE_SIZE:])
         size, rest = divmod(body.nbytes, self.size)
-        into = byte_view(out)
+        into = self._bytes_of(out)
         if into is not None and not rest and self._known_raw(header, out, size):
             into[:] = body[self.rank * size : (self.rank + 1) * size]
             return
@@ -441,10 +441,18 @@ class ArenaCollectives(P2PBackend):
             raws[1].clear()
         raws[1][bytes(msg.header)] = (got.dtype, got.numel(), nbytes)
 
+    def _bytes_of(self, tensor: torch.Tensor) -> memoryview | None:
+        """``byte_view(tensor)``, kept by address and length (``tensor_bytes``: in the first
+        op after a barrier, byte_view's torch calls were most of a 1 KiB allgather's CPU)."""
+        views = self._byte_views
+        if views is None:
+            views = self._byte_views = ByteViews()
+        return views.of(tensor)
+
     def _encoded(self, tensor: torch.Tensor) -> Encoded:
         """``encode(tensor)``, its header remembered by dtype and shape for a plain CPU tensor
         (the header of a raw tensor depends on nothing else; an encode costs ~8 us)."""
-        view = byte_view(tensor)
+        view = self._bytes_of(tensor)
         if view is None or tensor.requires_grad:
             return encode(tensor)
         cache = self._tensor_headers
@@ -459,23 +467,29 @@ class ArenaCollectives(P2PBackend):
         return Encoded(header, [view])
 
     def _place_all(
-        self, arena: Arena, blocks: torch.Tensor, tensor: torch.Tensor, k: int, ctx: OpContext
+        self, arena: Arena, out: torch.Tensor, tensor: torch.Tensor, k: int, ctx: OpContext
     ) -> None:
-        """Every rank's block of op ``k`` into ``blocks`` (this rank's from ``tensor``); one
-        byte view of them all, sliced per block, and ``tensor`` stands for every block in the
-        header checks (the blocks are alike: no block tensor made on the fast path)."""
-        whole = byte_view(blocks)
+        """Every rank's block of op ``k`` into ``out`` (``size`` blocks shaped like
+        ``tensor``; this rank's from ``tensor``); one byte view of them all, sliced per block,
+        and ``tensor`` stands for every block in the header checks (the blocks are alike: no
+        block tensor is made on the fast path)."""
+        whole = self._bytes_of(out)
+        mine = None if whole is None else self._bytes_of(tensor)
         size = _nbytes(tensor)
         for src in range(self.size):
-            if src == self.rank:
-                blocks[src].copy_(tensor)
-                continue
             into = None if whole is None else whole[src * size : (src + 1) * size]
+            if src == self.rank:
+                if into is not None and mine is not None:
+                    into[:] = mine  # a memmove: ``tensor`` may be this very block
+                else:
+                    out.view(self.size, *tensor.shape)[src].copy_(tensor)
+                continue
             raw = None if into is None else self._raw_body(arena, src, k, tensor)
             if raw is not None and into is not None:
                 into[:] = raw[0]
             else:
-                self._place(arena, blocks[src], src, k, ctx, into=into)
+                block = out.view(self.size, *tensor.shape)[src]
+                self._place(arena, block, src, k, ctx, into=into)
 
     def _place(
         self,
@@ -491,7 +505,7 @@ class ArenaCollectives(P2PBackend):
         caller has them): its bytes copied straight in once its header is known to be a raw
         buffer of ``out``'s dtype and size (:meth:`_raw_body`), else decoded and checked."""
         if into is None:
-            into = byte_view(out)
+            into = self._bytes_of(out)
         if into is not None:
             raw = self._raw_body(arena, src, k, out)
             if raw is not None:
