@@ -219,6 +219,40 @@ def test_scatters_through_the_arena_take_the_right_block_of_every_dtype() -> Non
             assert out.dtype == want.dtype and torch.equal(out, want), (rank, out)
 
 
+def test_allgathers_through_the_arena_fill_every_block_in_place_or_not() -> None:
+    # The arena copies through byte views kept by address: the same buffers again (views
+    # reused), a sendbuf that is this rank's own block of recvbuf (a copy onto itself), and an
+    # int16 gather of the same byte size after a bfloat16 one (a header not taken for another).
+    start = _arena_world(3)
+
+    def fn(comm: Communicator) -> Any:
+        start(comm)
+        r, got = comm.rank, []
+        out = torch.zeros(3, 2, 4, dtype=torch.bfloat16)
+        for _ in range(2):
+            out.zero_()
+            comm.allgather_into(out, torch.full((2, 4), r + 0.5, dtype=torch.bfloat16))
+            got.append(out.clone())
+        for dtype in (torch.int16, torch.float64):
+            shared = torch.zeros(3 * 5, dtype=dtype)
+            mine = shared[5 * r : 5 * (r + 1)]
+            mine.copy_(torch.arange(5) * 10 + r)
+            comm.allgather_into(shared, mine)  # in place
+            got.append(shared)
+        return got, comm.stats()["arena_ops"]
+
+    for rank, (got, used) in enumerate(run_world(3, keyed(3), fn)):
+        assert used >= 4, rank
+        for out in got[:2]:
+            want = torch.stack(
+                [torch.full((2, 4), q + 0.5, dtype=torch.bfloat16) for q in range(3)]
+            )
+            assert torch.equal(out, want), (rank, out)
+        for out in got[2:]:
+            want = torch.cat([torch.arange(5) * 10 + q for q in range(3)]).to(out.dtype)
+            assert torch.equal(out, want), (rank, out)
+
+
 def test_payloads_that_do_not_fit_take_the_message_path_on_every_rank() -> None:
     start = _arena_world(3)
     big = bytes(range(256)) * 1024  # 256 KB: more than a slot
