@@ -11,34 +11,17 @@ import torch
 from collectives.backends import tensor_bytes
 from collectives.backends.p2p import byte_view
 from collectives.backends.tensor_bytes import ByteViews
-
-DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int8,
-    torch.uint8,
-    torch.int64,
-    torch.bool,
-    torch.complex64,
-]
-if hasattr(torch, "float8_e4m3fn"):
-    DTYPES.append(torch.float8_e4m3fn)
+from tests.codec.helpers import TORCH_DTYPES, tensor_from_bytes
 
 
-def _filled(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    raw = torch.randint(0, 256, (torch.Size(shape).numel() * dtype.itemsize,), dtype=torch.uint8)
-    return raw.view(dtype).reshape(shape)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(), (7,), (3, 5), (2, 3, 4)], ids=str)
 def test_the_view_is_byte_views_bytes_and_writes_land_in_the_tensor(
     dtype: torch.dtype, shape: tuple[int, ...]
 ) -> None:
     views = ByteViews()
-    t = _filled(dtype, shape)
+    n = torch.Size(shape).numel() * dtype.itemsize
+    t = tensor_from_bytes(bytes((i * 37 + 11) % 256 for i in range(n)), dtype, shape)
     general = byte_view(t)
     assert general is not None
     got = views.of(t)
